@@ -1,0 +1,201 @@
+"""LaMP task definitions: label sets, input parsing, answer normalisation and official metrics.
+
+A `Task` knows everything task-specific so the rest of the pipeline never branches on task names:
+how to phrase a history item as a query, what text of it to index in memory, which label a raw
+model answer means, and how to score a list of answers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+TAGS_2M = (
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
+    "classic", "psychology", "fantasy", "romance", "thought-provoking", "social commentary",
+    "violence", "true story",
+)
+CATEGORIES_2N = (
+    "travel", "education", "parents", "style & beauty", "entertainment", "food & drink",
+    "science & technology", "business", "sports", "healthy living", "women", "politics", "crime",
+    "culture & arts", "religion",
+)
+
+
+class TaskDataError(ValueError):
+    """Input that does not fit the task (unknown label, missing field, unparseable input)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str
+    name: str
+    kind: Literal["classification", "rating"]
+    labels: tuple[str, ...]
+    description: str
+    # Profile item -> (text to index and show, the user's own response or None when unlabelled).
+    item_text: Callable[[dict], str]
+    item_response: Callable[[dict], str | None]
+    # Profile item text -> the query the task would have asked about it.
+    make_input: Callable[[str, Sequence[str]], str]
+    # Regex capturing the item content of a query (what memory search should look for).
+    content_pattern: str
+    # Regex capturing the label list spelled inside a query, if the task spells one.
+    labels_pattern: str | None = None
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def parse_labels(self, query: str) -> tuple[str, ...]:
+        """The label list as the query spells it (order varies between releases); checked
+        against the task's fixed set so an unknown label fails loudly, not silently."""
+        if self.labels_pattern is None:
+            return self.labels
+        m = re.search(self.labels_pattern, query, flags=re.S)
+        if not m:
+            return self.labels
+        found = tuple(s.strip() for s in m.group(1).split(",") if s.strip())
+        # "style & beauty" etc. never contain commas, so a plain split is exact.
+        unknown = [s for s in found if s.lower() not in self.labels]
+        if unknown:
+            raise TaskDataError(f"{self.name}: unknown labels {unknown} in query (known: {list(self.labels)})")
+        return tuple(s.lower() for s in found)
+
+    def query_content(self, query: str) -> str:
+        """The part of a query that describes the item, for retrieval."""
+        m = re.search(self.content_pattern, query, flags=re.S)
+        return (m.group(1) if m else query).strip()
+
+    def history_input(self, item: dict) -> str:
+        return self.make_input(self.item_text(item), self.labels)
+
+    # -- outputs ------------------------------------------------------------------------------
+    def normalize(self, answer: object) -> str | None:
+        """Map a raw model answer to a label, or None when it names none (counted as wrong)."""
+        if answer is None:
+            return None
+        text = str(answer).strip().lower().strip(" \t\n\"'`.:;!")
+        if text in self.labels:
+            return text
+        if text in self.aliases:
+            return self.aliases[text]
+        if self.kind == "rating":
+            m = re.search(r"[1-5]", text)
+            return m.group(0) if m else None
+        hits = [label for label in self.labels if re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", text)]
+        # "dark comedy" also contains "comedy": the longer label is the one named.
+        hits = [h for h in hits if not any(h != o and h in o for o in hits)]
+        return hits[0] if len(hits) == 1 else None
+
+    def check_gold(self, gold: object, where: str) -> str:
+        label = self.normalize(gold)
+        if label is None or label != str(gold).strip().lower():
+            raise TaskDataError(f"{where}: gold {gold!r} is not a {self.name} label {list(self.labels)}")
+        return label
+
+    # -- metrics ------------------------------------------------------------------------------
+    def score(self, golds: Sequence[str], answers: Sequence[object]) -> dict[str, float]:
+        """Official LaMP metrics over raw answers (normalised here)."""
+        if len(golds) != len(answers):
+            raise ValueError(f"{len(golds)} golds but {len(answers)} answers")
+        if not golds:
+            return {}
+        preds = [self.normalize(a) for a in answers]
+        if self.kind == "rating":
+            return rating_metrics([int(g) for g in golds], [None if p is None else int(p) for p in preds])
+        return classification_metrics(list(golds), preds, self.labels)
+
+    @property
+    def metric_names(self) -> tuple[str, str]:
+        return ("mae", "rmse") if self.kind == "rating" else ("accuracy", "f1")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind != "rating"
+
+    def example_score(self, gold: str, answer: object) -> float:
+        """Per-example score in [0, 1], higher is better: exact match, or 1 - |error| / 4."""
+        pred = self.normalize(answer)
+        if self.kind == "rating":
+            g = int(gold)
+            err = abs(g - int(pred)) if pred is not None else max(abs(g - 1), abs(g - 5))
+            return 1.0 - err / 4.0
+        return float(pred == gold)
+
+
+def classification_metrics(golds: Sequence[str], preds: Sequence[str | None], labels: Sequence[str]) -> dict:
+    """Accuracy and macro-F1 over the fixed label list (as LaMP's evaluation does: every label in
+    the list counts, an undefined F1 is 0, an out-of-set prediction matches nothing)."""
+    acc = sum(p == g for g, p in zip(golds, preds)) / len(golds)
+    f1s = []
+    for label in labels:
+        tp = sum(g == label and p == label for g, p in zip(golds, preds))
+        fp = sum(g != label and p == label for g, p in zip(golds, preds))
+        fn = sum(g == label and p != label for g, p in zip(golds, preds))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": acc, "f1": sum(f1s) / len(f1s)}
+
+
+def rating_metrics(golds: Sequence[int], preds: Sequence[int | None]) -> dict:
+    """MAE and RMSE; an unparseable prediction counts as whichever of 1 and 5 is farther."""
+    errs = [abs(g - p) if p is not None else max(abs(g - 1), abs(g - 5)) for g, p in zip(golds, preds)]
+    return {"mae": sum(errs) / len(errs), "rmse": math.sqrt(sum(e * e for e in errs) / len(errs))}
+
+
+def _bracketed(labels: Sequence[str]) -> str:
+    return "[" + ", ".join(labels) + "]"
+
+
+LAMP_1 = Task(
+    key="lamp1", name="LaMP-1", kind="classification", labels=("[1]", "[2]"),
+    description="citation identification: which of two references the author would cite",
+    item_text=lambda it: f'{it["title"]}. {it.get("abstract", "")}'.strip(),
+    item_response=lambda it: None,  # profile papers carry no decision
+    make_input=lambda text, labels: (
+        f'For an author who has written the paper with the title "{text}", which reference is related? '
+        "Just answer with [1] or [2] without any other explanation."),
+    content_pattern=r"title \"(.*?)\", which reference",
+    aliases={"1": "[1]", "2": "[2]", "reference 1": "[1]", "reference 2": "[2]"},
+)
+LAMP_2M = Task(
+    key="lamp2m", name="LaMP-2M", kind="classification", labels=TAGS_2M,
+    description="movie tagging: the one tag this user would give the movie",
+    item_text=lambda it: it["description"], item_response=lambda it: it["tag"],
+    make_input=lambda text, labels: (
+        "Which tag does this movie relate to among the following tags? Just answer with the tag name "
+        f"without further explanation. tags: {_bracketed(labels)} description: {text}"),
+    content_pattern=r"description:\s*(.*)$", labels_pattern=r"tags:\s*\[(.*?)\]",
+)
+LAMP_2N = Task(
+    key="lamp2n", name="LaMP-2N", kind="classification", labels=CATEGORIES_2N,
+    description="news categorization: the category this journalist would file the article under",
+    item_text=lambda it: f'{it.get("title", "")}. {it["text"]}'.strip(". "),
+    item_response=lambda it: it["category"],
+    make_input=lambda text, labels: (
+        "Which category does this article relate to among the following categories? Just answer with "
+        f"the category name without further explanation. categories: {_bracketed(labels)} article: {text}"),
+    content_pattern=r"article:\s*(.*)$", labels_pattern=r"categories:\s*\[(.*?)\]",
+)
+LAMP_3 = Task(
+    key="lamp3", name="LaMP-3", kind="rating", labels=("1", "2", "3", "4", "5"),
+    description="product rating: the 1-5 score this user would give the review",
+    item_text=lambda it: it["text"], item_response=lambda it: str(it["score"]),
+    make_input=lambda text, labels: (
+        "What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, "
+        f"or 5 without further explanation. review: {text}"),
+    content_pattern=r"review:\s*(.*)$",
+)
+
+TASKS: dict[str, Task] = {t.key: t for t in (LAMP_1, LAMP_2M, LAMP_2N, LAMP_3)}
+_SPELLINGS = {"lamp_1": "lamp1", "lamp_2": "lamp2m", "lamp2": "lamp2m", "lamp_2m": "lamp2m",
+              "lamp_2n": "lamp2n", "lamp_3": "lamp3"}
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by any usual spelling: 'lamp2m', 'LaMP-2M', 'LaMP_2'."""
+    key = re.sub(r"[^a-z0-9_]", "", name.lower().replace("-", "_"))
+    key = _SPELLINGS.get(key, key.replace("_", ""))
+    if key not in TASKS:
+        raise TaskDataError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[key]

@@ -1,0 +1,3 @@
+from .persona_alignment import AlignmentStep, PersonaAlignment
+
+__all__ = ["AlignmentStep", "PersonaAlignment"]

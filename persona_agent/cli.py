@@ -1,0 +1,108 @@
+"""The `persona-agent` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import Settings, offline_environment
+from .llm import LMConfig
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("store and models")
+    g.add_argument("--store", type=Path, default=Path("mlruns"),
+                   help="directory of the MLflow store and embedded Qdrant (default: mlruns)")
+    g.add_argument("--lm", default="local",
+                   help="'local' (in-process Gemma 3 270M), 'local:/path/model.gguf', or any LiteLLM model "
+                        "such as openai/gpt-4o-mini (key from the environment)")
+    g.add_argument("--api-base", help="endpoint for the LiteLLM model (vLLM, Ollama, llama.cpp server, ...)")
+    g.add_argument("--qdrant-url", help="use a Qdrant server instead of the embedded store")
+    g.add_argument("--experiment", default="persona-agent", help="MLflow experiment name")
+    g.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def _alignment(p: argparse.ArgumentParser, iterations: int, batch: int, max_iters: int) -> None:
+    g = p.add_argument_group("alignment")
+    g.add_argument("--iterations", "-T", type=int, default=iterations, help=f"alignment iterations (default {iterations})")
+    g.add_argument("--batch", "-n", type=int, default=batch, help=f"latest interactions per iteration (default {batch})")
+    g.add_argument("--top-k", "-k", type=int, default=5, help="memories retrieved per query (default 5)")
+    g.add_argument("--max-iters", type=int, default=max_iters, help=f"ReAct steps per answer (default {max_iters})")
+
+
+def _settings(args) -> Settings:
+    return Settings(store=args.store, lm=LMConfig(model=args.lm, api_base=args.api_base), qdrant_url=args.qdrant_url,
+                    experiment=args.experiment, top_k=getattr(args, "top_k", 5),
+                    batch_size=getattr(args, "batch", 3), iterations=getattr(args, "iterations", 3),
+                    max_iters=getattr(args, "max_iters", 2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persona-agent", description=__doc__ + " Per-user personas, aligned at test time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="align a few users of a shipped task end to end and print the scores",
+                          description="Build memory, profile and persona for a few users, align them, and score "
+                                      "before/after alignment against a non-personalized baseline.")
+    demo.add_argument("--task", default="lamp2m", help="lamp1, lamp2m, lamp2n or lamp3 (default lamp2m)")
+    demo.add_argument("--users", type=int, default=3, help="how many users (default 3)")
+    demo.add_argument("--queries", type=int, default=3, help="held-out queries per user (default 3)")
+    demo.add_argument("--data", type=Path, help="LaMP/OPPU data instead of the shipped synthetic set")
+    _alignment(demo, iterations=2, batch=2, max_iters=1)
+    _common(demo)
+
+    make = sub.add_parser("make-data", help="generate LaMP-format data with measurable personalization",
+                          description="Write {split}_questions.json, {split}_outputs.json and rules.json (each "
+                                      "user's latent preference rule).")
+    make.add_argument("out", type=Path, help="output directory")
+    make.add_argument("--task", default="lamp2m", help="lamp1, lamp2m, lamp2n or lamp3")
+    make.add_argument("--users", type=int, default=20)
+    make.add_argument("--history", type=int, default=40, help="history items per user")
+    make.add_argument("--queries", type=int, default=6, help="queries per user")
+    make.add_argument("--split", default="dev")
+    make.add_argument("--seed", type=int, default=0)
+
+    personas = sub.add_parser("personas", help="inspect personas in the MLflow prompt registry")
+    psub = personas.add_subparsers(dest="action", required=True)
+    plist = psub.add_parser("list", help="every registered persona version")
+    plist.add_argument("--task", help="only this task")
+    _common(plist)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    offline_environment()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .eval.tasks import TaskDataError, get_task
+
+    try:
+        if args.command == "make-data":
+            from .eval.synthetic import write_dataset
+
+            out = write_dataset(args.out, get_task(args.task), split=args.split, n_users=args.users,
+                                n_history=args.history, n_queries=args.queries, seed=args.seed)
+            print(f"wrote {args.users} users of {get_task(args.task).name} to {out}")
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(_settings(args), args.task, args.users, args.queries, args.data)
+        elif args.command == "personas":
+            from rich.console import Console
+
+            from . import tracking
+
+            tracking.setup(_settings(args))
+            table = tracking.persona_versions(get_task(args.task).key if args.task else None)
+            Console().print(table.to_string(index=False) if len(table) else "no personas registered yet")
+    except TaskDataError as err:
+        print(f"persona-agent: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

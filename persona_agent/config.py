@@ -1,0 +1,37 @@
+"""One configuration object, built from the command line and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .llm import LMConfig
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: Path = Path("mlruns")  # MLflow database, artifacts and embedded Qdrant all live here
+    lm: LMConfig = field(default_factory=LMConfig)
+    qdrant_url: str | None = None  # a Qdrant server instead of the embedded store
+    experiment: str = "persona-agent"
+    top_k: int = 5  # memories retrieved per query
+    batch_size: int = 3  # n: latest interactions replayed per alignment iteration
+    iterations: int = 3  # T: alignment iterations
+    max_iters: int = 2  # ReAct steps per answer
+    profile_items: int = 20  # latest history items the initial profile is written from
+
+    @property
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.store.resolve() / 'mlflow.db'}"
+
+    @property
+    def qdrant_path(self) -> Path:
+        return self.store / "qdrant"
+
+
+def offline_environment() -> None:
+    """Keep libraries from reaching for the network: no telemetry, no price lists, no hub."""
+    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                       "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1"}.items():
+        os.environ.setdefault(key, value)

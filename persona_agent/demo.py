@@ -1,0 +1,160 @@
+"""`persona-agent demo`: the whole method on a few users of a shipped task, tracked in MLflow.
+
+Per user: write memory, write the profile and the initial persona, score it and the
+non-personalized baseline on held-out queries, align, score again. Every persona revision is a
+version of the user's prompt in MLflow's registry; the table is printed and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import dspy
+import mlflow
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import tracking
+from .config import Settings
+from .eval.data import UserData, load_users
+from .eval.synthetic import shipped_data_dir
+from .eval.tasks import get_task
+from .llm import adapter_for, build_lm
+from .optimizers import AlignmentStep, PersonaAlignment
+from .pipelines.agent import NonPersonalized
+from .pipelines.memory import EpisodicMemory
+from .pipelines.personalize import agent_for, remember, score, trainset, write_profile
+from .usage import metered
+
+log = logging.getLogger(__name__)
+
+
+def run_demo(settings: Settings, task_name: str = "lamp2m", users: int = 3, queries: int = 3,
+             data: Path | None = None, console: Console | None = None) -> pd.DataFrame:
+    console = console or Console()
+    task = get_task(task_name)
+    people = load_users(data or shipped_data_dir(task), task)[:users]
+    tracking.setup(settings)
+    lm = build_lm(settings.lm)
+    memory = EpisodicMemory.open(path=str(settings.qdrant_path), url=settings.qdrant_url)
+    rows, started = [], time.perf_counter()
+    steps_per_user = 4 + settings.iterations
+    try:
+        with dspy.context(lm=lm, adapter=adapter_for(lm)), \
+                mlflow.start_run(run_name=f"demo-{task.key}") as parent, _progress(console) as progress:
+            mlflow.log_params({"task": task.key, "users": len(people), "queries_per_user": queries,
+                               "lm": settings.lm.model, "top_k": settings.top_k, "batch_size": settings.batch_size,
+                               "iterations": settings.iterations, "max_iters": settings.max_iters})
+            bar = progress.add_task("demo", total=len(people) * steps_per_user)
+            for user in people:
+                rows.append(_demo_user(settings, user, memory, queries, progress, bar))
+            table = _table(rows, task)
+            _log_table(table, parent.info.run_id)
+            mlflow.log_metric("wall_seconds", time.perf_counter() - started)
+    finally:
+        memory.close()
+    console.print(_rich_table(table, f"{task.name}: {len(people)} users, {queries} held-out queries each"))
+    console.print(f"wall time {time.perf_counter() - started:.0f} s; MLflow store: {settings.tracking_uri}")
+    return table
+
+
+def _demo_user(settings: Settings, user: UserData, memory: EpisodicMemory, n_queries: int, progress, bar) -> dict:
+    held_out = user.queries[:n_queries]
+    advance = lambda what: progress.update(bar, advance=1, description=f"{user.user_id}: {what}")  # noqa: E731
+    with mlflow.start_run(run_name=user.user_id, nested=True) as run:
+        with metered() as cost:
+            aligned, version, scores = _personalize(settings, user, memory, held_out, run.info.run_id, advance)
+        row = {"user": user.user_id}
+        for name, scored in zip(METHODS, scores):
+            row.update({f"{name} {metric}": value for metric, value in scored.metrics.items()})
+        row.update(answers=len(held_out) * 3, parsed=sum(s.parsed for s in scores),
+                   failures=sum(s.failures for s in scores), lm_calls=cost.lm_calls, tokens=cost.tokens,
+                   persona_version=version)
+        mlflow.set_tag("user_id", user.user_id)
+        mlflow.log_metrics({k.replace(" ", "_"): float(v) for k, v in row.items() if isinstance(v, (int, float))})
+        mlflow.log_text(aligned.persona.render(), "persona.txt")
+    return row
+
+
+def _personalize(settings, user, memory, held_out, run_id, advance):
+    """Profile, persona v1, baseline and before-scores, alignment, after-score."""
+    task = user.task
+    remember(memory, user)
+    profile = write_profile(user, settings.profile_items)
+    student = agent_for(user, memory, profile, settings.top_k, settings.max_iters)
+    version = tracking.register_persona(task.key, user.user_id, student.persona.render(),
+                                        "initial persona from the profile", {"stage": "initial", "run_id": run_id})
+    advance("profile")
+    baseline = score(NonPersonalized(task), task, held_out)
+    advance("baseline")
+    before = score(student, task, held_out)
+    advance("before alignment")
+
+    def on_step(step: AlignmentStep) -> None:
+        nonlocal version
+        mlflow.log_metrics({"align_batch_score": step.batch_score, "align_lm_calls": step.lm_calls,
+                            "align_tokens": step.tokens, "align_accepted": float(step.accepted)}, step=step.iteration)
+        if not step.accepted:
+            advance(f"alignment {step.iteration + 1} (rejected: {step.reason})")
+            return
+        version = tracking.register_persona(
+            task.key, user.user_id, student.persona.with_profile(step.profile_after).render(),
+            f"alignment iteration {step.iteration + 1}",
+            {"stage": "aligned", "iteration": step.iteration + 1, "batch_score": f"{step.batch_score:.3f}",
+             "lm_calls": step.lm_calls, "tokens": step.tokens, "run_id": run_id})
+        advance(f"alignment {step.iteration + 1}")
+
+    optimizer = PersonaAlignment(settings.batch_size, settings.iterations, on_step=on_step)
+    aligned = optimizer.compile(student, trainset=trainset(user))
+    after = score(aligned, task, held_out)
+    advance("after alignment")
+    mlflow.genai.set_prompt_alias(tracking.prompt_name(task.key, user.user_id), "production", version)
+    return aligned, version, (baseline, before, after)
+
+
+def _table(rows: list[dict], task) -> pd.DataFrame:
+    table = pd.DataFrame(rows).set_index("user")
+    mean = table.mean(numeric_only=True)
+    for col in ("answers", "parsed", "failures", "lm_calls", "tokens"):
+        mean[col] = table[col].sum()
+    mean["persona_version"] = float("nan")
+    table.loc["all"] = mean
+    return table
+
+
+def _log_table(table: pd.DataFrame, run_id: str) -> None:
+    client = mlflow.MlflowClient()
+    overall = table.loc["all"]
+    for col, value in overall.items():
+        if pd.notna(value):
+            client.log_metric(run_id, col.replace(" ", "_"), float(value))
+    client.log_metric(run_id, "parse_rate", float(overall["parsed"] / max(overall["answers"], 1)))
+    client.log_text(run_id, table.to_csv(), "results.csv")
+
+
+METHODS = ("non-personalized", "before alignment", "after alignment")
+
+
+def _rich_table(table: pd.DataFrame, title: str) -> Table:
+    """One column per method with its two metrics, then the cost columns."""
+    metrics = [c.split(" ")[-1] for c in table.columns if c.startswith(METHODS[0])]
+    out = Table(title=title)
+    out.add_column("user")
+    for method in METHODS:
+        out.add_column(f"{method}\n{' / '.join(metrics)}", justify="right")
+    for col in ("parsed", "answers", "lm_calls"):
+        out.add_column(col.replace("_", " "), justify="right")
+    for user, row in table.iterrows():
+        cells = [" / ".join(f"{row[f'{m} {k}']:.3f}" for k in metrics) for m in METHODS]
+        out.add_row(str(user), *cells, *(f"{int(row[c])}" for c in ("parsed", "answers", "lm_calls")))
+    return out
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+

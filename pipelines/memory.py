@@ -1,0 +1,197 @@
+"""Episodic memory: each user's past interactions in Qdrant, searched top-K, always per user.
+
+Retrieval is lexical by default (BM25-style sparse vectors with Qdrant's IDF modifier), so it
+needs no model and no network. Give an `Embedder` to add dense vectors; queries then fuse both
+with reciprocal-rank fusion. The same code runs on embedded Qdrant (a local path) or a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+import uuid
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from qdrant_client import QdrantClient, models
+
+Embedder = Callable[[list[str]], Sequence[Sequence[float]]]
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+_STOPWORDS = frozenset(
+    "a an and are as at be by for from has have in is it its of on or that the this to was were will with "
+    "about after into over than then there these they we you your i me my he she his her our".split())
+_K1 = 1.2  # BM25 term-frequency saturation
+_NAMESPACE = uuid.UUID("6f1c3f5e-8a43-4a7b-9d38-3d5e0f9b1a27")
+
+
+def sparse_vector(text: str, query: bool = False) -> models.SparseVector:
+    """Hash tokens to indices; values are BM25's saturated term frequency (1 per term for a
+    query). Qdrant's IDF modifier supplies the inverse document frequency at search time."""
+    counts = Counter(_hash(t) for t in _TOKEN.findall(text.lower()) if t not in _STOPWORDS)
+    values = {i: 1.0 if query else tf * (_K1 + 1) / (tf + _K1) for i, tf in counts.items()}
+    return models.SparseVector(indices=list(values), values=list(values.values()))
+
+
+def _hash(token: str) -> int:
+    return zlib.crc32(token.encode()) & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One past interaction: the item the user saw and their own response to it."""
+
+    item_id: str
+    text: str
+    response: str | None = None
+    date: str | None = None
+
+
+@dataclass(frozen=True)
+class Recall:
+    item: MemoryItem
+    score: float
+
+
+def point_id(user_id: str, item_id: str) -> str:
+    """Deterministic, so re-adding an item overwrites it instead of duplicating it."""
+    return str(uuid.uuid5(_NAMESPACE, f"{user_id}\x00{item_id}"))
+
+
+class EpisodicMemory:
+    """All users' memories in one collection; every read is filtered to exactly one user."""
+
+    def __init__(self, client: QdrantClient, collection: str = "episodic", embedder: Embedder | None = None):
+        self.client, self.collection, self.embedder = client, collection, embedder
+        self._ensure_collection()
+
+    @classmethod
+    def open(cls, path: str | None = None, url: str | None = None, **kwargs) -> "EpisodicMemory":
+        """Embedded Qdrant at `path` (":memory:" for a throwaway store), or a server at `url`."""
+        client = QdrantClient(url=url) if url else QdrantClient(path=path or ":memory:")
+        return cls(client, **kwargs)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _ensure_collection(self) -> None:
+        if self.client.collection_exists(self.collection):
+            return
+        dense = {}
+        if self.embedder is not None:
+            size = len(self.embedder(["probe"])[0])
+            dense = {"dense": models.VectorParams(size=size, distance=models.Distance.COSINE)}
+        self.client.create_collection(
+            self.collection,
+            vectors_config=dense,
+            sparse_vectors_config={"lexical": models.SparseVectorParams(modifier=models.Modifier.IDF)},
+        )
+        if not self._is_local:
+            # On a server, user_id is the tenant key: indexed, and co-located per tenant.
+            self.client.create_payload_index(
+                self.collection, "user_id",
+                field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True))
+
+    @property
+    def _is_local(self) -> bool:
+        return type(self.client._client).__name__ == "QdrantLocal"
+
+    def add(self, user_id: str, items: Iterable[MemoryItem], batch_size: int = 256) -> int:
+        """Upsert a user's items (idempotent by item id); returns how many were written."""
+        items = list(items)
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            dense = self.embedder([it.text for it in batch]) if self.embedder else [None] * len(batch)
+            points = []
+            for it, vec in zip(batch, dense):
+                vector = {"lexical": sparse_vector(it.text)}
+                if vec is not None:
+                    vector["dense"] = list(map(float, vec))
+                payload = {"user_id": user_id, "item_id": it.item_id, "text": it.text,
+                           "response": it.response, "date": it.date}
+                points.append(models.PointStruct(id=point_id(user_id, it.item_id), vector=vector, payload=payload))
+            self.client.upsert(self.collection, points=points, wait=True)
+        return len(items)
+
+    def search(self, user_id: str, text: str, k: int = 5, exclude: Iterable[str] = ()) -> list[Recall]:
+        """Top-k of this user's memories for `text`, never another user's; `exclude` drops item
+        ids (the interaction being simulated must not find its own answer)."""
+        if k <= 0 or not text.strip():
+            return []
+        flt = models.Filter(
+            must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))],
+            must_not=[models.HasIdCondition(has_id=[point_id(user_id, i) for i in exclude])] if exclude else None,
+        )
+        lexical = models.SparseVector(**sparse_vector(text, query=True).model_dump())
+        if self.embedder is None:
+            hits = self.client.query_points(self.collection, query=lexical, using="lexical", query_filter=flt,
+                                            limit=k, with_payload=True).points
+        else:
+            dense = list(map(float, self.embedder([text])[0]))
+            hits = self.client.query_points(
+                self.collection,
+                prefetch=[models.Prefetch(query=lexical, using="lexical", filter=flt, limit=4 * k),
+                          models.Prefetch(query=dense, using="dense", filter=flt, limit=4 * k)],
+                query=models.FusionQuery(fusion=models.Fusion.RRF), query_filter=flt, limit=k, with_payload=True,
+            ).points
+        return [Recall(_item(h.payload), h.score) for h in hits if h.payload.get("user_id") == user_id]
+
+    def items(self, user_id: str) -> list[MemoryItem]:
+        """All of a user's memories, oldest first."""
+        flt = models.Filter(must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
+        out, offset = [], None
+        while True:
+            points, offset = self.client.scroll(self.collection, scroll_filter=flt, limit=1024, offset=offset,
+                                                with_payload=True)
+            out.extend(_item(p.payload) for p in points)
+            if offset is None:
+                return sorted(out, key=lambda it: (it.date or "", it.item_id))
+
+    def count(self, user_id: str | None = None) -> int:
+        flt = None if user_id is None else models.Filter(
+            must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
+        return self.client.count(self.collection, count_filter=flt, exact=True).count
+
+
+def _item(payload: dict) -> MemoryItem:
+    return MemoryItem(payload["item_id"], payload["text"], payload.get("response"), payload.get("date"))
+
+
+_excluded: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("excluded_memories", default=frozenset())
+
+
+class UserMemory:
+    """One user's view of episodic memory, as the agent's tools see it.
+
+    Deep copies share the store: DSPy copies programs when optimizing, and a copy of a program
+    must still search the same memory rather than try to clone a database client.
+    """
+
+    def __init__(self, memory: EpisodicMemory, user_id: str, k: int = 5):
+        self.memory, self.user_id, self.k = memory, user_id, k
+
+    def __deepcopy__(self, memo):
+        return UserMemory(self.memory, self.user_id, self.k)
+
+    def search(self, text: str, k: int | None = None) -> list[Recall]:
+        return self.memory.search(self.user_id, text, self.k if k is None else k, exclude=_excluded.get())
+
+    @staticmethod
+    @contextlib.contextmanager
+    def excluding(item_ids: Iterable[str]):
+        """Hide these items from every search in this context (used when replaying history)."""
+        token = _excluded.set(_excluded.get() | frozenset(item_ids))
+        try:
+            yield
+        finally:
+            _excluded.reset(token)
+
+
+def format_recalls(recalls: Sequence[Recall]) -> str:
+    if not recalls:
+        return "(no related past interactions)"
+    return "\n".join(f"- {r.item.text} -> {r.item.response}" if r.item.response is not None else f"- {r.item.text}"
+                     for r in recalls)

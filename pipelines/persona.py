@@ -1,0 +1,57 @@
+"""The persona: a fixed template with one user-specific slot.
+
+Only the slot (the user profile, first written from semantic memory, then refined by alignment)
+is ever rewritten; the task rules and output format around it are fixed, so no rewrite can drop
+them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from persona_agent.eval.tasks import Task
+
+TEMPLATE = """You act on behalf of one user: {task_description}.
+Answer as this user would, not as an average person would.
+Rules:
+- Answer with exactly one of the labels the request allows.
+- The user's past interactions are the strongest evidence: look for past items like this one and follow the user's own choices there.
+- Use the profile below to decide between labels that all fit.
+User profile:
+{profile}"""
+
+PROFILE_BUDGET = 1200  # characters; keeps prompts short enough for small local models
+
+
+@dataclass(frozen=True)
+class Persona:
+    task: Task
+    profile: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "profile", clip(self.profile.strip() or "(nothing known yet)", PROFILE_BUDGET))
+
+    def render(self) -> str:
+        return TEMPLATE.format(task_description=self.task.description, profile=self.profile)
+
+    def with_profile(self, profile: str) -> "Persona":
+        return Persona(self.task, profile)
+
+
+def clip(text: str, budget: int) -> str:
+    """Cut to `budget` characters at the last sentence end that fits."""
+    if len(text) <= budget:
+        return text
+    cut = text[:budget]
+    end = cut.rfind(". ")
+    return cut[: end + 1] if end > budget // 2 else cut
+
+
+def looks_degenerate(text: str) -> bool:
+    """True for empty text or a loop ("_1_1_1_1..."): what a struggling LM writes instead of a
+    profile. Such text compresses to almost nothing."""
+    text = text.strip()
+    if len(text) < 3:
+        return True
+    return len(text) > 80 and len(zlib.compress(text.encode())) / len(text) < 0.15

@@ -1,0 +1,82 @@
+"""Per-user steps of the pipeline: remember, profile, build the agent, score it.
+
+Each function does one thing for one user, so commands (demo, eval, nightly) compose them and
+run users in any order or in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import dspy
+
+from persona_agent.eval.data import UserData
+from persona_agent.eval.tasks import Task
+from persona_agent.signatures import SummarizeProfile
+
+from .agent import PersonaAgent
+from .memory import EpisodicMemory, MemoryItem, UserMemory
+from .persona import Persona, looks_degenerate
+
+log = logging.getLogger(__name__)
+
+
+def remember(memory: EpisodicMemory, user: UserData) -> int:
+    """Write a user's whole profile to episodic memory (idempotent); returns items written."""
+    task = user.task
+    items = [MemoryItem(str(it["id"]), task.item_text(it), _response(task, it), it.get("date")) for it in user.profile]
+    return memory.add(user.user_id, items)
+
+
+def _response(task: Task, item: dict) -> str | None:
+    r = task.item_response(item)
+    return None if r is None else str(r).strip().lower()
+
+
+def write_profile(user: UserData, n_items: int = 20) -> str:
+    """Semantic memory: an LLM-written summary of the user's latest history."""
+    task, items = user.task, user.profile[-n_items:]
+    if not items:
+        return ""
+    history = "\n".join(f"- {task.item_text(it)} -> {_response(task, it)}" if _response(task, it) is not None
+                        else f"- {task.item_text(it)}" for it in items)
+    profile = dspy.Predict(SummarizeProfile)(task=task.description, history=history).profile
+    if looks_degenerate(profile):
+        log.warning("user %s: the LM wrote no usable profile; starting from an empty one", user.user_id)
+        return ""
+    return profile
+
+
+def trainset(user: UserData) -> list[dspy.Example]:
+    """The user's past interactions as alignment examples, oldest first."""
+    return [dspy.Example(query=i.input, answer=i.response, item_id=i.item_id).with_inputs("query")
+            for i in user.interactions()]
+
+
+def agent_for(user: UserData, memory: EpisodicMemory, profile: str, k: int = 5, max_iters: int = 2) -> PersonaAgent:
+    return PersonaAgent(Persona(user.task, profile), UserMemory(memory, user.user_id, k), max_iters=max_iters)
+
+
+@dataclass
+class Scored:
+    """A program's answers on a user's queries and the task metrics over them."""
+
+    metrics: dict[str, float]
+    answers: list[str | None] = field(default_factory=list)
+    failures: int = 0  # queries whose program call raised (LM error, unparseable output)
+    parsed: int = 0  # answers that normalise to a label
+
+
+def score(program: dspy.Module, task: Task, queries) -> Scored:
+    """Run `program` on labelled queries; a failing call is logged, counted, and scored wrong."""
+    answers, failures = [], 0
+    for q in queries:
+        try:
+            answers.append(program(query=q.input).answer)
+        except Exception as err:  # one bad answer must not lose the user's whole evaluation
+            log.warning("query %s failed: %s", q.id, str(err)[:200])
+            answers.append(None)
+            failures += 1
+    parsed = sum(task.normalize(a) is not None for a in answers)
+    return Scored(task.score([q.gold for q in queries], answers), answers, failures, parsed)

@@ -1,0 +1,41 @@
+import os
+
+# Offline and quiet before anything imports dspy, mlflow or datasets.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import dspy  # noqa: E402
+import pytest  # noqa: E402
+
+from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
+from tests.fakes import FakeEngine  # noqa: E402
+
+
+@pytest.fixture
+def memory():
+    m = EpisodicMemory.open(":memory:")
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def fake_lm():
+    """A deterministic LM: `fake_lm.engine.policy` decides each answer from the prompt."""
+    engine = FakeEngine()
+    lm = dspy.LM("fake/policy", engine=engine, cache=False, num_retries=0)
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        yield lm
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh MLflow sqlite store for one test."""
+    from persona_agent import tracking
+    from persona_agent.config import Settings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = Settings(store=tmp_path / "mlruns")
+    tracking.setup(settings)
+    return settings

@@ -1,0 +1,110 @@
+import json
+
+import dspy
+
+from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.pipelines.agent import NonPersonalized, PersonaAgent
+from persona_agent.pipelines.memory import MemoryItem, UserMemory
+from persona_agent.pipelines.persona import Persona, looks_degenerate
+
+
+def _agent(memory, user="alice", profile="Loves heists."):
+    memory.add("alice", [MemoryItem("1", "A film about an explosive heist.", "action")])
+    memory.add("bob", [MemoryItem("1", "A film about an explosive heist and a wedding.", "comedy")])
+    return PersonaAgent(Persona(LAMP_2M, profile), UserMemory(memory, user))
+
+
+def test_persona_is_the_instruction_of_every_answering_predictor(memory):
+    agent = _agent(memory)
+    preds = dict(agent.named_predictors())
+    assert set(preds) == {"act.react", "act.extract"}
+    assert all("Loves heists." in p.signature.instructions for p in preds.values())
+    agent.persona = agent.persona.with_profile("Prefers comedy.")
+    assert all("Prefers comedy." in p.signature.instructions and "heists" not in p.signature.instructions
+               for _, p in agent.named_predictors())
+
+
+def test_answer_is_typed_to_the_label_set(memory, fake_lm):
+    fake_lm._engine_spec.policy = lambda fields, s, u: (
+        {"answer": "western"} if fields == ["answer"] else
+        {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}})
+    try:
+        _agent(memory)(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
+        raised = False
+    except Exception:
+        raised = True
+    assert raised  # "western" is not a LaMP-2M tag: it cannot pass as an answer
+
+
+def test_prompt_holds_only_this_users_memories(memory, fake_lm):
+    engine = fake_lm._engine_spec
+    calls = []
+
+    def policy(fields, system, user):
+        calls.append(user)
+        if "next_tool_name" in fields:  # first step searches memory, second finishes
+            n = sum("next_tool_name" in c for c in calls)
+            return {"next_thought": "look", "next_tool_name": "search_memory" if n == 1 else "finish",
+                    "next_tool_args": {"query": "heist"} if n == 1 else {}}
+        return {"answer": "action"}
+
+    engine.policy = lambda f, s, u: policy(f, s, u + ("next_tool_name" if "next_tool_name" in f else ""))
+    pred = _agent(memory)(query=LAMP_2M.make_input("An explosive heist.", LAMP_2M.labels))
+    assert pred.answer == "action"
+    prompts = "\n".join(calls)
+    assert "-> action" in prompts and "-> comedy" not in prompts and "wedding" not in prompts
+    assert pred.trajectory["tool_name_0"] == "search_memory"
+    assert "explosive heist. -> action" in pred.trajectory["observation_0"]
+
+
+def test_copies_share_memory_but_not_persona(memory):
+    agent = _agent(memory)
+    copy = agent.deepcopy()
+    copy.persona = copy.persona.with_profile("Something else.")
+    assert copy.memory.memory is agent.memory.memory
+    assert agent.persona.profile == "Loves heists."
+
+
+def test_save_and_load_keep_the_persona(memory, tmp_path):
+    agent = _agent(memory, profile="Prefers twist endings.")
+    agent.save(tmp_path / "agent.json")
+    assert "Prefers twist endings." in json.loads((tmp_path / "agent.json").read_text())["persona_profile"]
+    fresh = _agent(memory, profile="blank")
+    fresh.load(tmp_path / "agent.json")
+    assert fresh.persona.profile == "Prefers twist endings."
+    assert all("Prefers twist endings." in p.signature.instructions for _, p in fresh.named_predictors())
+
+
+def test_baseline_sees_no_memory_and_no_persona(memory, fake_lm):
+    _agent(memory)
+    NonPersonalized(LAMP_2M)(query=LAMP_2M.make_input("An explosive heist.", LAMP_2M.labels))
+    fields, system, user = fake_lm._engine_spec.calls[-1]
+    assert "-> action" not in system + user and "User profile" not in system
+
+
+def test_persona_template_keeps_fixed_parts_and_budget():
+    p = Persona(LAMP_2M, "x. " * 1000)
+    assert len(p.profile) <= 1200 and p.render().startswith("You act on behalf of one user")
+    assert "Answer with exactly one of the labels" in p.render()
+
+
+def test_degenerate_text_is_detected():
+    assert looks_degenerate("film_" + "1_" * 200) and looks_degenerate("  ")
+    assert not looks_degenerate("Prefers comedy over action when both fit, and tags old films as classic.")
+
+
+def test_formulated_memory_query_drives_the_upfront_retrieval(memory, fake_lm):
+    memory.add("alice", [MemoryItem("1", "A film about an explosive heist.", "action"),
+                         MemoryItem("2", "A film about a wedding.", "comedy")])
+
+    def policy(fields, system, user):
+        if fields == ["search_query"]:
+            return {"search_query": "wedding"}
+        if "next_tool_name" in fields:
+            return {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}}
+        return {"answer": "comedy"}
+
+    fake_lm._engine_spec.policy = policy
+    agent = PersonaAgent(Persona(LAMP_2M, "p"), UserMemory(memory, "alice", k=1), formulate_query=True)
+    pred = agent(query="Tag this: an explosive heist")  # the item text alone would find memory 1
+    assert pred.memories == ["2"]

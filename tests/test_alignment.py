@@ -1,0 +1,95 @@
+import dspy
+import pytest
+
+from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.optimizers import PersonaAlignment
+from persona_agent.pipelines.agent import PersonaAgent
+from persona_agent.pipelines.memory import MemoryItem, UserMemory
+from persona_agent.pipelines.persona import Persona
+
+
+def persona_following_policy(critique="The user chose action; the profile should say they prefer action.",
+                             rewrite=lambda feedback, current: "Prefers action." if "action" in feedback else current):
+    """The agent answers whatever the persona prefers (comedy by default), the critic blames the
+    profile, the updater writes what the feedback says."""
+    def policy(fields, system, user):
+        if "next_tool_name" in fields:
+            return {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}}
+        if fields == ["answer"]:
+            return {"answer": "action" if "Prefers action." in system else "comedy"}
+        if fields == ["critique"]:
+            return {"critique": critique}
+        if fields == ["new_profile"]:
+            feedback = user.split("[[ ## feedback ## ]]")[1]
+            current = user.split("[[ ## current_profile ## ]]")[1].split("[[ ##")[0].strip()
+            return {"new_profile": rewrite(feedback, current)}
+        raise AssertionError(fields)
+    return policy
+
+
+def _setup(memory, n=5):
+    memory.add("u", [MemoryItem(f"h{i}", f"A film about heist number {i}.", "action") for i in range(n)])
+    train = [dspy.Example(query=LAMP_2M.make_input(f"A film about heist number {i}.", LAMP_2M.labels),
+                          answer="action", item_id=f"h{i}").with_inputs("query") for i in range(n)]
+    return PersonaAgent(Persona(LAMP_2M, "Likes comedy."), UserMemory(memory, "u"), max_iters=1), train
+
+
+def test_loop_rewrites_the_persona_when_the_critique_says_so(memory, fake_lm):
+    fake_lm._engine_spec.policy = persona_following_policy()
+    student, train = _setup(memory)
+    opt = PersonaAlignment(batch_size=3, iterations=2)
+    aligned = opt.compile(student, trainset=train)
+    assert aligned.persona.profile == "Prefers action."
+    assert [s.batch_score for s in opt.steps] == [0.0, 1.0]  # the second iteration runs on the new persona
+    assert opt.steps[0].simulated == ["comedy"] * 3 and opt.steps[0].accepted
+    assert student.persona.profile == "Likes comedy."  # compile returns a copy
+
+
+def test_each_iteration_costs_n_simulations_n_critiques_and_one_update(memory, fake_lm):
+    fake_lm._engine_spec.policy = persona_following_policy()
+    student, train = _setup(memory)
+    opt = PersonaAlignment(batch_size=3, iterations=1)
+    opt.compile(student, trainset=train)
+    # a simulation with max_iters=1 is one ReAct step + one extract
+    assert opt.steps[0].lm_calls == 3 * 2 + 3 + 1
+    assert opt.steps[0].tokens > 0
+
+
+def test_only_the_latest_n_interactions_are_replayed_with_their_own_item_hidden(memory, fake_lm):
+    seen = []
+    policy = persona_following_policy()
+
+    def spy(fields, system, user):
+        if fields == ["critique"]:
+            seen.append(user)
+        if fields == ["answer"]:
+            seen.append(("memories", user))
+        return policy(fields, system, user)
+
+    fake_lm._engine_spec.policy = spy
+    student, train = _setup(memory)
+    PersonaAlignment(batch_size=2, iterations=1).compile(student, trainset=train)
+    critiqued = [u for u in seen if isinstance(u, str)]
+    assert len(critiqued) == 2 and "heist number 4" in critiqued[1] and "heist number 3" in critiqued[0]
+    answer_prompts = [u for tag, u in (s for s in seen if isinstance(s, tuple))]
+    # replaying item h4 must not show h4 in its memories (it would find its own answer)
+    assert "heist number 4. -> action" not in answer_prompts[1].split("[[ ## memories ## ]]")[1]
+
+
+def test_a_degenerate_rewrite_keeps_the_persona(memory, fake_lm):
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "_1" * 300)
+    student, train = _setup(memory)
+    opt = PersonaAlignment(batch_size=2, iterations=1)
+    aligned = opt.compile(student, trainset=train)
+    assert aligned.persona.profile == "Likes comedy." and not opt.steps[0].accepted
+
+
+def test_no_history_returns_the_persona_unchanged_without_lm_calls(memory, fake_lm):
+    student, _ = _setup(memory)
+    aligned = PersonaAlignment(iterations=3).compile(student, trainset=[])
+    assert aligned.persona == student.persona and fake_lm._engine_spec.calls == []
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        PersonaAlignment(batch_size=0)

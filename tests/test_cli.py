@@ -1,0 +1,32 @@
+import subprocess
+import sys
+
+import pytest
+
+from persona_agent.cli import build_parser, main
+from persona_agent.eval.data import load_users
+from persona_agent.eval.tasks import LAMP_3
+
+
+@pytest.mark.parametrize("argv", [[], ["demo"], ["make-data"], ["personas"], ["personas", "list"]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*argv, "--help"])
+    assert exit_.value.code == 0 and "usage: persona-agent" in capsys.readouterr().out
+
+
+def test_make_data_writes_loadable_lamp_files(tmp_path):
+    assert main(["make-data", str(tmp_path), "--task", "lamp3", "--users", "4", "--queries", "2"]) == 0
+    users = load_users(tmp_path, LAMP_3)
+    assert len(users) == 4 and all(len(u.queries) == 2 for u in users)
+    assert (tmp_path / "rules.json").exists()
+
+
+def test_unknown_task_is_a_clear_error(tmp_path, capsys):
+    assert main(["make-data", str(tmp_path), "--task", "lamp9"]) == 2
+    assert "unknown task 'lamp9'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "persona_agent.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout

@@ -1,0 +1,48 @@
+"""Integration: the real local LLM, embedded Qdrant and a real MLflow store."""
+
+from typing import Literal
+
+import dspy
+import mlflow
+import pytest
+
+from persona_agent import tracking
+from persona_agent.config import Settings
+from persona_agent.demo import run_demo
+from persona_agent.llm import LMConfig, adapter_for, build_lm
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def local_lm():
+    return build_lm(LMConfig(cache=False))
+
+
+def test_local_model_answers_parse_under_the_label_schema(local_lm):
+    class Tag(dspy.Signature):
+        """Tag the movie."""
+
+        description: str = dspy.InputField()
+        answer: Literal["comedy", "action", "romance"] = dspy.OutputField()
+
+    with dspy.context(lm=local_lm, adapter=adapter_for(local_lm)):
+        answers = [dspy.Predict(Tag)(description=d).answer
+                   for d in ("two strangers fall in love", "a rooftop shootout", "a wedding gone wrong")]
+    assert all(a in ("comedy", "action", "romance") for a in answers)
+    assert all(h["usage"]["completion_tokens"] < 30 for h in local_lm.history)  # compact JSON, no padding
+
+
+def test_demo_end_to_end_registers_every_persona_revision(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = Settings(store=tmp_path / "mlruns", lm=LMConfig(cache=False), batch_size=1, iterations=1, max_iters=1)
+    table = run_demo(settings, "lamp2m", users=1, queries=1)
+    assert list(table.index) == ["u0000", "all"]
+    assert table.loc["all", "answers"] == 3 and table.loc["all", "lm_calls"] > 0
+    versions = tracking.persona_versions("lamp2m")
+    assert len(versions) >= 1 and set(versions.user_id) == {"u0000"}
+    alias = mlflow.genai.load_prompt("prompts:/persona.lamp2m.u0000@production")
+    assert "You act on behalf of one user" in alias.template
+    runs = mlflow.search_runs(experiment_names=["persona-agent"])
+    assert len(runs) == 2 and "metrics.after_alignment_accuracy" in runs.columns
+    assert (tmp_path / "mlruns" / "qdrant").exists()

@@ -1,0 +1,62 @@
+import math
+
+import pytest
+
+from persona_agent.eval.tasks import LAMP_1, LAMP_2M, LAMP_2N, LAMP_3, TaskDataError, classification_metrics, get_task
+
+
+def test_lookup_by_any_spelling():
+    assert get_task("LaMP-2M") is LAMP_2M and get_task("lamp_3") is LAMP_3 and get_task("LaMP_1") is LAMP_1
+    with pytest.raises(TaskDataError, match="unknown task"):
+        get_task("lamp9")
+
+
+@pytest.mark.parametrize("raw,label", [
+    ("comedy", "comedy"), (" Comedy.", "comedy"), ('"sci-fi"', "sci-fi"), ("The tag is dark comedy", "dark comedy"),
+    ("comedy or action", None), ("banana", None), (None, None), ("", None),
+])
+def test_normalize_movie_tags(raw, label):
+    assert LAMP_2M.normalize(raw) == label
+
+
+def test_normalize_other_tasks():
+    assert LAMP_1.normalize("[2]") == "[2]" and LAMP_1.normalize("1") == "[1]" and LAMP_1.normalize("[3]") is None
+    assert LAMP_3.normalize("4 stars") == "4" and LAMP_3.normalize("seven") is None
+    assert LAMP_2N.normalize("Style & Beauty") == "style & beauty"
+
+
+def test_label_list_is_parsed_in_any_order_and_unknown_labels_fail():
+    q = LAMP_2N.make_input("text", ["sports", "crime", "travel"])
+    assert LAMP_2N.parse_labels(q) == ("sports", "crime", "travel")
+    with pytest.raises(TaskDataError, match="unknown labels"):
+        LAMP_2M.parse_labels("tags: [comedy, western] description: x")
+
+
+def test_query_content_strips_the_instructions():
+    q = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
+    assert LAMP_2M.query_content(q) == "A film about a heist."
+
+
+def test_classification_metrics_by_hand():
+    # golds a,a,b,c ; preds a,b,b,None over labels a,b,c,d
+    m = classification_metrics(["a", "a", "b", "c"], ["a", "b", "b", None], ["a", "b", "c", "d"])
+    assert m["accuracy"] == pytest.approx(0.5)
+    # F1: a = 2/3 (tp1 fn1), b = 2/3 (tp1 fp1), c = 0, d = 0 (never seen: counts as 0)
+    assert m["f1"] == pytest.approx((2 / 3 + 2 / 3) / 4)
+
+
+def test_out_of_set_answer_is_wrong():
+    # comedy: F1 1; action: missed (F1 0); the 13 unseen labels count as 0 in the macro average
+    assert LAMP_2M.score(["comedy", "action"], ["comedy", "western"]) == pytest.approx({"accuracy": 0.5, "f1": 1 / 15})
+
+
+def test_rating_metrics_unparseable_counts_as_farther_extreme():
+    m = LAMP_3.score(["5", "2", "4"], ["4", "no idea", "4"])
+    errs = [1, 3, 0]  # "no idea" for gold 2 -> 5 is farther than 1
+    assert m["mae"] == pytest.approx(sum(errs) / 3)
+    assert m["rmse"] == pytest.approx(math.sqrt(sum(e * e for e in errs) / 3))
+
+
+def test_example_score_is_graded_for_ratings():
+    assert LAMP_3.example_score("3", "3") == 1 and LAMP_3.example_score("3", "5") == 0.5
+    assert LAMP_2M.example_score("comedy", "Comedy") == 1 and LAMP_2M.example_score("comedy", "action") == 0
