@@ -27,18 +27,20 @@ LOCAL_MODEL = "local/gemma3-270m"
 class LlamaCppEngine:
     """DSPy engine over an in-process llama.cpp server (`xllamacpp`).
 
-    The model loads on first use. llama.cpp also listens on a 127.0.0.1 port even when used
-    in-process; nothing here sends traffic to it.
+    `chat=True` applies the model's chat template (instruction-tuned models). `chat=False`
+    sends the messages as one plain completion prompt: a base model continues a few-shot
+    pattern far better than it follows a chat. The model loads on first use. llama.cpp also
+    listens on a 127.0.0.1 port even when used in-process; nothing here sends traffic to it.
     """
 
     supports_response_schema = True
     supported_params = frozenset({"response_format", "temperature", "max_tokens", "stop", "seed"})
-
     # Small models fall into loops ("_1_1_1_..."); the DRY sampler penalises repeated sequences.
     sampling = {"dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "repeat_penalty": 1.1}
 
-    def __init__(self, model_path: str | None = None, n_ctx: int = 8192, n_parallel: int = 2, threads: int = 2):
-        self.model_path, self.n_ctx, self.n_parallel, self.threads = model_path, n_ctx, n_parallel, threads
+    def __init__(self, model_path: str | None = None, chat: bool = True, n_ctx: int = 8192, n_parallel: int = 2,
+                 threads: int = 2):
+        self.model_path, self.chat, self.n_ctx, self.n_parallel, self.threads = model_path, chat, n_ctx, n_parallel, threads
         self._server = None
         self._lock = threading.Lock()
 
@@ -50,7 +52,7 @@ class LlamaCppEngine:
                 params = xllamacpp.CommonParams()
                 params.model.path = self.model_path or default_model_path()
                 params.n_ctx = self.n_ctx
-                params.n_parallel = self.n_parallel  # one slot per alternating prompt prefix, both cached
+                params.n_parallel = self.n_parallel  # a slot per alternating prompt prefix keeps both cached
                 params.cpuparams.n_threads = self.threads
                 params.cpuparams_batch.n_threads = self.threads
                 params.warmup = False
@@ -65,8 +67,8 @@ class LlamaCppEngine:
             messages.append({"role": "system", "content": system})
         messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
         cfg = request.config
-        body = {"messages": messages, "max_tokens": cfg.max_tokens or 256,
-                "temperature": 0.0 if cfg.temperature is None else cfg.temperature, **self.sampling}
+        body = {"max_tokens": cfg.max_tokens or 256, "temperature": 0.0 if cfg.temperature is None else cfg.temperature,
+                **self.sampling}
         if cfg.stop:
             body["stop"] = list(cfg.stop)
         if cfg.seed is not None:
@@ -75,17 +77,21 @@ class LlamaCppEngine:
             body["grammar"] = compact_json_grammar(cfg.response_format["schema"])
         elif cfg.response_format:
             body["grammar"] = compact_json_grammar({"type": "object"})
-        out = self._load().handle_chat_completions(body)
-        if not isinstance(out, dict) or "choices" not in out:
+        server = self._load()
+        if self.chat:
+            out = server.handle_chat_completions({**body, "messages": messages})
+        else:
+            out = server.handle_completions({**body, "prompt": "\n\n".join(m["content"] for m in messages)})
+        if not isinstance(out, dict) or not out.get("choices"):
             raise ServerError(f"llama.cpp returned no completion: {str(out)[:300]}")
         choice = out["choices"][0]
+        text = choice["message"].get("content") if self.chat else choice.get("text")
         usage, timings = out.get("usage", {}), out.get("timings", {})
         log.debug("llama.cpp: %s prompt tokens (%s cached) in %.0f ms, %s generated in %.0f ms",
                   timings.get("prompt_n"), timings.get("cache_n"), timings.get("prompt_ms", 0),
                   timings.get("predicted_n"), timings.get("predicted_ms", 0))
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
-        return Response(id=out.get("id"), model=request.model,
-                        message=Message.assistant([TextPart(choice["message"].get("content") or "")]),
+        return Response(id=out.get("id"), model=request.model, message=Message.assistant([TextPart(text or "")]),
                         finish_reason=finish,
                         usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens")))
 
@@ -129,8 +135,10 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
     model name, its key read by LiteLLM from the environment (e.g. OPENAI_API_KEY)."""
     if cfg.model == "local" or cfg.model.startswith("local:"):
         path = cfg.model.partition(":")[2] or None
+        # The shipped Gemma 270M is a base model: completion mode. A user's own GGUF is assumed
+        # to be instruction-tuned: chat mode.
         name = LOCAL_MODEL if path is None else f"local/{Path(path).stem}"
-        return dspy.LM(name, engine=LlamaCppEngine(path), max_tokens=cfg.max_tokens,
+        return dspy.LM(name, engine=LlamaCppEngine(path, chat=path is not None), max_tokens=cfg.max_tokens,
                        temperature=cfg.temperature, cache=cfg.cache, num_retries=0)
     kwargs = {"api_base": cfg.api_base} if cfg.api_base else {}
     return dspy.LM(cfg.model, max_tokens=cfg.max_tokens, temperature=cfg.temperature, cache=cfg.cache, **kwargs)
@@ -173,9 +181,50 @@ class SchemaJSONAdapter(dspy.JSONAdapter):
         lm_kwargs["response_format"] = model
 
 
+class CompletionAdapter(SchemaJSONAdapter):
+    """Formats a call as one few-shot completion prompt for base models:
+
+        <instructions>
+
+        <context inputs the demos lack, e.g. memories>: <value>
+
+        <input>: <value>          (for each demo)
+        Output: {"<field>": ...}
+
+        <input>: <value>          (the call itself)
+        Output:
+
+    Context goes before the demos so the call continues the demos' pattern exactly; the schema
+    grammar then makes the continuation a JSON object of the output fields.
+    """
+
+    def format(self, signature, demos, inputs):
+        demos = [d for d in demos if any(k in d for k in signature.output_fields)
+                 and any(k in d for k in signature.input_fields)]
+        shaped = [k for k in signature.input_fields if demos and all(k in d for d in demos)]
+        context = [k for k in signature.input_fields if k not in shaped and k in inputs]
+        blocks = [signature.instructions.strip()]
+        if context:
+            blocks.append(self._lines(context, inputs))
+        for demo in demos:
+            outputs = {k: demo[k] for k in signature.output_fields if k in demo}
+            blocks.append(self._lines(shaped, demo) + "\nOutput: " + json.dumps(outputs, ensure_ascii=False))
+        blocks.append((self._lines(shaped, inputs) + "\n" if shaped else "") + "Output:")
+        return [{"role": "user", "content": "\n\n".join(blocks)}]
+
+    @staticmethod
+    def _lines(keys, values) -> str:
+        return "\n".join(f"{k}: {_text(values[k])}" for k in keys)
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
 def adapter_for(lm: dspy.LM) -> dspy.Adapter:
-    """Schema-constrained JSON for the local model (every answer parses); DSPy's default
-    ChatAdapter (with its JSON fallback) for everything else."""
-    if isinstance(getattr(lm, "_engine_spec", None), LlamaCppEngine):
-        return SchemaJSONAdapter(max_text_chars=600)
+    """Few-shot completion prompts for a local base model, schema-constrained JSON for a local
+    chat model (every answer parses either way), DSPy's ChatAdapter for everything else."""
+    engine = getattr(lm, "_engine_spec", None)
+    if isinstance(engine, LlamaCppEngine):
+        return SchemaJSONAdapter(max_text_chars=600) if engine.chat else CompletionAdapter(max_text_chars=600)
     return dspy.ChatAdapter()

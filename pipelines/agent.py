@@ -61,7 +61,11 @@ class PersonaAgent(dspy.Module):
     def forward(self, query: str) -> dspy.Prediction:
         search = self.formulate(query=query).search_query if self.formulate else self.task.query_content(query)
         recalls = self.memory.search(search)
-        pred = self.act(query=query, memories=format_recalls(recalls))
+        # The recalled interactions are also few-shot demonstrations, most similar last: the
+        # answer step sees the user's own choices in the very shape it must produce.
+        demos = [dspy.Example(query=self.task.make_input(r.item.text, self.task.labels), answer=r.item.response)
+                 for r in reversed(recalls) if r.item.response is not None]
+        pred = self.act(query=query, memories=format_recalls(recalls), demos=demos)
         return dspy.Prediction(answer=pred.answer, trajectory=pred.trajectory,
                                memories=[r.item.item_id for r in recalls])
 
