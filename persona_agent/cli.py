@@ -30,13 +30,21 @@ def _alignment(p: argparse.ArgumentParser, iterations: int, batch: int, max_iter
     g.add_argument("--batch", "-n", type=int, default=batch, help=f"latest interactions per iteration (default {batch})")
     g.add_argument("--top-k", "-k", type=int, default=5, help="memories retrieved per query (default 5)")
     g.add_argument("--max-iters", type=int, default=max_iters, help=f"ReAct steps per answer (default {max_iters})")
+    g.add_argument("--loss", choices=["per_interaction", "batch"], default="per_interaction",
+                   help="critique each interaction (the paper) or the whole batch in one LM call")
+    g.add_argument("--no-guard", dest="guard", action="store_false",
+                   help="accept every rewrite (the paper's loop) instead of only those that do not score worse")
+    g.add_argument("--holdout", type=int, default=0,
+                   help="older interactions a rewrite must not score worse on either (default 0)")
+    g.add_argument("--trace", action="store_true", help="record MLflow traces of every agent call")
 
 
 def _settings(args) -> Settings:
     return Settings(store=args.store, lm=LMConfig(model=args.lm, api_base=args.api_base), qdrant_url=args.qdrant_url,
                     experiment=args.experiment, top_k=getattr(args, "top_k", 5),
                     batch_size=getattr(args, "batch", 3), iterations=getattr(args, "iterations", 3),
-                    max_iters=getattr(args, "max_iters", 2))
+                    max_iters=getattr(args, "max_iters", 2), loss=getattr(args, "loss", "per_interaction"),
+                    guard=getattr(args, "guard", True), holdout=getattr(args, "holdout", 0))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,11 +72,41 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--split", default="dev")
     make.add_argument("--seed", type=int, default=0)
 
-    personas = sub.add_parser("personas", help="inspect personas in the MLflow prompt registry")
+    personas = sub.add_parser("personas", help="inspect, compare and roll back personas in the MLflow prompt registry")
     psub = personas.add_subparsers(dest="action", required=True)
-    plist = psub.add_parser("list", help="every registered persona version")
-    plist.add_argument("--task", help="only this task")
-    _common(plist)
+    for name, help_ in (("list", "users with personas: versions and the production version"),
+                        ("show", "a persona's text (production, or --version V)"),
+                        ("history", "every version of a user's persona with scores, acceptance and cost"),
+                        ("diff", "unified diff between two versions"),
+                        ("rollback", "make an earlier version the production one")):
+        p = psub.add_parser(name, help=help_, description=help_)
+        if name != "list":
+            p.add_argument("user", help="user id")
+        if name == "show":
+            p.add_argument("--version", type=int, help="version number (default: production)")
+        if name == "diff":
+            p.add_argument("v1", type=int)
+            p.add_argument("v2", type=int)
+        if name == "rollback":
+            p.add_argument("--to", type=int, required=True, help="version to serve")
+        p.add_argument("--task", default="lamp2m", help="task of the personas (default lamp2m)")
+        _common(p)
+
+    answer = sub.add_parser("answer", help="answer a query as USER's agent, with their production persona",
+                            description="Serve one query: the production persona, the user's memory, the agent.")
+    answer.add_argument("user", help="user id")
+    answer.add_argument("query", help="the request, in the task's input format")
+    answer.add_argument("--task", default="lamp2m", help="task (default lamp2m)")
+    answer.add_argument("--top-k", "-k", type=int, default=5, help="memories retrieved (default 5)")
+    answer.add_argument("--max-iters", type=int, default=1, help="ReAct steps (default 1)")
+    answer.add_argument("--trace", action="store_true", help="record an MLflow trace of the call")
+    _common(answer)
+
+    compare = sub.add_parser("compare", help="metric deltas between two runs, per user and overall",
+                             description="B - A for every metric both runs (and their per-user runs) logged.")
+    compare.add_argument("run_a")
+    compare.add_argument("run_b")
+    _common(compare)
     return parser
 
 
@@ -89,19 +127,61 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
 
+            if args.trace:
+                from . import tracking
+
+                tracking.setup(_settings(args))
+                tracking.enable_traces()
             run_demo(_settings(args), args.task, args.users, args.queries, args.data)
         elif args.command == "personas":
-            from rich.console import Console
-
+            _personas(args, get_task(args.task))
+        elif args.command == "answer":
+            print(_answer(args, get_task(args.task)))
+        elif args.command == "compare":
             from . import tracking
+            from .compare import compare_runs
 
             tracking.setup(_settings(args))
-            table = tracking.persona_versions(get_task(args.task).key if args.task else None)
-            Console().print(table.to_string(index=False) if len(table) else "no personas registered yet")
-    except TaskDataError as err:
+            table = compare_runs(args.run_a, args.run_b)
+            print(table.to_string(index=False, float_format="%.3f") if len(table) else "no metrics in common")
+    except (TaskDataError, LookupError, ValueError) as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _personas(args, task) -> None:
+    from . import tracking
+    from .registry import PersonaRegistry
+
+    tracking.setup(_settings(args))
+    registry = PersonaRegistry(task)
+    if args.action == "list":
+        table = registry.users()
+        print(table.to_string(index=False) if len(table) else "no personas registered yet")
+    elif args.action == "show":
+        print(registry.get(args.user, args.version).persona.render())
+    elif args.action == "history":
+        table = registry.history(args.user)
+        if table.empty:
+            raise LookupError(f"{task.key} user {args.user!r} has no persona in the registry")
+        print(table.to_string(index=False))
+    elif args.action == "diff":
+        print(registry.diff(args.user, args.v1, args.v2) or "identical")
+    elif args.action == "rollback":
+        registry.rollback(args.user, args.to)
+        print(f"{args.user}: production is now version {args.to}")
+
+
+def _answer(args, task) -> str:
+    from . import tracking
+    from .serve import answer
+
+    settings = _settings(args)
+    tracking.setup(settings)
+    if args.trace:
+        tracking.enable_traces()
+    return answer(settings, task, args.user, args.query)
 
 
 if __name__ == "__main__":

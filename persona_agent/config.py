@@ -19,6 +19,9 @@ class Settings:
     batch_size: int = 3  # n: latest interactions replayed per alignment iteration
     iterations: int = 3  # T: alignment iterations
     max_iters: int = 2  # ReAct steps per answer
+    loss: str = "per_interaction"  # or "batch": one critique call for the whole batch
+    guard: bool = True  # reject rewrites that score worse on the batch
+    holdout: int = 0  # older interactions a rewrite must not score worse on either
     profile_items: int = 20  # latest history items the initial profile is written from
 
     @property

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import tracking
+from .registry import PersonaRegistry
 from .config import Settings
 from .eval.data import UserData, load_users
 from .eval.synthetic import shipped_data_dir
@@ -64,7 +65,9 @@ def run_demo(settings: Settings, task_name: str = "lamp2m", users: int = 3, quer
 
 def _demo_user(settings: Settings, user: UserData, memory: EpisodicMemory, n_queries: int, progress, bar) -> dict:
     held_out = user.queries[:n_queries]
-    advance = lambda what: progress.update(bar, advance=1, description=f"{user.user_id}: {what}")  # noqa: E731
+    def advance(what: str, steps: int = 1) -> None:
+        progress.update(bar, advance=steps, description=f"{user.user_id}: {what}")
+
     with mlflow.start_run(run_name=user.user_id, nested=True) as run:
         with metered() as cost:
             aligned, version, scores = _personalize(settings, user, memory, held_out, run.info.run_id, advance)
@@ -82,12 +85,12 @@ def _demo_user(settings: Settings, user: UserData, memory: EpisodicMemory, n_que
 
 def _personalize(settings, user, memory, held_out, run_id, advance):
     """Profile, persona v1, baseline and before-scores, alignment, after-score."""
-    task = user.task
+    task, registry = user.task, PersonaRegistry(user.task)
     remember(memory, user)
     profile = write_profile(user, settings.profile_items)
     student = agent_for(user, memory, profile, settings.top_k, settings.max_iters)
-    version = tracking.register_persona(task.key, user.user_id, student.persona.render(),
-                                        "initial persona from the profile", {"stage": "initial", "run_id": run_id})
+    registry.register(user.user_id, student.persona, "initial persona from the profile",
+                      {"stage": "initial", "accepted": True, "run_id": run_id}, production=True)
     advance("profile")
     baseline = score(NonPersonalized(task), task, held_out)
     advance("baseline")
@@ -95,25 +98,27 @@ def _personalize(settings, user, memory, held_out, run_id, advance):
     advance("before alignment")
 
     def on_step(step: AlignmentStep) -> None:
-        nonlocal version
         mlflow.log_metrics({"align_batch_score": step.batch_score, "align_lm_calls": step.lm_calls,
                             "align_tokens": step.tokens, "align_accepted": float(step.accepted)}, step=step.iteration)
-        if not step.accepted:
-            advance(f"alignment {step.iteration + 1} (rejected: {step.reason})")
-            return
-        version = tracking.register_persona(
-            task.key, user.user_id, student.persona.with_profile(step.profile_after).render(),
-            f"alignment iteration {step.iteration + 1}",
-            {"stage": "aligned", "iteration": step.iteration + 1, "batch_score": f"{step.batch_score:.3f}",
-             "lm_calls": step.lm_calls, "tokens": step.tokens, "run_id": run_id})
-        advance(f"alignment {step.iteration + 1}")
+        if step.wrote_candidate:  # rejected candidates are registered too, but never promoted
+            registry.register(user.user_id, student.persona.with_profile(step.profile_after),
+                              f"alignment iteration {step.iteration + 1}: {step.reason}",
+                              {"stage": "aligned", "iteration": step.iteration + 1, "accepted": step.accepted,
+                               "reason": step.reason, "batch_score": f"{step.batch_score:.3f}",
+                               "candidate_score": "" if step.candidate_score is None else f"{step.candidate_score:.3f}",
+                               "lm_calls": step.lm_calls, "tokens": step.tokens, "run_id": run_id},
+                              production=step.accepted)
+        advance(f"alignment {step.iteration + 1}: {step.reason}")
 
-    optimizer = PersonaAlignment(settings.batch_size, settings.iterations, on_step=on_step)
+    optimizer = PersonaAlignment(settings.batch_size, settings.iterations, loss=settings.loss, guard=settings.guard,
+                                 holdout=settings.holdout, on_step=on_step)
     aligned = optimizer.compile(student, trainset=trainset(user))
+    progress_rest = settings.iterations - len(optimizer.steps)  # an early stop skips the remaining steps
+    if progress_rest:
+        advance(f"stopped early ({progress_rest} iterations not needed)", progress_rest)
     after = score(aligned, task, held_out)
     advance("after alignment")
-    mlflow.genai.set_prompt_alias(tracking.prompt_name(task.key, user.user_id), "production", version)
-    return aligned, version, (baseline, before, after)
+    return aligned, registry.production_version(user.user_id), (baseline, before, after)
 
 
 def _table(rows: list[dict], task) -> pd.DataFrame:

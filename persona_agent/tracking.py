@@ -1,12 +1,8 @@
-"""MLflow: the store under `mlruns/`, one run per command, and personas in the prompt registry."""
+"""MLflow: the store under `mlruns/`, one run per command, traces on request."""
 
 from __future__ import annotations
 
-import hashlib
-import re
-
 import mlflow
-import pandas as pd
 
 from .config import Settings
 
@@ -29,43 +25,8 @@ def setup(settings: Settings) -> str:
     return exp_id
 
 
-def prompt_name(task_key: str, user_id: str) -> str:
-    """Registry names allow letters, digits, '-', '_' and '.'; user ids may hold anything, so an
-    id that had to be changed gets a hash suffix to stay unique."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:80]
-    if safe != user_id:
-        safe += "-" + hashlib.sha256(user_id.encode()).hexdigest()[:8]
-    return f"persona.{task_key}.{safe}"
+def enable_traces() -> None:
+    """Trace every agent call (spans per module and LM call) into the active experiment."""
+    import mlflow.dspy
 
-
-def register_persona(task_key: str, user_id: str, text: str, message: str, tags: dict) -> int:
-    """Register a persona revision as the next version of the user's prompt; returns the version."""
-    version = mlflow.genai.register_prompt(
-        name=prompt_name(task_key, user_id), template=text, commit_message=message,
-        tags={"user_id": user_id, "task": task_key, **{k: str(v) for k, v in tags.items()}},
-    )
-    return version.version
-
-
-def persona_versions(task_key: str | None = None) -> pd.DataFrame:
-    """Every registered persona version: prompt, version, user, task, tags, message."""
-    client = mlflow.MlflowClient()
-    prefix = f"persona.{task_key}." if task_key else "persona."
-    rows = []
-    for prompt in _pages(client.search_prompts, filter_string=f"name LIKE '{prefix}%'"):
-        for v in _pages(client.search_prompt_versions, prompt.name):
-            rows.append({"prompt": prompt.name, "version": v.version, "user_id": v.tags.get("user_id"),
-                         "stage": v.tags.get("stage"), "batch_score": v.tags.get("batch_score"),
-                         "message": v.commit_message})
-    return pd.DataFrame(rows, columns=["prompt", "version", "user_id", "stage", "batch_score", "message"])
-
-
-def _pages(search, *args, **kwargs):
-    """Every item of a paged MLflow search."""
-    token = None
-    while True:
-        page = search(*args, **kwargs, max_results=1000, page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
+    mlflow.dspy.autolog(log_traces=True, log_compiles=False, log_evals=False, silent=True)

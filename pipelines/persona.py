@@ -38,6 +38,30 @@ class Persona:
     def with_profile(self, profile: str) -> "Persona":
         return Persona(self.task, profile)
 
+    @classmethod
+    def parse(cls, task: Task, text: str) -> "Persona":
+        """Read a rendered persona back; refuses text whose fixed parts are not this template's."""
+        fixed = TEMPLATE.format(task_description=task.description, profile="")
+        if not text.startswith(fixed):
+            raise ValueError(f"not a {task.name} persona: its fixed template parts differ")
+        return cls(task, text[len(fixed):])
+
+
+# Lines of the fixed template: a rewrite that restates them is trying to edit the fixed parts.
+_FIXED_MARKERS = ("Rules:", "User profile:", "You act on behalf of one user", "Answer with exactly one")
+
+
+def profile_problem(text: str, budget: int = PROFILE_BUDGET) -> str | None:
+    """Why a rewritten profile cannot be used, or None when it can."""
+    if looks_degenerate(text):
+        return "empty or degenerate text"
+    if len(text.strip()) > budget:
+        return f"over the length budget ({len(text.strip())} > {budget} characters)"
+    marker = next((m for m in _FIXED_MARKERS if m.lower() in text.lower()), None)
+    if marker:
+        return f"restates the fixed template ({marker!r})"
+    return None
+
 
 def clip(text: str, budget: int) -> str:
     """Cut to `budget` characters at the last sentence end that fits."""

@@ -1,9 +1,9 @@
 """DSPy signatures: small declarative classes whose docstring is the instruction."""
 
-from .alignment import CritiqueResponse, UpdateProfile
+from .alignment import CritiqueBatch, CritiqueResponse, UpdateProfile
 from .answer import PlainAnswer, TaskAnswer, typed_to
 from .memory_query import FormulateMemoryQuery
 from .profile import SummarizeProfile
 
-__all__ = ["CritiqueResponse", "FormulateMemoryQuery", "PlainAnswer", "SummarizeProfile", "TaskAnswer",
+__all__ = ["CritiqueBatch", "CritiqueResponse", "FormulateMemoryQuery", "PlainAnswer", "SummarizeProfile", "TaskAnswer",
            "UpdateProfile", "typed_to"]

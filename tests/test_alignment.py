@@ -34,25 +34,92 @@ def _setup(memory, n=5):
     return PersonaAgent(Persona(LAMP_2M, "Likes comedy."), UserMemory(memory, "u"), max_iters=1), train
 
 
-def test_loop_rewrites_the_persona_when_the_critique_says_so(memory, fake_lm):
+def _update_calls(fake_lm):
+    return sum(fields == ["new_profile"] for fields, _, _ in fake_lm._engine_spec.calls)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_loop_rewrites_the_persona_when_the_critique_says_so(memory, fake_lm, guard):
     fake_lm._engine_spec.policy = persona_following_policy()
     student, train = _setup(memory)
-    opt = PersonaAlignment(batch_size=3, iterations=2)
+    opt = PersonaAlignment(batch_size=3, iterations=2, guard=guard)
     aligned = opt.compile(student, trainset=train)
     assert aligned.persona.profile == "Prefers action."
     assert [s.batch_score for s in opt.steps] == [0.0, 1.0]  # the second iteration runs on the new persona
     assert opt.steps[0].simulated == ["comedy"] * 3 and opt.steps[0].accepted
+    assert opt.steps[0].candidate_score == (1.0 if guard else None)
     assert student.persona.profile == "Likes comedy."  # compile returns a copy
 
 
-def test_each_iteration_costs_n_simulations_n_critiques_and_one_update(memory, fake_lm):
+def test_a_rewrite_that_lowers_the_batch_score_is_not_promoted(memory, fake_lm):
+    # the agent is right under "Likes comedy." for comedy users; the rewrite makes it say action
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "Prefers action.")
+    student, train = _setup(memory)
+    train = [ex.copy(answer="comedy") for ex in train[:-1]] + [train[-1]]  # 2 of 3 batch items are comedy
+    opt = PersonaAlignment(batch_size=3, iterations=1)
+    aligned = opt.compile(student, trainset=train)
+    (step,) = opt.steps
+    assert step.batch_score == pytest.approx(2 / 3) and step.candidate_score == pytest.approx(1 / 3)
+    assert not step.accepted and "batch score dropped" in step.reason
+    assert step.profile_after == "Prefers action."  # the candidate is reported, not applied
+    assert aligned.persona.profile == "Likes comedy."
+    unguarded = PersonaAlignment(batch_size=3, iterations=1, guard=False).compile(student, trainset=train)
+    assert unguarded.persona.profile == "Prefers action."  # the paper's loop would have shipped it
+
+
+def test_a_rewrite_that_lowers_the_holdout_score_is_not_promoted(memory, fake_lm):
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "Prefers action.")
+    student, train = _setup(memory)
+    train = [ex.copy(answer="comedy") for ex in train[:2]] + train[2:]  # older history: comedy
+    opt = PersonaAlignment(batch_size=3, iterations=1, holdout=2)
+    aligned = opt.compile(student, trainset=train)
+    (step,) = opt.steps
+    assert step.candidate_score == 1.0 and step.holdout_score == 1.0 and step.candidate_holdout_score == 0.0
+    assert "held-out score dropped" in step.reason and aligned.persona.profile == "Likes comedy."
+
+
+def test_a_perfect_batch_stops_before_any_critique_or_update(memory, fake_lm):
     fake_lm._engine_spec.policy = persona_following_policy()
     student, train = _setup(memory)
-    opt = PersonaAlignment(batch_size=3, iterations=1)
+    student.persona = student.persona.with_profile("Prefers action.")
+    opt = PersonaAlignment(batch_size=3, iterations=3)
+    opt.compile(student, trainset=train)
+    assert len(opt.steps) == 1 and opt.steps[0].reason == "batch already answered perfectly"
+    assert _update_calls(fake_lm) == 0 and opt.steps[0].lm_calls == 3 * 2  # only the replay
+
+
+@pytest.mark.parametrize("loss,guard,calls", [
+    ("per_interaction", False, 3 * 2 + 3 + 1),  # the paper: n simulations + n critiques + 1 update
+    ("per_interaction", True, 3 * 2 + 3 + 1 + 3 * 2),  # + re-simulating the candidate
+    ("batch", True, 3 * 2 + 1 + 1 + 3 * 2),  # one critique call for the batch
+])
+def test_lm_calls_per_iteration(memory, fake_lm, loss, guard, calls):
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "Still likes comedy.")
+    fake_lm._engine_spec.policy = _with_batch_critique(fake_lm._engine_spec.policy)
+    student, train = _setup(memory)
+    opt = PersonaAlignment(batch_size=3, iterations=2, loss=loss, guard=guard)
     opt.compile(student, trainset=train)
     # a simulation with max_iters=1 is one ReAct step + one extract
-    assert opt.steps[0].lm_calls == 3 * 2 + 3 + 1
-    assert opt.steps[0].tokens > 0
+    assert opt.steps[0].lm_calls == calls and opt.steps[0].tokens > 0
+    if guard:  # the accepted candidate's replay is reused: no re-simulation of the current persona
+        assert opt.steps[1].lm_calls == calls - 3 * 2
+
+
+def _with_batch_critique(policy):
+    def wrapped(fields, system, user):
+        if fields == ["critique"] and "interactions" in user:
+            assert user.count("agent: comedy") == 3
+        return policy(fields, system, user)
+    return wrapped
+
+
+def test_rewrites_that_break_the_template_are_rejected_with_a_reason(memory, fake_lm):
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "Prefers action.\nRules:\n- obey me")
+    student, train = _setup(memory)
+    opt = PersonaAlignment(batch_size=2, iterations=1)
+    aligned = opt.compile(student, trainset=train)
+    assert opt.steps[0].reason.startswith("rejected: restates the fixed template") and opt.steps[0].candidate_score is None
+    assert aligned.persona.profile == "Likes comedy."
 
 
 def test_only_the_latest_n_interactions_are_replayed_with_their_own_item_hidden(memory, fake_lm):

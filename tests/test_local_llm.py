@@ -6,7 +6,8 @@ import dspy
 import mlflow
 import pytest
 
-from persona_agent import tracking
+from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.registry import PersonaRegistry
 from persona_agent.config import Settings
 from persona_agent.demo import run_demo
 from persona_agent.llm import LMConfig, adapter_for, build_lm
@@ -39,8 +40,9 @@ def test_demo_end_to_end_registers_every_persona_revision(tmp_path, monkeypatch)
     table = run_demo(settings, "lamp2m", users=1, queries=1)
     assert list(table.index) == ["u0000", "all"]
     assert table.loc["all", "answers"] == 3 and table.loc["all", "lm_calls"] > 0
-    versions = tracking.persona_versions("lamp2m")
-    assert len(versions) >= 1 and set(versions.user_id) == {"u0000"}
+    history = PersonaRegistry(LAMP_2M).history("u0000")
+    assert list(history.version)[0] == 1 and history.production.sum() == 1
+    assert (history.stage == "aligned").sum() <= 1  # T=1: at most one candidate (none if the batch was perfect)
     alias = mlflow.genai.load_prompt("prompts:/persona.lamp2m.u0000@production")
     assert "You act on behalf of one user" in alias.template
     runs = mlflow.search_runs(experiment_names=["persona-agent"])

@@ -1,0 +1,127 @@
+"""Personas in MLflow's prompt registry: every revision a version, `production` the one in use.
+
+One prompt per (task, user). Versions are immutable; accepted and rejected revisions are both
+registered (tag `accepted`), and only the alias `production` says which one serves. Rolling
+back is moving the alias: nothing is ever deleted or rewritten.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass
+
+import mlflow
+import pandas as pd
+
+from .eval.tasks import Task
+from .pipelines.persona import Persona
+
+PRODUCTION = "production"
+HISTORY_COLUMNS = ["version", "production", "stage", "iteration", "accepted", "batch_score", "candidate_score",
+                   "lm_calls", "tokens", "reason", "message"]
+
+
+def prompt_name(task_key: str, user_id: str) -> str:
+    """Registry names allow letters, digits, '-', '_' and '.'; user ids may hold anything, so an
+    id that had to be changed gets a hash suffix to stay unique."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:80]
+    if safe != user_id:
+        safe += "-" + hashlib.sha256(user_id.encode()).hexdigest()[:8]
+    return f"persona.{task_key}.{safe}"
+
+
+class PersonaNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Revision:
+    version: int
+    persona: Persona
+    tags: dict
+    message: str
+
+
+class PersonaRegistry:
+    """The prompt registry of the current MLflow tracking URI, seen as per-user personas."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.client = mlflow.MlflowClient()
+
+    def name(self, user_id: str) -> str:
+        return prompt_name(self.task.key, user_id)
+
+    def register(self, user_id: str, persona: Persona, message: str, tags: dict | None = None,
+                 production: bool = False) -> int:
+        """Add a revision; with `production`, also make it the one that serves."""
+        tags = {"user_id": user_id, "task": self.task.key, **{k: str(v) for k, v in (tags or {}).items()}}
+        version = mlflow.genai.register_prompt(name=self.name(user_id), template=persona.render(),
+                                               commit_message=message, tags=tags).version
+        if production:
+            self.promote(user_id, version)
+        return version
+
+    def promote(self, user_id: str, version: int) -> None:
+        self.get(user_id, version)  # refuse unknown versions before touching the alias
+        mlflow.genai.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
+
+    rollback = promote
+
+    def get(self, user_id: str, version: int | None = None) -> Revision:
+        """A version, or the production one when `version` is None."""
+        name = self.name(user_id)
+        try:
+            pv = (self.client.get_prompt_version(name, str(version)) if version is not None
+                  else self.client.get_prompt_version_by_alias(name, PRODUCTION))
+        except Exception as err:  # MLflow raises its own exception types for a missing prompt
+            pv = None
+            cause = err
+        if pv is None:
+            what = f"version {version}" if version is not None else f"{PRODUCTION} version"
+            raise PersonaNotFound(f"{self.task.key} user {user_id!r} has no {what} in the registry") from cause
+        return Revision(int(pv.version), Persona.parse(self.task, pv.template), dict(pv.tags), pv.commit_message or "")
+
+    def production_version(self, user_id: str) -> int | None:
+        try:
+            return self.get(user_id).version
+        except PersonaNotFound:
+            return None
+
+    def history(self, user_id: str) -> pd.DataFrame:
+        """Every version of the user's persona with its scores and cost, oldest first."""
+        current = self.production_version(user_id)
+        rows = []
+        for pv in _pages(self.client.search_prompt_versions, self.name(user_id)):
+            tags = pv.tags
+            rows.append({"version": int(pv.version), "production": int(pv.version) == current,
+                         **{k: tags.get(k) for k in HISTORY_COLUMNS[2:-1]}, "message": pv.commit_message})
+        return pd.DataFrame(rows, columns=HISTORY_COLUMNS).sort_values("version", ignore_index=True)
+
+    def diff(self, user_id: str, v1: int, v2: int) -> str:
+        a, b = self.get(user_id, v1).persona.render(), self.get(user_id, v2).persona.render()
+        return "\n".join(difflib.unified_diff(a.splitlines(), b.splitlines(), f"v{v1}", f"v{v2}", lineterm=""))
+
+    def users(self) -> pd.DataFrame:
+        """One row per user: prompt name, versions, production version."""
+        rows = []
+        for prompt in _pages(self.client.search_prompts, filter_string=f"name LIKE 'persona.{self.task.key}.%'"):
+            versions = list(_pages(self.client.search_prompt_versions, prompt.name))
+            user = versions[0].tags.get("user_id") if versions else None
+            prod = next((int(v.version) for v in versions if PRODUCTION in (getattr(v, "aliases", None) or [])), None)
+            rows.append({"user_id": user, "prompt": prompt.name, "versions": len(versions),
+                         "production": prod if prod is not None else self.production_version(user)})
+        return pd.DataFrame(rows, columns=["user_id", "prompt", "versions", "production"])
+
+
+def _pages(search, *args, **kwargs):
+    """Every item of a paged MLflow search."""
+    token = None
+    while True:
+        page = search(*args, **kwargs, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
