@@ -10,7 +10,7 @@ import dspy  # noqa: E402
 import pytest  # noqa: E402
 
 from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
-from tests.fakes import FakeEngine  # noqa: E402
+from persona_agent.testing import FakeEngine  # noqa: E402
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A small deterministic LM engine for unit tests.
+"""A small deterministic LM engine for tests and benchmarks.
 
 It reads which output fields DSPy asks for and answers with a JSON object built by a policy
 function, so tests script behaviour ("answer what the persona says") instead of a fixed queue
