@@ -61,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     _alignment(demo, iterations=2, batch=2, max_iters=1)
     _common(demo)
 
+    ev = sub.add_parser("eval", help="score every method (the paper's table) on LaMP-format data",
+                        description="Run the chosen methods on each user's queries and write the results table "
+                                    "(CSV, markdown), per-method predictions in LaMP's golds format, and MLflow runs.")
+    ev.add_argument("--task", default="lamp2m", help="lamp1, lamp2m, lamp2n or lamp3 (default lamp2m)")
+    ev.add_argument("--data", type=Path, help="LaMP directory or OPPU file (default: the shipped synthetic set)")
+    ev.add_argument("--split", help="LaMP split name when the directory holds several (dev, test, ...)")
+    ev.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    ev.add_argument("--users", type=int, help="first N users (default all)")
+    ev.add_argument("--queries", type=int, help="first N queries per user (default all)")
+    ev.add_argument("--workers", type=int, default=2, help="users evaluated in parallel (default 2)")
+    ev.add_argument("--out", type=Path, help="output directory (default <store>/eval/<task>-<time>)")
+    _alignment(ev, iterations=3, batch=3, max_iters=1)
+    _common(ev)
+
     make = sub.add_parser("make-data", help="generate LaMP-format data with measurable personalization",
                           description="Write {split}_questions.json, {split}_outputs.json and rules.json (each "
                                       "user's latent preference rule).")
@@ -133,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 tracking.setup(_settings(args))
                 tracking.enable_traces()
             run_demo(_settings(args), args.task, args.users, args.queries, args.data)
+        elif args.command == "eval":
+            _eval(args, get_task(args.task))
         elif args.command == "personas":
             _personas(args, get_task(args.task))
         elif args.command == "answer":
@@ -148,6 +164,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _eval(args, task) -> None:
+    from dataclasses import replace
+
+    from .eval.data import load_users
+    from .eval.synthetic import shipped_data_dir
+    from .evaluate import default_out, evaluate
+    from .pipelines.methods import resolve
+
+    methods = resolve(args.methods)
+    users = load_users(args.data or shipped_data_dir(task), task, args.split)[: args.users]
+    if args.queries is not None:
+        users = [replace(u, queries=u.queries[: args.queries]) for u in users]
+    settings = _settings(args)
+    if args.trace:
+        from . import tracking
+
+        tracking.setup(settings)
+        tracking.enable_traces()
+    evaluate(settings, task, users, methods, args.out or default_out(settings, task), args.workers)
 
 
 def _personas(args, task) -> None:

@@ -42,7 +42,7 @@ class LlamaCppEngine:
                  threads: int = 2):
         self.model_path, self.chat, self.n_ctx, self.n_parallel, self.threads = model_path, chat, n_ctx, n_parallel, threads
         self._server = None
-        self._lock = threading.Lock()
+        self._lock, self._call_lock = threading.Lock(), threading.Lock()
 
     def _load(self):
         with self._lock:
@@ -78,10 +78,14 @@ class LlamaCppEngine:
         elif cfg.response_format:
             body["grammar"] = compact_json_grammar({"type": "object"})
         server = self._load()
-        if self.chat:
-            out = server.handle_chat_completions({**body, "messages": messages})
-        else:
-            out = server.handle_completions({**body, "prompt": "\n\n".join(m["content"] for m in messages)})
+        # One request at a time: batched decoding in llama.cpp makes an answer depend on what
+        # else is in the batch, and a rerun must give the same answers (so the cache serves it).
+        # On 2 cores, concurrency buys next to nothing anyway.
+        with self._call_lock:
+            if self.chat:
+                out = server.handle_chat_completions({**body, "messages": messages})
+            else:
+                out = server.handle_completions({**body, "prompt": "\n\n".join(m["content"] for m in messages)})
         if not isinstance(out, dict) or not out.get("choices"):
             raise ServerError(f"llama.cpp returned no completion: {str(out)[:300]}")
         choice = out["choices"][0]

@@ -18,11 +18,13 @@ from .persona import Persona
 
 
 class PersonaAgent(dspy.Module):
-    def __init__(self, persona: Persona, memory: UserMemory, max_iters: int = 2, formulate_query: bool = False):
+    def __init__(self, persona: Persona, memory: UserMemory, max_iters: int = 2, formulate_query: bool = False,
+                 prefetch: bool = True):
         """`formulate_query`: have the LM write the upfront memory query (for inputs whose item text
-        the task cannot cut out by pattern) instead of searching with the item text."""
+        the task cannot cut out by pattern) instead of searching with the item text.
+        `prefetch=False`: no upfront retrieval; memory is reached through the tools only."""
         super().__init__()
-        self.memory, self.max_iters = memory, max_iters
+        self.memory, self.max_iters, self.prefetch = memory, max_iters, prefetch
         self.formulate = dspy.Predict(FormulateMemoryQuery) if formulate_query else None
         self.persona = persona
 
@@ -59,15 +61,15 @@ class PersonaAgent(dspy.Module):
         return [dspy.Tool(search_memory), dspy.Tool(user_profile)]
 
     def forward(self, query: str) -> dspy.Prediction:
-        search = self.formulate(query=query).search_query if self.formulate else self.task.query_content(query)
-        recalls = self.memory.search(search)
-        # The recalled interactions are also few-shot demonstrations, most similar last: the
-        # answer step sees the user's own choices in the very shape it must produce.
-        demos = [dspy.Example(query=self.task.make_input(r.item.text, self.task.labels), answer=r.item.response)
-                 for r in reversed(recalls) if r.item.response is not None]
-        pred = self.act(query=query, memories=format_recalls(recalls), demos=demos)
+        recalls = self.memory.search(self._search_text(query)) if self.prefetch else []
+        # The recalled interactions are also few-shot demonstrations: the answer step sees the
+        # user's own choices in the very shape it must produce.
+        pred = self.act(query=query, memories=format_recalls(recalls), demos=recall_demos(self.task, recalls))
         return dspy.Prediction(answer=pred.answer, trajectory=pred.trajectory,
                                memories=[r.item.item_id for r in recalls])
+
+    def _search_text(self, query: str) -> str:
+        return self.formulate(query=query).search_query if self.formulate else self.task.query_content(query)
 
     def dump_state(self, *args, **kwargs):
         return {**super().dump_state(*args, **kwargs), "persona_profile": self._persona.profile}
@@ -76,6 +78,42 @@ class PersonaAgent(dspy.Module):
         state = dict(state)
         self.persona = self._persona.with_profile(state.pop("persona_profile", self._persona.profile))
         return super().load_state(state, **kwargs)
+
+
+class RetrievalAnswer(dspy.Module):
+    """RAG and PAG: retrieve the user's top-k interactions and answer in one call, no tools.
+
+    With a profile in the persona's slot (SUMMARY_TEMPLATE) this is PAG, without one RAG.
+    """
+
+    def __init__(self, persona: Persona, memory: UserMemory):
+        super().__init__()
+        self.memory, self.persona = memory, persona
+        self.answer = dspy.Predict(typed_to(TaskAnswer, persona.task, persona.render()))
+
+    def forward(self, query: str) -> dspy.Prediction:
+        task = self.persona.task
+        recalls = self.memory.search(task.query_content(query))
+        return self.answer(query=query, memories=format_recalls(recalls), demos=recall_demos(task, recalls))
+
+
+class InContext(dspy.Module):
+    """ICL: the user's latest k interactions as demonstrations, whatever the query."""
+
+    def __init__(self, task: Task, interactions, k: int = 5):
+        super().__init__()
+        self.task = task
+        self.answer = dspy.Predict(typed_to(PlainAnswer, task, f"Answer the request as this user would: {task.description}."))
+        self.answer.demos = [dspy.Example(query=i.input, answer=i.response) for i in list(interactions)[-k:]] if k else []
+
+    def forward(self, query: str) -> dspy.Prediction:
+        return self.answer(query=query)
+
+
+def recall_demos(task: Task, recalls) -> list[dspy.Example]:
+    """Recalled interactions as few-shot demonstrations, most similar last."""
+    return [dspy.Example(query=task.make_input(r.item.text, task.labels), answer=r.item.response)
+            for r in reversed(recalls) if r.item.response is not None]
 
 
 class NonPersonalized(dspy.Module):

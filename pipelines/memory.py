@@ -126,17 +126,20 @@ class EpisodicMemory:
             must_not=[models.HasIdCondition(has_id=[point_id(user_id, i) for i in exclude])] if exclude else None,
         )
         lexical = models.SparseVector(**sparse_vector(text, query=True).model_dump())
+        # Fetch past k and break score ties by item id: without that, equal scores come back in
+        # storage order, which differs between a fresh and a reopened store, and so would prompts.
         if self.embedder is None:
             hits = self.client.query_points(self.collection, query=lexical, using="lexical", query_filter=flt,
-                                            limit=k, with_payload=True).points
+                                            limit=2 * k, with_payload=True).points
         else:
             dense = list(map(float, self.embedder([text])[0]))
             hits = self.client.query_points(
                 self.collection,
                 prefetch=[models.Prefetch(query=lexical, using="lexical", filter=flt, limit=4 * k),
                           models.Prefetch(query=dense, using="dense", filter=flt, limit=4 * k)],
-                query=models.FusionQuery(fusion=models.Fusion.RRF), query_filter=flt, limit=k, with_payload=True,
+                query=models.FusionQuery(fusion=models.Fusion.RRF), query_filter=flt, limit=2 * k, with_payload=True,
             ).points
+        hits = sorted(hits, key=lambda h: (-round(h.score, 5), h.payload["item_id"]))[:k]
         return [Recall(_item(h.payload), h.score) for h in hits if h.payload.get("user_id") == user_id]
 
     def items(self, user_id: str) -> list[MemoryItem]:
@@ -188,6 +191,15 @@ class UserMemory:
             yield
         finally:
             _excluded.reset(token)
+
+
+class NoMemory:
+    """A memory with nothing in it: the "w/o memory" ablation."""
+
+    k = 0
+
+    def search(self, text: str, k: int | None = None) -> list[Recall]:
+        return []
 
 
 def format_recalls(recalls: Sequence[Recall]) -> str:

@@ -21,6 +21,14 @@ Rules:
 User profile:
 {profile}"""
 
+# Templates of the baselines: the same slot, without the persona's framing (MemBank, PAG), or
+# with no user-specific text at all (ReAct, RAG, "w/o persona").
+SUMMARY_TEMPLATE = """Answer the request for this user: {task_description}.
+User summary:
+{profile}"""
+GENERIC_TEMPLATE = """Answer the request: {task_description}.
+Past interactions of the user may help."""
+
 PROFILE_BUDGET = 1200  # characters; keeps prompts short enough for small local models
 
 
@@ -28,15 +36,16 @@ PROFILE_BUDGET = 1200  # characters; keeps prompts short enough for small local 
 class Persona:
     task: Task
     profile: str
+    template: str = TEMPLATE
 
     def __post_init__(self):
         object.__setattr__(self, "profile", clip(self.profile.strip() or "(nothing known yet)", PROFILE_BUDGET))
 
     def render(self) -> str:
-        return TEMPLATE.format(task_description=self.task.description, profile=self.profile)
+        return self.template.format(task_description=self.task.description, profile=self.profile)
 
     def with_profile(self, profile: str) -> "Persona":
-        return Persona(self.task, profile)
+        return Persona(self.task, profile, self.template)
 
     @classmethod
     def parse(cls, task: Task, text: str) -> "Persona":
