@@ -169,18 +169,20 @@ _excluded: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("excl
 class UserMemory:
     """One user's view of episodic memory, as the agent's tools see it.
 
-    Deep copies share the store: DSPy copies programs when optimizing, and a copy of a program
-    must still search the same memory rather than try to clone a database client.
+    A view is a handle, not state: deep copies of a program (DSPy makes them when optimizing)
+    share it, as do the tool closures built over it. `exclude` hides items from every search
+    through this view, across threads (the `excluding` context hides them in this context only).
     """
 
     def __init__(self, memory: EpisodicMemory, user_id: str, k: int = 5):
         self.memory, self.user_id, self.k = memory, user_id, k
+        self.exclude: frozenset[str] = frozenset()
 
     def __deepcopy__(self, memo):
-        return UserMemory(self.memory, self.user_id, self.k)
+        return self
 
     def search(self, text: str, k: int | None = None) -> list[Recall]:
-        return self.memory.search(self.user_id, text, self.k if k is None else k, exclude=_excluded.get())
+        return self.memory.search(self.user_id, text, self.k if k is None else k, exclude=self.exclude | _excluded.get())
 
     @staticmethod
     @contextlib.contextmanager

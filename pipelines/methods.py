@@ -60,6 +60,33 @@ class UserContext:
             self.setup_cost["alignment"], self.steps = cost, optimizer.steps
         return self._aligned
 
+    def gepa(self) -> dspy.Module:
+        """dspy.GEPA on the same student and batch, with about the alignment loop's number of
+        program runs: n to score the start, then n per candidate, for T candidates."""
+        s, view = self.settings, self.view()
+        batch = trainset(self.user)[-s.batch_size:]
+        student = PersonaAgent(Persona(self.task, self.profile()), view, s.max_iters)
+        if not batch:
+            return student
+        task = self.task
+
+        def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+            score = task.example_score(gold.answer, getattr(pred, "answer", None))
+            return dspy.Prediction(score=score, feedback=f"The user answered {gold.answer!r}; the agent answered "
+                                                         f"{getattr(pred, 'answer', None)!r}.")
+
+        optimizer = dspy.GEPA(metric, max_metric_calls=len(batch) * (s.iterations + 1), reflection_lm=dspy.settings.lm,
+                              reflection_minibatch_size=len(batch), use_merge=False, num_threads=1,
+                              track_stats=False, seed=0)
+        view.exclude = frozenset(ex.item_id for ex in batch)  # replays must not find their own answers
+        try:
+            with metered() as cost:
+                program = optimizer.compile(student, trainset=batch, valset=batch)
+        finally:
+            view.exclude = frozenset()
+        self.setup_cost["gepa"] = cost
+        return program
+
     def agent(self, persona: Persona, memory=None, **kwargs) -> PersonaAgent:
         return PersonaAgent(persona, memory if memory is not None else self.view(),
                             kwargs.pop("max_iters", self.settings.max_iters), **kwargs)
@@ -88,13 +115,15 @@ METHODS: dict[str, Builder] = {
     "w/o persona": lambda c: c.agent(_generic(c)),
     "w/o memory": lambda c: c.agent(c.aligned().persona, NoMemory()),
     "w/o action": lambda c: c.agent(c.aligned().persona, max_iters=0),
+    # DSPy's reflective optimizer on the same persona agent, batch and budget
+    "gepa": lambda c: c.gepa(),
 }
 
 # Which setup each method pays for (its share of the per-user cost).
 SETUP: dict[str, tuple[str, ...]] = {
     "pag": ("profile",), "membank": ("profile",), "w/o alignment": ("profile",),
     "persona-agent": ("profile", "alignment"), "w/o memory": ("profile", "alignment"),
-    "w/o action": ("profile", "alignment"),
+    "w/o action": ("profile", "alignment"), "gepa": ("profile", "gepa"),
 }
 
 

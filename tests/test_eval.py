@@ -122,3 +122,27 @@ def test_a_test_split_without_outputs_yields_a_valid_predictions_file(memory, fa
     preds = json.loads((tmp_path / "out" / "predictions" / "rag.json").read_text())
     assert preds["task"] == "LaMP_2M"
     assert sorted(g["id"] for g in preds["golds"]) == ["qa", "qb"] and all(g["output"] in LAMP_2M.labels for g in preds["golds"])
+
+
+def test_gepa_optimizes_the_same_agent_on_the_same_batch(memory, fake_lm):
+    prompts = []
+    fake_lm._engine_spec.policy = _policy(prompts)
+    users = _users()
+    remember(memory, users[0])
+    ctx = UserContext(users[0], memory, Settings(max_iters=1, batch_size=2, iterations=1))
+    program = METHODS["gepa"](ctx)
+    assert ctx.setup_cost["gepa"].lm_calls > 0
+    assert program(query=users[0].queries[0].input).answer == "action"
+    replays = 0
+    for _, text in prompts:
+        if "[[ ## memories ## ]]" not in text:
+            continue
+        query = text.split("[[ ## query ## ]]")[-1].split("[[ ##")[0]
+        memories = text.split("[[ ## memories ## ]]")[-1].split("[[ ##")[0]
+        for item in ALICE[-2:]:  # the batch: each replay must not recall its own item
+            if item["description"] in query:
+                replays += 1
+                assert item["description"] + " -> action" not in memories
+    assert replays > 0
+    # after compile the batch items are visible again at test time
+    assert "heist number 3. -> action" in "\n".join(t for _, t in prompts[-2:])
