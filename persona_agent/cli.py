@@ -75,6 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     _alignment(ev, iterations=3, batch=3, max_iters=1)
     _common(ev)
 
+    sw = sub.add_parser("sweep", help="test-time scaling: vary n, T, K or the history kept (cold start)",
+                        description="Evaluate methods at each value of one setting; writes sweep_<param>.csv "
+                                    "and a PNG plot, also as MLflow artifacts.")
+    sw.add_argument("param", choices=["batch", "iterations", "top_k", "history"],
+                    help="alignment batch n, iterations T, retrieved memories K, or history items per user")
+    sw.add_argument("values", help="comma-separated integers, e.g. 1,2,3 (history: 10 for the paper's cold start)")
+    sw.add_argument("--task", default="lamp2m")
+    sw.add_argument("--data", type=Path)
+    sw.add_argument("--split")
+    sw.add_argument("--methods", default="persona-agent,non-personalized", help="comma-separated, or 'all'")
+    sw.add_argument("--users", type=int)
+    sw.add_argument("--queries", type=int)
+    sw.add_argument("--workers", type=int, default=2)
+    sw.add_argument("--out", type=Path, help="output directory (default <store>/sweeps)")
+    _alignment(sw, iterations=3, batch=3, max_iters=1)
+    _common(sw)
+
     make = sub.add_parser("make-data", help="generate LaMP-format data with measurable personalization",
                           description="Write {split}_questions.json, {split}_outputs.json and rules.json (each "
                                       "user's latent preference rule).")
@@ -149,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(_settings(args), args.task, args.users, args.queries, args.data)
         elif args.command == "eval":
             _eval(args, get_task(args.task))
+        elif args.command == "sweep":
+            _sweep(args, get_task(args.task))
         elif args.command == "personas":
             _personas(args, get_task(args.task))
         elif args.command == "answer":
@@ -166,18 +185,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _eval(args, task) -> None:
+def _users(args, task):
     from dataclasses import replace
 
     from .eval.data import load_users
     from .eval.synthetic import shipped_data_dir
+
+    users = load_users(args.data or shipped_data_dir(task), task, args.split)[: args.users]
+    if args.queries is not None:
+        users = [replace(u, queries=u.queries[: args.queries]) for u in users]
+    return users
+
+
+def _sweep(args, task) -> None:
+    from .pipelines.methods import resolve
+    from .sweep import sweep
+
+    try:
+        values = [int(v) for v in args.values.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"sweep values must be comma-separated integers, not {args.values!r}") from None
+    settings = _settings(args)
+    table = sweep(settings, task, _users(args, task), resolve(args.methods), args.param, values,
+                  args.out or settings.store / "sweeps", args.workers)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _eval(args, task) -> None:
     from .evaluate import default_out, evaluate
     from .pipelines.methods import resolve
 
     methods = resolve(args.methods)
-    users = load_users(args.data or shipped_data_dir(task), task, args.split)[: args.users]
-    if args.queries is not None:
-        users = [replace(u, queries=u.queries[: args.queries]) for u in users]
+    users = _users(args, task)
     settings = _settings(args)
     if args.trace:
         from . import tracking
