@@ -92,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     _alignment(sw, iterations=3, batch=3, max_iters=1)
     _common(sw)
 
+    ing = sub.add_parser("ingest", help="add new interactions to episodic memory (idempotent)",
+                         description="Append a JSONL event log ({user_id, input, response, timestamp, id?} per line) "
+                                     "or LaMP/OPPU files to memory. Re-ingesting the same file adds nothing.")
+    ing.add_argument("path", type=Path, help="events .jsonl, a LaMP directory, or a LaMP/OPPU JSON file")
+    ing.add_argument("--task", default="lamp2m")
+    ing.add_argument("--split")
+    _common(ing)
+
+    night = sub.add_parser("nightly", help="re-align users whose history changed; resumable, one run per store",
+                           description="Refresh semantic memory and re-align exactly the users with new interactions. "
+                                       "A killed run is finished by the next one; a second concurrent run refuses to start.")
+    night.add_argument("--task", default="lamp2m")
+    night.add_argument("--workers", type=int, default=4, help="users aligned concurrently (default 4)")
+    _alignment(night, iterations=3, batch=3, max_iters=1)
+    _common(night)
+
     make = sub.add_parser("make-data", help="generate LaMP-format data with measurable personalization",
                           description="Write {split}_questions.json, {split}_outputs.json and rules.json (each "
                                       "user's latent preference rule).")
@@ -168,6 +184,29 @@ def main(argv: list[str] | None = None) -> int:
             _eval(args, get_task(args.task))
         elif args.command == "sweep":
             _sweep(args, get_task(args.task))
+        elif args.command == "ingest":
+            from .pipelines.ingest import ingest
+            from .pipelines.memory import EpisodicMemory
+
+            settings = _settings(args)
+            settings.store.mkdir(parents=True, exist_ok=True)
+            memory = EpisodicMemory.open(path=str(settings.qdrant_path), url=settings.qdrant_url)
+            try:
+                report = ingest(memory, args.path, get_task(args.task), args.split)
+            finally:
+                memory.close()
+            print(f"read {report.read} interactions of {report.users} users: {report.added} new, "
+                  f"{report.already_known} already in memory")
+        elif args.command == "nightly":
+            from .nightly import NightlyLocked, print_summary, run_nightly
+
+            try:
+                summary = run_nightly(_settings(args), get_task(args.task), args.workers)
+            except NightlyLocked as err:
+                print(f"persona-agent: {err}", file=sys.stderr)
+                return 3
+            print_summary(summary)
+            return 1 if summary.failed else 0
         elif args.command == "personas":
             _personas(args, get_task(args.task))
         elif args.command == "answer":

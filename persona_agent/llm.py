@@ -137,6 +137,12 @@ class LMConfig:
 def build_lm(cfg: LMConfig) -> dspy.LM:
     """`local` (or `local:/path/model.gguf`) runs llama.cpp in-process; anything else is a LiteLLM
     model name, its key read by LiteLLM from the environment (e.g. OPENAI_API_KEY)."""
+    if cfg.model == "scripted" or cfg.model.startswith("scripted:"):
+        # A deterministic stand-in LM for smoke tests and benchmarks: `scripted:0.2` adds 200 ms per call.
+        from .testing import FakeEngine
+
+        delay = float(cfg.model.partition(":")[2] or 0)
+        return dspy.LM("scripted/policy", engine=FakeEngine(delay=delay), cache=cfg.cache, num_retries=0)
     if cfg.model == "local" or cfg.model.startswith("local:"):
         path = cfg.model.partition(":")[2] or None
         # The shipped Gemma 270M is a base model: completion mode. A user's own GGUF is assumed
@@ -229,6 +235,8 @@ def adapter_for(lm: dspy.LM) -> dspy.Adapter:
     """Few-shot completion prompts for a local base model, schema-constrained JSON for a local
     chat model (every answer parses either way), DSPy's ChatAdapter for everything else."""
     engine = getattr(lm, "_engine_spec", None)
+    if type(engine).__name__ == "FakeEngine":
+        return dspy.JSONAdapter()
     if isinstance(engine, LlamaCppEngine):
         return SchemaJSONAdapter(max_text_chars=600) if engine.chat else CompletionAdapter(max_text_chars=600)
     return dspy.ChatAdapter()

@@ -90,11 +90,18 @@ class PersonaRegistry:
         except PersonaNotFound:
             return None
 
+    def versions(self, user_id: str) -> list:
+        """The user's prompt versions (empty when they have none)."""
+        try:
+            return list(_pages(self.client.search_prompt_versions, self.name(user_id)))
+        except Exception:  # MLflow raises when the prompt does not exist yet
+            return []
+
     def history(self, user_id: str) -> pd.DataFrame:
         """Every version of the user's persona with its scores and cost, oldest first."""
         current = self.production_version(user_id)
         rows = []
-        for pv in _pages(self.client.search_prompt_versions, self.name(user_id)):
+        for pv in self.versions(user_id):
             tags = pv.tags
             rows.append({"version": int(pv.version), "production": int(pv.version) == current,
                          **{k: tags.get(k) for k in HISTORY_COLUMNS[2:-1]}, "message": pv.commit_message})

@@ -7,6 +7,7 @@ of strings.
 
 import json
 import re
+import time
 
 from dspy.lm15 import Message, Response, TextPart, Usage
 
@@ -31,11 +32,15 @@ def default_policy(fields, system, user):
 
 
 class FakeEngine:
-    def __init__(self, policy=default_policy):
-        self.policy = policy
+    """`delay` seconds per call stand in for a remote LLM's latency."""
+
+    def __init__(self, policy=default_policy, delay: float = 0.0):
+        self.policy, self.delay = policy, delay
         self.calls = []  # (fields, system, user) per call
 
     def complete(self, request):
+        if self.delay:
+            time.sleep(self.delay)
         system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system or ())
         user = "\n".join(m.text or "" for m in request.messages if m.role == "user")
         fields = output_fields(system)

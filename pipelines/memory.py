@@ -153,6 +153,22 @@ class EpisodicMemory:
             if offset is None:
                 return sorted(out, key=lambda it: (it.date or "", it.item_id))
 
+    def user_ids(self) -> list[str]:
+        """Every user with memories, sorted."""
+        users, offset = set(), None
+        while True:
+            points, offset = self.client.scroll(self.collection, limit=4096, offset=offset,
+                                                with_payload=models.PayloadSelectorInclude(include=["user_id"]))
+            users.update(p.payload["user_id"] for p in points)
+            if offset is None:
+                return sorted(users)
+
+    def known(self, user_id: str, item_ids: Iterable[str]) -> set[str]:
+        """Which of these item ids the user's memory already holds."""
+        ids = {point_id(user_id, i): i for i in item_ids}
+        found = self.client.retrieve(self.collection, list(ids), with_payload=False, with_vectors=False) if ids else []
+        return {ids[str(p.id)] for p in found}
+
     def count(self, user_id: str | None = None) -> int:
         flt = None if user_id is None else models.Filter(
             must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])

@@ -36,14 +36,20 @@ def _response(task: Task, item: dict) -> str | None:
 
 def write_profile(user: UserData, n_items: int = 20) -> str:
     """Semantic memory: an LLM-written summary of the user's latest history."""
-    task, items = user.task, user.profile[-n_items:]
+    task = user.task
+    items = [MemoryItem(str(it["id"]), task.item_text(it), _response(task, it)) for it in user.profile]
+    return summarize(task, items, n_items, user.user_id)
+
+
+def summarize(task: Task, items: list[MemoryItem], n_items: int = 20, who: str = "?") -> str:
+    """The profile from the latest `n_items` memories; "" (logged) when the LM writes nothing usable."""
+    items = items[-n_items:]
     if not items:
         return ""
-    history = "\n".join(f"- {task.item_text(it)} -> {_response(task, it)}" if _response(task, it) is not None
-                        else f"- {task.item_text(it)}" for it in items)
+    history = "\n".join(f"- {it.text} -> {it.response}" if it.response is not None else f"- {it.text}" for it in items)
     profile = dspy.Predict(SummarizeProfile)(task=task.description, history=history).profile
     if looks_degenerate(profile):
-        log.warning("user %s: the LM wrote no usable profile; starting from an empty one", user.user_id)
+        log.warning("user %s: the LM wrote no usable profile; starting from an empty one", who)
         return ""
     return profile
 
@@ -52,6 +58,12 @@ def trainset(user: UserData) -> list[dspy.Example]:
     """The user's past interactions as alignment examples, oldest first."""
     return [dspy.Example(query=i.input, answer=i.response, item_id=i.item_id).with_inputs("query")
             for i in user.interactions()]
+
+
+def memory_trainset(task: Task, items: list[MemoryItem]) -> list[dspy.Example]:
+    """The same examples from memory items (what the nightly job has)."""
+    return [dspy.Example(query=task.make_input(it.text, task.labels), answer=it.response, item_id=it.item_id)
+            .with_inputs("query") for it in items if it.response is not None]
 
 
 def agent_for(user: UserData, memory: EpisodicMemory, profile: str, k: int = 5, max_iters: int = 2) -> PersonaAgent:

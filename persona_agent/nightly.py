@@ -1,0 +1,97 @@
+"""`persona-agent nightly`: re-align every user whose history changed since the last run.
+
+One run per store at a time (a lock file); users run on a bounded thread pool; every result is
+committed by this process as it arrives, so a crash loses at most the users in flight, and a
+rerun finishes them (see `pipelines.nightly`).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import dspy
+import mlflow
+import pandas as pd
+from filelock import FileLock, Timeout
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import tracking
+from .config import Settings
+from .eval.tasks import Task
+from .llm import adapter_for, build_lm
+from .pipelines.memory import EpisodicMemory
+from .pipelines.nightly import NightlySummary, StateStore, align_job, commit, plan, state_root
+from .registry import PersonaRegistry
+
+
+class NightlyLocked(RuntimeError):
+    pass
+
+
+def run_nightly(settings: Settings, task: Task, workers: int = 4, lm: dspy.LM | None = None,
+                console: Console | None = None) -> NightlySummary:
+    console = console or Console(stderr=True)
+    settings.store.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(settings.store / "nightly.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise NightlyLocked(f"another nightly run holds {lock.lock_file}; refusing to start a second one "
+                            "on the same store") from None
+    try:
+        return _run(settings, task, workers, lm, console)
+    finally:
+        lock.release()
+
+
+def _run(settings, task, workers, lm, console) -> NightlySummary:
+    started = time.perf_counter()
+    tracking.setup(settings)
+    lm = lm or build_lm(settings.lm)
+    adapter = dspy.settings.adapter or adapter_for(lm)
+    registry, states = PersonaRegistry(task), StateStore(state_root(settings, task))
+    summary = NightlySummary()
+    memory = EpisodicMemory.open(path=str(settings.qdrant_path), url=settings.qdrant_url)
+    try:
+        jobs, summary.unchanged = plan(memory, states, registry)
+    finally:
+        memory.close()  # workers get each user's items in the job; the store is free again
+
+    def work(job):
+        with dspy.context(lm=lm, adapter=adapter):
+            return align_job(job, task, settings)
+
+    with mlflow.start_run(run_name=f"nightly-{task.key}") as run, \
+            Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     console=console) as progress, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        mlflow.log_params({"task": task.key, "workers": workers, "lm": settings.lm.model,
+                           "users_planned": len(jobs), "batch_size": settings.batch_size, "iterations": settings.iterations})
+        bar = progress.add_task("nightly", total=len(jobs))
+        rows = []
+        for future in as_completed([pool.submit(work, job) for job in jobs]):
+            outcome = future.result()
+            version = commit(outcome, task, registry, states, run.info.run_id)
+            {"aligned": summary.aligned, "rejected": summary.rejected}.get(outcome.status, []).append(outcome.user_id)
+            if outcome.status == "failed":
+                summary.failed[outcome.user_id] = outcome.error
+            summary.lm_calls += outcome.lm_calls
+            summary.tokens += outcome.tokens
+            rows.append({"user_id": outcome.user_id, "status": outcome.status, "version": version,
+                         "lm_calls": outcome.lm_calls, "tokens": outcome.tokens, "error": outcome.error})
+            progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
+        summary.seconds = time.perf_counter() - started
+        mlflow.log_metrics(summary.counts())
+        mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens", "error"])
+                        .to_csv(index=False), "users.csv")
+    return summary
+
+
+def print_summary(summary: NightlySummary, console: Console | None = None) -> None:
+    console = console or Console()
+    c = summary.counts()
+    console.print(f"aligned {c['users_aligned']}, rejected {c['users_rejected']}, unchanged {c['users_unchanged']}, "
+                  f"failed {c['users_failed']}; {c['lm_calls']} LM calls, {c['tokens']} tokens, {c['wall_seconds']:.1f} s")
+    for user_id, error in summary.failed.items():
+        console.print(f"  failed: {user_id}: {error}")

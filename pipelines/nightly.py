@@ -1,0 +1,178 @@
+"""Nightly re-alignment: only users whose history changed, concurrently, crash-safe.
+
+The work for one user is a pure function (`align_job`: memory items + current persona in,
+candidate revisions out), so it runs the same in a thread or on a remote worker; every write
+(registry versions, the production alias, the per-user state file) happens in the driver.
+
+Crash safety, without a transaction spanning MLflow and the state files:
+- a user is done when their state file (written atomically, last) holds the fingerprint of the
+  history they were aligned on; until then a rerun redoes them;
+- redoing is cheap and exact: DSPy's disk cache answers the replayed LM calls, and revisions are
+  registered only if no version with the same (fingerprint, iteration) tags exists, so a rerun
+  adds no duplicate versions and moves `production` to the same version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from persona_agent.atomic import atomic_write_text
+from persona_agent.config import Settings
+from persona_agent.eval.tasks import Task
+from persona_agent.optimizers import AlignmentStep, PersonaAlignment
+from persona_agent.usage import metered
+
+from .agent import PersonaAgent
+from .memory import EpisodicMemory, MemoryItem, UserMemory
+from .persona import Persona
+from .personalize import memory_trainset, summarize
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(items: list[MemoryItem]) -> str:
+    """Changes exactly when the user's history does."""
+    return hashlib.sha256("\n".join(sorted(it.item_id for it in items)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class UserJob:
+    user_id: str
+    items: list[MemoryItem]
+    fingerprint: str
+    persona_profile: str | None  # the production persona's profile; None for a new user
+
+
+@dataclass
+class UserOutcome:
+    user_id: str
+    fingerprint: str
+    status: str  # aligned | rejected (no rewrite accepted) | failed
+    semantic_profile: str = ""
+    start_profile: str = ""
+    steps: list[AlignmentStep] = field(default_factory=list)
+    lm_calls: int = 0
+    tokens: int = 0
+    error: str = ""
+
+
+def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
+    """Refresh semantic memory and align one user, from the items alone (uses the LM in
+    `dspy.settings`). Never raises: a failure is an outcome, and the user keeps their persona."""
+    memory = EpisodicMemory.open(":memory:")
+    try:
+        with metered() as cost:
+            memory.add(job.user_id, job.items)
+            semantic = summarize(task, job.items, settings.profile_items, job.user_id)
+            start = job.persona_profile if job.persona_profile is not None else semantic
+            student = PersonaAgent(Persona(task, start), UserMemory(memory, job.user_id, settings.top_k),
+                                   settings.max_iters)
+            optimizer = PersonaAlignment(settings.batch_size, settings.iterations, loss=settings.loss,
+                                         guard=settings.guard, holdout=settings.holdout)
+            optimizer.compile(student, trainset=memory_trainset(task, job.items))
+        accepted = any(s.accepted for s in optimizer.steps)
+        return UserOutcome(job.user_id, job.fingerprint, "aligned" if accepted else "rejected", semantic,
+                           student.persona.profile, optimizer.steps, cost.lm_calls, cost.tokens)
+    except Exception as err:  # one user's failure must not stop the others
+        log.warning("user %s: alignment failed: %s", job.user_id, str(err)[:300])
+        return UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
+    finally:
+        memory.close()
+
+
+class StateStore:
+    """One small JSON file per user: what the last completed nightly aligned them on."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _path(self, user_id: str) -> Path:
+        return self.root / (hashlib.sha256(user_id.encode()).hexdigest()[:32] + ".json")
+
+    def get(self, user_id: str) -> dict | None:
+        path = self._path(user_id)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:  # cannot happen with atomic writes; treat as not done
+            log.warning("state of user %s is unreadable; they will be re-aligned", user_id)
+            return None
+
+    def put(self, user_id: str, state: dict) -> None:
+        atomic_write_text(self._path(user_id), json.dumps({"user_id": user_id, **state}))
+
+
+def state_root(settings: Settings, task: Task) -> Path:
+    return settings.store / "nightly" / task.key
+
+
+def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[UserJob], list[str]]:
+    """Jobs for users whose history changed since their last completed alignment; the rest."""
+    jobs, unchanged = [], []
+    for user_id in memory.user_ids():
+        items = memory.items(user_id)
+        fp = fingerprint(items)
+        state = states.get(user_id)
+        if state and state.get("fingerprint") == fp:
+            unchanged.append(user_id)
+            continue
+        current = registry.production_version(user_id)
+        profile = registry.get(user_id, current).persona.profile if current is not None else None
+        jobs.append(UserJob(user_id, items, fp, profile))
+    return jobs, unchanged
+
+
+def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_id: str | None = None) -> int | None:
+    """Register the outcome's revisions (skipping any a crashed run already registered), move
+    `production`, then mark the user done. Returns the production version."""
+    if outcome.status == "failed":
+        return registry.production_version(outcome.user_id)  # kept; retried next run
+    existing = {(v.tags.get("fingerprint"), v.tags.get("iteration")): int(v.version)
+                for v in registry.versions(outcome.user_id)}
+    base = {"fingerprint": outcome.fingerprint, "run_id": run_id or "", "stage": "nightly"}
+    production = registry.production_version(outcome.user_id)
+    if production is None:  # a new user: their first persona comes from semantic memory
+        key = (outcome.fingerprint, "0")
+        production = existing.get(key) or registry.register(
+            outcome.user_id, Persona(task, outcome.start_profile), "initial persona from the profile",
+            {**base, "iteration": 0, "accepted": True})
+    for step in outcome.steps:
+        if not step.wrote_candidate:
+            continue
+        key = (outcome.fingerprint, str(step.iteration + 1))
+        version = existing.get(key) or registry.register(
+            outcome.user_id, Persona(task, step.profile_after), f"nightly iteration {step.iteration + 1}: {step.reason}",
+            {**base, "iteration": step.iteration + 1, "accepted": step.accepted, "reason": step.reason,
+             "batch_score": f"{step.batch_score:.3f}", "lm_calls": step.lm_calls, "tokens": step.tokens})
+        if step.accepted:
+            production = version
+    registry.promote(outcome.user_id, production)
+    states.put(outcome.user_id, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
+                                 "semantic_profile": outcome.semantic_profile, "at": time.time()})
+    return production
+
+
+@dataclass
+class NightlySummary:
+    aligned: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    lm_calls: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, float]:
+        return {"users_aligned": len(self.aligned), "users_rejected": len(self.rejected),
+                "users_unchanged": len(self.unchanged), "users_failed": len(self.failed),
+                "lm_calls": self.lm_calls, "tokens": self.tokens, "wall_seconds": self.seconds}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+

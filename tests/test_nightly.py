@@ -1,0 +1,121 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from filelock import FileLock
+
+from persona_agent.cli import main
+from persona_agent.config import Settings
+from persona_agent.eval.synthetic import write_dataset
+from persona_agent.eval.tasks import LAMP_2M, TaskDataError
+from persona_agent.llm import LMConfig
+from persona_agent.nightly import NightlyLocked, run_nightly
+from persona_agent.pipelines.ingest import ingest
+from persona_agent.pipelines.memory import EpisodicMemory
+from persona_agent.pipelines.nightly import StateStore, fingerprint, state_root
+from persona_agent.registry import PersonaRegistry
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "cache"))
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=4, n_history=8, n_queries=1, seed=2)
+    settings = Settings(store=tmp_path / "mlruns", lm=LMConfig("scripted"), batch_size=2, iterations=2, max_iters=1)
+    return settings, data
+
+
+def _ingest(settings, path):
+    settings.store.mkdir(parents=True, exist_ok=True)
+    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+    try:
+        return ingest(memory, path, LAMP_2M)
+    finally:
+        memory.close()
+
+
+def _event(tmp_path, user, n):
+    path = tmp_path / f"events-{user}-{n}.jsonl"
+    q = LAMP_2M.make_input(f"A film about a new heist {n}.", LAMP_2M.labels)
+    path.write_text(json.dumps({"user_id": user, "input": q, "response": "action", "timestamp": f"2025-01-0{n}"}) + "\n")
+    return path
+
+
+def test_ingest_is_idempotent(store, tmp_path):
+    settings, data = store
+    first, again = _ingest(settings, data), _ingest(settings, data)
+    assert (first.added, again.added, again.already_known) == (32, 0, 32)
+    event = _event(tmp_path, "u0001", 1)
+    assert _ingest(settings, event).added == 1 and _ingest(settings, event).added == 0
+
+
+def test_bad_events_are_rejected_before_anything_is_written(store, tmp_path):
+    settings, _ = store
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"user_id": "x", "input": "description: a", "response": "comedy"})
+    bad.write_text(good + "\n" + json.dumps({"user_id": "x", "input": "description: b", "response": "western"}) + "\n")
+    with pytest.raises(TaskDataError, match=r"bad.jsonl:2: gold 'western'"):
+        _ingest(settings, bad)
+    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+    assert memory.count() == 0
+    memory.close()
+
+
+def test_only_users_with_new_interactions_are_realigned(store, tmp_path):
+    settings, data = store
+    _ingest(settings, data)
+    first = run_nightly(settings, LAMP_2M)
+    assert sorted(first.aligned + first.rejected) == ["u0000", "u0001", "u0002", "u0003"] and first.lm_calls > 0
+    second = run_nightly(settings, LAMP_2M)
+    assert second.lm_calls == 0 and sorted(second.unchanged) == ["u0000", "u0001", "u0002", "u0003"]
+    _ingest(settings, _event(tmp_path, "u0002", 1))
+    third = run_nightly(settings, LAMP_2M)
+    assert third.aligned + third.rejected == ["u0002"] and len(third.unchanged) == 3
+
+
+def test_a_second_concurrent_run_refuses_to_start(store, capsys):
+    settings, data = store
+    settings.store.mkdir(parents=True)
+    with FileLock(str(settings.store / "nightly.lock")):
+        with pytest.raises(NightlyLocked, match="another nightly run holds"):
+            run_nightly(settings, LAMP_2M)
+        assert main(["nightly", "--store", str(settings.store), "--lm", "scripted"]) == 3
+    assert "refusing to start a second one" in capsys.readouterr().err
+
+
+def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_path):
+    settings, data = store
+    write_dataset(data, LAMP_2M, n_users=8, n_history=8, n_queries=1, seed=3)
+    _ingest(settings, data)
+    cmd = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--lm", "scripted:0.01",
+           "--workers", "2", "-n", "2", "-T", "2"]
+    env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache")}
+    states = StateStore(state_root(settings, LAMP_2M))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(states.root.glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(states.root.glob("*.json")))
+    assert 0 < done_before < 8, "the kill should land mid-run"
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    registry, memory = PersonaRegistry(LAMP_2M), EpisodicMemory.open(path=str(settings.qdrant_path))
+    try:
+        for user in memory.user_ids():
+            state = states.get(user)
+            assert state["fingerprint"] == fingerprint(memory.items(user))
+            tags = Counter((v.tags["fingerprint"], v.tags["iteration"]) for v in registry.versions(user))
+            assert tags and max(tags.values()) == 1, f"duplicate versions for {user}: {tags}"
+            assert registry.get(user).version == state["version"]  # production is complete and parses
+    finally:
+        memory.close()
