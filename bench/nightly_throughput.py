@@ -1,0 +1,69 @@
+"""Nightly throughput against a fake remote LLM with fixed latency.
+
+    python bench/nightly_throughput.py [--users 64] [--latency 0.2] [--workers 1,4,16]
+
+For each worker count: a fresh store with the same synthetic users, `nightly` over all of them,
+users/minute, and efficiency = actual / ideal, where ideal = workers / (LM calls per user x
+latency): the rate if the LLM's latency were the only cost.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENAI_API_KEY", "fake-key-for-the-local-fake-server")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pandas as pd  # noqa: E402
+from fake_llm_server import serve_in_background  # noqa: E402
+
+from persona_agent.config import Settings  # noqa: E402
+from persona_agent.eval.synthetic import write_dataset  # noqa: E402
+from persona_agent.eval.tasks import LAMP_2M  # noqa: E402
+from persona_agent.llm import LMConfig  # noqa: E402
+from persona_agent.nightly import run_nightly  # noqa: E402
+from persona_agent.pipelines.ingest import ingest  # noqa: E402
+from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=64)
+    ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--workers", default="1,4,16")
+    a = ap.parse_args()
+    server, url = serve_in_background(a.latency)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_dataset(Path(tmp) / "data", LAMP_2M, n_users=a.users, n_history=12, n_queries=1, seed=5)
+        for workers in [int(w) for w in a.workers.split(",")]:
+            store = Path(tmp) / f"store{workers}"
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+            settings = Settings(store=store, lm=LMConfig("openai/fake", api_base=url, cache=False),
+                                batch_size=3, iterations=2, max_iters=1)
+            store.mkdir(parents=True)
+            memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+            ingest(memory, data, LAMP_2M)
+            memory.close()
+            started = time.perf_counter()
+            summary = run_nightly(settings, LAMP_2M, workers=workers)
+            seconds = time.perf_counter() - started
+            users = len(summary.aligned) + len(summary.rejected)
+            calls_per_user = summary.lm_calls / max(users, 1)
+            ideal = workers / (calls_per_user * a.latency) * 60
+            rows.append({"workers": workers, "users": users, "failed": len(summary.failed), "LM calls/user": calls_per_user,
+                         "seconds": seconds, "users/min": users / seconds * 60, "ideal users/min": ideal,
+                         "efficiency": users / seconds * 60 / ideal})
+    server.shutdown()
+    print(f"{a.users} users, {a.latency * 1000:.0f} ms per LM call")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+
+
+if __name__ == "__main__":
+    main()
