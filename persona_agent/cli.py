@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "A killed run is finished by the next one; a second concurrent run refuses to start.")
     night.add_argument("--task", default="lamp2m")
     night.add_argument("--workers", type=int, default=4, help="users aligned concurrently (default 4)")
+    night.add_argument("--executor", choices=["thread", "ray"], default="thread",
+                       help="threads in this process, or a Ray cluster (RAY_ADDRESS, else a local one)")
     _alignment(night, iterations=3, batch=3, max_iters=1)
     _common(night)
 
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             from .nightly import NightlyLocked, print_summary, run_nightly
 
             try:
-                summary = run_nightly(_settings(args), get_task(args.task), args.workers)
+                summary = run_nightly(_settings(args), get_task(args.task), args.workers, executor=args.executor)
             except NightlyLocked as err:
                 print(f"persona-agent: {err}", file=sys.stderr)
                 return 3

@@ -7,6 +7,7 @@ rerun finishes them (see `pipelines.nightly`).
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -31,7 +32,11 @@ class NightlyLocked(RuntimeError):
 
 
 def run_nightly(settings: Settings, task: Task, workers: int = 4, lm: dspy.LM | None = None,
-                console: Console | None = None) -> NightlySummary:
+                console: Console | None = None, executor: str = "thread") -> NightlySummary:
+    """executor: "thread" (this process) or "ray" (a Ray cluster: RAY_ADDRESS, or a local one).
+    Either way at most `workers` users are in flight, and this process does every write."""
+    if executor not in ("thread", "ray"):
+        raise ValueError(f"executor must be 'thread' or 'ray', not {executor!r}")
     console = console or Console(stderr=True)
     settings.store.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(settings.store / "nightly.lock"))
@@ -41,12 +46,12 @@ def run_nightly(settings: Settings, task: Task, workers: int = 4, lm: dspy.LM | 
         raise NightlyLocked(f"another nightly run holds {lock.lock_file}; refusing to start a second one "
                             "on the same store") from None
     try:
-        return _run(settings, task, workers, lm, console)
+        return _run(settings, task, workers, lm, console, executor)
     finally:
         lock.release()
 
 
-def _run(settings, task, workers, lm, console) -> NightlySummary:
+def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     started = time.perf_counter()
     tracking.setup(settings)
     lm = lm or build_lm(settings.lm)
@@ -63,15 +68,16 @@ def _run(settings, task, workers, lm, console) -> NightlySummary:
         with dspy.context(lm=lm, adapter=adapter):
             return align_job(job, task, settings)
 
+    outcomes = (_ray_outcomes(jobs, task, settings, workers) if executor == "ray"
+                else _thread_outcomes(jobs, work, workers))
     with mlflow.start_run(run_name=f"nightly-{task.key}") as run, \
             Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                     console=console) as progress, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        mlflow.log_params({"task": task.key, "workers": workers, "lm": settings.lm.model,
+                     console=console) as progress:
+        mlflow.log_params({"task": task.key, "workers": workers, "executor": executor, "lm": settings.lm.model,
                            "users_planned": len(jobs), "batch_size": settings.batch_size, "iterations": settings.iterations})
         bar = progress.add_task("nightly", total=len(jobs))
         rows = []
-        for future in as_completed([pool.submit(work, job) for job in jobs]):
-            outcome = future.result()
+        for outcome in outcomes:
             version = commit(outcome, task, registry, states, run.info.run_id)
             {"aligned": summary.aligned, "rejected": summary.rejected}.get(outcome.status, []).append(outcome.user_id)
             if outcome.status == "failed":
@@ -86,6 +92,40 @@ def _run(settings, task, workers, lm, console) -> NightlySummary:
         mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens", "error"])
                         .to_csv(index=False), "users.csv")
     return summary
+
+
+def _thread_outcomes(jobs, work, workers):
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for future in as_completed([pool.submit(work, job) for job in jobs]):
+            yield future.result()
+
+
+def _ray_align(job, task_key: str, settings: Settings):
+    """On a Ray worker: the job carries the user's memory items, so the worker needs no access
+    to the store (embedded Qdrant is single-process); it builds the LM from the settings."""
+    from .config import offline_environment
+    from .eval.tasks import get_task
+
+    offline_environment()
+    lm = build_lm(settings.lm)
+    with dspy.context(lm=lm, adapter=adapter_for(lm)):
+        return align_job(job, get_task(task_key), settings)
+
+
+def _ray_outcomes(jobs, task: Task, settings: Settings, workers: int):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    # LM-bound work: a fraction of a CPU each, so `workers` users fit on a small machine.
+    remote = ray.remote(num_cpus=0.1, max_retries=1)(_ray_align)
+    pending, queue = [], list(jobs)
+    while queue or pending:
+        while queue and len(pending) < max(1, workers):
+            pending.append(remote.remote(queue.pop(0), task.key, settings))
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
 
 
 def print_summary(summary: NightlySummary, console: Console | None = None) -> None:

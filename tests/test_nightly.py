@@ -119,3 +119,23 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
             assert registry.get(user).version == state["version"]  # production is complete and parses
     finally:
         memory.close()
+
+
+def test_ray_executor_gives_the_same_personas_as_threads(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "cache"))
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=3, n_history=8, n_queries=1, seed=4)
+    personas = {}
+    for executor in ("thread", "ray"):
+        settings = Settings(store=tmp_path / executor, lm=LMConfig("scripted", cache=False), batch_size=2,
+                            iterations=2, max_iters=1)
+        _ingest(settings, data)
+        summary = run_nightly(settings, LAMP_2M, workers=2, executor=executor)
+        assert not summary.failed and summary.lm_calls > 0
+        import mlflow
+
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        registry = PersonaRegistry(LAMP_2M)
+        personas[executor] = {u: registry.get(u).persona.render() for u in ("u0000", "u0001", "u0002")}
+    assert personas["thread"] == personas["ray"]
