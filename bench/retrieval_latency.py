@@ -27,11 +27,12 @@ def main():
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--layout", default="per_user", choices=["per_user", "shared"])
     a = ap.parse_args()
     rng = random.Random(0)
     users = [f"user{u:05d}" for u in range(a.users)]
     with tempfile.TemporaryDirectory() as tmp:
-        memory = EpisodicMemory.open(path=tmp)
+        memory = EpisodicMemory.open(path=tmp, layout=a.layout)
         stored = 0
         print(f"{'memories':>9} {'p50 ms':>8} {'p95 ms':>8} {'insert s':>9}")
         for size in [int(s) for s in a.sizes.split(",")]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import re
 import uuid
 import zlib
@@ -64,9 +65,17 @@ def point_id(user_id: str, item_id: str) -> str:
 class EpisodicMemory:
     """All users' memories in one collection; every read is filtered to exactly one user."""
 
-    def __init__(self, client: QdrantClient, collection: str = "episodic", embedder: Embedder | None = None):
+    def __init__(self, client: QdrantClient, collection: str = "episodic", embedder: Embedder | None = None,
+                 layout: str | None = None):
+        """layout: "shared" (one collection, filtered by user: a server's tenant index makes that
+        fast) or "per_user" (a collection per user: embedded Qdrant searches by brute force, so
+        a search then scans only that user's memories). Default: per_user embedded, shared on a
+        server."""
         self.client, self.collection, self.embedder = client, collection, embedder
-        self._ensure_collection()
+        self.layout = layout or "shared"  # TODO flip: per_user embedded
+        if self.layout not in ("shared", "per_user"):
+            raise ValueError(f"layout must be 'shared' or 'per_user', not {self.layout!r}")
+        self._ready: set[str] = set()
 
     @classmethod
     def open(cls, path: str | None = None, url: str | None = None, **kwargs) -> "EpisodicMemory":
@@ -77,23 +86,39 @@ class EpisodicMemory:
     def close(self) -> None:
         self.client.close()
 
-    def _ensure_collection(self) -> None:
-        if self.client.collection_exists(self.collection):
-            return
+    def _name(self, user_id: str) -> str:
+        if self.layout == "shared":
+            return self.collection
+        return f"{self.collection}-{hashlib.sha256(user_id.encode()).hexdigest()[:24]}"
+
+    def _exists(self, name: str) -> bool:
+        if name not in self._ready and self.client.collection_exists(name):
+            self._ready.add(name)
+        return name in self._ready
+
+    def _ensure(self, name: str) -> str:
+        if self._exists(name):
+            return name
         dense = {}
         if self.embedder is not None:
             size = len(self.embedder(["probe"])[0])
             dense = {"dense": models.VectorParams(size=size, distance=models.Distance.COSINE)}
         self.client.create_collection(
-            self.collection,
-            vectors_config=dense,
+            name, vectors_config=dense,
             sparse_vectors_config={"lexical": models.SparseVectorParams(modifier=models.Modifier.IDF)},
         )
         if not self._is_local:
             # On a server, user_id is the tenant key: indexed, and co-located per tenant.
             self.client.create_payload_index(
-                self.collection, "user_id",
-                field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True))
+                name, "user_id", field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True))
+        self._ready.add(name)
+        return name
+
+    def _collections(self) -> list[str]:
+        if self.layout == "shared":
+            return [self.collection] if self._exists(self.collection) else []
+        prefix = f"{self.collection}-"
+        return [c.name for c in self.client.get_collections().collections if c.name.startswith(prefix)]
 
     @property
     def _is_local(self) -> bool:
@@ -113,13 +138,14 @@ class EpisodicMemory:
                 payload = {"user_id": user_id, "item_id": it.item_id, "text": it.text,
                            "response": it.response, "date": it.date}
                 points.append(models.PointStruct(id=point_id(user_id, it.item_id), vector=vector, payload=payload))
-            self.client.upsert(self.collection, points=points, wait=True)
+            self.client.upsert(self._ensure(self._name(user_id)), points=points, wait=True)
         return len(items)
 
     def search(self, user_id: str, text: str, k: int = 5, exclude: Iterable[str] = ()) -> list[Recall]:
         """Top-k of this user's memories for `text`, never another user's; `exclude` drops item
         ids (the interaction being simulated must not find its own answer)."""
-        if k <= 0 or not text.strip():
+        name = self._name(user_id)
+        if k <= 0 or not text.strip() or not self._exists(name):
             return []
         flt = models.Filter(
             must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))],
@@ -129,12 +155,12 @@ class EpisodicMemory:
         # Fetch past k and break score ties by item id: without that, equal scores come back in
         # storage order, which differs between a fresh and a reopened store, and so would prompts.
         if self.embedder is None:
-            hits = self.client.query_points(self.collection, query=lexical, using="lexical", query_filter=flt,
+            hits = self.client.query_points(name, query=lexical, using="lexical", query_filter=flt,
                                             limit=2 * k, with_payload=True).points
         else:
             dense = list(map(float, self.embedder([text])[0]))
             hits = self.client.query_points(
-                self.collection,
+                name,
                 prefetch=[models.Prefetch(query=lexical, using="lexical", filter=flt, limit=4 * k),
                           models.Prefetch(query=dense, using="dense", filter=flt, limit=4 * k)],
                 query=models.FusionQuery(fusion=models.Fusion.RRF), query_filter=flt, limit=2 * k, with_payload=True,
@@ -145,9 +171,11 @@ class EpisodicMemory:
     def items(self, user_id: str) -> list[MemoryItem]:
         """All of a user's memories, oldest first."""
         flt = models.Filter(must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
-        out, offset = [], None
+        name, out, offset = self._name(user_id), [], None
+        if not self._exists(name):
+            return []
         while True:
-            points, offset = self.client.scroll(self.collection, scroll_filter=flt, limit=1024, offset=offset,
+            points, offset = self.client.scroll(name, scroll_filter=flt, limit=1024, offset=offset,
                                                 with_payload=True)
             out.extend(_item(p.payload) for p in points)
             if offset is None:
@@ -155,24 +183,30 @@ class EpisodicMemory:
 
     def user_ids(self) -> list[str]:
         """Every user with memories, sorted."""
-        users, offset = set(), None
-        while True:
-            points, offset = self.client.scroll(self.collection, limit=4096, offset=offset,
-                                                with_payload=models.PayloadSelectorInclude(include=["user_id"]))
-            users.update(p.payload["user_id"] for p in points)
-            if offset is None:
-                return sorted(users)
+        users = set()
+        for name in self._collections():
+            offset = None
+            while True:
+                points, offset = self.client.scroll(name, limit=4096 if self.layout == "shared" else 1, offset=offset,
+                                                    with_payload=models.PayloadSelectorInclude(include=["user_id"]))
+                users.update(p.payload["user_id"] for p in points)
+                if offset is None or self.layout == "per_user":
+                    break
+        return sorted(users)
 
     def known(self, user_id: str, item_ids: Iterable[str]) -> set[str]:
         """Which of these item ids the user's memory already holds."""
-        ids = {point_id(user_id, i): i for i in item_ids}
-        found = self.client.retrieve(self.collection, list(ids), with_payload=False, with_vectors=False) if ids else []
+        ids, name = {point_id(user_id, i): i for i in item_ids}, self._name(user_id)
+        if not ids or not self._exists(name):
+            return set()
+        found = self.client.retrieve(name, list(ids), with_payload=False, with_vectors=False)
         return {ids[str(p.id)] for p in found}
 
     def count(self, user_id: str | None = None) -> int:
         flt = None if user_id is None else models.Filter(
             must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
-        return self.client.count(self.collection, count_filter=flt, exact=True).count
+        names = self._collections() if user_id is None else [n for n in [self._name(user_id)] if self._exists(n)]
+        return sum(self.client.count(n, count_filter=flt, exact=True).count for n in names)
 
 
 def _item(payload: dict) -> MemoryItem:

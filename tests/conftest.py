@@ -13,9 +13,9 @@ from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
 from persona_agent.testing import FakeEngine  # noqa: E402
 
 
-@pytest.fixture
-def memory():
-    m = EpisodicMemory.open(":memory:")
+@pytest.fixture(params=["per_user", "shared"])
+def memory(request):
+    m = EpisodicMemory.open(":memory:", layout=request.param)
     yield m
     m.close()
 
