@@ -39,6 +39,20 @@ def _alignment(p: argparse.ArgumentParser, iterations: int, batch: int, max_iter
     g.add_argument("--trace", action="store_true", help="record MLflow traces of every agent call")
 
 
+def _evaluation(p: argparse.ArgumentParser, methods: str, out: str) -> None:
+    """The data, method and output options `eval` and `sweep` share."""
+    p.add_argument("--task", default="lamp2m", help="lamp1, lamp2m, lamp2n or lamp3 (default lamp2m)")
+    p.add_argument("--data", type=Path, help="LaMP directory or OPPU file (default: the shipped synthetic set)")
+    p.add_argument("--split", help="LaMP split name when the directory holds several (dev, test, ...)")
+    p.add_argument("--methods", default=methods, help=f"comma-separated method names, or 'all' (default {methods})")
+    p.add_argument("--users", type=int, help="first N users (default all)")
+    p.add_argument("--queries", type=int, help="first N queries per user (default all)")
+    p.add_argument("--workers", type=int, default=2, help="users evaluated in parallel (default 2)")
+    p.add_argument("--out", type=Path, help=f"output directory (default {out})")
+    _alignment(p, iterations=3, batch=3, max_iters=1)
+    _common(p)
+
+
 def _settings(args) -> Settings:
     return Settings(store=args.store, lm=LMConfig(model=args.lm, api_base=args.api_base), qdrant_url=args.qdrant_url,
                     experiment=args.experiment, top_k=getattr(args, "top_k", 5),
@@ -64,16 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score every method (the paper's table) on LaMP-format data",
                         description="Run the chosen methods on each user's queries and write the results table "
                                     "(CSV, markdown), per-method predictions in LaMP's golds format, and MLflow runs.")
-    ev.add_argument("--task", default="lamp2m", help="lamp1, lamp2m, lamp2n or lamp3 (default lamp2m)")
-    ev.add_argument("--data", type=Path, help="LaMP directory or OPPU file (default: the shipped synthetic set)")
-    ev.add_argument("--split", help="LaMP split name when the directory holds several (dev, test, ...)")
-    ev.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
-    ev.add_argument("--users", type=int, help="first N users (default all)")
-    ev.add_argument("--queries", type=int, help="first N queries per user (default all)")
-    ev.add_argument("--workers", type=int, default=2, help="users evaluated in parallel (default 2)")
-    ev.add_argument("--out", type=Path, help="output directory (default <store>/eval/<task>-<time>)")
-    _alignment(ev, iterations=3, batch=3, max_iters=1)
-    _common(ev)
+    _evaluation(ev, methods="all", out="<store>/eval/<task>-<time>")
 
     sw = sub.add_parser("sweep", help="test-time scaling: vary n, T, K or the history kept (cold start)",
                         description="Evaluate methods at each value of one setting; writes sweep_<param>.csv "
@@ -81,16 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("param", choices=["batch", "iterations", "top_k", "history"],
                     help="alignment batch n, iterations T, retrieved memories K, or history items per user")
     sw.add_argument("values", help="comma-separated integers, e.g. 1,2,3 (history: 10 for the paper's cold start)")
-    sw.add_argument("--task", default="lamp2m")
-    sw.add_argument("--data", type=Path)
-    sw.add_argument("--split")
-    sw.add_argument("--methods", default="persona-agent,non-personalized", help="comma-separated, or 'all'")
-    sw.add_argument("--users", type=int)
-    sw.add_argument("--queries", type=int)
-    sw.add_argument("--workers", type=int, default=2)
-    sw.add_argument("--out", type=Path, help="output directory (default <store>/sweeps)")
-    _alignment(sw, iterations=3, batch=3, max_iters=1)
-    _common(sw)
+    _evaluation(sw, methods="persona-agent,non-personalized", out="<store>/sweeps")
 
     ing = sub.add_parser("ingest", help="add new interactions to episodic memory (idempotent)",
                          description="Append a JSONL event log ({user_id, input, response, timestamp, id?} per line) "
