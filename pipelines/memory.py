@@ -72,7 +72,7 @@ class EpisodicMemory:
         a search then scans only that user's memories). Default: per_user embedded, shared on a
         server."""
         self.client, self.collection, self.embedder = client, collection, embedder
-        self.layout = layout or "shared"  # TODO flip: per_user embedded
+        self.layout = layout or ("per_user" if self._is_local else "shared")
         if self.layout not in ("shared", "per_user"):
             raise ValueError(f"layout must be 'shared' or 'per_user', not {self.layout!r}")
         self._ready: set[str] = set()
