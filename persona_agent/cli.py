@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from mlflow.exceptions import MlflowException
+
     from .eval.tasks import TaskDataError, get_task
 
     try:
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking.setup(_settings(args))
             table = compare_runs(args.run_a, args.run_b)
             print(table.to_string(index=False, float_format="%.3f") if len(table) else "no metrics in common")
-    except (TaskDataError, LookupError, ValueError) as err:
+    except (TaskDataError, LookupError, ValueError, MlflowException) as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 2
     return 0

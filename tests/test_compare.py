@@ -1,0 +1,23 @@
+import mlflow
+
+from persona_agent.cli import main
+from persona_agent.compare import compare_runs
+
+
+def _run(name, overall, users):
+    with mlflow.start_run(run_name=name) as parent:
+        mlflow.log_metric("accuracy", overall)
+        for user, acc in users.items():
+            with mlflow.start_run(run_name=user, nested=True):
+                mlflow.log_metric("accuracy", acc)
+    return parent.info.run_id
+
+
+def test_compare_gives_per_user_and_overall_deltas(mlflow_store, capsys):
+    a = _run("a", 0.5, {"u1": 0.25, "u2": 0.75})
+    b = _run("b", 0.75, {"u1": 0.5, "u3": 1.0})
+    table = compare_runs(a, b).set_index("scope")
+    assert table.loc["overall", "delta"] == 0.25 and table.loc["u1", "delta"] == 0.25
+    assert "u2" not in table.index and "u3" not in table.index  # only users both runs have
+    assert main(["compare", a, "nonexistent-run", "--store", str(mlflow_store.store)]) == 2
+    assert "persona-agent:" in capsys.readouterr().err
