@@ -21,7 +21,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pandas as pd  # noqa: E402
-from fake_llm_server import serve_in_background  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
 
 from persona_agent.config import Settings  # noqa: E402
 from persona_agent.eval.synthetic import write_dataset  # noqa: E402
@@ -32,13 +33,32 @@ from persona_agent.pipelines.ingest import ingest  # noqa: E402
 from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
 
 
+def _wait_for(port: int, seconds: float = 30) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the fake LLM server did not start")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--workers", default="1,4,16")
     a = ap.parse_args()
-    server, url = serve_in_background(a.latency)
+    # The fake LLM runs in its own process, as a remote server would: in this process it would
+    # compete with the system under test for the GIL.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_llm_server.py"), "--port", str(port),
+                               "--latency", str(a.latency)], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    _wait_for(port)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_dataset(Path(tmp) / "data", LAMP_2M, n_users=a.users, n_history=12, n_queries=1, seed=5)
@@ -60,7 +80,7 @@ def main():
             rows.append({"workers": workers, "users": users, "failed": len(summary.failed), "LM calls/user": calls_per_user,
                          "seconds": seconds, "users/min": users / seconds * 60, "ideal users/min": ideal,
                          "efficiency": users / seconds * 60 / ideal})
-    server.shutdown()
+    server.terminate()
     print(f"{a.users} users, {a.latency * 1000:.0f} ms per LM call")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
 

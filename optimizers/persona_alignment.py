@@ -129,8 +129,7 @@ class PersonaAlignment(Teleprompter):
             step.reason = f"rejected: {problem}"
             log.info("iteration %d: %s", t, step.reason)
             return step, current, current_holdout
-        candidate = program.deepcopy()
-        candidate.persona = program.persona.with_profile(step.profile_after)
+        candidate = program.with_persona(program.persona.with_profile(step.profile_after))
         if not self.guard:
             step.accepted, step.reason = True, "accepted (unguarded)"
             program.persona = candidate.persona

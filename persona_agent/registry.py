@@ -61,14 +61,17 @@ class PersonaRegistry:
         version = mlflow.genai.register_prompt(name=self.name(user_id), template=persona.render(),
                                                commit_message=message, tags=tags).version
         if production:
-            self.promote(user_id, version)
+            self.promote(user_id, version, check=False)
         return version
 
-    def promote(self, user_id: str, version: int) -> None:
-        self.get(user_id, version)  # refuse unknown versions before touching the alias
+    def promote(self, user_id: str, version: int, *, check: bool = True) -> None:
+        """Point `production` at `version` (`check=False` when the caller just registered it)."""
+        if check:
+            self.get(user_id, version)  # refuse unknown versions before touching the alias
         mlflow.genai.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
 
-    rollback = promote
+    def rollback(self, user_id: str, version: int) -> None:
+        self.promote(user_id, version)
 
     def get(self, user_id: str, version: int | None = None) -> Revision:
         """A version, or the production one when `version` is None."""

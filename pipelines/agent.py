@@ -68,6 +68,15 @@ class PersonaAgent(dspy.Module):
         return dspy.Prediction(answer=pred.answer, trajectory=pred.trajectory,
                                memories=[r.item.item_id for r in recalls])
 
+    def with_persona(self, persona: Persona) -> "PersonaAgent":
+        """The same agent (memory, settings) under another persona; cheaper than a deep copy,
+        which would copy predictors that the new persona replaces anyway."""
+        twin = PersonaAgent.__new__(PersonaAgent)
+        dspy.Module.__init__(twin)
+        twin.memory, twin.max_iters, twin.prefetch, twin.formulate = self.memory, self.max_iters, self.prefetch, self.formulate
+        twin.persona = persona
+        return twin
+
     def _search_text(self, query: str) -> str:
         return self.formulate(query=query).search_query if self.formulate else self.task.query_content(query)
 

@@ -133,10 +133,10 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
     `production`, then mark the user done. Returns the production version."""
     if outcome.status == "failed":
         return registry.production_version(outcome.user_id)  # kept; retried next run
-    existing = {(v.tags.get("fingerprint"), v.tags.get("iteration")): int(v.version)
-                for v in registry.versions(outcome.user_id)}
+    versions = registry.versions(outcome.user_id)
+    existing = {(v.tags.get("fingerprint"), v.tags.get("iteration")): int(v.version) for v in versions}
     base = {"fingerprint": outcome.fingerprint, "run_id": run_id or "", "stage": "nightly"}
-    production = registry.production_version(outcome.user_id)
+    production = registry.production_version(outcome.user_id) if versions else None
     if production is None:  # a new user: their first persona comes from semantic memory
         key = (outcome.fingerprint, "0")
         production = existing.get(key) or registry.register(
@@ -152,7 +152,7 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
              "batch_score": f"{step.batch_score:.3f}", "lm_calls": step.lm_calls, "tokens": step.tokens})
         if step.accepted:
             production = version
-    registry.promote(outcome.user_id, production)
+    registry.promote(outcome.user_id, production, check=False)
     states.put(outcome.user_id, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
                                  "semantic_profile": outcome.semantic_profile, "at": time.time()})
     return production
