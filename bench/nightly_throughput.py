@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--workers", default="1,4,16")
+    ap.add_argument("--executor", default="thread", choices=["thread", "ray"])
     a = ap.parse_args()
     # The fake LLM runs in its own process, as a remote server would: in this process it would
     # compete with the system under test for the GIL.
@@ -60,6 +61,10 @@ def main():
     url = f"http://127.0.0.1:{port}/v1"
     _wait_for(port)
     rows = []
+    if a.executor == "ray":  # start Ray before the clock: a nightly job runs on a cluster that is up
+        import ray
+
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_dataset(Path(tmp) / "data", LAMP_2M, n_users=a.users, n_history=12, n_queries=1, seed=5)
         for workers in [int(w) for w in a.workers.split(",")]:
@@ -72,7 +77,7 @@ def main():
             ingest(memory, data, LAMP_2M)
             memory.close()
             started = time.perf_counter()
-            summary = run_nightly(settings, LAMP_2M, workers=workers)
+            summary = run_nightly(settings, LAMP_2M, workers=workers, executor=a.executor)
             seconds = time.perf_counter() - started
             users = len(summary.aligned) + len(summary.rejected)
             calls_per_user = summary.lm_calls / max(users, 1)
@@ -81,7 +86,7 @@ def main():
                          "seconds": seconds, "users/min": users / seconds * 60, "ideal users/min": ideal,
                          "efficiency": users / seconds * 60 / ideal})
     server.terminate()
-    print(f"{a.users} users, {a.latency * 1000:.0f} ms per LM call")
+    print(f"{a.users} users, {a.latency * 1000:.0f} ms per LM call, {a.executor} executor")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
 
 
