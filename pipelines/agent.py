@@ -62,19 +62,18 @@ class PersonaAgent(dspy.Module):
 
     def forward(self, query: str) -> dspy.Prediction:
         recalls = self.memory.search(self._search_text(query)) if self.prefetch else []
+        shown = format_recalls(recalls) if self.prefetch else "(none retrieved up front: use search_memory)"
         # The recalled interactions are also few-shot demonstrations: the answer step sees the
         # user's own choices in the very shape it must produce.
-        pred = self.act(query=query, memories=format_recalls(recalls), demos=recall_demos(self.task, recalls))
+        pred = self.act(query=query, memories=shown, demos=recall_demos(self.task, recalls))
         return dspy.Prediction(answer=pred.answer, trajectory=pred.trajectory,
                                memories=[r.item.item_id for r in recalls])
 
     def with_persona(self, persona: Persona) -> "PersonaAgent":
         """The same agent (memory, settings) under another persona; cheaper than a deep copy,
         which would copy predictors that the new persona replaces anyway."""
-        twin = PersonaAgent.__new__(PersonaAgent)
-        dspy.Module.__init__(twin)
-        twin.memory, twin.max_iters, twin.prefetch, twin.formulate = self.memory, self.max_iters, self.prefetch, self.formulate
-        twin.persona = persona
+        twin = PersonaAgent(persona, self.memory, self.max_iters, prefetch=self.prefetch)
+        twin.formulate = self.formulate
         return twin
 
     def _search_text(self, query: str) -> str:
