@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 
 import dspy
 import mlflow
@@ -76,22 +77,47 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
         mlflow.log_params({"task": task.key, "workers": workers, "executor": executor, "lm": settings.lm.model,
                            "users_planned": len(jobs), "batch_size": settings.batch_size, "iterations": settings.iterations})
         bar = progress.add_task("nightly", total=len(jobs))
-        rows = []
-        for outcome in outcomes:
-            version = commit(outcome, task, registry, states, run.info.run_id)
-            {"aligned": summary.aligned, "rejected": summary.rejected}.get(outcome.status, []).append(outcome.user_id)
-            if outcome.status == "failed":
-                summary.failed[outcome.user_id] = outcome.error
-            summary.lm_calls += outcome.lm_calls
-            summary.tokens += outcome.tokens
-            rows.append({"user_id": outcome.user_id, "status": outcome.status, "version": version,
-                         "lm_calls": outcome.lm_calls, "tokens": outcome.tokens, "error": outcome.error})
-            progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
+        # One committer process does every registry and state write, in arrival order: MLflow's
+        # SQLAlchemy writes are CPU work that would otherwise share this interpreter with the workers.
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_committer_init, initargs=(settings.tracking_uri,)) as committer:
+            pending = []
+            for outcome in outcomes:
+                pending.append((outcome, committer.submit(_commit, outcome, task.key, str(states.root), run.info.run_id)))
+                progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
+            rows = [_tally(summary, outcome, future) for outcome, future in pending]
         summary.seconds = time.perf_counter() - started
         mlflow.log_metrics(summary.counts())
         mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens", "error"])
                         .to_csv(index=False), "users.csv")
     return summary
+
+
+def _committer_init(tracking_uri: str) -> None:
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+def _commit(outcome, task_key: str, state_dir: str, run_id: str):
+    from pathlib import Path
+
+    from .eval.tasks import get_task
+
+    task = get_task(task_key)
+    return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_dir)), run_id)
+
+
+def _tally(summary: NightlySummary, outcome, future) -> dict:
+    try:
+        version = future.result()
+    except Exception as err:  # the user keeps their persona and is retried next run
+        outcome.status, outcome.error, version = "failed", f"commit failed: {str(err)[:300]}", None
+    {"aligned": summary.aligned, "rejected": summary.rejected}.get(outcome.status, []).append(outcome.user_id)
+    if outcome.status == "failed":
+        summary.failed[outcome.user_id] = outcome.error
+    summary.lm_calls += outcome.lm_calls
+    summary.tokens += outcome.tokens
+    return {"user_id": outcome.user_id, "status": outcome.status, "version": version,
+            "lm_calls": outcome.lm_calls, "tokens": outcome.tokens, "error": outcome.error}
 
 
 def _thread_outcomes(jobs, work, workers):
