@@ -18,7 +18,7 @@ import dspy
 from persona_agent.config import Settings
 from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.pipelines.methods import METHODS, SETUP, UserContext
-from persona_agent.pipelines.personalize import remember
+from persona_agent.pipelines.personalize import answer_or_none, remember
 from persona_agent.usage import Cost, metered
 
 from .data import UserData
@@ -86,11 +86,8 @@ def _run_user(ctx: UserContext, methods: list[str], on_progress) -> _UserRun:
         started = time.perf_counter()
         with metered() as cost:
             for q in ctx.user.queries:
-                try:
-                    answers[q.id] = program(query=q.input).answer if program is not None else None
-                except Exception as err:  # one failed answer is counted, not fatal
-                    log.warning("user %s, %s, query %s failed: %s", ctx.user.user_id, method, q.id, str(err)[:200])
-                    answers[q.id] = None
+                answers[q.id] = (answer_or_none(program, q.input, f"user {ctx.user.user_id}, {method}, query {q.id}")
+                                 if program is not None else None)
                 failures += answers[q.id] is None
         out.answers[method], out.cost[method], out.failures[method] = answers, cost, failures
         out.seconds[method] = time.perf_counter() - started

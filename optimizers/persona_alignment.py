@@ -25,6 +25,7 @@ from dspy.teleprompt import Teleprompter
 from persona_agent.pipelines.agent import PersonaAgent
 from persona_agent.pipelines.memory import UserMemory
 from persona_agent.pipelines.persona import PROFILE_BUDGET, profile_problem
+from persona_agent.pipelines.personalize import answer_or_none
 from persona_agent.signatures import CritiqueBatch, CritiqueResponse, UpdateProfile
 from persona_agent.usage import metered
 
@@ -161,14 +162,10 @@ class PersonaAlignment(Teleprompter):
 def replay(program: PersonaAgent, examples) -> Replay:
     """Answer past interactions with each one hidden from memory (or it would find its own
     answer); a failing call counts as a wrong answer."""
-    task, answers = program.task, []
+    task = program.task
     with UserMemory.excluding(ex.item_id for ex in examples):
-        for ex in examples:
-            try:
-                answers.append(str(program(query=ex.query).answer))
-            except Exception as err:  # an LM failure is a wrong answer, not a crashed alignment
-                log.warning("replay of %s failed: %s", getattr(ex, "item_id", "?"), str(err)[:200])
-                answers.append("")
+        answers = [str(answer_or_none(program, ex.query, f"replay of {getattr(ex, 'item_id', '?')}") or "")
+                   for ex in examples]
     scores = [task.example_score(ex.answer, a) for ex, a in zip(examples, answers)]
     return Replay(answers, sum(scores) / len(scores) if scores else 0.0)
 

@@ -15,12 +15,12 @@ import dspy
 import mlflow
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import tracking
 from .registry import PersonaRegistry
 from .config import Settings
+from .progress import progress_bar
 from .eval.data import UserData, load_users
 from .eval.synthetic import shipped_data_dir
 from .eval.tasks import get_task
@@ -46,7 +46,7 @@ def run_demo(settings: Settings, task_name: str = "lamp2m", users: int = 3, quer
     steps_per_user = 4 + settings.iterations
     try:
         with dspy.context(lm=lm, adapter=adapter_for(lm)), \
-                mlflow.start_run(run_name=f"demo-{task.key}") as parent, _progress(console) as progress:
+                mlflow.start_run(run_name=f"demo-{task.key}") as parent, progress_bar(console) as progress:
             mlflow.log_params({"task": task.key, "users": len(people), "queries_per_user": queries,
                                "lm": settings.lm.model, "top_k": settings.top_k, "batch_size": settings.batch_size,
                                "iterations": settings.iterations, "max_iters": settings.max_iters})
@@ -157,9 +157,3 @@ def _rich_table(table: pd.DataFrame, title: str) -> Table:
         cells = [" / ".join(f"{row[f'{m} {k}']:.3f}" for k in metrics) for m in METHODS]
         out.add_row(str(user), *cells, *(f"{int(row[c])}" for c in ("parsed", "answers", "lm_calls")))
     return out
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
-

@@ -14,11 +14,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import tracking
 from .atomic import atomic_write_text
 from .config import Settings
+from .progress import progress_bar
 from .eval.data import UserData
 from .eval.harness import MethodResult, run_eval
 from .eval.tasks import Task
@@ -36,7 +36,7 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
     memory = EpisodicMemory.open(path=str(settings.qdrant_path), url=settings.qdrant_url)
     started = time.perf_counter()
     try:
-        with mlflow.start_run(run_name=f"eval-{task.key}") as parent, _progress(console) as progress:
+        with mlflow.start_run(run_name=f"eval-{task.key}") as parent, progress_bar(console) as progress:
             mlflow.log_params({"task": task.key, "users": len(users), "queries": sum(len(u.queries) for u in users),
                                "methods": ",".join(methods), "lm": settings.lm.model, "top_k": settings.top_k,
                                "batch_size": settings.batch_size, "iterations": settings.iterations,
@@ -93,11 +93,6 @@ def to_markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join([str(i), *(fmt(v) for v in row)]) + " |" for i, row in table.iterrows()]
     return "\n".join(lines) + "\n"
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
 
 
 def default_out(settings: Settings, task: Task) -> Path:

@@ -17,10 +17,10 @@ import mlflow
 import pandas as pd
 from filelock import FileLock, Timeout
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import tracking
 from .config import Settings
+from .progress import progress_bar
 from .eval.tasks import Task
 from .llm import adapter_for, build_lm
 from .pipelines.memory import EpisodicMemory
@@ -72,8 +72,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     outcomes = (_ray_outcomes(jobs, task, settings, workers) if executor == "ray"
                 else _thread_outcomes(jobs, work, workers))
     with mlflow.start_run(run_name=f"nightly-{task.key}") as run, \
-            Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                     console=console) as progress:
+            progress_bar(console) as progress:
         mlflow.log_params({"task": task.key, "workers": workers, "executor": executor, "lm": settings.lm.model,
                            "users_planned": len(jobs), "batch_size": settings.batch_size, "iterations": settings.iterations})
         bar = progress.add_task("nightly", total=len(jobs))

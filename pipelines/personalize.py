@@ -80,15 +80,19 @@ class Scored:
     parsed: int = 0  # answers that normalise to a label
 
 
+def answer_or_none(program: dspy.Module, query: str, what: str) -> str | None:
+    """The program's answer, or None (logged) when the call fails: one bad answer (an LM error,
+    unparseable output) is a wrong answer, never a lost evaluation or alignment."""
+    try:
+        return program(query=query).answer
+    except Exception as err:
+        log.warning("%s failed: %s", what, str(err)[:200])
+        return None
+
+
 def score(program: dspy.Module, task: Task, queries) -> Scored:
     """Run `program` on labelled queries; a failing call is logged, counted, and scored wrong."""
-    answers, failures = [], 0
-    for q in queries:
-        try:
-            answers.append(program(query=q.input).answer)
-        except Exception as err:  # one bad answer must not lose the user's whole evaluation
-            log.warning("query %s failed: %s", q.id, str(err)[:200])
-            answers.append(None)
-            failures += 1
+    answers = [answer_or_none(program, q.input, f"query {q.id}") for q in queries]
+    failures = sum(a is None for a in answers)
     parsed = sum(task.normalize(a) is not None for a in answers)
     return Scored(task.score([q.gold for q in queries], answers), answers, failures, parsed)
