@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--workers", default="1,4,16")
     ap.add_argument("--executor", default="thread", choices=["thread", "ray"])
+    ap.add_argument("--model", default="openai/gpt-4o-mini", help="the name sent to the fake server")
     a = ap.parse_args()
     # The fake LLM runs in its own process, as a remote server would: in this process it would
     # compete with the system under test for the GIL.
@@ -70,7 +71,9 @@ def main():
         for workers in [int(w) for w in a.workers.split(",")]:
             store = Path(tmp) / f"store{workers}"
             os.environ.pop("MLFLOW_TRACKING_URI", None)
-            settings = Settings(store=store, lm=LMConfig("openai/fake", api_base=url, cache=False),
+            # A model name in DSPy's price table: for a name it does not know, DSPy scans the whole
+            # table on every call (~3 ms of CPU) to estimate a cost it then cannot give.
+            settings = Settings(store=store, lm=LMConfig(a.model, api_base=url, cache=False),
                                 batch_size=3, iterations=2, max_iters=1)
             store.mkdir(parents=True)
             memory = EpisodicMemory.open(path=str(settings.qdrant_path))

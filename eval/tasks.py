@@ -44,7 +44,7 @@ class Task:
     content_pattern: str
     # Regex capturing the label list spelled inside a query, if the task spells one.
     labels_pattern: str | None = None
-    aliases: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict, hash=False)  # hashable: tasks key caches
 
     # -- inputs -------------------------------------------------------------------------------
     def parse_labels(self, query: str) -> tuple[str, ...]:

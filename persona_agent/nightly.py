@@ -24,7 +24,7 @@ from .progress import progress_bar
 from .eval.tasks import Task
 from .llm import adapter_for, build_lm
 from .pipelines.memory import EpisodicMemory
-from .pipelines.nightly import NightlySummary, StateStore, align_job, commit, plan, state_root
+from .pipelines.nightly import NightlySummary, StateStore, UserOutcome, align_job, commit, plan, state_root
 from .registry import PersonaRegistry
 
 
@@ -125,32 +125,53 @@ def _thread_outcomes(jobs, work, workers):
             yield future.result()
 
 
-def _ray_align(job, task_key: str, settings: Settings):
-    """On a Ray worker: the job carries the user's memory items, so the worker needs no access
-    to the store (embedded Qdrant is single-process); it builds the LM from the settings."""
-    from .config import offline_environment
-    from .eval.tasks import get_task
+class _RayAligner:
+    """A Ray actor: builds the LM once, then aligns the users it is sent, several at a time on
+    threads (the work waits on the LLM). Jobs carry each user's memory items, so the actor needs
+    no access to the store (embedded Qdrant is single-process)."""
 
-    offline_environment()
-    lm = build_lm(settings.lm)
-    with dspy.context(lm=lm, adapter=adapter_for(lm)):
-        return align_job(job, get_task(task_key), settings)
+    def __init__(self, task_key: str, settings: Settings):
+        from .config import offline_environment
+        from .eval.tasks import get_task
+
+        offline_environment()
+        self.task, self.settings, self.lm = get_task(task_key), settings, build_lm(settings.lm)
+
+    def align(self, job):
+        with dspy.context(lm=self.lm, adapter=adapter_for(self.lm)):
+            return align_job(job, self.task, self.settings)
 
 
 def _ray_outcomes(jobs, task: Task, settings: Settings, workers: int):
+    import math
+
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    # LM-bound work: a fraction of a CPU each, so `workers` users fit on a small machine.
-    remote = ray.remote(num_cpus=0.1, max_retries=1)(_ray_align)
-    pending, queue = [], list(jobs)
+    # A process per CPU (at most), each running its share of the `workers` users on threads:
+    # a process per user would spend more on starting Python and DSPy than on the work.
+    actors = max(1, min(workers, len(jobs), int(ray.cluster_resources().get("CPU", 1))))
+    per_actor = math.ceil(max(1, workers) / actors)
+    aligner = ray.remote(num_cpus=0.5, max_concurrency=per_actor, max_restarts=1)(_RayAligner)
+    pool = [aligner.remote(task.key, settings) for _ in range(actors)]
+    pending, queue, load = {}, list(jobs), {i: 0 for i in range(actors)}
     while queue or pending:
-        while queue and len(pending) < max(1, workers):
-            pending.append(remote.remote(queue.pop(0), task.key, settings))
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+        while queue and len(pending) < actors * per_actor:
+            i = min(load, key=load.get)
+            load[i] += 1
+            job = queue.pop(0)
+            pending[pool[i].align.remote(job)] = (i, job)
+        [done], _ = ray.wait(list(pending), num_returns=1)
+        i, job = pending.pop(done)
+        load[i] -= 1
+        try:
+            yield ray.get(done)
+        except Exception as err:  # a lost worker or actor: this user is retried next run
+            yield UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
+    for actor in pool:
+        ray.kill(actor)
 
 
 def print_summary(summary: NightlySummary, console: Console | None = None) -> None:

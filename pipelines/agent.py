@@ -8,6 +8,9 @@ instructions they can read and rewrite.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import dspy
 
 from persona_agent.eval.tasks import Task
@@ -38,27 +41,12 @@ class PersonaAgent(dspy.Module):
 
     @persona.setter
     def persona(self, persona: Persona) -> None:
-        """Re-instruct the answering predictors; ReAct bakes instructions in at construction."""
+        """Re-instruct the answering predictors; ReAct bakes instructions in at construction.
+        A copy of a cached unbound ReAct, then this user's tools: fresh predictors and tools
+        per agent, but the signatures (pydantic models, ~10 ms to build) are shared."""
         self._persona = persona
-        self.act = dspy.ReAct(typed_to(TaskAnswer, persona.task, persona.render()), tools=self._tools(persona),
-                              max_iters=self.max_iters)
-        # The steps already carry thoughts; extracting the answer needs no second reasoning pass.
-        self.act.extract = dspy.Predict(self.act.extract.predict.signature.delete("reasoning"))
-
-    def _tools(self, persona: Persona) -> list[dspy.Tool]:
-        # Closures over values, not over self: a deep copy of the program must not reach back
-        # into the original's persona.
-        memory, task, profile = self.memory, persona.task, persona.profile
-
-        def search_memory(query: str) -> str:
-            """Search this user's own past interactions; returns similar items with the user's responses."""
-            return format_recalls(memory.search(task.query_content(query)))
-
-        def user_profile() -> str:
-            """This user's profile: their stable preferences."""
-            return profile
-
-        return [dspy.Tool(search_memory), dspy.Tool(user_profile)]
+        self.act = copy.deepcopy(_react_prototype(persona.task, persona.render(), self.max_iters))
+        self.act.tools.update({tool.name: tool for tool in _tools(self.memory, persona)})
 
     def forward(self, query: str) -> dspy.Prediction:
         recalls = self.memory.search(self._search_text(query)) if self.prefetch else []
@@ -86,6 +74,44 @@ class PersonaAgent(dspy.Module):
         state = dict(state)
         self.persona = self._persona.with_profile(state.pop("persona_profile", self._persona.profile))
         return super().load_state(state, **kwargs)
+
+
+def _tools(memory: UserMemory, persona: Persona) -> list[dspy.Tool]:
+    # Closures over values, not over the agent: a deep copy of the program must not reach back
+    # into the original's persona.
+    task, profile = persona.task, persona.profile
+
+    def search_memory(query: str) -> str:
+        """Search this user's own past interactions; returns similar items with the user's responses."""
+        return format_recalls(memory.search(task.query_content(query)))
+
+    def user_profile() -> str:
+        """This user's profile: their stable preferences."""
+        return profile
+
+    return [dspy.Tool(search_memory), dspy.Tool(user_profile)]
+
+
+class _ReAct(dspy.ReAct):
+    def _format_trajectory(self, trajectory: dict) -> str:
+        # dspy.ReAct builds a signature per step just to format the trajectory; build one per shape.
+        adapter = dspy.settings.adapter or dspy.ChatAdapter()
+        return adapter.format_user_message_content(_trajectory_signature(tuple(trajectory)), trajectory)
+
+
+@functools.lru_cache(maxsize=64)
+def _trajectory_signature(keys: tuple[str, ...]) -> type[dspy.Signature]:
+    return dspy.Signature(f"{', '.join(keys)} -> x")
+
+
+@functools.lru_cache(maxsize=1024)
+def _react_prototype(task: Task, instructions: str, max_iters: int) -> _ReAct:
+    """The answering ReAct for one instruction text, with unbound tools of the right names and
+    docstrings (they shape the prompt); callers copy it and bind their user's tools."""
+    react = _ReAct(typed_to(TaskAnswer, task, instructions), tools=_tools(None, Persona(task, "")), max_iters=max_iters)
+    # The steps already carry thoughts; extracting the answer needs no second reasoning pass.
+    react.extract = dspy.Predict(react.extract.predict.signature.delete("reasoning"))
+    return react
 
 
 class RetrievalAnswer(dspy.Module):
