@@ -4,15 +4,20 @@
 
 It reads the output fields DSPy asks for from the system prompt and answers in DSPy's chat
 format with the scripted policy of `persona_agent.testing`, so the whole pipeline runs against
-it as against a real remote LLM (`--lm openai/fake --api-base http://127.0.0.1:8765/v1`).
+it as against a real remote LLM (`--lm openai/gpt-4o-mini --api-base http://127.0.0.1:8765/v1`).
+
+`--faults 0.2` makes a fifth of the requests fail the ways remote LLMs do: hang past the
+client's timeout, 429, 500, 503, an empty answer, or a malformed one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from persona_agent.testing import default_policy, output_fields
@@ -23,9 +28,18 @@ def chat_format(values: dict) -> str:
     return "\n\n".join(parts + ["[[ ## completed ## ]]"])
 
 
-def make_server(port: int = 0, latency: float = 0.2, policy=default_policy) -> ThreadingHTTPServer:
+SERVER_FAULTS = ("hang", "429", "500", "503", "empty", "malformed")
+
+
+def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faults: float = 0.0, seed: int = 0,
+                hang: float = 30.0) -> ThreadingHTTPServer:
+    """`faults`: the fraction of requests that fail (kind drawn from SERVER_FAULTS, seeded);
+    a "hang" sleeps `hang` seconds before answering. `server.handler.injected` counts them."""
+    rng, lock = random.Random(seed), threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         calls = 0
+        injected: Counter = Counter()
 
         def do_POST(self):  # noqa: N802 (http.server's naming)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -33,7 +47,18 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy) -> T
             system = "\n".join(m["content"] for m in messages if m["role"] == "system")
             user = "\n".join(m["content"] for m in messages if m["role"] == "user")
             time.sleep(latency)
+            with lock:
+                fault = rng.choice(SERVER_FAULTS) if rng.random() < faults else None
+                if fault:
+                    Handler.injected[fault] += 1
+            if fault == "hang":
+                time.sleep(hang)
+            if fault in ("429", "500", "503"):
+                return self._send(int(fault), json.dumps({"error": {"message": f"injected {fault}"}}).encode(),
+                                  {"Retry-After": "0"})
             content = chat_format(policy(output_fields(system), system, user))
+            if fault in ("empty", "malformed"):
+                content = "" if fault == "empty" else content[: len(content) // 3]
             Handler.calls += 1
             reply = json.dumps({"id": f"fake-{Handler.calls}", "object": "chat.completion", "created": int(time.time()),
                                 "model": body.get("model", "fake"),
@@ -41,11 +66,18 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy) -> T
                                              "message": {"role": "assistant", "content": content}}],
                                 "usage": {"prompt_tokens": len(system + user) // 4, "completion_tokens": len(content) // 4,
                                           "total_tokens": (len(system + user) + len(content)) // 4}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+            self._send(200, reply)
+
+        def _send(self, status: int, payload: bytes, headers: dict | None = None) -> None:
+            try:
+                self.send_response(status)
+                for key, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
+                                   **(headers or {})}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout)
+                pass
 
         def log_message(self, *args):
             pass
@@ -56,8 +88,8 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy) -> T
     return server
 
 
-def serve_in_background(latency: float = 0.2) -> tuple[ThreadingHTTPServer, str]:
-    server = make_server(0, latency)
+def serve_in_background(latency: float = 0.2, **kwargs) -> tuple[ThreadingHTTPServer, str]:
+    server = make_server(0, latency, **kwargs)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
 
@@ -66,6 +98,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--latency", type=float, default=0.2, help="seconds per call")
+    ap.add_argument("--faults", type=float, default=0.0, help="fraction of requests that fail (default 0)")
+    ap.add_argument("--hang", type=float, default=30.0, help="seconds a 'hang' fault waits (default 30)")
     a = ap.parse_args()
-    print(f"serving on http://127.0.0.1:{a.port}/v1 with {a.latency * 1000:.0f} ms per call")
-    make_server(a.port, a.latency).serve_forever()
+    print(f"serving on http://127.0.0.1:{a.port}/v1 with {a.latency * 1000:.0f} ms per call, {a.faults:.0%} faults")
+    make_server(a.port, a.latency, faults=a.faults, hang=a.hang).serve_forever()

@@ -25,7 +25,7 @@ from dspy.teleprompt import Teleprompter
 from persona_agent.pipelines.agent import PersonaAgent
 from persona_agent.pipelines.memory import UserMemory
 from persona_agent.pipelines.persona import PROFILE_BUDGET, profile_problem
-from persona_agent.pipelines.personalize import answer_or_none
+from persona_agent.pipelines.personalize import answer_or_none, or_fallback
 from persona_agent.signatures import CritiqueBatch, CritiqueResponse, UpdateProfile
 from persona_agent.usage import metered
 
@@ -58,6 +58,7 @@ class AlignmentStep:
     simulated: list[str] = field(default_factory=list)
     lm_calls: int = 0
     tokens: int = 0
+    fallbacks: int = 0  # calls whose answer was unusable and replaced (see `or_fallback`)
 
     @property
     def wrote_candidate(self) -> bool:
@@ -106,7 +107,7 @@ class PersonaAlignment(Teleprompter):
                     current = replay(program, batch)
                     current_holdout = replay(program, heldout) if heldout else None
                 step, current, current_holdout = self._step(program, batch, heldout, current, current_holdout, t)
-            step.lm_calls, step.tokens = cost.lm_calls, cost.tokens
+            step.lm_calls, step.tokens, step.fallbacks = cost.lm_calls, cost.tokens, cost.fallbacks
             self.steps.append(step)
             if self.on_step:
                 self.on_step(step)
@@ -124,7 +125,13 @@ class PersonaAlignment(Teleprompter):
         with dspy.context(lm=self.reflection_lm or dspy.settings.lm):
             step.critiques = self._critique(profile, batch, current.answers)
             feedback = aggregate(batch, current.answers, step.critiques)
-            step.profile_after = self.updater(current_profile=profile, feedback=feedback).new_profile.strip()
+            # An unusable rewrite is no rewrite: the step ends with the persona unchanged.
+            step.profile_after = or_fallback(lambda: self.updater(current_profile=profile, feedback=feedback).new_profile,
+                                             profile, f"iteration {t}: profile update").strip()
+        if step.profile_after == profile.strip():
+            step.profile_after, step.reason = profile, "rejected: no new profile was written"
+            log.info("iteration %d: %s", t, step.reason)
+            return step, current, current_holdout
         problem = profile_problem(step.profile_after, self.budget)
         if problem:
             step.reason = f"rejected: {problem}"
@@ -154,8 +161,11 @@ class PersonaAlignment(Teleprompter):
         if self.loss == "batch":
             listing = "\n".join(f"{i}. request: {ex.query}\n   agent: {a}\n   user: {ex.answer}"
                                 for i, (ex, a) in enumerate(zip(batch, answers), 1))
-            return [self.batch_critic(profile=profile, interactions=listing).critique]
-        return [self.critic(profile=profile, query=ex.query, simulated_response=a, real_response=ex.answer).critique
+            return [or_fallback(lambda: self.batch_critic(profile=profile, interactions=listing).critique, "",
+                                "batch critique")]
+        # A critique that cannot be read leaves the bare facts (agreed/disagreed) in the feedback.
+        return [or_fallback(lambda: self.critic(profile=profile, query=ex.query, simulated_response=a,
+                                                real_response=ex.answer).critique, "", "critique")
                 for ex, a in zip(batch, answers)]
 
 

@@ -19,6 +19,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="'local' (in-process Gemma 3 270M), 'local:/path/model.gguf', or any LiteLLM model "
                         "such as openai/gpt-4o-mini (key from the environment)")
     g.add_argument("--api-base", help="endpoint for the LiteLLM model (vLLM, Ollama, llama.cpp server, ...)")
+    g.add_argument("--retries", type=int, default=3,
+                   help="retries per LM call on timeouts, 429 and 5xx, with backoff (default 3)")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per remote LM request (default 120)")
     g.add_argument("--qdrant-url", help="use a Qdrant server instead of the embedded store")
     g.add_argument("--experiment", default="persona-agent", help="MLflow experiment name")
     g.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -54,7 +57,8 @@ def _evaluation(p: argparse.ArgumentParser, methods: str, out: str) -> None:
 
 
 def _settings(args) -> Settings:
-    return Settings(store=args.store, lm=LMConfig(model=args.lm, api_base=args.api_base), qdrant_url=args.qdrant_url,
+    return Settings(store=args.store, lm=LMConfig(model=args.lm, api_base=args.api_base, retries=args.retries,
+                                                    timeout=args.timeout), qdrant_url=args.qdrant_url,
                     experiment=args.experiment, top_k=getattr(args, "top_k", 5),
                     batch_size=getattr(args, "batch", 3), iterations=getattr(args, "iterations", 3),
                     max_iters=getattr(args, "max_iters", 2), loss=getattr(args, "loss", "per_interaction"),

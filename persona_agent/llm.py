@@ -132,6 +132,8 @@ class LMConfig:
     max_tokens: int = 384
     temperature: float = 0.0
     cache: bool = True
+    retries: int = 3  # per call, with DSPy's backoff, for timeouts, 429s and 5xx (not for bad answers)
+    timeout: float = 120.0  # seconds per remote request
 
 
 def build_lm(cfg: LMConfig) -> dspy.LM:
@@ -142,7 +144,7 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
         from .testing import FakeEngine
 
         delay = float(cfg.model.partition(":")[2] or 0)
-        return dspy.LM("scripted/policy", engine=FakeEngine(delay=delay), cache=cfg.cache, num_retries=0)
+        return dspy.LM("scripted/policy", engine=FakeEngine(delay=delay), cache=cfg.cache, num_retries=cfg.retries)
     if cfg.model == "local" or cfg.model.startswith("local:"):
         path = cfg.model.partition(":")[2] or None
         # The shipped Gemma 270M is a base model: completion mode. A user's own GGUF is assumed
@@ -151,7 +153,8 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
         return dspy.LM(name, engine=LlamaCppEngine(path, chat=path is not None), max_tokens=cfg.max_tokens,
                        temperature=cfg.temperature, cache=cfg.cache, num_retries=0)
     kwargs = {"api_base": cfg.api_base} if cfg.api_base else {}
-    return dspy.LM(cfg.model, max_tokens=cfg.max_tokens, temperature=cfg.temperature, cache=cfg.cache, **kwargs)
+    return dspy.LM(cfg.model, max_tokens=cfg.max_tokens, temperature=cfg.temperature, cache=cfg.cache,
+                   num_retries=cfg.retries, timeout=cfg.timeout, **kwargs)
 
 
 class SchemaJSONAdapter(dspy.JSONAdapter):

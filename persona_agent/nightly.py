@@ -87,7 +87,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             rows = [_tally(summary, outcome, future) for outcome, future in pending]
         summary.seconds = time.perf_counter() - started
         mlflow.log_metrics(summary.counts())
-        mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens", "error"])
+        mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens", "fallbacks", "error"])
                         .to_csv(index=False), "users.csv")
     return summary
 
@@ -115,8 +115,9 @@ def _tally(summary: NightlySummary, outcome, future) -> dict:
         summary.failed[outcome.user_id] = outcome.error
     summary.lm_calls += outcome.lm_calls
     summary.tokens += outcome.tokens
-    return {"user_id": outcome.user_id, "status": outcome.status, "version": version,
-            "lm_calls": outcome.lm_calls, "tokens": outcome.tokens, "error": outcome.error}
+    summary.fallbacks += outcome.fallbacks
+    return {"user_id": outcome.user_id, "status": outcome.status, "version": version, "lm_calls": outcome.lm_calls,
+            "tokens": outcome.tokens, "fallbacks": outcome.fallbacks, "error": outcome.error}
 
 
 def _thread_outcomes(jobs, work, workers):
@@ -178,6 +179,7 @@ def print_summary(summary: NightlySummary, console: Console | None = None) -> No
     console = console or Console()
     c = summary.counts()
     console.print(f"aligned {c['users_aligned']}, rejected {c['users_rejected']}, unchanged {c['users_unchanged']}, "
-                  f"failed {c['users_failed']}; {c['lm_calls']} LM calls, {c['tokens']} tokens, {c['wall_seconds']:.1f} s")
+                  f"failed {c['users_failed']}; {c['lm_calls']} LM calls, {c['tokens']} tokens, "
+                  f"{c['lm_fallbacks']} unusable LM answers replaced, {c['wall_seconds']:.1f} s")
     for user_id, error in summary.failed.items():
         console.print(f"  failed: {user_id}: {error}")

@@ -1,15 +1,24 @@
-"""A small deterministic LM engine for tests and benchmarks.
+"""Small deterministic LM engines for tests and benchmarks.
 
-It reads which output fields DSPy asks for and answers with a JSON object built by a policy
-function, so tests script behaviour ("answer what the persona says") instead of a fixed queue
-of strings.
+`FakeEngine` reads which output fields DSPy asks for and answers with a JSON object built by a
+policy function, so tests script behaviour ("answer what the persona says") instead of a fixed
+queue of strings. `FaultyEngine` wraps an engine and injects the faults a remote LLM has.
 """
 
 import json
+import random
 import re
+import threading
 import time
+from collections import Counter
 
 from dspy.lm15 import Message, Response, TextPart, Usage
+from dspy.lm15 import RateLimitError, ServerError
+from dspy.lm15 import TimeoutError as LMTimeoutError
+
+# Transient faults (DSPy retries them) and answers that arrive but are useless (the adapter
+# cannot parse them: the call fails once DSPy's fallback parse fails too).
+FAULTS = ("timeout", "rate_limit", "server_error", "empty", "malformed")
 
 
 def output_fields(system: str) -> list[str]:
@@ -56,3 +65,54 @@ class FakeEngine:
 
     def close(self):
         pass
+
+
+class FaultyEngine:
+    """Wraps an engine: each call fails with probability `rate`, with a kind drawn from `kinds`
+    (seeded, so a run's fault counts are reproducible). A call whose prompt contains `poison`
+    always fails with a server error: a user whose alignment cannot succeed however often it
+    is retried. `injected` counts what was injected, by kind.
+
+    Transient faults carry `retry_after=0`, so DSPy's retries happen at once in tests."""
+
+    def __init__(self, inner=None, rate: float = 0.2, kinds=FAULTS, seed: int = 0, poison: str | None = None):
+        unknown = set(kinds) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULTS}")
+        self.inner, self.rate, self.kinds, self.poison = inner or FakeEngine(), rate, tuple(kinds), poison
+        self._rng, self._lock = random.Random(seed), threading.Lock()
+        self.injected: Counter = Counter()
+
+    def complete(self, request):
+        text = _prompt_text(request)
+        with self._lock:
+            kind = self._rng.choice(self.kinds) if self._rng.random() < self.rate else None
+            if self.poison and self.poison in text:
+                kind = "server_error"
+            if kind:
+                self.injected[kind] += 1
+        if kind == "timeout":
+            raise LMTimeoutError("injected: request timed out", status=408, retry_after=0)
+        if kind == "rate_limit":
+            raise RateLimitError("injected: too many requests", status=429, retry_after=0)
+        if kind == "server_error":
+            raise ServerError("injected: internal server error", status=500, retry_after=0)
+        response = self.inner.complete(request)
+        if kind in ("empty", "malformed"):
+            garbage = "" if kind == "empty" else '{"answer": "comedy", "crit'
+            return Response(id=response.id, model=response.model, message=Message.assistant([TextPart(garbage)]),
+                            finish_reason="stop", usage=response.usage)
+        return response
+
+    def stream(self, request):
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self):
+        pass
+
+
+def _prompt_text(request) -> str:
+    system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system or ())
+    return system + "\n".join(m.text or "" for m in request.messages)

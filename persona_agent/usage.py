@@ -2,12 +2,14 @@
 
 `dspy.track_usage()` records into the settings of the thread that opened it, so each unit of
 work (one user's alignment iteration, one evaluation) opens its own meter where it runs.
-Cache hits cost nothing and are not counted.
+Cache hits cost nothing and are not counted. Each meter also counts fallbacks: calls whose
+answer was unusable and got replaced by a default (see `personalize.or_fallback`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import dspy
@@ -17,21 +19,34 @@ import dspy
 class Cost:
     lm_calls: int = 0
     tokens: int = 0
+    fallbacks: int = 0
 
     def __iadd__(self, other: "Cost") -> "Cost":
         self.lm_calls += other.lm_calls
         self.tokens += other.tokens
+        self.fallbacks += other.fallbacks
         return self
+
+
+_open_meters: contextvars.ContextVar[tuple[Cost, ...]] = contextvars.ContextVar("open_meters", default=())
+
+
+def count_fallback() -> None:
+    """Count one fallback in every meter open here (nested meters each see it)."""
+    for cost in _open_meters.get():
+        cost.fallbacks += 1
 
 
 @contextlib.contextmanager
 def metered():
     """`with metered() as cost: ...`; `cost` is filled in when the block exits."""
     cost = Cost()
+    token = _open_meters.set((*_open_meters.get(), cost))
     with dspy.track_usage() as tracker:
         try:
             yield cost
         finally:
+            _open_meters.reset(token)
             for entries in tracker.usage_data.values():
                 cost.lm_calls += len(entries)
                 cost.tokens += sum(int(e.get("total_tokens") or 0) for e in entries)

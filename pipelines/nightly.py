@@ -58,6 +58,7 @@ class UserOutcome:
     steps: list[AlignmentStep] = field(default_factory=list)
     lm_calls: int = 0
     tokens: int = 0
+    fallbacks: int = 0  # unusable LM answers replaced by a default (counted, logged)
     error: str = ""
 
 
@@ -77,7 +78,7 @@ def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
             optimizer.compile(student, trainset=memory_trainset(task, job.items))
         accepted = any(s.accepted for s in optimizer.steps)
         return UserOutcome(job.user_id, job.fingerprint, "aligned" if accepted else "rejected", semantic,
-                           student.persona.profile, optimizer.steps, cost.lm_calls, cost.tokens)
+                           student.persona.profile, optimizer.steps, cost.lm_calls, cost.tokens, cost.fallbacks)
     except Exception as err:  # one user's failure must not stop the others
         log.warning("user %s: alignment failed: %s", job.user_id, str(err)[:300])
         return UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
@@ -166,12 +167,14 @@ class NightlySummary:
     failed: dict[str, str] = field(default_factory=dict)
     lm_calls: int = 0
     tokens: int = 0
+    fallbacks: int = 0
     seconds: float = 0.0
 
     def counts(self) -> dict[str, float]:
         return {"users_aligned": len(self.aligned), "users_rejected": len(self.rejected),
                 "users_unchanged": len(self.unchanged), "users_failed": len(self.failed),
-                "lm_calls": self.lm_calls, "tokens": self.tokens, "wall_seconds": self.seconds}
+                "lm_calls": self.lm_calls, "tokens": self.tokens, "lm_fallbacks": self.fallbacks,
+                "wall_seconds": self.seconds}
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from typing import Callable, TypeVar
+
 import dspy
+from dspy.utils.exceptions import is_retryable_lm_error
 
 from persona_agent.eval.data import UserData
 from persona_agent.eval.tasks import Task
 from persona_agent.signatures import SummarizeProfile
+from persona_agent.usage import count_fallback
 
 from .agent import PersonaAgent
 from .memory import EpisodicMemory, MemoryItem, UserMemory
-from .persona import Persona, looks_degenerate
+from .persona import Persona, injection_problem, looks_degenerate
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,13 @@ def summarize(task: Task, items: list[MemoryItem], n_items: int = 20, who: str =
     if not items:
         return ""
     history = "\n".join(f"- {it.text} -> {it.response}" if it.response is not None else f"- {it.text}" for it in items)
-    profile = dspy.Predict(SummarizeProfile)(task=task.description, history=history).profile
-    if looks_degenerate(profile):
-        log.warning("user %s: the LM wrote no usable profile; starting from an empty one", who)
+    profile = or_fallback(lambda: dspy.Predict(SummarizeProfile)(task=task.description, history=history).profile,
+                          "", f"user {who}: profile summary")
+    problem = "empty or degenerate text" if looks_degenerate(profile) else injection_problem(profile)
+    if problem:
+        if profile:  # (an empty one was counted as a fallback already)
+            count_fallback()
+        log.warning("user %s: the LM wrote no usable profile (%s); starting from an empty one", who, problem)
         return ""
     return profile
 
@@ -80,14 +88,27 @@ class Scored:
     parsed: int = 0  # answers that normalise to a label
 
 
-def answer_or_none(program: dspy.Module, query: str, what: str) -> str | None:
-    """The program's answer, or None (logged) when the call fails: one bad answer (an LM error,
-    unparseable output) is a wrong answer, never a lost evaluation or alignment."""
+T = TypeVar("T")
+
+
+def or_fallback(call: Callable[[], T], fallback: T, what: str) -> T:
+    """`call()`, or `fallback` (logged and counted in the open meters) when its answer is unusable
+    (unparseable, empty, a program error). An LM still unreachable after DSPy's retries (timeout,
+    429, 5xx) raises instead: that is an outage to retry later, not a bad answer to score."""
     try:
-        return program(query=query).answer
+        return call()
     except Exception as err:
-        log.warning("%s failed: %s", what, str(err)[:200])
-        return None
+        if is_retryable_lm_error(err):
+            raise
+        log.warning("%s failed, using a fallback: %s", what, str(err)[:200])
+        count_fallback()
+        return fallback
+
+
+def answer_or_none(program: dspy.Module, query: str, what: str) -> str | None:
+    """The program's answer, or None when it is unusable: one bad answer is a wrong answer, never
+    a lost evaluation or alignment."""
+    return or_fallback(lambda: program(query=query).answer, None, what)
 
 
 def score(program: dspy.Module, task: Task, queries) -> Scored:

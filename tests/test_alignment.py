@@ -94,7 +94,8 @@ def test_a_perfect_batch_stops_before_any_critique_or_update(memory, fake_lm):
     ("batch", True, 3 * 2 + 1 + 1 + 3 * 2),  # one critique call for the batch
 ])
 def test_lm_calls_per_iteration(memory, fake_lm, loss, guard, calls):
-    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "Still likes comedy.")
+    rewrites = iter(["Still likes comedy.", "Likes comedy a lot."])  # a new text each iteration
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: next(rewrites))
     fake_lm._engine_spec.policy = _with_batch_critique(fake_lm._engine_spec.policy)
     student, train = _setup(memory)
     opt = PersonaAlignment(batch_size=3, iterations=2, loss=loss, guard=guard)
@@ -103,6 +104,16 @@ def test_lm_calls_per_iteration(memory, fake_lm, loss, guard, calls):
     assert opt.steps[0].lm_calls == calls and opt.steps[0].tokens > 0
     if guard:  # the accepted candidate's replay is reused: no re-simulation of the current persona
         assert opt.steps[1].lm_calls == calls - 3 * 2
+
+
+def test_an_update_that_writes_nothing_new_costs_no_replay(memory, fake_lm):
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: c)
+    student, train = _setup(memory)
+    opt = PersonaAlignment(batch_size=3, iterations=1)
+    opt.compile(student, trainset=train)
+    (step,) = opt.steps
+    assert step.reason == "rejected: no new profile was written" and not step.wrote_candidate
+    assert step.lm_calls == 3 * 2 + 3 + 1 and step.candidate_score is None
 
 
 def _with_batch_critique(policy):

@@ -1,0 +1,114 @@
+"""LLM faults: transient errors are retried, unusable answers are counted fallbacks, and a user
+whose LLM calls keep failing keeps their persona, is named, and never stops the others."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import dspy
+import mlflow
+import pytest
+
+from persona_agent.config import Settings
+from persona_agent.eval.synthetic import write_dataset
+from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.llm import LMConfig, build_lm
+from persona_agent.nightly import print_summary, run_nightly
+from persona_agent.pipelines.ingest import ingest
+from persona_agent.pipelines.memory import EpisodicMemory
+from persona_agent.registry import PersonaRegistry
+from persona_agent.testing import FAULTS, FaultyEngine
+
+POISON = "a film that always crashes the model"
+
+
+@pytest.fixture
+def night(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "cache"))
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=3, n_history=8, n_queries=1, seed=6)
+    settings = Settings(store=tmp_path / "mlruns", lm=LMConfig("scripted", cache=False), batch_size=2,
+                        iterations=2, max_iters=1)
+    _ingest(settings, data)
+    return settings
+
+
+def _ingest(settings, path):
+    settings.store.mkdir(parents=True, exist_ok=True)
+    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+    try:
+        return ingest(memory, path, LAMP_2M)
+    finally:
+        memory.close()
+
+
+def _faulty_lm(**faults):
+    engine = FaultyEngine(**faults)
+    return dspy.LM("scripted/policy", engine=engine, cache=False, num_retries=3), engine
+
+
+def _production(settings):
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    registry = PersonaRegistry(LAMP_2M)
+    return {u: registry.production_version(u) for u in registry.users()["user_id"]}
+
+
+def test_every_fault_kind_is_survived_and_counted(night):
+    lm, engine = _faulty_lm(rate=0.3, seed=3)
+    with dspy.context(adapter=dspy.JSONAdapter()):
+        summary = run_nightly(night, LAMP_2M, workers=1, lm=lm)
+    assert set(engine.injected) == set(FAULTS)  # every kind was injected at least once
+    # 3 retries absorb the transient faults; the unusable answers became counted fallbacks
+    assert not summary.failed and len(summary.aligned) + len(summary.rejected) == 3
+    assert summary.fallbacks >= engine.injected["empty"] + engine.injected["malformed"] > 0
+    production = _production(night)
+    assert len(production) == 3 and all(v is not None for v in production.values())
+
+
+def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_on(night, tmp_path, capsys):
+    run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
+    before = _production(night)
+    events = tmp_path / "new.jsonl"
+    events.write_text("\n".join(json.dumps({"user_id": u, "input": LAMP_2M.make_input(text, LAMP_2M.labels),
+                                            "response": "action", "timestamp": "2026-01-01"})
+                                for u, text in [("u0001", f"{POISON}."), ("u0002", "A film about a bank heist.")]))
+    _ingest(night, events)
+    lm, engine = _faulty_lm(rate=0.0, poison=POISON)
+    summary = run_nightly(night, LAMP_2M, workers=2, lm=lm)
+    assert list(summary.failed) == ["u0001"] and "ServerError" in summary.failed["u0001"]
+    assert summary.aligned + summary.rejected == ["u0002"] and summary.unchanged == ["u0000"]
+    after = _production(night)
+    assert after["u0001"] == before["u0001"]  # kept, intact
+    PersonaRegistry(LAMP_2M).get("u0001")
+    print_summary(summary)
+    assert "failed: u0001" in capsys.readouterr().out
+    # the next night (the LLM healthy again) retries the failed user, and only them
+    summary = run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
+    assert summary.aligned + summary.rejected == ["u0001"] and not summary.failed
+
+
+def _fake_server():
+    path = Path(__file__).parents[1] / "bench" / "fake_llm_server.py"
+    spec = importlib.util.spec_from_file_location("fake_llm_server", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_faulty_remote_server_is_survived(night, monkeypatch):
+    """The real client path (DSPy's OpenAI-compatible client over HTTP): hangs past the timeout,
+    429/500/503 with Retry-After, empty and truncated answers."""
+    server_module = _fake_server()
+    server, url = server_module.serve_in_background(latency=0.0, faults=0.3, seed=24, hang=3.0)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")
+    try:
+        settings = Settings(store=night.store, lm=LMConfig("openai/gpt-4o-mini", api_base=url, cache=False,
+                                                           retries=4, timeout=1.0),
+                            batch_size=2, iterations=1, max_iters=1)
+        summary = run_nightly(settings, LAMP_2M, workers=3)
+    finally:
+        server.shutdown()
+    injected = server.handler.injected
+    assert set(injected) == set(server_module.SERVER_FAULTS), injected
+    assert not summary.failed and len(summary.aligned) + len(summary.rejected) == 3
+    assert summary.fallbacks > 0
