@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .tasks import Task, TaskDataError
 
@@ -54,18 +55,27 @@ class UserData:
         return out
 
 
-def load_users(path: str | Path, task: Task, split: str | None = None) -> list[UserData]:
+MAX_FIELD_CHARS = 100_000  # a longer text field is corrupt or not what the task means (LaMP's longest: ~30k)
+
+OnBad = Callable[[TaskDataError], None]
+
+
+def load_users(path: str | Path, task: Task, split: str | None = None, on_bad: OnBad | None = None) -> list[UserData]:
     """Read a directory (LaMP `{split}_questions.json` + `{split}_outputs.json`) or one file
-    (LaMP questions or OPPU users) into `UserData`, validating every record."""
+    (LaMP questions or OPPU users) into `UserData`, validating every record.
+
+    A bad record raises `TaskDataError` naming the file and record; with `on_bad`, it is passed
+    there instead and skipped whole (with its question and gold), so the rest still loads.
+    Errors of the whole file (unreadable, not JSON, not a list) always raise."""
     path = Path(path)
     if path.is_dir():
         questions = _find(path, split, "questions")
         outputs = questions.with_name(questions.name.replace("questions", "outputs"))
-        return _from_lamp(questions, outputs if outputs.exists() else None, task)
+        return _from_lamp(questions, outputs if outputs.exists() else None, task, on_bad=on_bad)
     records = _read_records(path)
-    if records and "query" in records[0]:
-        return _from_oppu(path, records, task)
-    return _from_lamp(path, None, task, records)
+    if records and isinstance(records[0], dict) and "query" in records[0]:
+        return _from_oppu(path, records, task, on_bad)
+    return _from_lamp(path, None, task, records, on_bad)
 
 
 def _find(directory: Path, split: str | None, kind: str) -> Path:
@@ -81,22 +91,28 @@ def _read_json(path: Path):
     try:
         with path.open(encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise TaskDataError(f"{path}: not UTF-8 text (byte {err.start}); re-encode the file as UTF-8") from None
+    except (OSError, json.JSONDecodeError) as err:
         raise TaskDataError(f"{path}: cannot read JSON: {err}") from err
 
 
-def _read_records(path: Path) -> list[dict]:
-    """A file of records through `datasets` (Arrow-typed: a field whose type changes between
-    records fails here, naming the file). Arrow fills absent fields with None; drop them again
-    so a missing field reads as missing."""
+def _read_records(path: Path) -> list:
+    """The file's records (validated one by one later, so a bad one can be named or skipped)."""
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise TaskDataError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
+    return data
+
+
+def _records_via_arrow(path: Path, rows: list[dict]) -> list[dict]:
+    """Validated rows through `datasets` (Arrow-typed), as loaded datasets are; Arrow fills absent
+    fields with None, so drop those again and a missing field still reads as missing."""
     import datasets
 
-    data = _read_json(path)  # a clear error for bad JSON before Arrow sees it
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise TaskDataError(f"{path}: expected a JSON list of records")
     try:
-        rows = datasets.Dataset.from_list(data).to_list() if data else []
-    except Exception as err:  # Arrow raises several types for inconsistent records
+        rows = datasets.Dataset.from_list(rows).to_list() if rows else []
+    except Exception as err:  # Arrow raises several types for records it cannot type together
         raise TaskDataError(f"{path}: records do not share one schema: {err}") from err
     return [_drop_none(r) for r in rows]
 
@@ -109,79 +125,162 @@ def _drop_none(value):
     return value
 
 
-def _golds(outputs: Path | None, task: Task) -> dict[str, str]:
+def per_record(records, load_one: Callable[[int, object], None], on_bad: OnBad | None) -> None:
+    """`load_one(i, record)` for each record; it validates everything before it stores anything,
+    so a bad record (raising `TaskDataError`) either stops the load or, with `on_bad`, is skipped whole."""
+    for i, record in enumerate(records):
+        try:
+            load_one(i, record)
+        except TaskDataError as err:
+            if on_bad is None:
+                raise
+            on_bad(err)
+
+
+def _golds(outputs: Path | None, task: Task, on_bad: OnBad | None) -> dict[str, str]:
     if outputs is None:
         return {}
     data = _read_json(outputs)
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
         raise TaskDataError(f"{outputs}: expected {{'task': ..., 'golds': [{{'id', 'output'}}]}}")
     golds = {}
-    for i, g in enumerate(data["golds"]):
+
+    def one(i, g):
         if not isinstance(g, dict) or "id" not in g or "output" not in g:
             raise TaskDataError(f"{outputs}: golds[{i}] needs 'id' and 'output'")
+        if str(g["id"]) in golds:
+            raise TaskDataError(f"{outputs}: golds[{i}]: duplicate id {g['id']!r}")
         golds[str(g["id"])] = task.check_gold(g["output"], f"{outputs}: golds[{i}] (id {g['id']})")
+
+    per_record(data["golds"], one, on_bad)
     return golds
 
 
-def _profile(where: str, items, task: Task) -> list[dict]:
+def check_text(where: str, value, name: str) -> str:
+    """`value` as text: a string or an integer, within MAX_FIELD_CHARS; else a TaskDataError."""
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise TaskDataError(f"{where}: '{name}' must be text, not {type(value).__name__}")
+    value = str(value)
+    if len(value) > MAX_FIELD_CHARS:
+        raise TaskDataError(f"{where}: '{name}' is {len(value):,} characters (limit {MAX_FIELD_CHARS:,})")
+    return value
+
+
+def check_labels(where: str, task: Task, query: str) -> None:
+    """The label list the query spells must be the task's (an unknown label is an error)."""
+    try:
+        task.parse_labels(query)
+    except TaskDataError as err:
+        raise TaskDataError(f"{where}: {err}") from None
+
+
+def _profile(where: str, items, task: Task, known: dict[str, dict] | None = None) -> list[dict]:
+    """Validated profile items, deduplicated by id against `known` (a user's items so far;
+    grouped LaMP questions repeat their user's profile). The same id with other content is an error."""
     if not isinstance(items, list):
-        raise TaskDataError(f"{where}: 'profile' must be a list")
-    seen, out = set(), []
+        raise TaskDataError(f"{where}: 'profile' must be a list, not {type(items).__name__}")
+    known = dict(known or {})
     for j, item in enumerate(items):
         if not isinstance(item, dict) or "id" not in item:
             raise TaskDataError(f"{where}: profile[{j}] must be an object with an 'id'")
+        at = f"{where}: profile[{j}] (id {item['id']})"
+        item = {**item, "id": check_text(at, item["id"], "id")}
         try:
-            task.item_text(item)
+            for name, value in item.items():
+                if isinstance(value, (str, int)) and not isinstance(value, bool):
+                    check_text(at, value, name)
+            text = task.item_text(item)
             response = task.item_response(item)
         except KeyError as err:
-            raise TaskDataError(f"{where}: profile[{j}] (id {item['id']}) lacks field {err}") from None
+            raise TaskDataError(f"{at} lacks field {err}") from None
+        except (TypeError, AttributeError) as err:
+            raise TaskDataError(f"{at}: a field has the wrong type ({err})") from None
+        if not check_text(at, text, "item text").strip():
+            raise TaskDataError(f"{at}: the item text is empty")
         if response is not None:
-            task.check_gold(response, f"{where}: profile[{j}] (id {item['id']})")
-        if str(item["id"]) not in seen:  # grouped LaMP questions repeat their user's profile
-            seen.add(str(item["id"]))
-            out.append(item)
+            task.check_gold(response, at)
+        previous = known.setdefault(item["id"], item)
+        if previous != item:
+            raise TaskDataError(f"{at}: duplicate id with different content")
+    out = list(known.values())
     # Stable sort: items without a date keep file order, which LaMP releases keep chronological.
     if all(item.get("date") is not None for item in out):
         out.sort(key=lambda it: str(it["date"]))
     return out
 
 
-def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list | None = None) -> list[UserData]:
+def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list | None = None,
+               on_bad: OnBad | None = None) -> list[UserData]:
     records = _read_records(questions) if records is None else records
-    golds = _golds(outputs, task)
+    golds = _golds(outputs, task, on_bad)
     users: dict[str, UserData] = {}
-    for i, r in enumerate(records):
+    seen: set[str] = set()
+
+    def one(i, r):
         if not isinstance(r, dict) or not {"id", "input", "profile"} <= r.keys():
             raise TaskDataError(f"{questions}: record {i} needs 'id', 'input' and 'profile'")
         where = f"{questions}: record {i} (id {r['id']})"
-        task.parse_labels(str(r["input"]))
-        uid = str(r.get("user_id", r["id"]))
-        user = users.setdefault(uid, UserData(uid, task))
-        user.profile = _profile(where, user.profile + list(r["profile"]), task)
-        user.queries.append(Query(str(r["id"]), str(r["input"]), golds.get(str(r["id"]))))
-    if golds:
-        missing = [q.id for u in users.values() for q in u.queries if q.gold is None]
-        if missing:
-            raise TaskDataError(f"{outputs}: no gold for question ids {missing[:5]}")
-        stray = set(golds) - {q.id for u in users.values() for q in u.queries}
-        if stray:
-            raise TaskDataError(f"{outputs}: golds for unknown question ids {sorted(stray)[:5]}")
+        qid, text = check_text(where, r["id"], "id"), check_text(where, r["input"], "input")
+        uid = check_text(where, r.get("user_id", qid), "user_id")
+        if qid in seen:
+            raise TaskDataError(f"{where}: duplicate question id")
+        check_labels(where, task, text)
+        if golds and qid not in golds:
+            raise TaskDataError(f"{where}: {outputs} has no gold for it")
+        user = users.get(uid) or UserData(uid, task)
+        profile = _profile(where, r["profile"], task, {it["id"]: it for it in user.profile})
+        if not profile:
+            raise TaskDataError(f"{where}: empty history (no profile items): nothing to personalize from")
+        seen.add(qid)
+        users[uid] = user
+        user.profile = profile
+        user.queries.append(Query(qid, text, golds.get(qid)))
+
+    per_record(records, one, on_bad)
+    stray = set(golds) - seen
+    if stray and on_bad is None:
+        raise TaskDataError(f"{outputs}: golds for question ids not in {questions.name}: {sorted(stray)[:5]}")
+    for qid in sorted(stray):
+        on_bad(TaskDataError(f"{outputs}: gold for id {qid} has no question"))
+    _records_via_arrow(questions, [_plain(users[uid]) for uid in users])
     return list(users.values())
 
 
-def _from_oppu(path: Path, records: list, task: Task) -> list[UserData]:
-    users = []
-    for i, r in enumerate(records):
+def _plain(user: UserData) -> dict:
+    return {"user_id": user.user_id, "profile": [{k: str(v) for k, v in it.items()} for it in user.profile],
+            "queries": [{"id": q.id, "input": q.input, "gold": q.gold} for q in user.queries]}
+
+
+def _from_oppu(path: Path, records: list, task: Task, on_bad: OnBad | None = None) -> list[UserData]:
+    users: dict[str, UserData] = {}
+    query_ids: set[str] = set()
+
+    def one(i, r):
         if not isinstance(r, dict) or not {"user_id", "profile", "query"} <= r.keys():
             raise TaskDataError(f"{path}: user {i} needs 'user_id', 'profile' and 'query'")
         where = f"{path}: user {i} ({r['user_id']})"
-        user = UserData(str(r["user_id"]), task, _profile(where, r["profile"], task))
+        uid = check_text(where, r["user_id"], "user_id")
+        if uid in users:
+            raise TaskDataError(f"{where}: duplicate user id")
+        user = UserData(uid, task, _profile(where, r["profile"], task))
+        if not user.profile:
+            raise TaskDataError(f"{where}: empty history (no profile items): nothing to personalize from")
+        if not isinstance(r["query"], list):
+            raise TaskDataError(f"{where}: 'query' must be a list")
         for j, q in enumerate(r["query"]):
             if not isinstance(q, dict) or not {"id", "input"} <= q.keys():
                 raise TaskDataError(f"{where}: query[{j}] needs 'id' and 'input'")
-            task.parse_labels(str(q["input"]))
+            at = f"{where}: query[{j}] (id {q['id']})"
+            qid, text = check_text(at, q["id"], "id"), check_text(at, q["input"], "input")
+            if qid in query_ids or any(x.id == qid for x in user.queries):
+                raise TaskDataError(f"{at}: duplicate query id")
+            check_labels(at, task, text)
             gold = q.get("gold", q.get("output"))
-            gold = None if gold is None else task.check_gold(gold, f"{where}: query[{j}]")
-            user.queries.append(Query(str(q["id"]), str(q["input"]), gold))
-        users.append(user)
-    return users
+            gold = None if gold is None else task.check_gold(gold, at)
+            user.queries.append(Query(qid, text, gold))
+        query_ids.update(q.id for q in user.queries)
+        users[uid] = user
+
+    per_record(records, one, on_bad)
+    _records_via_arrow(path, [_plain(u) for u in users.values()])
+    return list(users.values())

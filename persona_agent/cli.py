@@ -52,8 +52,30 @@ def _evaluation(p: argparse.ArgumentParser, methods: str, out: str) -> None:
     p.add_argument("--queries", type=int, help="first N queries per user (default all)")
     p.add_argument("--workers", type=int, default=2, help="users evaluated in parallel (default 2)")
     p.add_argument("--out", type=Path, help=f"output directory (default {out})")
+    _skip_bad(p)
     _alignment(p, iterations=3, batch=3, max_iters=1)
     _common(p)
+
+
+def _skip_bad(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) bad records instead of stopping at the first one")
+
+
+class _BadRecords(list):
+    """Collects the records `--skip-bad` skipped; reports them on stderr."""
+
+    def __call__(self, err) -> None:
+        self.append(err)
+        logging.getLogger("persona_agent").warning("skipped: %s", err)
+
+    def report(self) -> None:
+        if self:
+            print(f"persona-agent: skipped {len(self)} bad record(s); first: {self[0]}", file=sys.stderr)
+
+
+def _on_bad(args) -> _BadRecords | None:
+    return _BadRecords() if getattr(args, "skip_bad", False) else None
 
 
 def _settings(args) -> Settings:
@@ -98,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("path", type=Path, help="events .jsonl, a LaMP directory, or a LaMP/OPPU JSON file")
     ing.add_argument("--task", default="lamp2m")
     ing.add_argument("--split")
+    _skip_bad(ing)
     _common(ing)
 
     night = sub.add_parser("nightly", help="re-align users whose history changed; resumable, one run per store",
@@ -195,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
             settings = _settings(args)
             settings.store.mkdir(parents=True, exist_ok=True)
             memory = EpisodicMemory.open(path=str(settings.qdrant_path), url=settings.qdrant_url)
+            bad = _on_bad(args)
             try:
-                report = ingest(memory, args.path, get_task(args.task), args.split)
+                report = ingest(memory, args.path, get_task(args.task), args.split, bad)
             finally:
                 memory.close()
             print(f"read {report.read} interactions of {report.users} users: {report.added} new, "
-                  f"{report.already_known} already in memory")
+                  f"{report.already_known} already in memory" + (f", {len(bad)} bad records skipped" if bad else ""))
+            if bad:
+                bad.report()
         elif args.command == "nightly":
             from .nightly import NightlyLocked, print_summary, run_nightly
 
@@ -234,7 +260,10 @@ def _users(args, task):
     from .eval.data import load_users
     from .eval.synthetic import shipped_data_dir
 
-    users = load_users(args.data or shipped_data_dir(task), task, args.split)[: args.users]
+    bad = _on_bad(args)
+    users = load_users(args.data or shipped_data_dir(task), task, args.split, bad)[: args.users]
+    if bad:
+        bad.report()
     if args.queries is not None:
         users = [replace(u, queries=u.queries[: args.queries]) for u in users]
     return users

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_agent.eval.data import load_users
+from persona_agent.eval.data import OnBad, check_labels, check_text, load_users, per_record
 from persona_agent.eval.tasks import Task, TaskDataError
 
 from .memory import EpisodicMemory, MemoryItem
@@ -30,40 +30,54 @@ class IngestReport:
         return self.read - self.added
 
 
-def read_events(path: Path, task: Task) -> dict[str, list[MemoryItem]]:
-    """user id -> items, from a JSONL event log (validated line by line)."""
-    by_user: dict[str, list[MemoryItem]] = defaultdict(list)
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskDataError(f"{path}:{n}: invalid JSON: {err}") from None
-            missing = [k for k in ("user_id", "input", "response") if not isinstance(e, dict) or k not in e]
-            if missing:
-                raise TaskDataError(f"{path}:{n}: event lacks {missing}")
-            response = task.check_gold(e["response"], f"{path}:{n}")
-            text = task.query_content(str(e["input"]))
-            item_id = str(e.get("id") or hashlib.sha256(
-                f"{e['user_id']}\x00{e['input']}\x00{e.get('timestamp')}".encode()).hexdigest()[:16])
-            by_user[str(e["user_id"])].append(MemoryItem(item_id, text, response, e.get("timestamp")))
-    return by_user
+def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str, list[MemoryItem]]:
+    """user id -> items, from a JSONL event log, validated line by line (a bad line raises, naming
+    it, or goes to `on_bad` and is skipped)."""
+    by_user: dict[str, dict[str, MemoryItem]] = defaultdict(dict)
+
+    def one(n: int, raw: bytes) -> None:
+        where = f"{path}:{n + 1}"
+        try:
+            e = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise TaskDataError(f"{where}: not UTF-8 text (byte {err.start}); re-encode the file as UTF-8") from None
+        except json.JSONDecodeError as err:
+            raise TaskDataError(f"{where}: invalid JSON: {err}") from None
+        missing = [k for k in ("user_id", "input", "response") if not isinstance(e, dict) or k not in e]
+        if missing:
+            raise TaskDataError(f"{where}: event lacks {missing}")
+        user_id, text = check_text(where, e["user_id"], "user_id"), check_text(where, e["input"], "input")
+        if not user_id.strip() or not text.strip():
+            raise TaskDataError(f"{where}: empty 'user_id' or 'input'")
+        response = task.check_gold(e["response"], where)
+        check_labels(where, task, text)
+        stamp = None if e.get("timestamp") is None else check_text(where, e["timestamp"], "timestamp")
+        item_id = check_text(where, e["id"], "id") if e.get("id") is not None else hashlib.sha256(
+            f"{user_id}\x00{text}\x00{stamp}".encode()).hexdigest()[:16]
+        item = MemoryItem(item_id, task.query_content(text), response, stamp)
+        if by_user[user_id].setdefault(item_id, item) != item:
+            raise TaskDataError(f"{where}: duplicate event id {item_id!r} with different content")
+
+    with path.open("rb") as f:  # bytes: a badly encoded line is named, not the whole file
+        lines = [(n, raw) for n, raw in enumerate(f) if raw.strip()]
+    per_record([raw for _, raw in lines], lambda i, raw: one(lines[i][0], raw), on_bad)
+    return {user_id: list(items.values()) for user_id, items in by_user.items()}
 
 
-def read_source(path: Path, task: Task, split: str | None = None) -> dict[str, list[MemoryItem]]:
+def read_source(path: Path, task: Task, split: str | None = None, on_bad: OnBad | None = None) -> dict[str, list[MemoryItem]]:
     if path.suffix == ".jsonl":
-        return read_events(path, task)
+        return read_events(path, task, on_bad)
     return {u.user_id: [MemoryItem(str(it["id"]), task.item_text(it),
                                    None if task.item_response(it) is None else str(task.item_response(it)).strip().lower(),
                                    it.get("date")) for it in u.profile]
-            for u in load_users(path, task, split)}
+            for u in load_users(path, task, split, on_bad)}
 
 
-def ingest(memory: EpisodicMemory, path: Path, task: Task, split: str | None = None) -> IngestReport:
-    """Validate the whole source first (a bad record writes nothing), then add what is new."""
-    source = read_source(path, task, split)
+def ingest(memory: EpisodicMemory, path: Path, task: Task, split: str | None = None,
+           on_bad: OnBad | None = None) -> IngestReport:
+    """Validate the whole source first (a bad record writes nothing, or is skipped with
+    `on_bad`), then add what is new."""
+    source = read_source(path, task, split, on_bad)
     report = IngestReport(users=len(source))
     for user_id, items in source.items():
         known = memory.known(user_id, [it.item_id for it in items])

@@ -85,8 +85,9 @@ def _lamp(tmp_path, questions, golds=None):
 
 
 def test_lamp_without_outputs_has_no_golds(tmp_path):
-    users = load_users(_lamp(tmp_path, [{"id": "7", "input": "description: y", "profile": []}]), LAMP_2M)
-    assert users[0].user_id == "7" and users[0].queries[0].gold is None and users[0].interactions() == []
+    users = load_users(_lamp(tmp_path, [{"id": "7", "input": "description: y",
+                                         "profile": [{"id": "p", "description": "d", "tag": "comedy"}]}]), LAMP_2M)
+    assert users[0].user_id == "7" and users[0].queries[0].gold is None
 
 
 @pytest.mark.parametrize("questions,golds,message", [
@@ -94,7 +95,8 @@ def test_lamp_without_outputs_has_no_golds(tmp_path):
     ([{"id": "1", "input": "x", "profile": [{"id": "p", "tag": "comedy"}]}], None, r"profile\[0\] \(id p\) lacks field 'description'"),
     ([{"id": "1", "input": "x", "profile": [{"id": "p", "description": "d", "tag": "western"}]}], None, "not a LaMP-2M label"),
     ([{"id": "1", "input": "x", "profile": []}], [{"id": "1", "output": "western"}], "not a LaMP-2M label"),
-    ([{"id": "1", "input": "x", "profile": []}], [{"id": "2", "output": "comedy"}], "no gold for question ids"),
+    ([{"id": "1", "input": "x", "profile": [{"id": "p", "description": "d", "tag": "comedy"}]}], [{"id": "2", "output": "comedy"}],
+     "record 0 .id 1.: .*has no gold for it"),
 ])
 def test_bad_records_name_the_file_and_record(tmp_path, questions, golds, message):
     with pytest.raises(TaskDataError, match=message):

@@ -1,0 +1,162 @@
+"""A corpus of bad inputs. Each one holds a good record and a bad one: strict loading names the
+file and the bad record and writes nothing; `--skip-bad` loads the good record and counts the
+bad one. Whole-file problems (not JSON, not UTF-8, not a list) always stop."""
+
+import json
+
+import pytest
+
+from persona_agent.cli import main
+from persona_agent.eval.data import MAX_FIELD_CHARS, load_users
+from persona_agent.eval.tasks import LAMP_2M, TaskDataError
+from persona_agent.pipelines.ingest import ingest
+from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
+
+LABELS = ", ".join(LAMP_2M.labels)
+
+
+def q(text, labels=LABELS):
+    return f"Which tag does this movie relate to among the following tags? tags: [{labels}] description: {text}"
+
+
+def item(id_="p1", text="A heist film.", tag="action"):
+    return {"id": id_, "description": text, "tag": tag}
+
+
+GOOD = {"id": "q1", "user_id": "good", "input": q("A bank job."), "profile": [item()]}
+GOOD_EVENT = {"user_id": "good", "input": q("A bank job."), "response": "action", "timestamp": "2025-01-01"}
+HUGE = "x" * (MAX_FIELD_CHARS + 1)
+
+
+def bad_lamp(record):
+    return [GOOD, {"id": "q2", "user_id": "bad", "input": q("A space film."), "profile": [item("p2")], **record}]
+
+
+# name -> (file name, content, where the error points, what it says); file-level ones skip nothing
+RECORDS = {
+    "missing field": ("q.json", [GOOD, {"id": "q2", "profile": []}], "record 1", "needs 'id', 'input' and 'profile'"),
+    "profile not a list": ("q.json", bad_lamp({"profile": "p1,p2"}), "record 1", "'profile' must be a list"),
+    "input not text": ("q.json", bad_lamp({"input": {"text": "x"}}), "record 1", "'input' must be text"),
+    "item field mistyped": ("q.json", bad_lamp({"profile": [{"id": "p2", "description": ["a"], "tag": "action"}]}),
+                            r"record 1 \(id q2\): profile\[0\]", "must be text"),
+    "item lacks field": ("q.json", bad_lamp({"profile": [{"id": "p2", "tag": "action"}]}),
+                         r"profile\[0\] \(id p2\)", "lacks field 'description'"),
+    "unknown label in history": ("q.json", bad_lamp({"profile": [item("p2", tag="western")]}), "record 1",
+                                 "not a LaMP-2M label"),
+    "unknown label in the question": ("q.json", bad_lamp({"input": q("A film.", LABELS + ", western")}), "",
+                                      "western"),
+    "empty history": ("q.json", bad_lamp({"profile": []}), "record 1", "empty history"),
+    "duplicate question id": ("q.json", bad_lamp({"id": "q1"}), "record 1", "duplicate question id"),
+    "duplicate item id, other content": ("q.json", [GOOD, {**GOOD, "id": "q2", "profile": [item(text="Other.")]}],
+                                         "record 1", "duplicate id with different content"),
+    "huge text": ("q.json", bad_lamp({"profile": [item("p2", text=HUGE)]}), "record 1", "limit"),
+    "OPPU duplicate user": ("oppu.json", [{"user_id": "a", "profile": [item()], "query": []}] * 2, "user 1",
+                            "duplicate user id"),
+    "OPPU query without input": ("oppu.json", [{"user_id": "a", "profile": [item()], "query": []},
+                                               {"user_id": "b", "profile": [item()], "query": [{"id": "x"}]}],
+                                 r"user 1 \(b\): query\[0\]", "needs 'id' and 'input'"),
+    "event invalid JSON": ("e.jsonl", [GOOD_EVENT, '{"user_id": "bad", '], ":2", "invalid JSON"),
+    "event wrong encoding": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "input": q("Amélie.")}, "latin-1"], ":2",
+                             "not UTF-8"),
+    "event lacks response": ("e.jsonl", [GOOD_EVENT, {"user_id": "bad", "input": q("x")}], ":2", "lacks"),
+    "event unknown label": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "response": "western"}], ":2", "not a LaMP-2M label"),
+    "event huge input": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "input": q(HUGE)}], ":2", "limit"),
+    "event user id not text": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": ["a"]}], ":2", "must be text"),
+    "event empty user id": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": " "}], ":2", "empty"),
+    "event duplicate id": ("e.jsonl", [{**GOOD_EVENT, "id": "e1"}, {**GOOD_EVENT, "id": "e1", "response": "comedy"}],
+                           ":2", "duplicate event id"),
+}
+FILES = {
+    "not JSON": ("q.json", b'[{"id": "q1",', "cannot read JSON"),
+    "not UTF-8": ("q.json", json.dumps([{**GOOD, "input": q("Amélie.")}], ensure_ascii=False).encode("latin-1"),
+                  "not UTF-8"),
+    "not a list": ("q.json", b'{"id": "q1"}', "expected a JSON list"),
+}
+
+
+def _write(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif name.endswith(".jsonl"):
+        lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in content if r != "latin-1"]
+        encoding = "latin-1" if "latin-1" in content else "utf-8"
+        path.write_bytes(b"".join((line + "\n").encode("utf-8" if i == 0 else encoding) for i, line in enumerate(lines)))
+    else:
+        path.write_text(json.dumps(content))
+    return path
+
+
+@pytest.fixture
+def memory(tmp_path):
+    m = EpisodicMemory.open(path=str(tmp_path / "qdrant"))
+    m.add("someone", [MemoryItem("old", "An old film.", "comedy")])
+    yield m
+    m.close()
+
+
+def _snapshot(memory):
+    return {u: sorted(it.item_id for it in memory.items(u)) for u in memory.user_ids()}
+
+
+@pytest.mark.parametrize("case", sorted(RECORDS))
+def test_a_bad_record_is_named_and_nothing_is_written(tmp_path, memory, case):
+    name, content, where, says = RECORDS[case]
+    path = _write(tmp_path, name, content)
+    before = _snapshot(memory)
+    with pytest.raises(TaskDataError, match=f"{path.name}.*{where}.*({says})"):
+        ingest(memory, path, LAMP_2M)
+    assert _snapshot(memory) == before
+
+
+@pytest.mark.parametrize("case", sorted(RECORDS))
+def test_skip_bad_loads_the_good_records_and_counts_the_bad(tmp_path, memory, case):
+    name, content, _, says = RECORDS[case]
+    path = _write(tmp_path, name, content)
+    skipped = []
+    report = ingest(memory, path, LAMP_2M, on_bad=skipped.append)
+    assert len(skipped) == 1 and skipped[0].args[0].startswith(str(path))
+    assert report.added >= 1 and "bad" not in memory.user_ids()
+
+
+@pytest.mark.parametrize("case", sorted(FILES))
+def test_a_bad_file_stops_even_with_skip_bad(tmp_path, memory, case):
+    name, content, says = FILES[case]
+    path = _write(tmp_path, name, content)
+    for on_bad in (None, [].append):
+        with pytest.raises(TaskDataError, match=f"{path.name}.*{says}"):
+            ingest(memory, path, LAMP_2M, on_bad=on_bad)
+
+
+def _lamp_dir(tmp_path, questions, golds):
+    (tmp_path / "dev_questions.json").write_text(json.dumps(questions))
+    (tmp_path / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_2", "golds": golds}))
+    return tmp_path
+
+
+Q1, Q2 = {"id": "q1", "output": "action"}, {"id": "q2", "output": "comedy"}
+
+
+@pytest.mark.parametrize("golds,says,skips", [
+    ([Q1, Q2, {"id": "q9", "output": "comedy"}], "q9", 1),  # an output without a question
+    ([Q1, {**Q2, "output": "western"}], "not a LaMP-2M label", 2),  # the gold, then its question
+    ([Q1], "no gold", 1),  # a question without an output
+    ([Q1, {**Q1, "output": "comedy"}, Q2], "duplicate", 1),
+])
+def test_bad_golds(tmp_path, golds, says, skips):
+    data = _lamp_dir(tmp_path, bad_lamp({}), golds)
+    with pytest.raises(TaskDataError, match=f"dev_(questions|outputs).json.*{says}"):
+        load_users(data, LAMP_2M)
+    skipped = []
+    users = load_users(data, LAMP_2M, on_bad=skipped.append)
+    assert len(skipped) == skips and users[0].user_id == "good" and users[0].queries[0].gold == "action"
+
+
+def test_the_cli_reports_skips_and_fails_clearly(tmp_path, capsys):
+    path = _write(tmp_path, "e.jsonl", RECORDS["event unknown label"][1])
+    store = ["--store", str(tmp_path / "mlruns")]
+    assert main(["ingest", str(path), *store]) == 2
+    assert "e.jsonl:2" in capsys.readouterr().err
+    assert main(["ingest", str(path), "--skip-bad", *store]) == 0
+    out, err = capsys.readouterr()
+    assert "1 new" in out and "1 bad records skipped" in out and "e.jsonl:2" in err
