@@ -24,12 +24,11 @@ HISTORY_COLUMNS = ["version", "production", "stage", "iteration", "accepted", "b
 
 
 def prompt_name(task_key: str, user_id: str) -> str:
-    """Registry names allow letters, digits, '-', '_' and '.'; user ids may hold anything, so an
-    id that had to be changed gets a hash suffix to stay unique."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:80]
-    if safe != user_id:
-        safe += "-" + hashlib.sha256(user_id.encode()).hexdigest()[:8]
-    return f"persona.{task_key}.{safe}"
+    """Registry names allow letters, digits, '-', '_' and '.'; user ids may hold anything. The
+    readable part is the id made safe; the hash of the whole id keeps names unique, also
+    against an id crafted to look like another id's safe form."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64]
+    return f"persona.{task_key}.{safe}-{hashlib.sha256(user_id.encode()).hexdigest()[:16]}"
 
 
 class PersonaNotFound(LookupError):

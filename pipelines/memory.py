@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import json
 import re
 import uuid
 import zlib
@@ -58,8 +59,9 @@ class Recall:
 
 
 def point_id(user_id: str, item_id: str) -> str:
-    """Deterministic, so re-adding an item overwrites it instead of duplicating it."""
-    return str(uuid.uuid5(_NAMESPACE, f"{user_id}\x00{item_id}"))
+    """Deterministic, so re-adding an item overwrites it instead of duplicating it; the pair is
+    JSON-encoded so no (user, item) can be crafted to hit another user's point."""
+    return str(uuid.uuid5(_NAMESPACE, json.dumps([user_id, item_id])))
 
 
 class EpisodicMemory:

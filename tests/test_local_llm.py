@@ -7,7 +7,7 @@ import mlflow
 import pytest
 
 from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.registry import PersonaRegistry
+from persona_agent.registry import PersonaRegistry, prompt_name
 from persona_agent.config import Settings
 from persona_agent.demo import run_demo
 from persona_agent.llm import LMConfig, adapter_for, build_lm
@@ -43,7 +43,7 @@ def test_demo_end_to_end_registers_every_persona_revision(tmp_path, monkeypatch)
     history = PersonaRegistry(LAMP_2M).history("u0000")
     assert list(history.version)[0] == 1 and history.production.sum() == 1
     assert (history.stage == "aligned").sum() <= 1  # T=1: at most one candidate (none if the batch was perfect)
-    alias = mlflow.genai.load_prompt("prompts:/persona.lamp2m.u0000@production")
+    alias = mlflow.genai.load_prompt(f"prompts:/{prompt_name('lamp2m', 'u0000')}@production")
     assert "You act on behalf of one user" in alias.template
     runs = mlflow.search_runs(experiment_names=["persona-agent"])
     assert len(runs) == 2 and "metrics.after_alignment_accuracy" in runs.columns

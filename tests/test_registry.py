@@ -23,7 +23,7 @@ def test_every_revision_is_a_version_and_production_follows_accepted_ones(mlflow
     assert list(hist.accepted) == ["True", "False", "True"] and list(hist.batch_score) == ["0.1", "0.2", "0.3"]
     assert registry.get("u1").persona.profile == "Profile 3."
     assert registry.get("u1", 2).persona.profile == "Profile 2."
-    prompt = mlflow.genai.load_prompt("prompts:/persona.lamp2m.u1@production")
+    prompt = mlflow.genai.load_prompt(f"prompts:/{prompt_name('lamp2m', 'u1')}@production")
     assert prompt.version == 3
     users = registry.users().set_index("user_id")
     assert users.loc["u1", "versions"] == 3 and users.loc["u2", "production"] == 1
