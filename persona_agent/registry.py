@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 
 from .eval.tasks import Task
-from .pipelines.persona import Persona
+from .pipelines.persona import Persona, injection_problem
 
 PRODUCTION = "production"
 HISTORY_COLUMNS = ["version", "production", "stage", "iteration", "accepted", "batch_score", "candidate_score",
@@ -64,9 +64,12 @@ class PersonaRegistry:
         return version
 
     def promote(self, user_id: str, version: int, *, check: bool = True) -> None:
-        """Point `production` at `version` (`check=False` when the caller just registered it)."""
+        """Point `production` at `version` (`check=False` when the caller just registered it).
+        Refuses unknown versions and ones whose profile carries instructions (a rejected candidate)."""
         if check:
-            self.get(user_id, version)  # refuse unknown versions before touching the alias
+            problem = injection_problem(self.get(user_id, version).persona.profile)
+            if problem:
+                raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile {problem}")
         mlflow.genai.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
 
     def rollback(self, user_id: str, version: int) -> None:
