@@ -201,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
 
-            if args.trace:
-                from . import tracking
-
-                tracking.setup(_settings(args))
-                tracking.enable_traces()
+            _trace_if_asked(args, _settings(args))
             run_demo(_settings(args), args.task, args.users, args.queries, args.data)
         elif args.command == "eval":
             _eval(args, get_task(args.task))
@@ -230,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "nightly":
             from .nightly import NightlyLocked, print_summary, run_nightly
 
+            _trace_if_asked(args, _settings(args))
             try:
                 summary = run_nightly(_settings(args), get_task(args.task), args.workers, executor=args.executor)
             except NightlyLocked as err:
@@ -290,11 +287,7 @@ def _eval(args, task) -> None:
     methods = resolve(args.methods)
     users = _users(args, task)
     settings = _settings(args)
-    if args.trace:
-        from . import tracking
-
-        tracking.setup(settings)
-        tracking.enable_traces()
+    _trace_if_asked(args, settings)
     evaluate(settings, task, users, methods, args.out or default_out(settings, task), args.workers)
 
 
@@ -327,9 +320,16 @@ def _answer(args, task) -> str:
 
     settings = _settings(args)
     tracking.setup(settings)
-    if args.trace:
-        tracking.enable_traces()
+    _trace_if_asked(args, settings)
     return answer(settings, task, args.user, args.query)
+
+
+def _trace_if_asked(args, settings: Settings) -> None:
+    if getattr(args, "trace", False):
+        from . import tracking
+
+        tracking.setup(settings)
+        tracking.enable_traces()
 
 
 if __name__ == "__main__":

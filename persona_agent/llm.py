@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,11 @@ class LlamaCppEngine:
 
     `chat=True` applies the model's chat template (instruction-tuned models). `chat=False`
     sends the messages as one plain completion prompt: a base model continues a few-shot
-    pattern far better than it follows a chat. The model loads on first use. llama.cpp also
-    listens on a 127.0.0.1 port even when used in-process; nothing here sends traffic to it.
+    pattern far better than it follows a chat. The model loads on first use.
+
+    llama.cpp always starts its HTTP listener, even in-process. It gets no TCP port here: it
+    listens on a Unix socket in a private (0700) temporary directory and requires a random API
+    key that never leaves this process, so no other user or program on the machine can reach it.
     """
 
     supports_response_schema = True
@@ -57,6 +62,9 @@ class LlamaCppEngine:
                 params.cpuparams_batch.n_threads = self.threads
                 params.warmup = False
                 params.verbosity = -1
+                self._socket_dir = tempfile.TemporaryDirectory(prefix="persona-agent-llama-")
+                params.hostnames = [str(Path(self._socket_dir.name) / "llama.sock")]
+                params.api_keys = [secrets.token_urlsafe(32)]
                 self._server = xllamacpp.Server(params)
         return self._server
 
@@ -107,6 +115,9 @@ class LlamaCppEngine:
     def close(self) -> None:
         with self._lock:
             self._server = None
+            if getattr(self, "_socket_dir", None) is not None:
+                self._socket_dir.cleanup()
+                self._socket_dir = None
 
 
 def compact_json_grammar(schema: dict) -> str:

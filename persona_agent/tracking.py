@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import mlflow
+from filelock import FileLock
 
 from .config import Settings
 
@@ -14,6 +18,8 @@ def setup(settings: Settings) -> str:
     relative to whatever directory the command runs from.
     """
     settings.store.mkdir(parents=True, exist_ok=True)
+    if settings.tracking_uri.startswith("sqlite:///"):
+        _create_database(Path(settings.tracking_uri.removeprefix("sqlite:///")), settings.store)
     mlflow.set_tracking_uri(settings.tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment)
     if exp is None:
@@ -23,6 +29,23 @@ def setup(settings: Settings) -> str:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _create_database(path: Path, store: Path) -> None:
+    """Create MLflow's database atomically: its schema takes ~50 migrations, and a process
+    killed half-way through them would leave a database no later run can open. So the schema
+    is built in a temporary file, which replaces the real path only once complete."""
+    if path.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with FileLock(str(path) + ".lock"):
+        if path.exists():  # another process created it while we waited
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        SqlAlchemyStore(f"sqlite:///{tmp}", (store.resolve() / "artifacts").as_uri()).engine.dispose()
+        os.replace(tmp, path)
 
 
 def enable_traces() -> None:

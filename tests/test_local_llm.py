@@ -1,5 +1,6 @@
 """Integration: the real local LLM, embedded Qdrant and a real MLflow store."""
 
+from pathlib import Path
 from typing import Literal
 
 import dspy
@@ -32,6 +33,26 @@ def test_local_model_answers_parse_under_the_label_schema(local_lm):
                    for d in ("two strangers fall in love", "a rooftop shootout", "a wedding gone wrong")]
     assert all(a in ("comedy", "action", "romance") for a in answers)
     assert all(h["usage"]["completion_tokens"] < 30 for h in local_lm.history)  # compact JSON, no padding
+
+
+def _tcp_listeners() -> set[str]:
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows += open(table).read().splitlines()[1:]
+        except OSError:
+            pass
+    return {r.split()[1] for r in rows if r.split()[3] == "0A"}  # local addresses in LISTEN state
+
+
+def test_the_local_runtime_opens_no_tcp_port(local_lm):
+    before = _tcp_listeners()
+    engine = local_lm._engine_spec
+    server = engine._load()
+    assert server.listening_address.startswith("unix://")
+    socket_dir = Path(engine._socket_dir.name)
+    assert socket_dir.stat().st_mode & 0o077 == 0  # only this user can reach the socket
+    assert _tcp_listeners() <= before
 
 
 def test_demo_end_to_end_registers_every_persona_revision(tmp_path, monkeypatch):

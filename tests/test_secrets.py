@@ -1,0 +1,61 @@
+"""An API key given through the environment reaches the LLM endpoint and nothing else: not
+MLflow params, tags, prompts, traces or artifacts, not the DSPy cache, not logs or output."""
+
+import importlib.util
+import logging
+import secrets
+from pathlib import Path
+
+import mlflow
+
+from persona_agent.cli import main
+from persona_agent.eval.synthetic import write_dataset
+from persona_agent.eval.tasks import LAMP_2M
+
+
+def _fake_server():
+    path = Path(__file__).parents[1] / "bench" / "fake_llm_server.py"
+    spec = importlib.util.spec_from_file_location("fake_llm_server", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatch, caplog, capsys):
+    key = "sk-test-" + secrets.token_hex(16)
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "mlruns" / "dspy-cache"))
+    server, url = _fake_server().serve_in_background(latency=0.0)
+    seen_keys = []
+    handler = server.handler
+    original = handler.do_POST
+
+    def recording(self):
+        seen_keys.append(self.headers.get("Authorization", ""))
+        return original(self)
+
+    handler.do_POST = recording
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=8, n_queries=1, seed=8)
+    lm = ["--lm", "openai/gpt-4o-mini", "--api-base", url, "--store", str(tmp_path / "mlruns")]
+    caplog.set_level(logging.DEBUG)
+    try:
+        assert main(["ingest", str(data), *lm]) == 0
+        assert main(["nightly", "--iterations", "1", "--batch", "2", "--trace", *lm]) == 0
+        assert main(["eval", "--data", str(data), "--methods", "persona-agent,rag", "--iterations", "1",
+                     "--batch", "2", "--trace", "--out", str(tmp_path / "mlruns" / "eval"), *lm]) == 0
+        assert main(["answer", "u0000", LAMP_2M.make_input("A heist film.", LAMP_2M.labels), "--trace", *lm]) == 0
+    finally:
+        server.shutdown()
+    assert seen_keys and all(k == f"Bearer {key}" for k in seen_keys)  # the endpoint got it: the test is live
+    out, err = capsys.readouterr()
+    assert key not in out + err and key not in caplog.text
+    files = [p for p in (tmp_path / "mlruns").rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and len(files) > 10
+    for path in files:
+        assert key.encode() not in path.read_bytes(), f"the key leaked into {path}"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) > 0 and not runs.astype(str).apply(lambda col: col.str.contains(key)).any().any()
+    traces = mlflow.search_traces(locations=[e.experiment_id for e in mlflow.search_experiments()])
+    assert len(traces) > 0  # traces were recorded, and were scanned above with the database
