@@ -61,7 +61,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     summary = NightlySummary()
     memory = EpisodicMemory.open(path=str(settings.qdrant_path), url=settings.qdrant_url)
     try:
-        jobs, summary.unchanged = plan(memory, states, registry)
+        jobs, summary.unchanged, summary.failed = plan(memory, states, registry)
     finally:
         memory.close()  # workers get each user's items in the job; the store is free again
 

@@ -113,20 +113,25 @@ def state_root(settings: Settings, task: Task) -> Path:
     return settings.store / "nightly" / task.key
 
 
-def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[UserJob], list[str]]:
-    """Jobs for users whose history changed since their last completed alignment; the rest."""
-    jobs, unchanged = [], []
+def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[UserJob], list[str], dict[str, str]]:
+    """Jobs for users whose history changed since their last completed alignment; the users
+    unchanged; and those that could not be planned (user id -> error), who are left as they are."""
+    jobs, unchanged, failed = [], [], {}
     for user_id in memory.user_ids():
-        items = memory.items(user_id)
-        fp = fingerprint(items)
-        state = states.get(user_id)
-        if state and state.get("fingerprint") == fp:
-            unchanged.append(user_id)
-            continue
-        current = registry.production_version(user_id)
-        profile = registry.get(user_id, current).persona.profile if current is not None else None
-        jobs.append(UserJob(user_id, items, fp, profile))
-    return jobs, unchanged
+        try:
+            items = memory.items(user_id)
+            fp = fingerprint(items)
+            state = states.get(user_id)
+            if state and state.get("fingerprint") == fp:
+                unchanged.append(user_id)
+                continue
+            current = registry.production_version(user_id)
+            profile = registry.get(user_id, current).persona.profile if current is not None else None
+            jobs.append(UserJob(user_id, items, fp, profile))
+        except Exception as err:  # e.g. a production persona that no longer parses: skip this user only
+            log.warning("user %s: cannot plan: %s", user_id, str(err)[:300])
+            failed[user_id] = f"planning failed: {type(err).__name__}: {str(err)[:300]}"
+    return jobs, unchanged, failed
 
 
 def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_id: str | None = None) -> int | None:

@@ -100,7 +100,7 @@ def or_fallback(call: Callable[[], T], fallback: T, what: str) -> T:
     except Exception as err:
         if is_retryable_lm_error(err):
             raise
-        log.warning("%s failed, using a fallback: %s", what, str(err)[:200])
+        log.warning("%s failed, using a fallback: %s", what, " ".join(str(err).split())[:200])
         count_fallback()
         return fallback
 

@@ -112,3 +112,19 @@ def test_a_faulty_remote_server_is_survived(night, monkeypatch):
     assert set(injected) == set(server_module.SERVER_FAULTS), injected
     assert not summary.failed and len(summary.aligned) + len(summary.rejected) == 3
     assert summary.fallbacks > 0
+
+
+def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
+    run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
+    from persona_agent.registry import prompt_name
+
+    # someone edits u0001's production prompt by hand into something that is not a persona
+    version = mlflow.genai.register_prompt(prompt_name("lamp2m", "u0001"), template="Be nice.").version
+    mlflow.genai.set_prompt_alias(prompt_name("lamp2m", "u0001"), "production", version)
+    events = tmp_path / "more.jsonl"
+    events.write_text("\n".join(json.dumps({"user_id": u, "input": LAMP_2M.make_input("A heist film.", LAMP_2M.labels),
+                                            "response": "action"}) for u in ("u0001", "u0002")))
+    _ingest(night, events)
+    summary = run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
+    assert list(summary.failed) == ["u0001"] and "planning failed" in summary.failed["u0001"]
+    assert summary.aligned + summary.rejected == ["u0002"]
