@@ -1,6 +1,5 @@
 import json
 
-import dspy
 
 from persona_agent.eval.tasks import LAMP_2M
 from persona_agent.pipelines.agent import NonPersonalized, PersonaAgent

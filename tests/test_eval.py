@@ -4,7 +4,7 @@ import dspy
 import pytest
 
 from persona_agent.config import Settings
-from persona_agent.eval.data import Interaction, Query, UserData, load_users
+from persona_agent.eval.data import Query, UserData, load_users
 from persona_agent.eval.harness import MethodResult, run_eval
 from persona_agent.eval.tasks import LAMP_2M, LAMP_3
 from persona_agent.evaluate import results_table, to_markdown, write_outputs

@@ -1,9 +1,7 @@
 """LLM faults: transient errors are retried, unusable answers are counted fallbacks, and a user
 whose LLM calls keep failing keeps their persona, is named, and never stops the others."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import dspy
 import mlflow
@@ -87,19 +85,10 @@ def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_o
     assert summary.aligned + summary.rejected == ["u0001"] and not summary.failed
 
 
-def _fake_server():
-    path = Path(__file__).parents[1] / "bench" / "fake_llm_server.py"
-    spec = importlib.util.spec_from_file_location("fake_llm_server", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_faulty_remote_server_is_survived(night, monkeypatch):
+def test_a_faulty_remote_server_is_survived(night, monkeypatch, fake_llm_server):
     """The real client path (DSPy's OpenAI-compatible client over HTTP): hangs past the timeout,
     429/500/503 with Retry-After, empty and truncated answers."""
-    server_module = _fake_server()
-    server, url = server_module.serve_in_background(latency=0.0, faults=0.3, seed=24, hang=3.0)
+    server, url = fake_llm_server.serve_in_background(latency=0.0, faults=0.3, seed=24, hang=3.0)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")
     try:
         settings = Settings(store=night.store, lm=LMConfig("openai/gpt-4o-mini", api_base=url, cache=False,
@@ -109,7 +98,7 @@ def test_a_faulty_remote_server_is_survived(night, monkeypatch):
     finally:
         server.shutdown()
     injected = server.handler.injected
-    assert set(injected) == set(server_module.SERVER_FAULTS), injected
+    assert set(injected) == set(fake_llm_server.SERVER_FAULTS), injected
     assert not summary.failed and len(summary.aligned) + len(summary.rejected) == 3
     assert summary.fallbacks > 0
 

@@ -1,10 +1,8 @@
 """An API key given through the environment reaches the LLM endpoint and nothing else: not
 MLflow params, tags, prompts, traces or artifacts, not the DSPy cache, not logs or output."""
 
-import importlib.util
 import logging
 import secrets
-from pathlib import Path
 
 import mlflow
 
@@ -13,20 +11,12 @@ from persona_agent.eval.synthetic import write_dataset
 from persona_agent.eval.tasks import LAMP_2M
 
 
-def _fake_server():
-    path = Path(__file__).parents[1] / "bench" / "fake_llm_server.py"
-    spec = importlib.util.spec_from_file_location("fake_llm_server", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatch, caplog, capsys):
+def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatch, caplog, capsys, fake_llm_server):
     key = "sk-test-" + secrets.token_hex(16)
     monkeypatch.setenv("OPENAI_API_KEY", key)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "mlruns" / "dspy-cache"))
-    server, url = _fake_server().serve_in_background(latency=0.0)
+    server, url = fake_llm_server.serve_in_background(latency=0.0)
     seen_keys = []
     handler = server.handler
     original = handler.do_POST
