@@ -145,9 +145,10 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
     production = registry.production_version(outcome.user_id) if versions else None
     if production is None:  # a new user: their first persona comes from semantic memory
         key = (outcome.fingerprint, "0")
+        # served at once: if the rest of this commit is interrupted, the user has this one
         production = existing.get(key) or registry.register(
             outcome.user_id, Persona(task, outcome.start_profile), "initial persona from the profile",
-            {**base, "iteration": 0, "accepted": True})
+            {**base, "iteration": 0, "accepted": True}, production=True)
     for step in outcome.steps:
         if not step.wrote_candidate:
             continue
