@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from dspy.utils.exceptions import LMError
     from mlflow.exceptions import MlflowException
 
     from .eval.tasks import TaskDataError, get_task
@@ -248,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskDataError, LookupError, ValueError, MlflowException) as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 2
+    except LMError as err:  # still failing after the retries: an outage or a wrong --lm/--api-base/key
+        print(f"persona-agent: the LLM failed after {getattr(args, 'retries', 0)} retries: {' '.join(str(err).split())[:500]}",
+              file=sys.stderr)
+        return 4
     return 0
 
 

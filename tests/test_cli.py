@@ -30,3 +30,18 @@ def test_unknown_task_is_a_clear_error(tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "persona_agent.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout
+
+
+def test_an_unreachable_llm_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code = main(["eval", "--methods", "non-personalized", "--users", "1", "--queries", "1", "--retries", "0",
+                 "--lm", "openai/gpt-4o-mini", "--api-base", f"http://127.0.0.1:{port}/v1",
+                 "--store", str(tmp_path / "mlruns")])
+    err = capsys.readouterr().err
+    assert code == 4 and "the LLM failed after 0 retries" in err
