@@ -7,9 +7,10 @@ rerun finishes them (see `pipelines.nightly`).
 
 from __future__ import annotations
 
-import os
-import time
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 
 import dspy
@@ -79,7 +80,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
         # One committer process does every registry and state write, in arrival order: MLflow's
         # SQLAlchemy writes are CPU work that would otherwise share this interpreter with the workers.
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_committer_init, initargs=(settings.tracking_uri,)) as committer:
+                                 initializer=_committer_init, initargs=(settings.tracking_uri, os.getpid())) as committer:
             pending = []
             for outcome in outcomes:
                 pending.append((outcome, committer.submit(_commit, outcome, task.key, str(states.root), run.info.run_id)))
@@ -92,8 +93,17 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     return summary
 
 
-def _committer_init(tracking_uri: str) -> None:
+def _committer_init(tracking_uri: str, parent: int) -> None:
     mlflow.set_tracking_uri(tracking_uri)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A pool worker outlives a killed parent, waiting for work forever; this one exits instead
+    (a commit it was in the middle of is redone, deduplicated, by the next run)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _commit(outcome, task_key: str, state_dir: str, run_id: str):

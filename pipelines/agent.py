@@ -41,12 +41,13 @@ class PersonaAgent(dspy.Module):
 
     @persona.setter
     def persona(self, persona: Persona) -> None:
-        """Re-instruct the answering predictors; ReAct bakes instructions in at construction.
-        A copy of a cached unbound ReAct, then this user's tools: fresh predictors and tools
-        per agent, but the signatures (pydantic models, ~10 ms to build) are shared."""
+        """Re-instruct the answering predictors; ReAct bakes instructions in at construction."""
         self._persona = persona
-        self.act = copy.deepcopy(_react_prototype(persona.task, persona.render(), self.max_iters))
-        self.act.tools.update({tool.name: tool for tool in _tools(self.memory, persona)})
+        self.act = _react(persona.task, persona.render(), self.max_iters, self.tools(persona))
+
+    def tools(self, persona: Persona) -> list[dspy.Tool]:
+        """The agent's tools, over this user's data only. Override to add your own."""
+        return memory_tools(self.memory, persona)
 
     def forward(self, query: str) -> dspy.Prediction:
         recalls = self.memory.search(self._search_text(query)) if self.prefetch else []
@@ -76,7 +77,7 @@ class PersonaAgent(dspy.Module):
         return super().load_state(state, **kwargs)
 
 
-def _tools(memory: UserMemory, persona: Persona) -> list[dspy.Tool]:
+def memory_tools(memory: UserMemory, persona: Persona) -> list[dspy.Tool]:
     # Closures over values, not over the agent: a deep copy of the program must not reach back
     # into the original's persona.
     task, profile = persona.task, persona.profile
@@ -104,14 +105,31 @@ def _trajectory_signature(keys: tuple[str, ...]) -> type[dspy.Signature]:
     return dspy.Signature(f"{', '.join(keys)} -> x")
 
 
-@functools.lru_cache(maxsize=1024)
-def _react_prototype(task: Task, instructions: str, max_iters: int) -> _ReAct:
-    """The answering ReAct for one instruction text, with unbound tools of the right names and
-    docstrings (they shape the prompt); callers copy it and bind their user's tools."""
-    react = _ReAct(typed_to(TaskAnswer, task, instructions), tools=_tools(None, Persona(task, "")), max_iters=max_iters)
-    # The steps already carry thoughts; extracting the answer needs no second reasoning pass.
-    react.extract = dspy.Predict(react.extract.predict.signature.delete("reasoning"))
+_prototypes: dict[tuple, _ReAct] = {}
+
+
+def _react(task: Task, instructions: str, max_iters: int, tools: list[dspy.Tool]) -> _ReAct:
+    """A ReAct answering under `instructions` with `tools`. Building one builds five pydantic
+    models (~10 ms of CPU, per candidate persona and per user); so an unbound prototype is kept
+    per prompt shape (instructions, tool descriptions), and each agent gets a copy with fresh
+    predictors and its own tools."""
+    key = (task, instructions, max_iters, tuple(str(t) for t in tools))
+    prototype = _prototypes.get(key)
+    if prototype is None:
+        unbound = [t.model_copy(update={"func": _unbound}) for t in tools]  # the cache holds no user's data
+        prototype = _ReAct(typed_to(TaskAnswer, task, instructions), tools=unbound, max_iters=max_iters)
+        # The steps already carry thoughts; extracting the answer needs no second reasoning pass.
+        prototype.extract = dspy.Predict(prototype.extract.predict.signature.delete("reasoning"))
+        if len(_prototypes) >= 1024:
+            _prototypes.clear()
+        _prototypes[key] = prototype
+    react = copy.deepcopy(prototype)
+    react.tools.update({t.name: t for t in tools})
     return react
+
+
+def _unbound(**kwargs):
+    raise RuntimeError("a prototype's tool was called; agents bind their own tools")
 
 
 class RetrievalAnswer(dspy.Module):

@@ -1,5 +1,6 @@
 import json
 
+import dspy
 
 from persona_agent.eval.tasks import LAMP_2M
 from persona_agent.pipelines.agent import NonPersonalized, PersonaAgent
@@ -107,3 +108,29 @@ def test_formulated_memory_query_drives_the_upfront_retrieval(memory, fake_lm):
     agent = PersonaAgent(Persona(LAMP_2M, "p"), UserMemory(memory, "alice", k=1), formulate_query=True)
     pred = agent(query="Tag this: an explosive heist")  # the item text alone would find memory 1
     assert pred.memories == ["2"]
+
+
+def test_a_subclass_adds_tools_and_every_agent_calls_its_own(memory, fake_lm):
+    class WithCalendar(PersonaAgent):
+        def tools(self, persona):
+            owner = self.memory.user_id
+
+            def upcoming_events() -> str:
+                """The user's upcoming events."""
+                return f"events of {owner}"
+
+            return [*super().tools(persona), dspy.Tool(upcoming_events)]
+
+    def policy(fields, system, user):
+        if "next_tool_name" in fields:
+            done = "events of" in user
+            return {"next_thought": "t", "next_tool_name": "finish" if done else "upcoming_events", "next_tool_args": {}}
+        return {"answer": "comedy"}
+
+    fake_lm._engine_spec.policy = policy
+    persona = Persona(LAMP_2M, "Same persona text for both.")
+    for user in ("alice", "bob"):  # the same prompt shape: one cached prototype, separate tools
+        pred = WithCalendar(persona, UserMemory(memory, user), max_iters=2)(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
+        assert pred.trajectory["observation_0"] == f"events of {user}"
+    system = fake_lm._engine_spec.calls[0][1]
+    assert "upcoming_events" in system and "search_memory" in system

@@ -88,6 +88,16 @@ def test_a_second_concurrent_run_refuses_to_start(store, capsys):
     assert "refusing to start a second one" in capsys.readouterr().err
 
 
+def _parent(pid: str) -> int | None:
+    """The parent pid of a live process, None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])
+
+
 def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_path):
     settings, data = store
     write_dataset(data, LAMP_2M, n_users=8, n_history=8, n_queries=1, seed=3)
@@ -100,8 +110,13 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
     deadline = time.time() + 120
     while not any(states.root.glob("*.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    children = [pid for pid in os.listdir("/proc") if pid.isdigit() and _parent(pid) == proc.pid]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10  # the committer process notices and exits too: no orphan
+    while any(_parent(pid) is not None for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    assert children and all(_parent(pid) is None for pid in children)
     done_before = len(list(states.root.glob("*.json")))
     assert 0 < done_before < 8, "the kill should land mid-run"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
