@@ -12,10 +12,10 @@ from persona_agent.eval.synthetic import write_dataset
 from persona_agent.eval.tasks import LAMP_2M
 from persona_agent.llm import LMConfig, build_lm
 from persona_agent.nightly import print_summary, run_nightly
-from persona_agent.pipelines.ingest import ingest
-from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.registry import PersonaRegistry
 from persona_agent.testing import FAULTS, FaultyEngine
+
+from .helpers import ingest_into
 
 POISON = "a film that always crashes the model"
 
@@ -27,17 +27,8 @@ def night(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "data", LAMP_2M, n_users=3, n_history=8, n_queries=1, seed=6)
     settings = Settings(store=tmp_path / "mlruns", lm=LMConfig("scripted", cache=False), batch_size=2,
                         iterations=2, max_iters=1)
-    _ingest(settings, data)
+    ingest_into(settings, data)
     return settings
-
-
-def _ingest(settings, path):
-    settings.store.mkdir(parents=True, exist_ok=True)
-    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
-    try:
-        return ingest(memory, path, LAMP_2M)
-    finally:
-        memory.close()
 
 
 def _faulty_lm(**faults):
@@ -70,7 +61,7 @@ def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_o
     events.write_text("\n".join(json.dumps({"user_id": u, "input": LAMP_2M.make_input(text, LAMP_2M.labels),
                                             "response": "action", "timestamp": "2026-01-01"})
                                 for u, text in [("u0001", f"{POISON}."), ("u0002", "A film about a bank heist.")]))
-    _ingest(night, events)
+    ingest_into(night, events)
     lm, engine = _faulty_lm(rate=0.0, poison=POISON)
     summary = run_nightly(night, LAMP_2M, workers=2, lm=lm)
     assert list(summary.failed) == ["u0001"] and "ServerError" in summary.failed["u0001"]
@@ -113,7 +104,7 @@ def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
     events = tmp_path / "more.jsonl"
     events.write_text("\n".join(json.dumps({"user_id": u, "input": LAMP_2M.make_input("A heist film.", LAMP_2M.labels),
                                             "response": "action"}) for u in ("u0001", "u0002")))
-    _ingest(night, events)
+    ingest_into(night, events)
     summary = run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
     assert list(summary.failed) == ["u0001"] and "planning failed" in summary.failed["u0001"]
     assert summary.aligned + summary.rejected == ["u0002"]

@@ -15,10 +15,11 @@ from persona_agent.eval.synthetic import write_dataset
 from persona_agent.eval.tasks import LAMP_2M, TaskDataError
 from persona_agent.llm import LMConfig
 from persona_agent.nightly import NightlyLocked, run_nightly
-from persona_agent.pipelines.ingest import ingest
 from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.pipelines.nightly import StateStore, fingerprint, state_root
 from persona_agent.registry import PersonaRegistry
+
+from .helpers import ingest_into
 
 
 @pytest.fixture
@@ -30,15 +31,6 @@ def store(tmp_path, monkeypatch):
     return settings, data
 
 
-def _ingest(settings, path):
-    settings.store.mkdir(parents=True, exist_ok=True)
-    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
-    try:
-        return ingest(memory, path, LAMP_2M)
-    finally:
-        memory.close()
-
-
 def _event(tmp_path, user, n):
     path = tmp_path / f"events-{user}-{n}.jsonl"
     q = LAMP_2M.make_input(f"A film about a new heist {n}.", LAMP_2M.labels)
@@ -48,10 +40,10 @@ def _event(tmp_path, user, n):
 
 def test_ingest_is_idempotent(store, tmp_path):
     settings, data = store
-    first, again = _ingest(settings, data), _ingest(settings, data)
+    first, again = ingest_into(settings, data), ingest_into(settings, data)
     assert (first.added, again.added, again.already_known) == (32, 0, 32)
     event = _event(tmp_path, "u0001", 1)
-    assert _ingest(settings, event).added == 1 and _ingest(settings, event).added == 0
+    assert ingest_into(settings, event).added == 1 and ingest_into(settings, event).added == 0
 
 
 def test_bad_events_are_rejected_before_anything_is_written(store, tmp_path):
@@ -60,7 +52,7 @@ def test_bad_events_are_rejected_before_anything_is_written(store, tmp_path):
     good = json.dumps({"user_id": "x", "input": "description: a", "response": "comedy"})
     bad.write_text(good + "\n" + json.dumps({"user_id": "x", "input": "description: b", "response": "western"}) + "\n")
     with pytest.raises(TaskDataError, match=r"bad.jsonl:2: gold 'western'"):
-        _ingest(settings, bad)
+        ingest_into(settings, bad)
     memory = EpisodicMemory.open(path=str(settings.qdrant_path))
     assert memory.count() == 0
     memory.close()
@@ -68,12 +60,12 @@ def test_bad_events_are_rejected_before_anything_is_written(store, tmp_path):
 
 def test_only_users_with_new_interactions_are_realigned(store, tmp_path):
     settings, data = store
-    _ingest(settings, data)
+    ingest_into(settings, data)
     first = run_nightly(settings, LAMP_2M)
     assert sorted(first.aligned + first.rejected) == ["u0000", "u0001", "u0002", "u0003"] and first.lm_calls > 0
     second = run_nightly(settings, LAMP_2M)
     assert second.lm_calls == 0 and sorted(second.unchanged) == ["u0000", "u0001", "u0002", "u0003"]
-    _ingest(settings, _event(tmp_path, "u0002", 1))
+    ingest_into(settings, _event(tmp_path, "u0002", 1))
     third = run_nightly(settings, LAMP_2M)
     assert third.aligned + third.rejected == ["u0002"] and len(third.unchanged) == 3
 
@@ -101,7 +93,7 @@ def _parent(pid: str) -> int | None:
 def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_path):
     settings, data = store
     write_dataset(data, LAMP_2M, n_users=8, n_history=8, n_queries=1, seed=3)
-    _ingest(settings, data)
+    ingest_into(settings, data)
     cmd = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--lm", "scripted:0.01",
            "--workers", "2", "-n", "2", "-T", "2"]
     env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache")}
@@ -145,7 +137,7 @@ def test_ray_executor_gives_the_same_personas_as_threads(tmp_path, monkeypatch):
     for executor in ("thread", "ray"):
         settings = Settings(store=tmp_path / executor, lm=LMConfig("scripted", cache=False), batch_size=2,
                             iterations=2, max_iters=1)
-        _ingest(settings, data)
+        ingest_into(settings, data)
         summary = run_nightly(settings, LAMP_2M, workers=2, executor=executor)
         assert not summary.failed and summary.lm_calls > 0
         import mlflow
