@@ -7,6 +7,8 @@ where the release has one, file order otherwise) and that user's queries with th
   `{split}_outputs.json` (`{"task", "golds": [{id, output}]}`). LaMP has one question per user;
   questions that carry a `user_id` (as the generated data does) are grouped by it.
 - OPPU: a list of users `{user_id, profile, query: [{id, input, gold}]}`.
+- A Hugging Face dataset saved with `save_to_disk` (LaMP rows with their `output`), e.g. a
+  LaMP copy prepared with `datasets` on a machine with hub access.
 """
 
 from __future__ import annotations
@@ -61,13 +63,16 @@ OnBad = Callable[[TaskDataError], None]
 
 
 def load_users(path: str | Path, task: Task, split: str | None = None, on_bad: OnBad | None = None) -> list[UserData]:
-    """Read a directory (LaMP `{split}_questions.json` + `{split}_outputs.json`) or one file
-    (LaMP questions or OPPU users) into `UserData`, validating every record.
+    """Read a directory (LaMP `{split}_questions.json` + `{split}_outputs.json`), one file (LaMP
+    questions or OPPU users), or a Hugging Face dataset saved with `save_to_disk` (LaMP columns:
+    `id`, `input`, `profile`, and `output` when labelled) into `UserData`, validating every record.
 
     A bad record raises `TaskDataError` naming the file and record; with `on_bad`, it is passed
     there instead and skipped whole (with its question and gold), so the rest still loads.
     Errors of the whole file (unreadable, not JSON, not a list) always raise."""
     path = Path(path)
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return _from_saved_dataset(path, task, split, on_bad)
     if path.is_dir():
         questions = _find(path, split, "questions")
         outputs = questions.with_name(questions.name.replace("questions", "outputs"))
@@ -105,18 +110,6 @@ def _read_records(path: Path) -> list:
     return data
 
 
-def _records_via_arrow(path: Path, rows: list[dict]) -> list[dict]:
-    """Validated rows through `datasets` (Arrow-typed), as loaded datasets are; Arrow fills absent
-    fields with None, so drop those again and a missing field still reads as missing."""
-    import datasets
-
-    try:
-        rows = datasets.Dataset.from_list(rows).to_list() if rows else []
-    except Exception as err:  # Arrow raises several types for records it cannot type together
-        raise TaskDataError(f"{path}: records do not share one schema: {err}") from err
-    return [_drop_none(r) for r in rows]
-
-
 def _drop_none(value):
     if isinstance(value, dict):
         return {k: _drop_none(v) for k, v in value.items() if v is not None}
@@ -137,10 +130,25 @@ def per_record(records, load_one: Callable[[int, object], None], on_bad: OnBad |
             on_bad(err)
 
 
-def _golds(outputs: Path | None, task: Task, on_bad: OnBad | None) -> dict[str, str]:
+def _from_saved_dataset(path: Path, task: Task, split: str | None, on_bad: OnBad | None) -> list[UserData]:
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if split is None and len(data) != 1:
+            raise TaskDataError(f"{path}: a dataset with splits {sorted(data)}; pass --split")
+        if (split or next(iter(data))) not in data:
+            raise TaskDataError(f"{path}: no split {split!r}; it has {sorted(data)}")
+        data = data[split or next(iter(data))]
+    rows = [_drop_none(row) for row in data.to_list()]  # Arrow fills absent fields with None
+    golds = [{"id": row["id"], "output": row.pop("output")} for row in rows if "id" in row and "output" in row]
+    return _from_lamp(path, path if golds else None, task, rows, on_bad, {"golds": golds})
+
+
+def _golds(outputs: Path | None, task: Task, on_bad: OnBad | None, data: dict | None = None) -> dict[str, str]:
     if outputs is None:
         return {}
-    data = _read_json(outputs)
+    data = _read_json(outputs) if data is None else data
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
         raise TaskDataError(f"{outputs}: expected {{'task': ..., 'golds': [{{'id', 'output'}}]}}")
     golds = {}
@@ -210,9 +218,9 @@ def _profile(where: str, items, task: Task, known: dict[str, dict] | None = None
 
 
 def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list | None = None,
-               on_bad: OnBad | None = None) -> list[UserData]:
+               on_bad: OnBad | None = None, outputs_data: dict | None = None) -> list[UserData]:
     records = _read_records(questions) if records is None else records
-    golds = _golds(outputs, task, on_bad)
+    golds = _golds(outputs, task, on_bad, outputs_data)
     users: dict[str, UserData] = {}
     seen: set[str] = set()
 
@@ -242,13 +250,7 @@ def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list 
         raise TaskDataError(f"{outputs}: golds for question ids not in {questions.name}: {sorted(stray)[:5]}")
     for qid in sorted(stray):
         on_bad(TaskDataError(f"{outputs}: gold for id {qid} has no question"))
-    _records_via_arrow(questions, [_plain(users[uid]) for uid in users])
     return list(users.values())
-
-
-def _plain(user: UserData) -> dict:
-    return {"user_id": user.user_id, "profile": [{k: str(v) for k, v in it.items()} for it in user.profile],
-            "queries": [{"id": q.id, "input": q.input, "gold": q.gold} for q in user.queries]}
 
 
 def _from_oppu(path: Path, records: list, task: Task, on_bad: OnBad | None = None) -> list[UserData]:
@@ -282,5 +284,4 @@ def _from_oppu(path: Path, records: list, task: Task, on_bad: OnBad | None = Non
         users[uid] = user
 
     per_record(records, one, on_bad)
-    _records_via_arrow(path, [_plain(u) for u in users.values()])
     return list(users.values())

@@ -107,3 +107,20 @@ def test_invalid_json_is_a_clear_error(tmp_path):
     (tmp_path / "dev_questions.json").write_text("[{")
     with pytest.raises(TaskDataError, match="dev_questions.json: cannot read JSON"):
         load_users(tmp_path, LAMP_2M)
+
+
+def test_a_saved_hugging_face_dataset_loads_like_the_json_files(tmp_path):
+    import datasets
+
+    json_dir = write_dataset(tmp_path / "json", LAMP_2M, n_users=3, n_history=5, n_queries=2, seed=4)
+    questions = json.loads((json_dir / "dev_questions.json").read_text())
+    golds = {g["id"]: g["output"] for g in json.loads((json_dir / "dev_outputs.json").read_text())["golds"]}
+    rows = [{**q, "output": golds[q["id"]]} for q in questions]
+    datasets.DatasetDict({"dev": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hf"))
+    assert load_users(tmp_path / "hf", LAMP_2M) == load_users(json_dir, LAMP_2M)
+    with pytest.raises(TaskDataError, match="no split 'test'"):
+        load_users(tmp_path / "hf", LAMP_2M, split="test")
+    rows[1]["output"] = "western"  # a bad gold inside the dataset is named like any other
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf2"))
+    with pytest.raises(TaskDataError, match=r"hf2: golds\[1\].*not a LaMP-2M label"):
+        load_users(tmp_path / "hf2", LAMP_2M)
