@@ -1,7 +1,11 @@
 import os
+import tempfile
 
 # Offline and quiet before anything imports dspy, mlflow or datasets.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# DSPy reads its cache directory at import: a fresh one per session keeps the tests from
+# answering out of a developer's (or an earlier CI run's) cache.
+os.environ["DSPY_CACHEDIR"] = tempfile.mkdtemp(prefix="persona-agent-tests-dspy-cache-")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -11,6 +15,12 @@ import pytest  # noqa: E402
 
 from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
 from persona_agent.testing import FakeEngine  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memory_cache():
+    """Each test starts without another test's cached LM answers in memory."""
+    dspy.cache.reset_memory_cache()
 
 
 @pytest.fixture(params=["per_user", "shared"])

@@ -23,7 +23,6 @@ POISON = "a film that always crashes the model"
 @pytest.fixture
 def night(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "cache"))
     data = write_dataset(tmp_path / "data", LAMP_2M, n_users=3, n_history=8, n_queries=1, seed=6)
     settings = Settings(store=tmp_path / "mlruns", lm=LMConfig("scripted", cache=False), batch_size=2,
                         iterations=2, max_iters=1)

@@ -2,7 +2,9 @@
 MLflow params, tags, prompts, traces or artifacts, not the DSPy cache, not logs or output."""
 
 import logging
+import os
 import secrets
+from pathlib import Path
 
 import mlflow
 
@@ -15,7 +17,6 @@ def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatc
     key = "sk-test-" + secrets.token_hex(16)
     monkeypatch.setenv("OPENAI_API_KEY", key)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "mlruns" / "dspy-cache"))
     server, url = fake_llm_server.serve_in_background(latency=0.0)
     seen_keys = []
     handler = server.handler
@@ -26,7 +27,8 @@ def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatc
         return original(self)
 
     handler.do_POST = recording
-    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=8, n_queries=1, seed=8)
+    # data no other test has: every LM call misses the cache, reaches the server, and is cached
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=8, n_queries=1, seed=int(key[-6:], 16))
     lm = ["--lm", "openai/gpt-4o-mini", "--api-base", url, "--store", str(tmp_path / "mlruns")]
     caplog.set_level(logging.DEBUG)
     try:
@@ -40,7 +42,8 @@ def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatc
     assert seen_keys and all(k == f"Bearer {key}" for k in seen_keys)  # the endpoint got it: the test is live
     out, err = capsys.readouterr()
     assert key not in out + err and key not in caplog.text
-    files = [p for p in (tmp_path / "mlruns").rglob("*") if p.is_file()]
+    files = [p for root in (tmp_path / "mlruns", Path(os.environ["DSPY_CACHEDIR"]))
+             for p in root.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow.db" for p in files) and len(files) > 10
     for path in files:
         assert key.encode() not in path.read_bytes(), f"the key leaked into {path}"
