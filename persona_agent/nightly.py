@@ -85,7 +85,8 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             for outcome in outcomes:
                 pending.append((outcome, committer.submit(_commit, outcome, task.key, str(states.root), run.info.run_id)))
                 progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
-            rows = [_tally(summary, outcome, future) for outcome, future in pending]
+            rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
+            rows += [_tally(summary, outcome, future) for outcome, future in pending]
         summary.seconds = time.perf_counter() - started
         mlflow.log_metrics(summary.counts())
         mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens", "fallbacks", "error"])

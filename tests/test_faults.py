@@ -107,3 +107,6 @@ def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
     summary = run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
     assert list(summary.failed) == ["u0001"] and "planning failed" in summary.failed["u0001"]
     assert summary.aligned + summary.rejected == ["u0002"]
+    runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])
+    users_csv = mlflow.artifacts.load_text(f"runs:/{runs.run_id[0]}/users.csv")
+    assert "u0001,failed" in users_csv and "planning failed" in users_csv
