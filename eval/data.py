@@ -97,9 +97,13 @@ def _read_json(path: Path):
         with path.open(encoding="utf-8") as f:
             return json.load(f)
     except UnicodeDecodeError as err:
-        raise TaskDataError(f"{path}: not UTF-8 text (byte {err.start}); re-encode the file as UTF-8") from None
+        raise not_utf8(str(path), err) from None
     except (OSError, json.JSONDecodeError) as err:
         raise TaskDataError(f"{path}: cannot read JSON: {err}") from err
+
+
+def not_utf8(where: str, err: UnicodeDecodeError) -> TaskDataError:
+    return TaskDataError(f"{where}: not UTF-8 text (byte {err.start}); re-encode the file as UTF-8")
 
 
 def _read_records(path: Path) -> list:

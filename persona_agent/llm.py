@@ -46,7 +46,7 @@ class LlamaCppEngine:
     def __init__(self, model_path: str | None = None, chat: bool = True, n_ctx: int = 8192, n_parallel: int = 2,
                  threads: int = 2):
         self.model_path, self.chat, self.n_ctx, self.n_parallel, self.threads = model_path, chat, n_ctx, n_parallel, threads
-        self._server = None
+        self._server, self._socket_dir = None, None
         self._lock, self._call_lock = threading.Lock(), threading.Lock()
 
     def _load(self):
@@ -115,7 +115,7 @@ class LlamaCppEngine:
     def close(self) -> None:
         with self._lock:
             self._server = None
-            if getattr(self, "_socket_dir", None) is not None:
+            if self._socket_dir is not None:
                 self._socket_dir.cleanup()
                 self._socket_dir = None
 

@@ -40,23 +40,8 @@ def default_policy(fields, system, user):
     return out
 
 
-class FakeEngine:
-    """`delay` seconds per call stand in for a remote LLM's latency."""
-
-    def __init__(self, policy=default_policy, delay: float = 0.0):
-        self.policy, self.delay = policy, delay
-        self.calls = []  # (fields, system, user) per call
-
-    def complete(self, request):
-        if self.delay:
-            time.sleep(self.delay)
-        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system or ())
-        user = "\n".join(m.text or "" for m in request.messages if m.role == "user")
-        fields = output_fields(system)
-        self.calls.append((fields, system, user))
-        text = json.dumps(self.policy(fields, system, user))
-        return Response(id=None, model=request.model, message=Message.assistant([TextPart(text)]),
-                        finish_reason="stop", usage=Usage(input_tokens=len(system + user) // 4, output_tokens=len(text) // 4))
+class _Engine:
+    """DSPy's engine contract beyond `complete`: streaming replays the whole response."""
 
     def stream(self, request):
         from dspy.lm15 import response_to_events
@@ -67,7 +52,25 @@ class FakeEngine:
         pass
 
 
-class FaultyEngine:
+class FakeEngine(_Engine):
+    """`delay` seconds per call stand in for a remote LLM's latency."""
+
+    def __init__(self, policy=default_policy, delay: float = 0.0):
+        self.policy, self.delay = policy, delay
+        self.calls = []  # (fields, system, user) per call
+
+    def complete(self, request):
+        if self.delay:
+            time.sleep(self.delay)
+        system, user = _prompt(request)
+        fields = output_fields(system)
+        self.calls.append((fields, system, user))
+        text = json.dumps(self.policy(fields, system, user))
+        return Response(id=None, model=request.model, message=Message.assistant([TextPart(text)]),
+                        finish_reason="stop", usage=Usage(input_tokens=len(system + user) // 4, output_tokens=len(text) // 4))
+
+
+class FaultyEngine(_Engine):
     """Wraps an engine: each call fails with probability `rate`, with a kind drawn from `kinds`
     (seeded, so a run's fault counts are reproducible). A call whose prompt contains `poison`
     always fails with a server error: a user whose alignment cannot succeed however often it
@@ -84,7 +87,7 @@ class FaultyEngine:
         self.injected: Counter = Counter()
 
     def complete(self, request):
-        text = _prompt_text(request)
+        text = "\n".join(_prompt(request))
         with self._lock:
             kind = self._rng.choice(self.kinds) if self._rng.random() < self.rate else None
             if self.poison and self.poison in text:
@@ -104,15 +107,8 @@ class FaultyEngine:
                             finish_reason="stop", usage=response.usage)
         return response
 
-    def stream(self, request):
-        from dspy.lm15 import response_to_events
 
-        return response_to_events(self.complete(request))
-
-    def close(self):
-        pass
-
-
-def _prompt_text(request) -> str:
+def _prompt(request) -> tuple[str, str]:
+    """The system prompt and the user messages of a DSPy request, as text."""
     system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system or ())
-    return system + "\n".join(m.text or "" for m in request.messages)
+    return system, "\n".join(m.text or "" for m in request.messages if m.role == "user")

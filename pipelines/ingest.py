@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_agent.eval.data import OnBad, check_labels, check_text, load_users, per_record
+from persona_agent.eval.data import OnBad, check_labels, check_text, load_users, not_utf8, per_record
 from persona_agent.eval.tasks import Task, TaskDataError
 
 from .memory import EpisodicMemory, MemoryItem
@@ -40,7 +40,7 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
         try:
             e = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as err:
-            raise TaskDataError(f"{where}: not UTF-8 text (byte {err.start}); re-encode the file as UTF-8") from None
+            raise not_utf8(where, err) from None
         except json.JSONDecodeError as err:
             raise TaskDataError(f"{where}: invalid JSON: {err}") from None
         missing = [k for k in ("user_id", "input", "response") if not isinstance(e, dict) or k not in e]
@@ -60,7 +60,7 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
 
     with path.open("rb") as f:  # bytes: a badly encoded line is named, not the whole file
         lines = [(n, raw) for n, raw in enumerate(f) if raw.strip()]
-    per_record([raw for _, raw in lines], lambda i, raw: one(lines[i][0], raw), on_bad)
+    per_record(lines, lambda _, line: one(*line), on_bad)
     return {user_id: list(items.values()) for user_id, items in by_user.items()}
 
 
