@@ -38,7 +38,7 @@ def run(loss, guard, batch, iterations, max_iters):
     memory.add("u", [MemoryItem(f"h{i}", f"A film about heist {i}.", "action") for i in range(10)])
     train = [dspy.Example(query=LAMP_2M.make_input(f"A film about heist {i}.", LAMP_2M.labels), answer="action",
                           item_id=f"h{i}").with_inputs("query") for i in range(10)]
-    student = PersonaAgent(Persona(LAMP_2M, "Likes comedy."), UserMemory(memory, "u"), max_iters=max_iters)
+    student = PersonaAgent(Persona(LAMP_2M, "Likes comedy."), UserMemory(memory, "u", k=5), max_iters=max_iters)
     lm = dspy.LM("fake/counting", engine=FakeEngine(policy), cache=False)
     opt = PersonaAlignment(batch, iterations, loss=loss, guard=guard)
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):

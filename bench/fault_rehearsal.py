@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OPENAI_API_KEY", "fake-key-for-the-local-fake-server")
@@ -24,14 +25,13 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from fake_llm_server import serve_in_background  # noqa: E402
 
-from persona_agent.config import Settings  # noqa: E402
 from persona_agent.eval.synthetic import write_dataset  # noqa: E402
 from persona_agent.eval.tasks import LAMP_2M  # noqa: E402
-from persona_agent.llm import LMConfig  # noqa: E402
 from persona_agent.nightly import print_summary, run_nightly  # noqa: E402
 from persona_agent.pipelines.ingest import ingest  # noqa: E402
 from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
 from persona_agent.registry import PersonaRegistry  # noqa: E402
+from persona_agent.settings import LMConfig, Settings  # noqa: E402
 
 
 def main():
@@ -53,7 +53,7 @@ def main():
         ingest(memory, data, LAMP_2M)
         memory.close()
         started = time.perf_counter()
-        summary = run_nightly(settings, LAMP_2M, workers=a.workers)
+        summary = run_nightly(replace(settings, workers=a.workers), LAMP_2M)
         seconds = time.perf_counter() - started
         mlflow.set_tracking_uri(settings.tracking_uri)
         registry = PersonaRegistry(LAMP_2M)

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OPENAI_API_KEY", "fake-key-for-the-local-fake-server")
@@ -20,17 +21,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pandas as pd  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 
-from persona_agent.config import Settings  # noqa: E402
+import pandas as pd  # noqa: E402
+
 from persona_agent.eval.synthetic import write_dataset  # noqa: E402
 from persona_agent.eval.tasks import LAMP_2M  # noqa: E402
-from persona_agent.llm import LMConfig  # noqa: E402
 from persona_agent.nightly import run_nightly  # noqa: E402
 from persona_agent.pipelines.ingest import ingest  # noqa: E402
 from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
+from persona_agent.settings import LMConfig, Settings  # noqa: E402
 
 
 def _wait_for(port: int, seconds: float = 30) -> None:
@@ -80,7 +81,7 @@ def main():
             ingest(memory, data, LAMP_2M)
             memory.close()
             started = time.perf_counter()
-            summary = run_nightly(settings, LAMP_2M, workers=workers, executor=a.executor)
+            summary = run_nightly(replace(settings, workers=workers), LAMP_2M, executor=a.executor)
             seconds = time.perf_counter() - started
             users = len(summary.aligned) + len(summary.rejected)
             calls_per_user = summary.lm_calls / max(users, 1)

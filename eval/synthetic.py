@@ -22,8 +22,7 @@ import random
 from datetime import date, timedelta
 from pathlib import Path
 
-from persona_agent.atomic import atomic_write_text
-
+from .atomic import atomic_write_text
 from .tasks import CATEGORIES_2N, TAGS_2M, Task
 
 CUES_2M = {

@@ -10,26 +10,51 @@ persona's user-specific part. Beyond the paper, by default:
 - a rewrite that is empty, over budget, or restates the fixed template is rejected unscored;
 - `loss="batch"` critiques the whole batch in one call instead of one call per interaction.
 
-Every candidate, accepted or not, is reported as an `AlignmentStep` through `on_step`.
+The optimizer knows programs only through `PersonaProgram` (read the persona, make the same
+program under another persona, answer a query) and scores answers only through `metric`, the
+way GEPA's adapter keeps "how to evaluate a candidate" apart from "how to search". Every
+candidate, accepted or not, is an `AlignmentStep`: reported through `on_step` as it happens and
+attached to the returned program as `alignment_steps`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from persona_agent.pipelines.agent import PersonaAgent
 from persona_agent.pipelines.memory import UserMemory
-from persona_agent.pipelines.persona import PROFILE_BUDGET, profile_problem
-from persona_agent.pipelines.personalize import answer_or_none, or_fallback
+from persona_agent.pipelines.metering import answer_or_none, metered, or_fallback
+from persona_agent.pipelines.persona import PROFILE_BUDGET, Persona, profile_problem
 from persona_agent.signatures import CritiqueBatch, CritiqueResponse, UpdateProfile
-from persona_agent.usage import metered
 
 log = logging.getLogger(__name__)
+
+Metric = Callable[..., float]  # metric(example, prediction, trace=None) -> score in [0, 1], higher is better
+
+
+@runtime_checkable
+class PersonaProgram(Protocol):
+    """What the optimizer needs of a program: any `dspy.Module` conditioned on a `Persona`.
+
+    `with_persona` must return the same program (tools, memory, settings, subclass) under
+    another persona, leaving `self` unchanged: every candidate and every replay goes through it.
+    """
+
+    @property
+    def persona(self) -> Persona: ...
+
+    def with_persona(self, persona: Persona) -> "PersonaProgram": ...
+
+    def __call__(self, *, query: str) -> dspy.Prediction: ...
+
+
+def task_metric(example: dspy.Example, prediction: dspy.Prediction, trace=None, *, task) -> float:
+    """The task's per-example score: exact label match, or 1 - |rating error| / 4."""
+    return task.example_score(example.answer, getattr(prediction, "answer", None))
 
 
 @dataclass
@@ -65,63 +90,78 @@ class AlignmentStep:
         return self.profile_after != self.profile_before
 
 
-class PersonaAlignment(Teleprompter):
-    """`compile(student, trainset=...)` returns a copy of `student` (a `PersonaAgent`) whose
-    persona is aligned to the user whose interactions `trainset` holds.
+PERFECT = "batch already answered perfectly"
 
+
+class PersonaAlignment(Teleprompter):
+    """`compile(student, trainset=...)` returns `student` under a persona aligned to the user
+    whose interactions `trainset` holds; `student` itself is left unchanged.
+
+    student: a `PersonaProgram` (`PersonaAgent`, `RetrievalAnswer`, or your own module).
     trainset: `dspy.Example(query=..., answer=<the user's real response>, item_id=...)` in time
-    order (oldest first); the latest `batch_size` are the alignment batch and the `holdout`
-    interactions before them the held-out slice.
+        order (oldest first); the latest `batch_size` are the alignment batch and the `holdout`
+        interactions before them the held-out slice. `item_id` hides the item from memory search
+        while it is replayed (it would find its own answer).
+    metric: `metric(example, prediction, trace=None) -> float` in [0, 1]; default: the task's
+        score, for the task of the student's persona.
     guard: reject rewrites that score worse (False: the paper's loop, every rewrite accepted).
     """
 
-    def __init__(self, batch_size: int = 3, iterations: int = 3, *, loss: Literal["per_interaction", "batch"] = "per_interaction",
-                 guard: bool = True, holdout: int = 0, budget: int = PROFILE_BUDGET,
-                 reflection_lm: dspy.LM | None = None, on_step: Callable[[AlignmentStep], None] | None = None):
+    def __init__(self, *, batch_size: int, iterations: int, metric: Metric | None = None,
+                 loss: Literal["per_interaction", "batch"] = "per_interaction", guard: bool = True, holdout: int = 0,
+                 budget: int = PROFILE_BUDGET, reflection_lm: dspy.LM | None = None,
+                 on_step: Callable[[AlignmentStep], None] | None = None):
         super().__init__()
         if batch_size < 1 or iterations < 0 or holdout < 0:
             raise ValueError("batch_size must be >= 1, iterations and holdout >= 0")
         if loss not in ("per_interaction", "batch"):
             raise ValueError(f"loss must be 'per_interaction' or 'batch', not {loss!r}")
-        self.batch_size, self.iterations, self.loss, self.guard = batch_size, iterations, loss, guard
+        self.batch_size, self.iterations, self.metric, self.loss, self.guard = batch_size, iterations, metric, loss, guard
         self.holdout, self.budget = holdout, budget
         self.reflection_lm, self.on_step = reflection_lm, on_step
         self.critic = dspy.Predict(CritiqueResponse)
         self.batch_critic = dspy.Predict(CritiqueBatch)
         self.updater = dspy.Predict(UpdateProfile)
-        self.steps: list[AlignmentStep] = []
+        self.steps: list[AlignmentStep] = []  # the last compile's, as also attached to its program
 
-    def compile(self, student: PersonaAgent, *, trainset, teacher=None, valset=None, **kwargs) -> PersonaAgent:
-        program = student.deepcopy()
+    def compile(self, student: PersonaProgram, *, trainset, teacher=None, valset=None, **kwargs) -> PersonaProgram:
+        if not isinstance(student, PersonaProgram):
+            raise TypeError(f"{type(student).__name__} is not a PersonaProgram (persona, with_persona, __call__)")
+        task = student.persona.task
+        metric = self.metric or (lambda ex, pred, trace=None: task_metric(ex, pred, task=task))
         history = list(trainset)
         batch = history[-self.batch_size:]
         heldout = history[-self.batch_size - self.holdout:-self.batch_size] if self.holdout else []
-        self.steps = []
+        program, steps = student.with_persona(student.persona), []
         if not batch:
             log.warning("no past interactions to align on; the persona is returned unchanged")
-            return program
         current = current_holdout = None
-        for t in range(self.iterations):
+        for t in range(self.iterations if batch else 0):
             with metered() as cost:
                 if current is None:  # later iterations reuse the replay that scored the accepted persona
-                    current = replay(program, batch)
-                    current_holdout = replay(program, heldout) if heldout else None
-                step, current, current_holdout = self._step(program, batch, heldout, current, current_holdout, t)
+                    current = replay(program, batch, metric)
+                    current_holdout = replay(program, heldout, metric) if heldout else None
+                step, program, current, current_holdout = self._step(program, batch, heldout, metric, current,
+                                                                     current_holdout, t)
             step.lm_calls, step.tokens, step.fallbacks = cost.lm_calls, cost.tokens, cost.fallbacks
-            self.steps.append(step)
+            steps.append(step)
             if self.on_step:
                 self.on_step(step)
-            if step.reason == "batch already answered perfectly":
+            if step.reason == PERFECT:
                 break
+        self.steps = program.alignment_steps = steps
         return program
 
-    def _step(self, program: PersonaAgent, batch, heldout, current: Replay, current_holdout: Replay | None, t: int):
+    def _step(self, program, batch, heldout, metric, current: Replay, current_holdout: Replay | None, t: int):
+        """One iteration from `program`; returns the step and the program, replay and held-out
+        replay the next iteration starts from."""
         profile = program.persona.profile
         step = AlignmentStep(t, current.score, profile, profile, simulated=current.answers,
                              holdout_score=current_holdout.score if current_holdout else None)
+        unchanged = step, program, current, current_holdout
         if self.guard and current.score >= 1.0:
-            step.reason = "batch already answered perfectly"
-            return step, current, current_holdout
+            step.reason = PERFECT
+            return unchanged
         with dspy.context(lm=self.reflection_lm or dspy.settings.lm):
             step.critiques = self._critique(profile, batch, current.answers)
             feedback = aggregate(batch, current.answers, step.critiques)
@@ -130,20 +170,17 @@ class PersonaAlignment(Teleprompter):
                                              profile, f"iteration {t}: profile update").strip()
         if step.profile_after == profile.strip():
             step.profile_after, step.reason = profile, "rejected: no new profile was written"
-            log.info("iteration %d: %s", t, step.reason)
-            return step, current, current_holdout
-        problem = profile_problem(step.profile_after, self.budget)
-        if problem:
+        elif problem := profile_problem(step.profile_after, self.budget):
             step.reason = f"rejected: {problem}"
+        if step.reason:
             log.info("iteration %d: %s", t, step.reason)
-            return step, current, current_holdout
+            return unchanged
         candidate = program.with_persona(program.persona.with_profile(step.profile_after))
         if not self.guard:
             step.accepted, step.reason = True, "accepted (unguarded)"
-            program.persona = candidate.persona
-            return step, None, None  # the next iteration replays the new persona
-        scored = replay(candidate, batch)
-        scored_holdout = replay(candidate, heldout) if heldout else None
+            return step, candidate, None, None  # the next iteration replays the new persona
+        scored = replay(candidate, batch, metric)
+        scored_holdout = replay(candidate, heldout, metric) if heldout else None
         step.candidate_score = scored.score
         step.candidate_holdout_score = scored_holdout.score if scored_holdout else None
         if scored.score < current.score:
@@ -152,10 +189,9 @@ class PersonaAlignment(Teleprompter):
             step.reason = f"rejected: held-out score dropped {current_holdout.score:.3f} -> {scored_holdout.score:.3f}"
         else:
             step.accepted, step.reason = True, "accepted"
-            program.persona = candidate.persona
-            return step, scored, scored_holdout
+            return step, candidate, scored, scored_holdout
         log.info("iteration %d: %s", t, step.reason)
-        return step, current, current_holdout
+        return unchanged
 
     def _critique(self, profile: str, batch, answers: Sequence[str]) -> list[str]:
         if self.loss == "batch":
@@ -169,14 +205,13 @@ class PersonaAlignment(Teleprompter):
                 for ex, a in zip(batch, answers)]
 
 
-def replay(program: PersonaAgent, examples) -> Replay:
+def replay(program: PersonaProgram, examples, metric: Metric) -> Replay:
     """Answer past interactions with each one hidden from memory (or it would find its own
     answer); a failing call counts as a wrong answer."""
-    task = program.task
-    with UserMemory.excluding(ex.item_id for ex in examples):
-        answers = [str(answer_or_none(program, ex.query, f"replay of {getattr(ex, 'item_id', '?')}") or "")
+    with UserMemory.excluding(ex.item_id for ex in examples if "item_id" in ex):
+        answers = [str(answer_or_none(program, ex.query, f"replay of {ex.get('item_id', '?')}") or "")
                    for ex in examples]
-    scores = [task.example_score(ex.answer, a) for ex, a in zip(examples, answers)]
+    scores = [float(metric(ex, dspy.Prediction(answer=a))) for ex, a in zip(examples, answers)]
     return Replay(answers, sum(scores) / len(scores) if scores else 0.0)
 
 

@@ -1,65 +1,119 @@
-"""The `persona-agent` command."""
+"""The `persona-agent` command: a table of commands, each a small function of `Settings`.
+
+Every option's default is read from `Settings` (or the command's preset of it), so the help
+text, the library and the CLI never disagree. Heavy imports (DSPy, MLflow, Qdrant) happen inside
+the command that needs them, so `--help` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Callable
 
-from .config import Settings, offline_environment
-from .llm import LMConfig
+from .settings import Settings, offline_environment
+
+# -- options ----------------------------------------------------------------------------------
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum, rejected at parse time otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
+def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
     g = p.add_argument_group("store and models")
-    g.add_argument("--store", type=Path, default=Path("mlruns"),
-                   help="directory of the MLflow store and embedded Qdrant (default: mlruns)")
-    g.add_argument("--lm", default="local",
+    g.add_argument("--store", type=Path, default=s.store,
+                   help=f"directory of the MLflow store and embedded Qdrant (default: {s.store})")
+    g.add_argument("--lm", default=s.lm.model,
                    help="'local' (in-process Gemma 3 270M), 'local:/path/model.gguf', or any LiteLLM model "
-                        "such as openai/gpt-4o-mini (key from the environment)")
-    g.add_argument("--api-base", help="endpoint for the LiteLLM model (vLLM, Ollama, llama.cpp server, ...)")
-    g.add_argument("--retries", type=int, default=3,
-                   help="retries per LM call on timeouts, 429 and 5xx, with backoff (default 3)")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per remote LM request (default 120)")
-    g.add_argument("--qdrant-url", help="use a Qdrant server instead of the embedded store")
-    g.add_argument("--experiment", default="persona-agent", help="MLflow experiment name")
+                        f"such as openai/gpt-4o-mini (key from the environment; default {s.lm.model})")
+    g.add_argument("--api-base", default=s.lm.api_base,
+                   help="endpoint for the LiteLLM model (vLLM, Ollama, llama.cpp server, ...)")
+    g.add_argument("--retries", type=_count(0), default=s.lm.retries,
+                   help=f"retries per LM call on timeouts, 429 and 5xx, with backoff (default {s.lm.retries})")
+    g.add_argument("--timeout", type=_seconds, default=s.lm.timeout,
+                   help=f"seconds per remote LM request (default {s.lm.timeout:g})")
+    g.add_argument("--qdrant-url", default=s.qdrant_url, help="use a Qdrant server instead of the embedded store")
+    g.add_argument("--experiment", default=s.experiment, help=f"MLflow experiment name (default {s.experiment})")
     g.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
-def _alignment(p: argparse.ArgumentParser, iterations: int, batch: int, max_iters: int) -> None:
-    g = p.add_argument_group("alignment")
-    g.add_argument("--iterations", "-T", type=int, default=iterations, help=f"alignment iterations (default {iterations})")
-    g.add_argument("--batch", "-n", type=int, default=batch, help=f"latest interactions per iteration (default {batch})")
-    g.add_argument("--top-k", "-k", type=int, default=5, help="memories retrieved per query (default 5)")
-    g.add_argument("--max-iters", type=int, default=max_iters, help=f"ReAct steps per answer (default {max_iters})")
-    g.add_argument("--loss", choices=["per_interaction", "batch"], default="per_interaction",
-                   help="critique each interaction (the paper) or the whole batch in one LM call")
-    g.add_argument("--no-guard", dest="guard", action="store_false",
-                   help="accept every rewrite (the paper's loop) instead of only those that do not score worse")
-    g.add_argument("--holdout", type=int, default=0,
-                   help="older interactions a rewrite must not score worse on either (default 0)")
+def _agent_options(g, s: Settings) -> None:
+    g.add_argument("--top-k", "-k", type=_count(0), default=s.top_k, help=f"memories retrieved per query (default {s.top_k})")
+    g.add_argument("--max-iters", type=_count(0), default=s.max_iters, help=f"ReAct steps per answer (default {s.max_iters})")
     g.add_argument("--trace", action="store_true", help="record MLflow traces of every agent call")
 
 
-def _evaluation(p: argparse.ArgumentParser, methods: str, out: str) -> None:
-    """The data, method and output options `eval` and `sweep` share."""
+def _alignment_options(p: argparse.ArgumentParser, s: Settings) -> None:
+    g = p.add_argument_group("alignment")
+    g.add_argument("--iterations", "-T", type=_count(0), default=s.iterations,
+                   help=f"alignment iterations (default {s.iterations})")
+    g.add_argument("--batch", "-n", dest="batch_size", type=_count(1), default=s.batch_size,
+                   help=f"latest interactions per iteration (default {s.batch_size})")
+    g.add_argument("--loss", choices=["per_interaction", "batch"], default=s.loss,
+                   help=f"critique each interaction (the paper) or the whole batch in one LM call (default {s.loss})")
+    g.add_argument("--no-guard", dest="guard", action="store_false", default=s.guard,
+                   help="accept every rewrite (the paper's loop) instead of only those that do not score worse")
+    g.add_argument("--holdout", type=_count(0), default=s.holdout,
+                   help=f"older interactions a rewrite must not score worse on either (default {s.holdout})")
+    _agent_options(g, s)
+
+
+def _workers_option(p: argparse.ArgumentParser, s: Settings, what: str) -> None:
+    p.add_argument("--workers", type=_count(1), default=s.workers, help=f"{what} (default {s.workers})")
+
+
+def _task_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="lamp2m", help="lamp1, lamp2m, lamp2n or lamp3 (default lamp2m)")
-    p.add_argument("--data", type=Path, help="LaMP directory or OPPU file (default: the shipped synthetic set)")
-    p.add_argument("--split", help="LaMP split name when the directory holds several (dev, test, ...)")
-    p.add_argument("--methods", default=methods, help=f"comma-separated method names, or 'all' (default {methods})")
-    p.add_argument("--users", type=int, help="first N users (default all)")
-    p.add_argument("--queries", type=int, help="first N queries per user (default all)")
-    p.add_argument("--workers", type=int, default=2, help="users evaluated in parallel (default 2)")
-    p.add_argument("--out", type=Path, help=f"output directory (default {out})")
-    _skip_bad(p)
-    _alignment(p, iterations=3, batch=3, max_iters=1)
-    _common(p)
 
 
 def _skip_bad(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) bad records instead of stopping at the first one")
+
+
+def _evaluation_options(p: argparse.ArgumentParser, s: Settings, methods: str, out: str) -> None:
+    """The data, method and output options `eval` and `sweep` share."""
+    _task_option(p)
+    p.add_argument("--data", type=Path, help="LaMP directory or OPPU file (default: the shipped synthetic set)")
+    p.add_argument("--split", help="LaMP split name when the directory holds several (dev, test, ...)")
+    p.add_argument("--methods", default=methods, help=f"comma-separated method names, or 'all' (default {methods})")
+    p.add_argument("--users", type=_count(1), help="first N users (default all)")
+    p.add_argument("--queries", type=_count(1), help="first N queries per user (default all)")
+    _workers_option(p, s, "users evaluated in parallel")
+    p.add_argument("--out", type=Path, help=f"output directory (default {out})")
+    _skip_bad(p)
+    _alignment_options(p, s)
+    _store_options(p, s)
+
+
+def _settings(args: argparse.Namespace, base: Settings) -> Settings:
+    """`base` with every Settings field the command's options set."""
+    given = vars(args)
+    lm = replace(base.lm, model=args.lm, api_base=args.api_base, retries=args.retries, timeout=args.timeout)
+    return replace(base, lm=lm, **{f.name: given[f.name] for f in fields(Settings) if f.name in given and f.name != "lm"})
 
 
 class _BadRecords(list):
@@ -78,187 +132,15 @@ def _on_bad(args) -> _BadRecords | None:
     return _BadRecords() if getattr(args, "skip_bad", False) else None
 
 
-def _settings(args) -> Settings:
-    return Settings(store=args.store, lm=LMConfig(model=args.lm, api_base=args.api_base, retries=args.retries,
-                                                    timeout=args.timeout), qdrant_url=args.qdrant_url,
-                    experiment=args.experiment, top_k=getattr(args, "top_k", 5),
-                    batch_size=getattr(args, "batch", 3), iterations=getattr(args, "iterations", 3),
-                    max_iters=getattr(args, "max_iters", 2), loss=getattr(args, "loss", "per_interaction"),
-                    guard=getattr(args, "guard", True), holdout=getattr(args, "holdout", 0))
+def _trace_if_asked(args) -> None:
+    """After the store is open (traces go to its experiment)."""
+    if getattr(args, "trace", False):
+        from . import tracking
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="persona-agent", description=__doc__ + " Per-user personas, aligned at test time.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="align a few users of a shipped task end to end and print the scores",
-                          description="Build memory, profile and persona for a few users, align them, and score "
-                                      "before/after alignment against a non-personalized baseline.")
-    demo.add_argument("--task", default="lamp2m", help="lamp1, lamp2m, lamp2n or lamp3 (default lamp2m)")
-    demo.add_argument("--users", type=int, default=3, help="how many users (default 3)")
-    demo.add_argument("--queries", type=int, default=3, help="held-out queries per user (default 3)")
-    demo.add_argument("--data", type=Path, help="LaMP/OPPU data instead of the shipped synthetic set")
-    _alignment(demo, iterations=2, batch=2, max_iters=1)
-    _common(demo)
-
-    ev = sub.add_parser("eval", help="score every method (the paper's table) on LaMP-format data",
-                        description="Run the chosen methods on each user's queries and write the results table "
-                                    "(CSV, markdown), per-method predictions in LaMP's golds format, and MLflow runs.")
-    _evaluation(ev, methods="all", out="<store>/eval/<task>-<time>")
-
-    sw = sub.add_parser("sweep", help="test-time scaling: vary n, T, K or the history kept (cold start)",
-                        description="Evaluate methods at each value of one setting; writes sweep_<param>.csv "
-                                    "and a PNG plot, also as MLflow artifacts.")
-    sw.add_argument("param", choices=["batch", "iterations", "top_k", "history"],
-                    help="alignment batch n, iterations T, retrieved memories K, or history items per user")
-    sw.add_argument("values", help="comma-separated integers, e.g. 1,2,3 (history: 10 for the paper's cold start)")
-    _evaluation(sw, methods="persona-agent,non-personalized", out="<store>/sweeps")
-
-    ing = sub.add_parser("ingest", help="add new interactions to episodic memory (idempotent)",
-                         description="Append a JSONL event log ({user_id, input, response, timestamp, id?} per line) "
-                                     "or LaMP/OPPU files to memory. Re-ingesting the same file adds nothing.")
-    ing.add_argument("path", type=Path, help="events .jsonl, a LaMP directory, or a LaMP/OPPU JSON file")
-    ing.add_argument("--task", default="lamp2m")
-    ing.add_argument("--split")
-    _skip_bad(ing)
-    _common(ing)
-
-    night = sub.add_parser("nightly", help="re-align users whose history changed; resumable, one run per store",
-                           description="Refresh semantic memory and re-align exactly the users with new interactions. "
-                                       "A killed run is finished by the next one; a second concurrent run refuses to start.")
-    night.add_argument("--task", default="lamp2m")
-    night.add_argument("--workers", type=int, default=4, help="users aligned concurrently (default 4)")
-    night.add_argument("--executor", choices=["thread", "ray"], default="thread",
-                       help="threads in this process, or a Ray cluster (RAY_ADDRESS, else a local one)")
-    _alignment(night, iterations=3, batch=3, max_iters=1)
-    _common(night)
-
-    make = sub.add_parser("make-data", help="generate LaMP-format data with measurable personalization",
-                          description="Write {split}_questions.json, {split}_outputs.json and rules.json (each "
-                                      "user's latent preference rule).")
-    make.add_argument("out", type=Path, help="output directory")
-    make.add_argument("--task", default="lamp2m", help="lamp1, lamp2m, lamp2n or lamp3")
-    make.add_argument("--users", type=int, default=20)
-    make.add_argument("--history", type=int, default=40, help="history items per user")
-    make.add_argument("--queries", type=int, default=6, help="queries per user")
-    make.add_argument("--split", default="dev")
-    make.add_argument("--seed", type=int, default=0)
-
-    personas = sub.add_parser("personas", help="inspect, compare and roll back personas in the MLflow prompt registry")
-    psub = personas.add_subparsers(dest="action", required=True)
-    for name, help_ in (("list", "users with personas: versions and the production version"),
-                        ("show", "a persona's text (production, or --version V)"),
-                        ("history", "every version of a user's persona with scores, acceptance and cost"),
-                        ("diff", "unified diff between two versions"),
-                        ("rollback", "make an earlier version the production one")):
-        p = psub.add_parser(name, help=help_, description=help_)
-        if name != "list":
-            p.add_argument("user", help="user id")
-        if name == "show":
-            p.add_argument("--version", type=int, help="version number (default: production)")
-        if name == "diff":
-            p.add_argument("v1", type=int)
-            p.add_argument("v2", type=int)
-        if name == "rollback":
-            p.add_argument("--to", type=int, required=True, help="version to serve")
-        p.add_argument("--task", default="lamp2m", help="task of the personas (default lamp2m)")
-        _common(p)
-
-    answer = sub.add_parser("answer", help="answer a query as USER's agent, with their production persona",
-                            description="Serve one query: the production persona, the user's memory, the agent.")
-    answer.add_argument("user", help="user id")
-    answer.add_argument("query", help="the request, in the task's input format")
-    answer.add_argument("--task", default="lamp2m", help="task (default lamp2m)")
-    answer.add_argument("--top-k", "-k", type=int, default=5, help="memories retrieved (default 5)")
-    answer.add_argument("--max-iters", type=int, default=1, help="ReAct steps (default 1)")
-    answer.add_argument("--trace", action="store_true", help="record an MLflow trace of the call")
-    _common(answer)
-
-    compare = sub.add_parser("compare", help="metric deltas between two runs, per user and overall",
-                             description="B - A for every metric both runs (and their per-user runs) logged.")
-    compare.add_argument("run_a")
-    compare.add_argument("run_b")
-    _common(compare)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    offline_environment()
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    from dspy.utils.exceptions import LMError
-    from mlflow.exceptions import MlflowException
-
-    from .eval.tasks import TaskDataError, get_task
-
-    try:
-        if args.command == "make-data":
-            from .eval.synthetic import write_dataset
-
-            out = write_dataset(args.out, get_task(args.task), split=args.split, n_users=args.users,
-                                n_history=args.history, n_queries=args.queries, seed=args.seed)
-            print(f"wrote {args.users} users of {get_task(args.task).name} to {out}")
-        elif args.command == "demo":
-            from .demo import run_demo
-
-            _trace_if_asked(args, _settings(args))
-            run_demo(_settings(args), args.task, args.users, args.queries, args.data)
-        elif args.command == "eval":
-            _eval(args, get_task(args.task))
-        elif args.command == "sweep":
-            _sweep(args, get_task(args.task))
-        elif args.command == "ingest":
-            from .pipelines.ingest import ingest
-            from .pipelines.memory import EpisodicMemory
-
-            settings = _settings(args)
-            settings.store.mkdir(parents=True, exist_ok=True)
-            memory = EpisodicMemory.open(path=str(settings.qdrant_path), url=settings.qdrant_url)
-            bad = _on_bad(args)
-            try:
-                report = ingest(memory, args.path, get_task(args.task), args.split, bad)
-            finally:
-                memory.close()
-            print(f"read {report.read} interactions of {report.users} users: {report.added} new, "
-                  f"{report.already_known} already in memory" + (f", {len(bad)} bad records skipped" if bad else ""))
-            if bad:
-                bad.report()
-        elif args.command == "nightly":
-            from .nightly import NightlyLocked, print_summary, run_nightly
-
-            _trace_if_asked(args, _settings(args))
-            try:
-                summary = run_nightly(_settings(args), get_task(args.task), args.workers, executor=args.executor)
-            except NightlyLocked as err:
-                print(f"persona-agent: {err}", file=sys.stderr)
-                return 3
-            print_summary(summary)
-            return 1 if summary.failed else 0
-        elif args.command == "personas":
-            _personas(args, get_task(args.task))
-        elif args.command == "answer":
-            print(_answer(args, get_task(args.task)))
-        elif args.command == "compare":
-            from . import tracking
-            from .compare import compare_runs
-
-            tracking.setup(_settings(args))
-            table = compare_runs(args.run_a, args.run_b)
-            print(table.to_string(index=False, float_format="%.3f") if len(table) else "no metrics in common")
-    except (TaskDataError, LookupError, ValueError, MlflowException) as err:
-        print(f"persona-agent: {err}", file=sys.stderr)
-        return 2
-    except LMError as err:  # still failing after the retries: an outage or a wrong --lm/--api-base/key
-        print(f"persona-agent: the LLM failed after {getattr(args, 'retries', 0)} retries: {' '.join(str(err).split())[:500]}",
-              file=sys.stderr)
-        return 4
-    return 0
+        tracking.enable_traces()
 
 
 def _users(args, task):
-    from dataclasses import replace
-
     from .eval.data import load_users
     from .eval.synthetic import shipped_data_dir
 
@@ -271,70 +153,290 @@ def _users(args, task):
     return users
 
 
-def _sweep(args, task) -> None:
-    from .pipelines.methods import resolve
-    from .sweep import sweep
+# -- commands ---------------------------------------------------------------------------------
+# Each opens the store it needs with `Store.open(settings, memory=...)`: where memory lives is
+# decided here, once per command.
+
+
+def demo(settings: Settings, args) -> int:
+    from .demo import run_demo
+    from .store import Store
+
+    with Store.open(settings, memory="persistent") as store:
+        _trace_if_asked(args)
+        run_demo(settings, store, args.task, args.users, args.queries, args.data)
+    return 0
+
+
+def evaluate(settings: Settings, args) -> int:
+    from .eval.tasks import get_task
+    from .harness import default_out
+    from .harness import evaluate as run
+    from .methods import resolve
+    from .store import Store
+
+    task = get_task(args.task)
+    methods, users = resolve(args.methods), _users(args, task)
+    with Store.open(settings, memory="run") as store:  # a measurement reads nothing another command stored
+        _trace_if_asked(args)
+        run(settings, task, users, methods, args.out or default_out(settings, task), store.memory)
+    return 0
+
+
+def sweep(settings: Settings, args) -> int:
+    from .eval.tasks import get_task
+    from .methods import resolve
+    from .store import Store
+    from .sweep import sweep as run
 
     try:
         values = [int(v) for v in args.values.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"sweep values must be comma-separated integers, not {args.values!r}") from None
-    settings = _settings(args)
-    table = sweep(settings, task, _users(args, task), resolve(args.methods), args.param, values,
-                  args.out or settings.store / "sweeps", args.workers)
+    task = get_task(args.task)
+    methods, users = resolve(args.methods), _users(args, task)
+    with Store.open(settings, memory="run") as store:
+        table = run(settings, store, task, users, methods, args.param, values, args.out or settings.store / "sweeps")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
 
 
-def _eval(args, task) -> None:
-    from .evaluate import default_out, evaluate
-    from .pipelines.methods import resolve
+def ingest(settings: Settings, args) -> int:
+    from .eval.tasks import get_task
+    from .pipelines.ingest import ingest as run
+    from .store import Store
 
-    methods = resolve(args.methods)
-    users = _users(args, task)
-    settings = _settings(args)
-    _trace_if_asked(args, settings)
-    evaluate(settings, task, users, methods, args.out or default_out(settings, task), args.workers)
-
-
-def _personas(args, task) -> None:
-    from . import tracking
-    from .registry import PersonaRegistry
-
-    tracking.setup(_settings(args))
-    registry = PersonaRegistry(task)
-    if args.action == "list":
-        table = registry.users()
-        print(table.to_string(index=False) if len(table) else "no personas registered yet")
-    elif args.action == "show":
-        print(registry.get(args.user, args.version).persona.render())
-    elif args.action == "history":
-        table = registry.history(args.user)
-        if table.empty:
-            raise LookupError(f"{task.key} user {args.user!r} has no persona in the registry")
-        print(table.to_string(index=False))
-    elif args.action == "diff":
-        print(registry.diff(args.user, args.v1, args.v2) or "identical")
-    elif args.action == "rollback":
-        registry.rollback(args.user, args.to)
-        print(f"{args.user}: production is now version {args.to}")
+    bad = _on_bad(args)
+    with Store.open(settings, memory="persistent") as store:
+        report = run(store.memory, args.path, get_task(args.task), args.split, bad)
+    print(f"read {report.read} interactions of {report.users} users: {report.added} new, "
+          f"{report.already_known} already in memory" + (f", {len(bad)} bad records skipped" if bad else ""))
+    if bad:
+        bad.report()
+    return 0
 
 
-def _answer(args, task) -> str:
-    from . import tracking
-    from .serve import answer
+def nightly(settings: Settings, args) -> int:
+    from .eval.tasks import get_task
+    from .nightly import NightlyLocked, print_summary, run_nightly
 
-    settings = _settings(args)
-    tracking.setup(settings)
-    _trace_if_asked(args, settings)
-    return answer(settings, task, args.user, args.query)
+    _trace_if_asked(args)
+    try:  # opens the persistent store itself, under the nightly lock
+        summary = run_nightly(settings, get_task(args.task), executor=args.executor)
+    except NightlyLocked as err:
+        print(f"persona-agent: {err}", file=sys.stderr)
+        return 3
+    print_summary(summary)
+    return 1 if summary.failed else 0
 
 
-def _trace_if_asked(args, settings: Settings) -> None:
-    if getattr(args, "trace", False):
-        from . import tracking
+def make_data(settings: Settings, args) -> int:
+    from .eval.synthetic import write_dataset
+    from .eval.tasks import get_task
 
-        tracking.setup(settings)
-        tracking.enable_traces()
+    task = get_task(args.task)
+    out = write_dataset(args.out, task, split=args.split, n_users=args.users, n_history=args.history,
+                        n_queries=args.queries, seed=args.seed)
+    print(f"wrote {args.users} users of {task.name} to {out}")
+    return 0
+
+
+def personas(settings: Settings, args) -> int:
+    from .eval.tasks import get_task
+    from .store import Store
+
+    task = get_task(args.task)
+    with Store.open(settings, memory=None) as store:
+        registry = store.registry(task)
+        if args.action == "list":
+            table = registry.users()
+            print(table.to_string(index=False) if len(table) else "no personas registered yet")
+        elif args.action == "show":
+            print(registry.get(args.user, args.version).persona.render())
+        elif args.action == "history":
+            table = registry.history(args.user)
+            if table.empty:
+                raise LookupError(f"{task.key} user {args.user!r} has no persona in the registry")
+            print(table.to_string(index=False))
+        elif args.action == "diff":
+            print(registry.diff(args.user, args.v1, args.v2) or "identical")
+        elif args.action == "rollback":
+            registry.rollback(args.user, args.to)
+            print(f"{args.user}: production is now version {args.to}")
+    return 0
+
+
+def answer(settings: Settings, args) -> int:
+    from .eval.tasks import get_task
+    from .serve import answer as run
+    from .store import Store
+
+    with Store.open(settings, memory="persistent") as store:
+        _trace_if_asked(args)
+        print(run(store, get_task(args.task), args.user, args.query))
+    return 0
+
+
+def compare(settings: Settings, args) -> int:
+    from .compare import compare_runs
+    from .store import Store
+
+    with Store.open(settings, memory=None):
+        table = compare_runs(args.run_a, args.run_b)
+    print(table.to_string(index=False, float_format="%.3f") if len(table) else "no metrics in common")
+    return 0
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+def _demo_args(p, s):
+    _task_option(p)
+    p.add_argument("--users", type=_count(1), default=3, help="how many users (default 3)")
+    p.add_argument("--queries", type=_count(1), default=3, help="held-out queries per user (default 3)")
+    p.add_argument("--data", type=Path, help="LaMP/OPPU data instead of the shipped synthetic set")
+    _alignment_options(p, s)
+    _store_options(p, s)
+
+
+def _sweep_args(p, s):
+    p.add_argument("param", choices=["batch", "iterations", "top_k", "history"],
+                   help="alignment batch n, iterations T, retrieved memories K, or history items per user")
+    p.add_argument("values", help="comma-separated integers, e.g. 1,2,3 (history: 10 for the paper's cold start)")
+    _evaluation_options(p, s, methods="persona-agent,non-personalized", out="<store>/sweeps")
+
+
+def _ingest_args(p, s):
+    p.add_argument("path", type=Path, help="events .jsonl, a LaMP directory, or a LaMP/OPPU JSON file")
+    _task_option(p)
+    p.add_argument("--split")
+    _skip_bad(p)
+    _store_options(p, s)
+
+
+def _nightly_args(p, s):
+    _task_option(p)
+    _workers_option(p, s, "users aligned concurrently")
+    p.add_argument("--executor", choices=["thread", "ray"], default="thread",
+                   help="threads in this process, or a Ray cluster (RAY_ADDRESS, else a local one)")
+    _alignment_options(p, s)
+    _store_options(p, s)
+
+
+def _make_data_args(p, s):
+    p.add_argument("out", type=Path, help="output directory")
+    _task_option(p)
+    p.add_argument("--users", type=_count(1), default=20)
+    p.add_argument("--history", type=_count(1), default=40, help="history items per user")
+    p.add_argument("--queries", type=_count(1), default=6, help="queries per user")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _personas_args(p, s):
+    actions = p.add_subparsers(dest="action", required=True)
+    for name, help_ in (("list", "users with personas: versions and the production version"),
+                        ("show", "a persona's text (production, or --version V)"),
+                        ("history", "every version of a user's persona with scores, acceptance and cost"),
+                        ("diff", "unified diff between two versions"),
+                        ("rollback", "make an earlier version the production one")):
+        a = actions.add_parser(name, help=help_, description=help_)
+        if name != "list":
+            a.add_argument("user", help="user id")
+        if name == "show":
+            a.add_argument("--version", type=_count(1), help="version number (default: production)")
+        if name == "diff":
+            a.add_argument("v1", type=_count(1))
+            a.add_argument("v2", type=_count(1))
+        if name == "rollback":
+            a.add_argument("--to", type=_count(1), required=True, help="version to serve")
+        a.add_argument("--task", default="lamp2m", help="task of the personas (default lamp2m)")
+        _store_options(a, s)
+
+
+def _answer_args(p, s):
+    p.add_argument("user", help="user id")
+    p.add_argument("query", help="the request, in the task's input format")
+    _task_option(p)
+    _agent_options(p.add_argument_group("agent"), s)
+    _store_options(p, s)
+
+
+def _compare_args(p, s):
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    _store_options(p, s)
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[Settings, argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser, Settings], None]
+    help: str
+    description: str = ""
+    defaults: Callable[[], Settings] = Settings  # the Settings this command's options start from
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(demo, _demo_args, "align a few users of a shipped task end to end and print the scores",
+                    "Build memory, profile and persona for a few users, align them, and score before/after "
+                    "alignment against a non-personalized baseline.", Settings.for_demo),
+    "eval": Command(evaluate, lambda p, s: _evaluation_options(p, s, "all", "<store>/eval/<task>-<time>"),
+                    "score every method (the paper's table) on LaMP-format data",
+                    "Run the chosen methods on each user's queries and write the results table (CSV, markdown), "
+                    "per-method predictions in LaMP's golds format, and MLflow runs."),
+    "sweep": Command(sweep, _sweep_args, "test-time scaling: vary n, T, K or the history kept (cold start)",
+                     "Evaluate methods at each value of one setting; writes sweep_<param>.csv and a PNG plot, "
+                     "also as MLflow artifacts."),
+    "ingest": Command(ingest, _ingest_args, "add new interactions to episodic memory (idempotent)",
+                      "Append a JSONL event log ({user_id, input, response, timestamp, id?} per line) or LaMP/OPPU "
+                      "files to memory. Re-ingesting the same file adds nothing."),
+    "nightly": Command(nightly, _nightly_args, "re-align users whose history changed; resumable, one run per store",
+                       "Refresh semantic memory and re-align exactly the users with new interactions. A killed run "
+                       "is finished by the next one; a second concurrent run refuses to start."),
+    "make-data": Command(make_data, _make_data_args, "generate LaMP-format data with measurable personalization",
+                         "Write {split}_questions.json, {split}_outputs.json and rules.json (each user's latent "
+                         "preference rule)."),
+    "personas": Command(personas, _personas_args,
+                        "inspect, compare and roll back personas in the MLflow prompt registry"),
+    "answer": Command(answer, _answer_args, "answer a query as USER's agent, with their production persona",
+                      "Serve one query: the production persona, the user's memory, the agent."),
+    "compare": Command(compare, _compare_args, "metric deltas between two runs, per user and overall",
+                       "B - A for every metric both runs (and their per-user runs) logged."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persona-agent",
+                                     description="Per-user personas for DSPy agents, aligned at test time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.description or command.help)
+        command.arguments(p, command.defaults())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    offline_environment()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from dspy.utils.exceptions import LMError
+    from mlflow.exceptions import MlflowException
+
+    from .eval.tasks import TaskDataError
+
+    command = COMMANDS[args.command]
+    settings = _settings(args, command.defaults()) if hasattr(args, "store") else command.defaults()
+    try:
+        return command.run(settings, args)
+    except (TaskDataError, LookupError, ValueError, MlflowException) as err:
+        print(f"persona-agent: {err}", file=sys.stderr)
+        return 2
+    except LMError as err:  # still failing after the retries: an outage or a wrong --lm/--api-base/key
+        print(f"persona-agent: the LLM failed after {settings.lm.retries} retries: {' '.join(str(err).split())[:500]}",
+              file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

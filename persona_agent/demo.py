@@ -17,62 +17,57 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from . import tracking
-from .registry import PersonaRegistry
-from .config import Settings
-from .progress import progress_bar
 from .eval.data import UserData, load_users
 from .eval.synthetic import shipped_data_dir
 from .eval.tasks import get_task
 from .llm import adapter_for, build_lm
-from .optimizers import AlignmentStep, PersonaAlignment
+from .methods import alignment, user_flow
+from .optimizers import AlignmentStep
 from .pipelines.agent import NonPersonalized
-from .pipelines.memory import EpisodicMemory
-from .pipelines.personalize import agent_for, remember, score, trainset, write_profile
-from .usage import metered
+from .pipelines.flow import history_items, score
+from .pipelines.metering import metered
+from .progress import progress_bar
+from .settings import Settings
+from .store import Store
 
 log = logging.getLogger(__name__)
 
 
-def run_demo(settings: Settings, task_name: str = "lamp2m", users: int = 3, queries: int = 3,
+def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users: int = 3, queries: int = 3,
              data: Path | None = None, console: Console | None = None) -> pd.DataFrame:
+    """`store`: opened with persistent memory, which keeps the users' histories afterwards."""
     console = console or Console()
     task = get_task(task_name)
     people = load_users(data or shipped_data_dir(task), task)[:users]
-    tracking.setup(settings)
     lm = build_lm(settings.lm)
-    memory = EpisodicMemory.open(path=str(settings.qdrant_path), url=settings.qdrant_url)
     rows, started = [], time.perf_counter()
     steps_per_user = 4 + settings.iterations
-    try:
-        with dspy.context(lm=lm, adapter=adapter_for(lm)), \
-                mlflow.start_run(run_name=f"demo-{task.key}") as parent, progress_bar(console) as progress:
-            mlflow.log_params({"task": task.key, "users": len(people), "queries_per_user": queries,
-                               "lm": settings.lm.model, "top_k": settings.top_k, "batch_size": settings.batch_size,
-                               "iterations": settings.iterations, "max_iters": settings.max_iters})
-            bar = progress.add_task("demo", total=len(people) * steps_per_user)
-            for user in people:
-                rows.append(_demo_user(settings, user, memory, queries, progress, bar))
-            table = _table(rows, task)
-            _log_table(table, parent.info.run_id)
-            mlflow.log_metric("wall_seconds", time.perf_counter() - started)
-    finally:
-        memory.close()
+    with dspy.context(lm=lm, adapter=adapter_for(lm)), \
+            mlflow.start_run(run_name=f"demo-{task.key}") as parent, progress_bar(console) as progress:
+        mlflow.log_params({"task": task.key, "users": len(people), "queries_per_user": queries,
+                           "lm": settings.lm.model, "top_k": settings.top_k, "batch_size": settings.batch_size,
+                           "iterations": settings.iterations, "max_iters": settings.max_iters})
+        bar = progress.add_task("demo", total=len(people) * steps_per_user)
+        for user in people:
+            rows.append(_demo_user(settings, store, user, queries, progress, bar))
+        table = _table(rows, task)
+        _log_table(table, parent.info.run_id)
+        mlflow.log_metric("wall_seconds", time.perf_counter() - started)
     console.print(_rich_table(table, f"{task.name}: {len(people)} users, {queries} held-out queries each"))
     console.print(f"wall time {time.perf_counter() - started:.0f} s; MLflow store: {settings.tracking_uri}")
     return table
 
 
-def _demo_user(settings: Settings, user: UserData, memory: EpisodicMemory, n_queries: int, progress, bar) -> dict:
+def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int, progress, bar) -> dict:
     held_out = user.queries[:n_queries]
     def advance(what: str, steps: int = 1) -> None:
         progress.update(bar, advance=steps, description=f"{user.user_id}: {what}")
 
     with mlflow.start_run(run_name=user.user_id, nested=True) as run:
         with metered() as cost:
-            aligned, version, scores = _personalize(settings, user, memory, held_out, run.info.run_id, advance)
+            aligned, version, scores = _personalize(settings, store, user, held_out, run.info.run_id, advance)
         row = {"user": user.user_id}
-        for name, scored in zip(METHODS, scores):
+        for name, scored in zip(COLUMNS, scores):
             row.update({f"{name} {metric}": value for metric, value in scored.metrics.items()})
         row.update(answers=len(held_out) * 3, parsed=sum(s.parsed for s in scores),
                    failures=sum(s.failures for s in scores), lm_calls=cost.lm_calls, tokens=cost.tokens,
@@ -83,12 +78,12 @@ def _demo_user(settings: Settings, user: UserData, memory: EpisodicMemory, n_que
     return row
 
 
-def _personalize(settings, user, memory, held_out, run_id, advance):
+def _personalize(settings, store, user, held_out, run_id, advance):
     """Profile, persona v1, baseline and before-scores, alignment, after-score."""
-    task, registry = user.task, PersonaRegistry(user.task)
-    remember(memory, user)
-    profile = write_profile(user, settings.profile_items)
-    student = agent_for(user, memory, profile, settings.top_k, settings.max_iters)
+    task, registry = user.task, store.registry(user.task)
+    flow = user_flow(settings, task, user.user_id, history_items(task, user.profile), store.memory)
+    flow.remember()
+    student = flow.agent()
     registry.register(user.user_id, student.persona, "initial persona from the profile",
                       {"stage": "initial", "accepted": True, "run_id": run_id}, production=True)
     advance("profile")
@@ -110,10 +105,8 @@ def _personalize(settings, user, memory, held_out, run_id, advance):
                               production=step.accepted)
         advance(f"alignment {step.iteration + 1}: {step.reason}")
 
-    optimizer = PersonaAlignment(settings.batch_size, settings.iterations, loss=settings.loss, guard=settings.guard,
-                                 holdout=settings.holdout, on_step=on_step)
-    aligned = optimizer.compile(student, trainset=trainset(user))
-    progress_rest = settings.iterations - len(optimizer.steps)  # an early stop skips the remaining steps
+    aligned = flow.align(alignment(settings, on_step=on_step), student)
+    progress_rest = settings.iterations - len(aligned.alignment_steps)  # an early stop skips the remaining steps
     if progress_rest:
         advance(f"stopped early ({progress_rest} iterations not needed)", progress_rest)
     after = score(aligned, task, held_out)
@@ -141,19 +134,19 @@ def _log_table(table: pd.DataFrame, run_id: str) -> None:
     client.log_text(run_id, table.to_csv(), "results.csv")
 
 
-METHODS = ("non-personalized", "before alignment", "after alignment")
+COLUMNS = ("non-personalized", "before alignment", "after alignment")
 
 
 def _rich_table(table: pd.DataFrame, title: str) -> Table:
     """One column per method with its two metrics, then the cost columns."""
-    metrics = [c.split(" ")[-1] for c in table.columns if c.startswith(METHODS[0])]
+    metrics = [c.split(" ")[-1] for c in table.columns if c.startswith(COLUMNS[0])]
     out = Table(title=title)
     out.add_column("user")
-    for method in METHODS:
+    for method in COLUMNS:
         out.add_column(f"{method}\n{' / '.join(metrics)}", justify="right")
     for col in ("parsed", "answers", "lm_calls"):
         out.add_column(col.replace("_", " "), justify="right")
     for user, row in table.iterrows():
-        cells = [" / ".join(f"{row[f'{m} {k}']:.3f}" for k in metrics) for m in METHODS]
+        cells = [" / ".join(f"{row[f'{m} {k}']:.3f}" for k in metrics) for m in COLUMNS]
         out.add_row(str(user), *cells, *(f"{int(row[c])}" for c in ("parsed", "answers", "lm_calls")))
     return out

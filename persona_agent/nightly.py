@@ -2,7 +2,7 @@
 
 One run per store at a time (a lock file); users run on a bounded thread pool; every result is
 committed by this process as it arrives, so a crash loses at most the users in flight, and a
-rerun finishes them (see `pipelines.nightly`).
+rerun finishes them (see `nightly_jobs`).
 """
 
 from __future__ import annotations
@@ -19,24 +19,24 @@ import pandas as pd
 from filelock import FileLock, Timeout
 from rich.console import Console
 
-from . import tracking
-from .config import Settings
-from .progress import progress_bar
 from .eval.tasks import Task
 from .llm import adapter_for, build_lm
-from .pipelines.memory import EpisodicMemory
-from .pipelines.nightly import NightlySummary, StateStore, UserOutcome, align_job, commit, plan, state_root
+from .nightly_jobs import NightlySummary, StateStore, UserOutcome, align_job, commit, plan, state_root
+from .progress import progress_bar
 from .registry import PersonaRegistry
+from .settings import Settings
+from .store import Store
 
 
 class NightlyLocked(RuntimeError):
     pass
 
 
-def run_nightly(settings: Settings, task: Task, workers: int = 4, lm: dspy.LM | None = None,
-                console: Console | None = None, executor: str = "thread") -> NightlySummary:
+def run_nightly(settings: Settings, task: Task, lm: dspy.LM | None = None, console: Console | None = None,
+                executor: str = "thread") -> NightlySummary:
     """executor: "thread" (this process) or "ray" (a Ray cluster: RAY_ADDRESS, or a local one).
-    Either way at most `workers` users are in flight, and this process does every write."""
+    Either way at most `settings.workers` users are in flight, and this process does every write.
+    The persistent store is opened only under the lock, and its memory only while planning."""
     if executor not in ("thread", "ray"):
         raise ValueError(f"executor must be 'thread' or 'ray', not {executor!r}")
     console = console or Console(stderr=True)
@@ -48,23 +48,19 @@ def run_nightly(settings: Settings, task: Task, workers: int = 4, lm: dspy.LM | 
         raise NightlyLocked(f"another nightly run holds {lock.lock_file}; refusing to start a second one "
                             "on the same store") from None
     try:
-        return _run(settings, task, workers, lm, console, executor)
+        return _run(settings, task, settings.workers, lm, console, executor)
     finally:
         lock.release()
 
 
 def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     started = time.perf_counter()
-    tracking.setup(settings)
     lm = lm or build_lm(settings.lm)
     adapter = dspy.settings.adapter or adapter_for(lm)
-    registry, states = PersonaRegistry(task), StateStore(state_root(settings, task))
-    summary = NightlySummary()
-    memory = EpisodicMemory.open(path=str(settings.qdrant_path), url=settings.qdrant_url)
-    try:
-        jobs, summary.unchanged, summary.failed = plan(memory, states, registry)
-    finally:
-        memory.close()  # workers get each user's items in the job; the store is free again
+    states, summary = StateStore(state_root(settings, task)), NightlySummary()
+    with Store.open(settings, memory="persistent") as store:
+        jobs, summary.unchanged, summary.failed = plan(store.memory, states, store.registry(task))
+    # workers get each user's items in the job; the memory is free again for other processes
 
     def work(job):
         with dspy.context(lm=lm, adapter=adapter):
@@ -143,8 +139,8 @@ class _RayAligner:
     no access to the store (embedded Qdrant is single-process)."""
 
     def __init__(self, task_key: str, settings: Settings):
-        from .config import offline_environment
         from .eval.tasks import get_task
+        from .settings import offline_environment
 
         offline_environment()
         self.task, self.settings, self.lm = get_task(task_key), settings, build_lm(settings.lm)

@@ -44,11 +44,11 @@ class Revision:
 
 
 class PersonaRegistry:
-    """The prompt registry of the current MLflow tracking URI, seen as per-user personas."""
+    """The prompt registry at `tracking_uri` (default: MLflow's current one), seen as per-user personas."""
 
-    def __init__(self, task: Task):
+    def __init__(self, task: Task, tracking_uri: str | None = None):
         self.task = task
-        self.client = mlflow.MlflowClient()
+        self.client = mlflow.MlflowClient(tracking_uri)
 
     def name(self, user_id: str) -> str:
         return prompt_name(self.task.key, user_id)
@@ -57,8 +57,8 @@ class PersonaRegistry:
                  production: bool = False) -> int:
         """Add a revision; with `production`, also make it the one that serves."""
         tags = {"user_id": user_id, "task": self.task.key, **{k: str(v) for k, v in (tags or {}).items()}}
-        version = mlflow.genai.register_prompt(name=self.name(user_id), template=persona.render(),
-                                               commit_message=message, tags=tags).version
+        version = self.client.register_prompt(name=self.name(user_id), template=persona.render(),
+                                              commit_message=message, tags=tags).version
         if production:
             self.promote(user_id, version, check=False)
         return version
@@ -70,7 +70,7 @@ class PersonaRegistry:
             problem = injection_problem(self.get(user_id, version).persona.profile)
             if problem:
                 raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile {problem}")
-        mlflow.genai.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
+        self.client.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
 
     def rollback(self, user_id: str, version: int) -> None:
         self.promote(user_id, version)

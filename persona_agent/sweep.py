@@ -2,7 +2,7 @@
 
 One setting varies (alignment batch n, iterations T, retrieved memories K, or the history kept
 per user for cold start) while the rest stay fixed; each point is a full evaluation of the
-chosen methods on a fresh in-memory store. Writes `sweep_<param>.csv` and a PNG plot, both also
+chosen methods with run-scoped memory of its own. Writes `sweep_<param>.csv` and a PNG plot, both also
 logged to an MLflow run.
 """
 
@@ -19,22 +19,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from . import tracking  # noqa: E402
-from .config import Settings  # noqa: E402
 from .eval.data import UserData  # noqa: E402
-from .eval.harness import run_eval  # noqa: E402
 from .eval.tasks import Task  # noqa: E402
+from .harness import run_eval  # noqa: E402
 from .llm import adapter_for, build_lm  # noqa: E402
-from .pipelines.memory import EpisodicMemory  # noqa: E402
+from .settings import Settings  # noqa: E402
+from .store import Store  # noqa: E402
 
 PARAMS = {"batch": "batch_size", "iterations": "iterations", "top_k": "top_k", "history": None}
 
 
-def sweep(settings: Settings, task: Task, users: list[UserData], methods: list[str], param: str,
-          values: list[int], out: Path, workers: int = 2) -> pd.DataFrame:
+def sweep(settings: Settings, store: Store, task: Task, users: list[UserData], methods: list[str], param: str,
+          values: list[int], out: Path) -> pd.DataFrame:
+    """`store`: opened with run-scoped memory; each point remembers only what it may see."""
     if param not in PARAMS:
         raise ValueError(f"unknown sweep parameter {param!r}; choose from {list(PARAMS)}")
-    tracking.setup(settings)
     lm = build_lm(settings.lm)
     rows = []
     with mlflow.start_run(run_name=f"sweep-{task.key}-{param}"):
@@ -43,12 +42,8 @@ def sweep(settings: Settings, task: Task, users: list[UserData], methods: list[s
         for value in values:
             point = replace(settings, **{PARAMS[param]: value}) if PARAMS[param] else settings
             people = [cold_start(u, value) for u in users] if param == "history" else users
-            memory = EpisodicMemory.open(":memory:")  # each point remembers only what it may see
             started = time.perf_counter()
-            try:
-                results = run_eval(point, task, people, methods, lm, adapter_for(lm), memory, workers)
-            finally:
-                memory.close()
+            results = run_eval(point, task, people, methods, lm, adapter_for(lm), store.scoped(f"{param}={value}"))
             for r in results:
                 rows.append({param: value, "method": r.method, **r.metrics, "lm_calls": r.lm_calls,
                              "setup_lm_calls": r.setup_lm_calls})

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 from filelock import FileLock
 
-from .config import Settings
+from .settings import Settings
 
 
 def setup(settings: Settings) -> str:

@@ -21,7 +21,7 @@ from .persona import Persona
 
 
 class PersonaAgent(dspy.Module):
-    def __init__(self, persona: Persona, memory: UserMemory, max_iters: int = 2, formulate_query: bool = False,
+    def __init__(self, persona: Persona, memory: UserMemory, *, max_iters: int, formulate_query: bool = False,
                  prefetch: bool = True):
         """`formulate_query`: have the LM write the upfront memory query (for inputs whose item text
         the task cannot cut out by pattern) instead of searching with the item text.
@@ -59,10 +59,11 @@ class PersonaAgent(dspy.Module):
                                memories=[r.item.item_id for r in recalls])
 
     def with_persona(self, persona: Persona) -> "PersonaAgent":
-        """The same agent (memory, settings) under another persona; cheaper than a deep copy,
-        which would copy predictors that the new persona replaces anyway."""
-        twin = PersonaAgent(persona, self.memory, self.max_iters, prefetch=self.prefetch)
-        twin.formulate = self.formulate
+        """The same agent (class, memory, settings, a subclass's own state) under another persona.
+        A shallow copy: the persona setter then builds fresh answering predictors with this
+        agent's `tools`, so nothing is deep-copied that the new persona replaces anyway."""
+        twin = copy.copy(self)
+        twin.persona = persona
         return twin
 
     def _search_text(self, query: str) -> str:
@@ -96,6 +97,8 @@ def memory_tools(memory: UserMemory, persona: Persona) -> list[dspy.Tool]:
 class _ReAct(dspy.ReAct):
     def _format_trajectory(self, trajectory: dict) -> str:
         # dspy.ReAct builds a signature per step just to format the trajectory; build one per shape.
+        # A private method with no public alternative: tests/test_agent.py fails loudly if DSPy
+        # stops calling it or changes its shape.
         adapter = dspy.settings.adapter or dspy.ChatAdapter()
         return adapter.format_user_message_content(_trajectory_signature(tuple(trajectory)), trajectory)
 
@@ -117,9 +120,11 @@ def _react(task: Task, instructions: str, max_iters: int, tools: list[dspy.Tool]
     prototype = _prototypes.get(key)
     if prototype is None:
         unbound = [t.model_copy(update={"func": _unbound}) for t in tools]  # the cache holds no user's data
-        prototype = _ReAct(typed_to(TaskAnswer, task, instructions), tools=unbound, max_iters=max_iters)
-        # The steps already carry thoughts; extracting the answer needs no second reasoning pass.
-        prototype.extract = dspy.Predict(prototype.extract.predict.signature.delete("reasoning"))
+        signature = typed_to(TaskAnswer, task, instructions)
+        prototype = _ReAct(signature, tools=unbound, max_iters=max_iters)
+        # The steps already carry thoughts; extracting the answer needs no second reasoning pass,
+        # so `extract` (a public attribute) is DSPy's extraction signature without ChainOfThought.
+        prototype.extract = dspy.Predict(signature.append("trajectory", dspy.InputField(), type_=str))
         if len(_prototypes) >= 1024:
             _prototypes.clear()
         _prototypes[key] = prototype
@@ -143,6 +148,9 @@ class RetrievalAnswer(dspy.Module):
         self.memory, self.persona = memory, persona
         self.answer = dspy.Predict(typed_to(TaskAnswer, persona.task, persona.render()))
 
+    def with_persona(self, persona: Persona) -> "RetrievalAnswer":
+        return RetrievalAnswer(persona, self.memory)
+
     def forward(self, query: str) -> dspy.Prediction:
         task = self.persona.task
         recalls = self.memory.search(task.query_content(query))
@@ -150,13 +158,14 @@ class RetrievalAnswer(dspy.Module):
 
 
 class InContext(dspy.Module):
-    """ICL: the user's latest k interactions as demonstrations, whatever the query."""
+    """ICL: the user's latest k interactions (`dspy.Example(query, answer)`, oldest first) as
+    demonstrations, whatever the query."""
 
-    def __init__(self, task: Task, interactions, k: int = 5):
+    def __init__(self, task: Task, examples, k: int):
         super().__init__()
         self.task = task
         self.answer = dspy.Predict(typed_to(PlainAnswer, task, f"Answer the request as this user would: {task.description}."))
-        self.answer.demos = [dspy.Example(query=i.input, answer=i.response) for i in list(interactions)[-k:]] if k else []
+        self.answer.demos = [dspy.Example(query=ex.query, answer=ex.answer) for ex in list(examples)[-k:]] if k else []
 
     def forward(self, query: str) -> dspy.Prediction:
         return self.answer(query=query)

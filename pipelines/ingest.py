@@ -16,6 +16,7 @@ from pathlib import Path
 from persona_agent.eval.data import OnBad, check_labels, check_text, load_users, not_utf8, per_record
 from persona_agent.eval.tasks import Task, TaskDataError
 
+from .flow import history_items
 from .memory import EpisodicMemory, MemoryItem
 
 
@@ -67,10 +68,7 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
 def read_source(path: Path, task: Task, split: str | None = None, on_bad: OnBad | None = None) -> dict[str, list[MemoryItem]]:
     if path.suffix == ".jsonl":
         return read_events(path, task, on_bad)
-    return {u.user_id: [MemoryItem(str(it["id"]), task.item_text(it),
-                                   None if task.item_response(it) is None else str(task.item_response(it)).strip().lower(),
-                                   it.get("date")) for it in u.profile]
-            for u in load_users(path, task, split, on_bad)}
+    return {u.user_id: history_items(task, u.profile) for u in load_users(path, task, split, on_bad)}
 
 
 def ingest(memory: EpisodicMemory, path: Path, task: Task, split: str | None = None,

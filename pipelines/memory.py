@@ -143,7 +143,7 @@ class EpisodicMemory:
             self.client.upsert(self._ensure(self._name(user_id)), points=points, wait=True)
         return len(items)
 
-    def search(self, user_id: str, text: str, k: int = 5, exclude: Iterable[str] = ()) -> list[Recall]:
+    def search(self, user_id: str, text: str, k: int, exclude: Iterable[str] = ()) -> list[Recall]:
         """Top-k of this user's memories for `text`, never another user's; `exclude` drops item
         ids (the interaction being simulated must not find its own answer)."""
         name = self._name(user_id)
@@ -226,7 +226,7 @@ class UserMemory:
     through this view, across threads (the `excluding` context hides them in this context only).
     """
 
-    def __init__(self, memory: EpisodicMemory, user_id: str, k: int = 5):
+    def __init__(self, memory: EpisodicMemory, user_id: str, k: int):
         self.memory, self.user_id, self.k = memory, user_id, k
         self.exclude: frozenset[str] = frozenset()
 

@@ -43,7 +43,7 @@ def fake_lm():
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh MLflow sqlite store for one test."""
     from persona_agent import tracking
-    from persona_agent.config import Settings
+    from persona_agent.settings import Settings
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = Settings(store=tmp_path / "mlruns")

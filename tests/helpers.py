@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
-from persona_agent.config import Settings
 from persona_agent.eval.tasks import LAMP_2M, Task
 from persona_agent.pipelines.ingest import IngestReport, ingest
 from persona_agent.pipelines.memory import EpisodicMemory
+from persona_agent.settings import Settings
 
 
 def ingest_into(settings: Settings, path: Path, task: Task = LAMP_2M) -> IngestReport:

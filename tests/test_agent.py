@@ -11,7 +11,7 @@ from persona_agent.pipelines.persona import Persona, looks_degenerate
 def _agent(memory, user="alice", profile="Loves heists."):
     memory.add("alice", [MemoryItem("1", "A film about an explosive heist.", "action")])
     memory.add("bob", [MemoryItem("1", "A film about an explosive heist and a wedding.", "comedy")])
-    return PersonaAgent(Persona(LAMP_2M, profile), UserMemory(memory, user))
+    return PersonaAgent(Persona(LAMP_2M, profile), UserMemory(memory, user, k=5), max_iters=2)
 
 
 def test_persona_is_the_instruction_of_every_answering_predictor(memory):
@@ -105,7 +105,7 @@ def test_formulated_memory_query_drives_the_upfront_retrieval(memory, fake_lm):
         return {"answer": "comedy"}
 
     fake_lm._engine_spec.policy = policy
-    agent = PersonaAgent(Persona(LAMP_2M, "p"), UserMemory(memory, "alice", k=1), formulate_query=True)
+    agent = PersonaAgent(Persona(LAMP_2M, "p"), UserMemory(memory, "alice", k=1), max_iters=2, formulate_query=True)
     pred = agent(query="Tag this: an explosive heist")  # the item text alone would find memory 1
     assert pred.memories == ["2"]
 
@@ -130,7 +130,40 @@ def test_a_subclass_adds_tools_and_every_agent_calls_its_own(memory, fake_lm):
     fake_lm._engine_spec.policy = policy
     persona = Persona(LAMP_2M, "Same persona text for both.")
     for user in ("alice", "bob"):  # the same prompt shape: one cached prototype, separate tools
-        pred = WithCalendar(persona, UserMemory(memory, user), max_iters=2)(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
+        pred = WithCalendar(persona, UserMemory(memory, user, k=5), max_iters=2)(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
         assert pred.trajectory["observation_0"] == f"events of {user}"
     system = fake_lm._engine_spec.calls[0][1]
     assert "upcoming_events" in system and "search_memory" in system
+
+
+# -- the two places the agent leans on DSPy's ReAct internals: fail loudly when DSPy changes them --
+
+
+def test_dspy_still_formats_trajectories_through_the_overridden_private_method(memory, fake_lm, monkeypatch):
+    import inspect
+
+    from persona_agent.pipelines import agent as agent_module
+
+    assert list(inspect.signature(dspy.ReAct._format_trajectory).parameters) == ["self", "trajectory"]
+    seen = []
+    original = agent_module._ReAct._format_trajectory
+    monkeypatch.setattr(agent_module._ReAct, "_format_trajectory",
+                        lambda self, trajectory: seen.append(dict(trajectory)) or original(self, trajectory))
+    fake_lm._engine_spec.policy = lambda fields, s, u: (
+        {"answer": "action"} if fields == ["answer"] else
+        {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}})
+    _agent(memory)(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
+    # once before the first step, once for the extraction after it: if DSPy stops calling the
+    # method, the override silently does nothing and every step builds a signature again
+    assert len(seen) == 2 and "tool_name_0" in seen[1]
+
+
+def test_the_extract_step_is_dspys_own_extraction_without_a_second_reasoning_pass(memory):
+    agent = _agent(memory)
+    ours = agent.act.extract.signature
+    theirs = dspy.ReAct(agent.act.signature, tools=[]).extract.predict.signature.delete("reasoning")
+    assert isinstance(agent.act.extract, dspy.Predict) and "reasoning" not in ours.output_fields
+    assert list(ours.input_fields) == list(theirs.input_fields) == ["query", "memories", "trajectory"]
+    assert list(ours.output_fields) == list(theirs.output_fields) == ["answer"]
+    assert ours.instructions == theirs.instructions
+    assert ours.output_fields["answer"].annotation == theirs.output_fields["answer"].annotation

@@ -3,9 +3,9 @@ import pytest
 
 from persona_agent.eval.tasks import LAMP_2M
 from persona_agent.optimizers import PersonaAlignment
-from persona_agent.pipelines.agent import PersonaAgent
+from persona_agent.pipelines.agent import PersonaAgent, RetrievalAnswer
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
-from persona_agent.pipelines.persona import Persona
+from persona_agent.pipelines.persona import SUMMARY_TEMPLATE, Persona
 
 
 def persona_following_policy(critique="The user chose action; the profile should say they prefer action.",
@@ -31,7 +31,7 @@ def _setup(memory, n=5):
     memory.add("u", [MemoryItem(f"h{i}", f"A film about heist number {i}.", "action") for i in range(n)])
     train = [dspy.Example(query=LAMP_2M.make_input(f"A film about heist number {i}.", LAMP_2M.labels),
                           answer="action", item_id=f"h{i}").with_inputs("query") for i in range(n)]
-    return PersonaAgent(Persona(LAMP_2M, "Likes comedy."), UserMemory(memory, "u"), max_iters=1), train
+    return PersonaAgent(Persona(LAMP_2M, "Likes comedy."), UserMemory(memory, "u", k=5), max_iters=1), train
 
 
 def _update_calls(fake_lm):
@@ -164,10 +164,70 @@ def test_a_degenerate_rewrite_keeps_the_persona(memory, fake_lm):
 
 def test_no_history_returns_the_persona_unchanged_without_lm_calls(memory, fake_lm):
     student, _ = _setup(memory)
-    aligned = PersonaAlignment(iterations=3).compile(student, trainset=[])
+    aligned = PersonaAlignment(batch_size=3, iterations=3).compile(student, trainset=[])
     assert aligned.persona == student.persona and fake_lm._engine_spec.calls == []
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        PersonaAlignment(batch_size=0)
+        PersonaAlignment(batch_size=0, iterations=1)
+
+
+# -- the protocol: any program conditioned on a persona ----------------------------------------
+
+
+def test_aligns_pag_a_retrieval_program_without_tools(memory, fake_lm):
+    fake_lm._engine_spec.policy = persona_following_policy()
+    _, train = _setup(memory)
+    student = RetrievalAnswer(Persona(LAMP_2M, "Likes comedy.", SUMMARY_TEMPLATE), UserMemory(memory, "u", k=5))
+    aligned = PersonaAlignment(batch_size=3, iterations=2).compile(student, trainset=train)
+    assert isinstance(aligned, RetrievalAnswer) and aligned.persona.profile == "Prefers action."
+    assert aligned.persona.template == SUMMARY_TEMPLATE  # only the slot was rewritten
+    assert [s.batch_score for s in aligned.alignment_steps] == [0.0, 1.0]
+    assert student.persona.profile == "Likes comedy."
+
+
+def test_a_subclass_keeps_its_extra_tool_in_every_replay(memory, fake_lm):
+    calls = []
+
+    class WithCalendar(PersonaAgent):
+        def tools(self, persona):
+            def upcoming_events() -> str:
+                """The user's upcoming events."""
+                calls.append(persona.profile)
+                return "a heist movie night"
+
+            return [*super().tools(persona), dspy.Tool(upcoming_events)]
+
+    follow = persona_following_policy()
+
+    def policy(fields, system, user):
+        if "next_tool_name" in fields:  # every replay consults the calendar first
+            done = "heist movie night" in user
+            return {"next_thought": "t", "next_tool_name": "finish" if done else "upcoming_events", "next_tool_args": {}}
+        return follow(fields, system, user)
+
+    fake_lm._engine_spec.policy = policy
+    _, train = _setup(memory)
+    student = WithCalendar(Persona(LAMP_2M, "Likes comedy."), UserMemory(memory, "u", k=5), max_iters=2)
+    aligned = PersonaAlignment(batch_size=3, iterations=1).compile(student, trainset=train)
+    (step,) = aligned.alignment_steps
+    assert isinstance(aligned, WithCalendar) and step.accepted and step.candidate_score == 1.0
+    # 3 replays under the start persona, then 3 guard replays of the candidate: all with the tool
+    assert calls == ["Likes comedy."] * 3 + ["Prefers action."] * 3
+
+
+def test_a_custom_metric_decides_what_counts_as_better(memory, fake_lm):
+    fake_lm._engine_spec.policy = persona_following_policy()
+    student, train = _setup(memory)
+    # a metric that rewards comedy: the rewrite to action scores worse and the guard keeps the persona
+    likes_comedy = lambda ex, pred, trace=None: float(pred.answer == "comedy")  # noqa: E731
+    aligned = PersonaAlignment(batch_size=3, iterations=1, metric=likes_comedy).compile(student, trainset=train)
+    (step,) = aligned.alignment_steps
+    assert step.batch_score == 1.0 and step.reason == "batch already answered perfectly"
+    assert aligned.persona.profile == "Likes comedy."
+
+
+def test_a_program_without_the_protocol_is_refused(fake_lm):
+    with pytest.raises(TypeError, match="not a PersonaProgram"):
+        PersonaAlignment(batch_size=1, iterations=1).compile(dspy.Predict("query -> answer"), trainset=[])

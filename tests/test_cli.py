@@ -6,6 +6,7 @@ import pytest
 from persona_agent.cli import build_parser, main
 from persona_agent.eval.data import load_users
 from persona_agent.eval.tasks import LAMP_3
+from persona_agent.settings import Settings
 
 
 @pytest.mark.parametrize("argv", [[], ["demo"], ["make-data"], ["personas"], ["personas", "list"]])
@@ -45,3 +46,21 @@ def test_an_unreachable_llm_is_a_clear_error(tmp_path, capsys, monkeypatch):
                  "--store", str(tmp_path / "mlruns")])
     err = capsys.readouterr().err
     assert code == 4 and "the LLM failed after 0 retries" in err
+
+
+@pytest.mark.parametrize("argv", [["eval"], ["sweep", "batch", "1"], ["nightly"], ["ingest", "x.jsonl"], ["answer", "u", "q"],
+                                  ["personas", "list"], ["compare", "a", "b"], ["demo"]])
+def test_every_default_comes_from_settings(argv):
+    from persona_agent.cli import COMMANDS, _settings
+
+    command = COMMANDS[argv[0]]
+    assert _settings(build_parser().parse_args(argv), command.defaults()) == command.defaults()
+    assert command.defaults() == (Settings.for_demo() if argv == ["demo"] else Settings())
+
+
+@pytest.mark.parametrize("option", [["--batch", "0"], ["--iterations", "-1"], ["--top-k", "-5"], ["--workers", "0"],
+                                    ["--timeout", "0"], ["--max-iters", "x"]])
+def test_bad_option_values_are_refused_at_parse_time(option, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["nightly", *option])
+    assert exit_.value.code == 2 and option[0] in capsys.readouterr().err

@@ -3,13 +3,12 @@ import json
 import dspy
 import pytest
 
-from persona_agent.config import Settings
 from persona_agent.eval.data import Query, UserData, load_users
-from persona_agent.eval.harness import MethodResult, run_eval
 from persona_agent.eval.tasks import LAMP_2M, LAMP_3
-from persona_agent.evaluate import results_table, to_markdown, write_outputs
-from persona_agent.pipelines.methods import METHODS, UserContext, resolve
-from persona_agent.pipelines.personalize import remember
+from persona_agent.harness import MethodResult, results_table, run_eval, to_markdown, write_outputs
+from persona_agent.methods import METHODS, UserContext, resolve, user_flow
+from persona_agent.pipelines.flow import history_items
+from persona_agent.settings import Settings
 
 ALICE = [{"id": f"a{i}", "description": f"A film about a heist number {i}.", "tag": "action", "date": f"2024-01-0{i + 1}"}
          for i in range(4)]
@@ -34,13 +33,17 @@ def _policy(prompts):
     return policy
 
 
+def _context(user, memory, settings=Settings(max_iters=1, batch_size=2, iterations=1)):
+    return UserContext(user_flow(settings, LAMP_2M, user.user_id, history_items(LAMP_2M, user.profile), memory), settings)
+
+
 def _prompts_of(method, memory, fake_lm, user=0):
     prompts = []
     fake_lm._engine_spec.policy = _policy(prompts)
     users = _users()
     for u in users:
-        remember(memory, u)
-    ctx = UserContext(users[user], memory, Settings(max_iters=1, batch_size=2, iterations=1))
+        _context(u, memory).flow.remember()
+    ctx = _context(users[user], memory)
     program = METHODS[method](ctx)
     prompts.clear()  # only what answering the query shows the LM
     program(query=users[user].queries[0].input)
@@ -87,8 +90,8 @@ def test_resolve_methods():
 
 def test_harness_scores_pooled_answers_and_counts_cost(memory, fake_lm, tmp_path):
     fake_lm._engine_spec.policy = _policy([])
-    results = run_eval(Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1), LAMP_2M, _users(),
-                       ["non-personalized", "rag", "persona-agent"], fake_lm, dspy.JSONAdapter(), memory, workers=2)
+    results = run_eval(Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1, workers=2), LAMP_2M, _users(),
+                       ["non-personalized", "rag", "persona-agent"], fake_lm, dspy.JSONAdapter(), memory)
     by = {r.method: r for r in results}
     assert by["rag"].metrics["accuracy"] == 1.0 and by["rag"].lm_calls == 2 and by["rag"].setup_lm_calls == 0
     assert by["non-personalized"].predictions == {"qa": "comedy", "qb": "comedy"}  # it sees no history
@@ -128,8 +131,8 @@ def test_gepa_optimizes_the_same_agent_on_the_same_batch(memory, fake_lm):
     prompts = []
     fake_lm._engine_spec.policy = _policy(prompts)
     users = _users()
-    remember(memory, users[0])
-    ctx = UserContext(users[0], memory, Settings(max_iters=1, batch_size=2, iterations=1))
+    ctx = _context(users[0], memory)
+    ctx.flow.remember()
     program = METHODS["gepa"](ctx)
     assert ctx.setup_cost["gepa"].lm_calls > 0
     assert program(query=users[0].queries[0].input).answer == "action"

@@ -2,17 +2,18 @@
 whose LLM calls keep failing keeps their persona, is named, and never stops the others."""
 
 import json
+from dataclasses import replace
 
 import dspy
 import mlflow
 import pytest
 
-from persona_agent.config import Settings
 from persona_agent.eval.synthetic import write_dataset
 from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import LMConfig, build_lm
+from persona_agent.llm import build_lm
 from persona_agent.nightly import print_summary, run_nightly
 from persona_agent.registry import PersonaRegistry
+from persona_agent.settings import LMConfig, Settings
 from persona_agent.testing import FAULTS, FaultyEngine
 
 from .helpers import ingest_into
@@ -44,7 +45,7 @@ def _production(settings):
 def test_every_fault_kind_is_survived_and_counted(night):
     lm, engine = _faulty_lm(rate=0.3, seed=3)
     with dspy.context(adapter=dspy.JSONAdapter()):
-        summary = run_nightly(night, LAMP_2M, workers=1, lm=lm)
+        summary = run_nightly(replace(night, workers=1), LAMP_2M, lm=lm)
     assert set(engine.injected) == set(FAULTS)  # every kind was injected at least once
     # 3 retries absorb the transient faults; the unusable answers became counted fallbacks
     assert not summary.failed and len(summary.aligned) + len(summary.rejected) == 3
@@ -54,7 +55,7 @@ def test_every_fault_kind_is_survived_and_counted(night):
 
 
 def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_on(night, tmp_path, capsys):
-    run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
+    run_nightly(replace(night, workers=2), LAMP_2M, lm=build_lm(night.lm))
     before = _production(night)
     events = tmp_path / "new.jsonl"
     events.write_text("\n".join(json.dumps({"user_id": u, "input": LAMP_2M.make_input(text, LAMP_2M.labels),
@@ -62,7 +63,7 @@ def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_o
                                 for u, text in [("u0001", f"{POISON}."), ("u0002", "A film about a bank heist.")]))
     ingest_into(night, events)
     lm, engine = _faulty_lm(rate=0.0, poison=POISON)
-    summary = run_nightly(night, LAMP_2M, workers=2, lm=lm)
+    summary = run_nightly(replace(night, workers=2), LAMP_2M, lm=lm)
     assert list(summary.failed) == ["u0001"] and "ServerError" in summary.failed["u0001"]
     assert summary.aligned + summary.rejected == ["u0002"] and summary.unchanged == ["u0000"]
     after = _production(night)
@@ -71,7 +72,7 @@ def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_o
     print_summary(summary)
     assert "failed: u0001" in capsys.readouterr().out
     # the next night (the LLM healthy again) retries the failed user, and only them
-    summary = run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
+    summary = run_nightly(replace(night, workers=2), LAMP_2M, lm=build_lm(night.lm))
     assert summary.aligned + summary.rejected == ["u0001"] and not summary.failed
 
 
@@ -84,7 +85,7 @@ def test_a_faulty_remote_server_is_survived(night, monkeypatch, fake_llm_server)
         settings = Settings(store=night.store, lm=LMConfig("openai/gpt-4o-mini", api_base=url, cache=False,
                                                            retries=4, timeout=1.0),
                             batch_size=2, iterations=1, max_iters=1)
-        summary = run_nightly(settings, LAMP_2M, workers=3)
+        summary = run_nightly(replace(settings, workers=3), LAMP_2M)
     finally:
         server.shutdown()
     injected = server.handler.injected
@@ -94,7 +95,7 @@ def test_a_faulty_remote_server_is_survived(night, monkeypatch, fake_llm_server)
 
 
 def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
-    run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
+    run_nightly(replace(night, workers=2), LAMP_2M, lm=build_lm(night.lm))
     from persona_agent.registry import prompt_name
 
     # someone edits u0001's production prompt by hand into something that is not a persona
@@ -104,7 +105,7 @@ def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
     events.write_text("\n".join(json.dumps({"user_id": u, "input": LAMP_2M.make_input("A heist film.", LAMP_2M.labels),
                                             "response": "action"}) for u in ("u0001", "u0002")))
     ingest_into(night, events)
-    summary = run_nightly(night, LAMP_2M, workers=2, lm=build_lm(night.lm))
+    summary = run_nightly(replace(night, workers=2), LAMP_2M, lm=build_lm(night.lm))
     assert list(summary.failed) == ["u0001"] and "planning failed" in summary.failed["u0001"]
     assert summary.aligned + summary.rejected == ["u0002"]
     runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])

@@ -1,25 +1,26 @@
 """Persona injection: instructions inside a user's history never become persona rules, even
 when the LM follows them; the fixed template stays and answers stay within the task."""
 
+from dataclasses import replace
 
 import dspy
 import mlflow
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from persona_agent.config import Settings
 from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import LMConfig
 from persona_agent.nightly import run_nightly
 from persona_agent.optimizers import PersonaAlignment
 from persona_agent.pipelines.agent import PersonaAgent
+from persona_agent.pipelines.flow import examples, summarize
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
+from persona_agent.pipelines.metering import answer_or_none, metered
 from persona_agent.pipelines.persona import TEMPLATE, Persona, injection_problem, profile_problem
-from persona_agent.pipelines.personalize import answer_or_none, memory_trainset, summarize
 from persona_agent.registry import PersonaRegistry
 from persona_agent.serve import answer
+from persona_agent.settings import LMConfig, Settings
+from persona_agent.store import Store
 from persona_agent.testing import FakeEngine, default_policy
-from persona_agent.usage import metered
 
 from .helpers import ingest_into, write_events
 
@@ -77,11 +78,11 @@ def test_a_gullible_lm_cannot_turn_history_into_persona_rules(memory):
     items = _attacker_items()
     memory.add("mallory", items)
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()), metered() as cost:
-        profile = summarize(LAMP_2M, items, who="mallory")
+        profile = summarize(LAMP_2M, items, 20, who="mallory")
         assert profile == "" and cost.fallbacks == 1  # the injected summary was refused, and counted
-        student = PersonaAgent(Persona(LAMP_2M, "Likes heist films."), UserMemory(memory, "mallory"), max_iters=1)
+        student = PersonaAgent(Persona(LAMP_2M, "Likes heist films."), UserMemory(memory, "mallory", k=5), max_iters=1)
         opt = PersonaAlignment(batch_size=3, iterations=3)
-        aligned = opt.compile(student, trainset=memory_trainset(LAMP_2M, items))
+        aligned = opt.compile(student, trainset=examples(LAMP_2M, items))
         # the recalled history still says HACKED and the LM obeys; the typed answer refuses it
         answers = [answer_or_none(aligned, LAMP_2M.make_input(it.text, LAMP_2M.labels), "answer") for it in items[:3]]
     assert opt.steps and all(s.wrote_candidate and not s.accepted for s in opt.steps)
@@ -106,7 +107,7 @@ def test_an_adversarial_user_next_to_normal_ones_in_the_nightly_job(tmp_path, mo
     ingest_into(settings, write_events(events, rows))
     lm = dspy.LM("fake/gullible", engine=FakeEngine(gullible_policy), cache=False, num_retries=0)
     with dspy.context(adapter=dspy.JSONAdapter()):
-        summary = run_nightly(settings, LAMP_2M, workers=2, lm=lm)
+        summary = run_nightly(replace(settings, workers=2), LAMP_2M, lm=lm)
         assert not summary.failed and summary.fallbacks >= 1
         mlflow.set_tracking_uri(settings.tracking_uri)
         registry = PersonaRegistry(LAMP_2M)
@@ -119,7 +120,8 @@ def test_an_adversarial_user_next_to_normal_ones_in_the_nightly_job(tmp_path, mo
         with pytest.raises(ValueError, match="cannot serve"):
             registry.rollback("mallory", bad[0])
         try:
-            reply = answer(settings, LAMP_2M, "mallory", LAMP_2M.make_input("A heist film.", LAMP_2M.labels), lm=lm)
+            with Store.open(settings, memory="persistent") as store:
+                reply = answer(store, LAMP_2M, "mallory", LAMP_2M.make_input("A heist film.", LAMP_2M.labels), lm=lm)
         except AdapterParseError as err:  # the LM said HACKED (its memories told it to): refused
             reply = None
             assert "HACKED" in str(err)

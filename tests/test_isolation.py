@@ -2,6 +2,7 @@
 like: filter syntax, paths, prompt text, separators, near-duplicates of other ids."""
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import dspy
@@ -10,13 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persona_agent.config import Settings
 from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import LMConfig
 from persona_agent.nightly import run_nightly
+from persona_agent.nightly_jobs import StateStore
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, UserMemory, point_id
-from persona_agent.pipelines.nightly import StateStore
 from persona_agent.registry import PersonaRegistry, prompt_name
+from persona_agent.settings import LMConfig, Settings
 from persona_agent.testing import FakeEngine, default_policy
 
 from .helpers import ingest_into, write_events
@@ -86,7 +86,7 @@ def test_nightly_keeps_prompts_profiles_and_personas_per_user(tmp_path, monkeypa
     engine = FakeEngine(_echo_history_policy)
     lm = dspy.LM("scripted/policy", engine=engine, cache=False, num_retries=0)
     with dspy.context(adapter=dspy.JSONAdapter()):
-        summary = run_nightly(settings_, LAMP_2M, workers=3, lm=lm)
+        summary = run_nightly(replace(settings_, workers=3), LAMP_2M, lm=lm)
     assert not summary.failed and len(summary.aligned) + len(summary.rejected) == len(ids)
     for _, system, user in engine.calls:  # no LM call ever sees two users' data
         assert len(set(re.findall(r"zq\d{3}marker", system + user))) <= 1

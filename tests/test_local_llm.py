@@ -7,11 +7,12 @@ import dspy
 import mlflow
 import pytest
 
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.registry import PersonaRegistry, prompt_name
-from persona_agent.config import Settings
 from persona_agent.demo import run_demo
-from persona_agent.llm import LMConfig, adapter_for, build_lm
+from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.llm import adapter_for, build_lm
+from persona_agent.registry import PersonaRegistry, prompt_name
+from persona_agent.settings import LMConfig, Settings
+from persona_agent.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,8 @@ def test_the_local_runtime_opens_no_tcp_port(local_lm):
 def test_demo_end_to_end_registers_every_persona_revision(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = Settings(store=tmp_path / "mlruns", lm=LMConfig(cache=False), batch_size=1, iterations=1, max_iters=1)
-    table = run_demo(settings, "lamp2m", users=1, queries=1)
+    with Store.open(settings, memory="persistent") as store:
+        table = run_demo(settings, store, "lamp2m", users=1, queries=1)
     assert list(table.index) == ["u0000", "all"]
     assert table.loc["all", "answers"] == 3 and table.loc["all", "lm_calls"] > 0
     history = PersonaRegistry(LAMP_2M).history("u0000")

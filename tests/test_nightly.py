@@ -5,19 +5,19 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from filelock import FileLock
 
 from persona_agent.cli import main
-from persona_agent.config import Settings
 from persona_agent.eval.synthetic import write_dataset
 from persona_agent.eval.tasks import LAMP_2M, TaskDataError
-from persona_agent.llm import LMConfig
 from persona_agent.nightly import NightlyLocked, run_nightly
+from persona_agent.nightly_jobs import StateStore, fingerprint, state_root
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.pipelines.nightly import StateStore, fingerprint, state_root
 from persona_agent.registry import PersonaRegistry
+from persona_agent.settings import LMConfig, Settings
 
 from .helpers import ingest_into
 
@@ -137,7 +137,7 @@ def test_ray_executor_gives_the_same_personas_as_threads(tmp_path, monkeypatch):
         settings = Settings(store=tmp_path / executor, lm=LMConfig("scripted", cache=False), batch_size=2,
                             iterations=2, max_iters=1)
         ingest_into(settings, data)
-        summary = run_nightly(settings, LAMP_2M, workers=2, executor=executor)
+        summary = run_nightly(replace(settings, workers=2), LAMP_2M, executor=executor)
         assert not summary.failed and summary.lm_calls > 0
         import mlflow
 

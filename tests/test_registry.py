@@ -1,6 +1,7 @@
 import mlflow
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from persona_agent.cli import main
 from persona_agent.eval.tasks import LAMP_2M
@@ -104,6 +105,7 @@ def test_rewrites_that_break_the_template_are_named(text, reason):
 
 def test_answer_serves_the_production_persona_and_follows_a_rollback(mlflow_store, fake_lm):
     from persona_agent.serve import answer
+    from persona_agent.store import Store
 
     registry = PersonaRegistry(LAMP_2M)
     _store(registry)
@@ -114,8 +116,9 @@ def test_answer_serves_the_production_persona_and_follows_a_rollback(mlflow_stor
         systems = [s for fields, s, _ in engine.calls if fields == ["answer"]]
         return systems[-1].split("User profile:\n")[1].split("\n")[0].strip()
 
-    assert answer(mlflow_store, LAMP_2M, "u1", query, lm=fake_lm) == "comedy"
-    assert served_profile() == "Profile 3."
-    registry.rollback("u1", 1)
-    answer(mlflow_store, LAMP_2M, "u1", query, lm=fake_lm)
+    with Store.open(mlflow_store, memory="persistent") as store:
+        assert answer(store, LAMP_2M, "u1", query, lm=fake_lm) == "comedy"
+        assert served_profile() == "Profile 3."
+        registry.rollback("u1", 1)
+        answer(store, LAMP_2M, "u1", query, lm=fake_lm)
     assert served_profile() == "Profile 1."

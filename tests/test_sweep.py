@@ -2,6 +2,7 @@ import mlflow
 import pytest
 
 from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.store import Store
 from persona_agent.sweep import cold_start, sweep
 from tests.test_eval import _policy, _users
 
@@ -18,7 +19,8 @@ def test_sweep_writes_table_plot_and_mlflow_run(mlflow_store, fake_lm, tmp_path,
     fake_lm._engine_spec.policy = _policy([])
     monkeypatch.setattr(sw, "build_lm", lambda cfg: fake_lm)
     monkeypatch.setattr(sw, "adapter_for", lambda lm: __import__("dspy").JSONAdapter())
-    table = sweep(mlflow_store, LAMP_2M, _users(), ["rag"], param, values, tmp_path / "out")
+    with Store.open(mlflow_store, memory="run") as store:
+        table = sweep(mlflow_store, store, LAMP_2M, _users(), ["rag"], param, values, tmp_path / "out")
     assert list(table[param]) == values
     # with nothing to recall, the scripted agent cannot tell the users apart; with memory it can
     assert table.accuracy.iloc[0] == 0.5 and table.accuracy.iloc[1] == 1.0

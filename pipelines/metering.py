@@ -1,18 +1,23 @@
-"""LM cost accounting that is correct inside worker threads.
+"""LM cost accounting that is correct inside worker threads, and the counted fallbacks.
 
 `dspy.track_usage()` records into the settings of the thread that opened it, so each unit of
 work (one user's alignment iteration, one evaluation) opens its own meter where it runs.
 Cache hits cost nothing and are not counted. Each meter also counts fallbacks: calls whose
-answer was unusable and got replaced by a default (see `personalize.or_fallback`).
+answer was unusable and got replaced by a default (`or_fallback`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import dspy
+from dspy.utils.exceptions import is_retryable_lm_error
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,3 +55,26 @@ def metered():
             for entries in tracker.usage_data.values():
                 cost.lm_calls += len(entries)
                 cost.tokens += sum(int(e.get("total_tokens") or 0) for e in entries)
+
+
+T = TypeVar("T")
+
+
+def or_fallback(call: Callable[[], T], fallback: T, what: str) -> T:
+    """`call()`, or `fallback` (logged and counted in the open meters) when its answer is unusable
+    (unparseable, empty, a program error). An LM still unreachable after DSPy's retries (timeout,
+    429, 5xx) raises instead: that is an outage to retry later, not a bad answer to score."""
+    try:
+        return call()
+    except Exception as err:
+        if is_retryable_lm_error(err):
+            raise
+        log.warning("%s failed, using a fallback: %s", what, " ".join(str(err).split())[:200])
+        count_fallback()
+        return fallback
+
+
+def answer_or_none(program: dspy.Module, query: str, what: str) -> str | None:
+    """The program's answer, or None when it is unusable: one bad answer is a wrong answer, never
+    a lost evaluation or alignment."""
+    return or_fallback(lambda: program(query=query).answer, None, what)

@@ -1,4 +1,5 @@
-"""One configuration object, built from the command line and passed down."""
+"""`Settings`: every default of the pipeline in one object, built from the command line and
+passed down. It imports no LLM runtime, no MLflow and no Qdrant, so reading it is cheap."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .llm import LMConfig
+
+@dataclass(frozen=True)
+class LMConfig:
+    model: str = "local"  # in-process Gemma 3 270M; `local:/path.gguf`, `scripted`, or any LiteLLM model
+    api_base: str | None = None
+    max_tokens: int = 384
+    temperature: float = 0.0
+    cache: bool = True
+    retries: int = 3  # per call, with DSPy's backoff, for timeouts, 429s and 5xx (not for bad answers)
+    timeout: float = 120.0  # seconds per remote request
 
 
 @dataclass(frozen=True)
@@ -18,11 +28,17 @@ class Settings:
     top_k: int = 5  # memories retrieved per query
     batch_size: int = 3  # n: latest interactions replayed per alignment iteration
     iterations: int = 3  # T: alignment iterations
-    max_iters: int = 2  # ReAct steps per answer
+    max_iters: int = 1  # ReAct steps per answer
     loss: str = "per_interaction"  # or "batch": one critique call for the whole batch
     guard: bool = True  # reject rewrites that score worse on the batch
     holdout: int = 0  # older interactions a rewrite must not score worse on either
     profile_items: int = 20  # latest history items the initial profile is written from
+    workers: int = 4  # users in flight at once (eval, sweep, nightly)
+
+    @classmethod
+    def for_demo(cls, **overrides) -> "Settings":
+        """The demo's smaller alignment budget (n=2, T=2): a first run should take minutes."""
+        return cls(**{"batch_size": 2, "iterations": 2, **overrides})
 
     @property
     def tracking_uri(self) -> str:

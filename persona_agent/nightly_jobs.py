@@ -1,4 +1,4 @@
-"""Nightly re-alignment: only users whose history changed, concurrently, crash-safe.
+"""The nightly job's units: plan the users whose history changed, align one (anywhere), commit one.
 
 The work for one user is a pure function (`align_job`: memory items + current persona in,
 candidate revisions out), so it runs the same in a thread or on a remote worker; every write
@@ -21,16 +21,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from persona_agent.atomic import atomic_write_text
-from persona_agent.config import Settings
-from persona_agent.eval.tasks import Task
-from persona_agent.optimizers import AlignmentStep, PersonaAlignment
-from persona_agent.usage import metered
-
-from .agent import PersonaAgent
-from .memory import EpisodicMemory, MemoryItem, UserMemory
-from .persona import Persona
-from .personalize import memory_trainset, summarize
+from .eval.atomic import atomic_write_text
+from .eval.tasks import Task
+from .methods import alignment, user_flow
+from .optimizers import AlignmentStep
+from .pipelines.memory import EpisodicMemory, MemoryItem
+from .pipelines.metering import metered
+from .pipelines.persona import Persona
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +63,18 @@ class UserOutcome:
 def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
     """Refresh semantic memory and align one user, from the items alone (uses the LM in
     `dspy.settings`). Never raises: a failure is an outcome, and the user keeps their persona."""
-    memory = EpisodicMemory.open(":memory:")
+    memory = EpisodicMemory.open(":memory:")  # the job's own copy: workers never open the store
     try:
         with metered() as cost:
-            memory.add(job.user_id, job.items)
-            semantic = summarize(task, job.items, settings.profile_items, job.user_id)
+            flow = user_flow(settings, task, job.user_id, job.items, memory)
+            flow.remember()
+            semantic = flow.profile()
             start = job.persona_profile if job.persona_profile is not None else semantic
-            student = PersonaAgent(Persona(task, start), UserMemory(memory, job.user_id, settings.top_k),
-                                   settings.max_iters)
-            optimizer = PersonaAlignment(settings.batch_size, settings.iterations, loss=settings.loss,
-                                         guard=settings.guard, holdout=settings.holdout)
-            optimizer.compile(student, trainset=memory_trainset(task, job.items))
-        accepted = any(s.accepted for s in optimizer.steps)
+            student = flow.agent(Persona(task, start))
+            steps = flow.align(alignment(settings), student).alignment_steps
+        accepted = any(s.accepted for s in steps)
         return UserOutcome(job.user_id, job.fingerprint, "aligned" if accepted else "rejected", semantic,
-                           student.persona.profile, optimizer.steps, cost.lm_calls, cost.tokens, cost.fallbacks)
+                           student.persona.profile, steps, cost.lm_calls, cost.tokens, cost.fallbacks)
     except Exception as err:  # one user's failure must not stop the others
         log.warning("user %s: alignment failed: %s", job.user_id, str(err)[:300])
         return UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")

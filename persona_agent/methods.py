@@ -1,0 +1,121 @@
+"""How the application builds the per-user flow, the alignment optimizer and every evaluated
+method from `Settings`: each is built here and nowhere else.
+
+`METHODS` maps a name to a builder `UserContext -> dspy.Module`; each program answers
+`program(query=...)`. What several methods share (the profile, the aligned persona) is computed
+once per user by `UserContext`, and its LM cost is kept apart as setup cost.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import dspy
+
+from .eval.tasks import Task
+from .optimizers import AlignmentStep, PersonaAlignment
+from .pipelines.agent import InContext, NonPersonalized, PersonaAgent, RetrievalAnswer
+from .pipelines.flow import UserFlow
+from .pipelines.memory import EpisodicMemory, MemoryItem, NoMemory
+from .pipelines.persona import GENERIC_TEMPLATE, SUMMARY_TEMPLATE, Persona
+from .settings import Settings
+
+
+def user_flow(settings: Settings, task: Task, user_id: str, history: list[MemoryItem],
+              memory: EpisodicMemory) -> UserFlow:
+    return UserFlow(task, user_id, history, memory, top_k=settings.top_k, max_iters=settings.max_iters,
+                    profile_items=settings.profile_items)
+
+
+def alignment(settings: Settings, *, metric=None,
+              on_step: Callable[[AlignmentStep], None] | None = None) -> PersonaAlignment:
+    return PersonaAlignment(batch_size=settings.batch_size, iterations=settings.iterations, metric=metric,
+                            loss=settings.loss, guard=settings.guard, holdout=settings.holdout, on_step=on_step)
+
+
+class UserContext:
+    """One user's flow plus what the methods share, each computed on first use."""
+
+    def __init__(self, flow: UserFlow, settings: Settings):
+        self.flow, self.settings, self.task = flow, settings, flow.task
+        self.steps: list[AlignmentStep] = []
+        self._aligned: PersonaAgent | None = None
+
+    @property
+    def setup_cost(self):
+        return self.flow.setup_cost
+
+    def aligned(self) -> PersonaAgent:
+        if self._aligned is None:
+            self._aligned = self.flow.align(alignment(self.settings))
+            self.steps = self._aligned.alignment_steps
+        return self._aligned
+
+    def gepa(self) -> dspy.Module:
+        """dspy.GEPA on the same student and batch, with about the alignment loop's number of
+        program runs: n to score the start, then n per candidate, for T candidates."""
+        s, task = self.settings, self.task
+        batch = self.flow.trainset()[-s.batch_size:]
+        view = self.flow.view()
+        student = self.flow.agent(memory=view)
+        if not batch:
+            return student
+
+        def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+            score = task.example_score(gold.answer, getattr(pred, "answer", None))
+            return dspy.Prediction(score=score, feedback=f"The user answered {gold.answer!r}; the agent answered "
+                                                         f"{getattr(pred, 'answer', None)!r}.")
+
+        optimizer = dspy.GEPA(metric, max_metric_calls=len(batch) * (s.iterations + 1), reflection_lm=dspy.settings.lm,
+                              reflection_minibatch_size=len(batch), use_merge=False, num_threads=1,
+                              track_stats=False, seed=0)
+        view.exclude = frozenset(ex.item_id for ex in batch)  # replays must not find their own answers
+        try:
+            return self.flow.align(optimizer, student, trainset=batch, valset=batch, name="gepa")
+        finally:
+            view.exclude = frozenset()
+
+
+def _generic(c: UserContext) -> Persona:
+    return Persona(c.task, "", GENERIC_TEMPLATE)
+
+
+def _summary(c: UserContext) -> Persona:
+    return Persona(c.task, c.flow.profile(), SUMMARY_TEMPLATE)
+
+
+Builder = Callable[[UserContext], dspy.Module]
+
+METHODS: dict[str, Builder] = {
+    "non-personalized": lambda c: NonPersonalized(c.task),
+    "icl": lambda c: InContext(c.task, c.flow.trainset(), c.settings.top_k),
+    "rag": lambda c: RetrievalAnswer(_generic(c), c.flow.view()),
+    "pag": lambda c: RetrievalAnswer(_summary(c), c.flow.view()),
+    "react": lambda c: c.flow.agent(_generic(c), prefetch=False),
+    "membank": lambda c: c.flow.agent(_summary(c)),
+    "persona-agent": lambda c: c.aligned(),
+    # ablations of the full method
+    "w/o alignment": lambda c: c.flow.agent(),
+    "w/o persona": lambda c: c.flow.agent(_generic(c)),
+    "w/o memory": lambda c: c.flow.agent(c.aligned().persona, memory=NoMemory()),
+    "w/o action": lambda c: c.flow.agent(c.aligned().persona, max_iters=0),
+    # DSPy's reflective optimizer on the same persona agent, batch and budget
+    "gepa": lambda c: c.gepa(),
+}
+
+# Which setup each method pays for (its share of the per-user cost).
+SETUP: dict[str, tuple[str, ...]] = {
+    "pag": ("profile",), "membank": ("profile",), "w/o alignment": ("profile",),
+    "persona-agent": ("profile", "alignment"), "w/o memory": ("profile", "alignment"),
+    "w/o action": ("profile", "alignment"), "gepa": ("profile", "gepa"),
+}
+
+
+def resolve(names: str | list[str]) -> list[str]:
+    """'all', a comma-separated string or a list -> known method names, in table order."""
+    if isinstance(names, str):
+        names = list(METHODS) if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)} or 'all'")
+    return [n for n in METHODS if n in names]

@@ -1,0 +1,131 @@
+"""One user's way through the method, the same for every command.
+
+history -> episodic memory -> profile (semantic memory) -> persona -> agent -> alignment.
+`demo`, `eval`, `sweep`, `nightly` and `answer` all walk it; they differ only in where the
+user's memory lives (the `memory` the caller passes) and in what they do with the results.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import dspy
+from dspy.teleprompt import Teleprompter
+
+from persona_agent.eval.tasks import Task
+from persona_agent.signatures import SummarizeProfile
+
+from .agent import PersonaAgent
+from .memory import EpisodicMemory, MemoryItem, UserMemory
+from .metering import Cost, answer_or_none, count_fallback, metered, or_fallback
+from .persona import Persona, injection_problem, looks_degenerate
+
+log = logging.getLogger(__name__)
+
+
+def history_items(task: Task, profile: list[dict]) -> list[MemoryItem]:
+    """A LaMP/OPPU profile as memory items, in the profile's (time) order: the text the task
+    shows of each item, and the user's own response normalised as golds are."""
+    return [MemoryItem(str(it["id"]), task.item_text(it), _response(task, it), it.get("date")) for it in profile]
+
+
+def _response(task: Task, item: dict) -> str | None:
+    r = task.item_response(item)
+    return None if r is None else str(r).strip().lower()
+
+
+def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?") -> str:
+    """The profile from the latest `n_items` memories; "" (logged) when the LM writes nothing usable."""
+    items = items[-n_items:]
+    if not items:
+        return ""
+    history = "\n".join(f"- {it.text} -> {it.response}" if it.response is not None else f"- {it.text}" for it in items)
+    profile = or_fallback(lambda: dspy.Predict(SummarizeProfile)(task=task.description, history=history).profile,
+                          "", f"user {who}: profile summary")
+    problem = "empty or degenerate text" if looks_degenerate(profile) else injection_problem(profile)
+    if problem:
+        if profile:  # (an empty one was counted as a fallback already)
+            count_fallback()
+        log.warning("user %s: the LM wrote no usable profile (%s); starting from an empty one", who, problem)
+        return ""
+    return profile
+
+
+def examples(task: Task, items: list[MemoryItem]) -> list[dspy.Example]:
+    """Labelled history items as `dspy.Example(query, answer, item_id)`, oldest first: what the
+    task would have asked about each item and the user's real response."""
+    return [dspy.Example(query=task.make_input(it.text, task.labels), answer=it.response, item_id=it.item_id)
+            .with_inputs("query") for it in items if it.response is not None]
+
+
+@dataclass
+class UserFlow:
+    """One user's flow over `memory`. The LM is whatever `dspy.settings` holds where it runs.
+
+    Setup work (the profile, an alignment) is metered apart in `setup_cost`, by name, so a
+    command can charge it to the methods that use it.
+    """
+
+    task: Task
+    user_id: str
+    history: list[MemoryItem]  # oldest first
+    memory: EpisodicMemory
+    top_k: int
+    max_iters: int
+    profile_items: int
+    setup_cost: dict[str, Cost] = field(default_factory=dict)
+    _profile: str | None = field(default=None, repr=False)
+
+    def remember(self) -> int:
+        """Write the history to episodic memory (idempotent); returns items written."""
+        return self.memory.add(self.user_id, self.history)
+
+    def view(self) -> UserMemory:
+        """This user's memory, as the agent's tools see it."""
+        return UserMemory(self.memory, self.user_id, self.top_k)
+
+    def profile(self) -> str:
+        """Semantic memory: the LM's profile of the user's latest history, written once."""
+        if self._profile is None:
+            with metered() as cost:
+                self._profile = summarize(self.task, self.history, self.profile_items, self.user_id)
+            self.setup_cost["profile"] = cost
+        return self._profile
+
+    def trainset(self) -> list[dspy.Example]:
+        return examples(self.task, self.history)
+
+    def agent(self, persona: Persona | None = None, *, memory=None, **kwargs) -> PersonaAgent:
+        """The persona agent over this user's memory (default persona: from the profile)."""
+        return PersonaAgent(persona or Persona(self.task, self.profile()), self.view() if memory is None else memory,
+                            max_iters=kwargs.pop("max_iters", self.max_iters), **kwargs)
+
+    def align(self, optimizer: Teleprompter, student: dspy.Module | None = None, *, trainset=None,
+              name: str = "alignment", **compile_kwargs) -> dspy.Module:
+        """`optimizer.compile(student, trainset=...)`, metered as setup `name`. Default student: the
+        persona agent from the profile; default trainset: this user's whole history."""
+        student = student if student is not None else self.agent()
+        trainset = self.trainset() if trainset is None else trainset
+        with metered() as cost:
+            program = optimizer.compile(student, trainset=trainset, **compile_kwargs)
+        self.setup_cost[name] = cost
+        return program
+
+
+@dataclass
+class Scored:
+    """A program's answers on a user's queries and the task metrics over them."""
+
+    metrics: dict[str, float]
+    answers: list[str | None] = field(default_factory=list)
+    failures: int = 0  # queries whose program call raised (LM error, unparseable output)
+    parsed: int = 0  # answers that normalise to a label
+
+
+def score(program: dspy.Module, task: Task, queries) -> Scored:
+    """Run `program` on labelled queries; a failing call is logged, counted, and scored wrong."""
+    answers = [answer_or_none(program, q.input, f"query {q.id}") for q in queries]
+    failures = sum(a is None for a in answers)
+    parsed = sum(task.normalize(a) is not None for a in answers)
+    return Scored(task.score([q.gold for q in queries], answers), answers, failures, parsed)
