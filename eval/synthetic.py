@@ -79,6 +79,21 @@ SETTINGS = ["in a quiet village", "across three generations", "during one long n
             "on a remote island", "in the heart of New York"]
 
 
+def _unseen(make, n: int, seen: set[str], content=lambda item: item[0]) -> list:
+    """`n` items from `make()` whose content is none of `seen`: a query that repeats a history item
+    verbatim would be answered by the user's own past response, not by what the history teaches."""
+    out = []
+    for _ in range(1000 * n):
+        if len(out) == n:
+            break
+        item = make()
+        if content(item) not in seen:
+            out.append(item)
+    else:
+        raise ValueError(f"cannot draw {n} items unlike the history: too few kinds of item for this history length")
+    return out
+
+
 def _cued_item(rng: random.Random, cues: dict[str, list[str]], ranking: list[str]) -> tuple[str, str]:
     labels = rng.sample(list(cues), rng.choice((2, 2, 3)))
     phrases = [rng.choice(cues[label]) for label in labels]
@@ -92,7 +107,7 @@ def _lamp2m(rng, uid, n_hist, n_query):
         phrases, gold = _cued_item(rng, CUES_2M, ranking)
         return f"A film {rng.choice(SETTINGS)} about {', '.join(phrases[:-1])} and {phrases[-1]}.", gold
     hist = [dict(zip(("description", "tag"), item())) for _ in range(n_hist)]
-    queries = [item() for _ in range(n_query)]
+    queries = _unseen(item, n_query, {h["description"] for h in hist})
     return {"rule": {"tag_priority": ranking}}, hist, queries
 
 
@@ -102,7 +117,9 @@ def _lamp2n(rng, uid, n_hist, n_query):
         phrases, gold = _cued_item(rng, CUES_2N, ranking)
         return f"On {phrases[0]}", f"A report on {', '.join(phrases[:-1])} and {phrases[-1]}.", gold
     hist = [dict(zip(("title", "text", "category"), item())) for _ in range(n_hist)]
-    queries = [(f"{t}. {x}", g) for t, x, g in (item() for _ in range(n_query))]
+    article = lambda i: f"{i[0]}. {i[1]}"  # noqa: E731  (how LaMP-2N shows an item)
+    queries = [(article(i), i[2]) for i in _unseen(item, n_query, {article((h["title"], h["text"])) for h in hist},
+                                                   article)]
     return {"rule": {"category_priority": ranking}}, hist, queries
 
 
@@ -113,7 +130,7 @@ def _lamp3(rng, uid, n_hist, n_query):
         text = f"The {rng.choice(PRODUCTS)}: {rng.choice(REVIEW_BASE[base])}"
         return text, str(min(5, max(1, base + bias)))
     hist = [dict(zip(("text", "score"), item())) for _ in range(n_hist)]
-    queries = list(item() for _ in range(n_query))
+    queries = _unseen(item, n_query, {h["text"] for h in hist})
     return {"rule": {"rating_bias": bias}}, hist, queries
 
 
@@ -124,15 +141,21 @@ def _lamp1(rng, uid, n_hist, n_query):
         return f"Scalable {a} with {b}"
     hist = [{"title": paper(own), "abstract": f"We study {rng.choice(FIELDS[own])} and report gains."}
             for _ in range(n_hist)]
-    queries = []
-    for _ in range(n_query):
+    written = {h["title"] for h in hist}
+
+    def reference(field):
+        a, b = rng.sample(FIELDS[field], 2)
+        return f"Towards {a} for {b}"
+
+    def query():
         other = rng.choice([f for f in FIELDS if f != own])
         own_first = rng.random() < 0.5
-        refs = [paper(own), paper(other)] if own_first else [paper(other), paper(own)]
-        gold = "[1]" if own_first else "[2]"
+        # references are other authors' papers (another title pattern), never one the user wrote
+        refs = [reference(own), reference(other)] if own_first else [reference(other), reference(own)]
         title = f"Learning {rng.choice(FIELDS[own])} meets {rng.choice(FIELDS[other])}"
-        queries.append((title, refs, gold))
-    return {"rule": {"field": own}}, hist, queries
+        return title, refs, "[1]" if own_first else "[2]"
+
+    return {"rule": {"field": own}}, hist, _unseen(query, n_query, written)
 
 
 GENERATORS = {"lamp1": _lamp1, "lamp2m": _lamp2m, "lamp2n": _lamp2n, "lamp3": _lamp3}

@@ -179,7 +179,8 @@ def evaluate(settings: Settings, args) -> int:
     methods, users = resolve(args.methods), _users(args, task)
     with Store.open(settings, memory="run") as store:  # a measurement reads nothing another command stored
         _trace_if_asked(args)
-        run(settings, task, users, methods, args.out or default_out(settings, task), store.memory)
+        memory = store.scoped(f"{args.data or 'shipped'}|{task.key}|{args.split or ''}")
+        run(settings, task, users, methods, args.out or default_out(settings, task), memory)
     return 0
 
 

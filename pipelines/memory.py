@@ -127,8 +127,10 @@ class EpisodicMemory:
         return type(self.client._client).__name__ == "QdrantLocal"
 
     def add(self, user_id: str, items: Iterable[MemoryItem], batch_size: int = 256) -> int:
-        """Upsert a user's items (idempotent by item id); returns how many were written."""
+        """Upsert a user's items (idempotent by item id); returns how many were written. Each
+        point records when it was added (`seq`), so undated items keep ingestion order."""
         items = list(items)
+        seq = self.count(user_id)
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             dense = self.embedder([it.text for it in batch]) if self.embedder else [None] * len(batch)
@@ -138,7 +140,8 @@ class EpisodicMemory:
                 if vec is not None:
                     vector["dense"] = list(map(float, vec))
                 payload = {"user_id": user_id, "item_id": it.item_id, "text": it.text,
-                           "response": it.response, "date": it.date}
+                           "response": it.response, "date": it.date, "seq": seq}
+                seq += 1
                 points.append(models.PointStruct(id=point_id(user_id, it.item_id), vector=vector, payload=payload))
             self.client.upsert(self._ensure(self._name(user_id)), points=points, wait=True)
         return len(items)
@@ -171,7 +174,7 @@ class EpisodicMemory:
         return [Recall(_item(h.payload), h.score) for h in hits if h.payload.get("user_id") == user_id]
 
     def items(self, user_id: str) -> list[MemoryItem]:
-        """All of a user's memories, oldest first."""
+        """All of a user's memories, oldest first (see `in_time_order`)."""
         flt = models.Filter(must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
         name, out, offset = self._name(user_id), [], None
         if not self._exists(name):
@@ -179,9 +182,9 @@ class EpisodicMemory:
         while True:
             points, offset = self.client.scroll(name, scroll_filter=flt, limit=1024, offset=offset,
                                                 with_payload=True)
-            out.extend(_item(p.payload) for p in points)
+            out.extend((p.payload.get("seq", 0), _item(p.payload)) for p in points)
             if offset is None:
-                return sorted(out, key=lambda it: (it.date or "", it.item_id))
+                return in_time_order(out)
 
     def user_ids(self) -> list[str]:
         """Every user with memories, sorted."""
@@ -209,6 +212,13 @@ class EpisodicMemory:
             must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
         names = self._collections() if user_id is None else [n for n in [self._name(user_id)] if self._exists(n)]
         return sum(self.client.count(n, count_filter=flt, exact=True).count for n in names)
+
+
+def in_time_order(sequenced: list[tuple[int, MemoryItem]]) -> list[MemoryItem]:
+    """Items by date when every one has a date, else in the order they were added; never by the
+    text of their ids ("999" would come after "1000")."""
+    dated = all(it.date is not None for _, it in sequenced)
+    return [it for _, it in sorted(sequenced, key=lambda p: (p[1].date, p[0]) if dated else p[0])]
 
 
 def _item(payload: dict) -> MemoryItem:

@@ -124,3 +124,26 @@ def test_a_saved_hugging_face_dataset_loads_like_the_json_files(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf2"))
     with pytest.raises(TaskDataError, match=r"hf2: golds\[1\].*not a LaMP-2M label"):
         load_users(tmp_path / "hf2", LAMP_2M)
+
+
+def _self_answering(task, questions) -> int:
+    """Queries whose item (or, for LaMP-1, a candidate reference) is in the user's own history."""
+    n = 0
+    for q in questions:
+        shown = {task.item_text(it) for it in q["profile"]} | {f'"{it["title"]}"' for it in q["profile"] if "title" in it}
+        n += task.query_content(q["input"]) in shown or any(s in q["input"] for s in shown if s.startswith('"'))
+    return n
+
+
+@pytest.mark.parametrize("key", sorted(TASKS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_query_can_be_answered_by_looking_it_up_in_the_history(key, seed):
+    questions, _, _ = generate(TASKS[key], n_users=8, n_history=40, n_queries=6, seed=seed)
+    assert _self_answering(TASKS[key], questions) == 0
+
+
+@pytest.mark.parametrize("key", sorted(TASKS))
+def test_the_shipped_sets_cannot_answer_themselves(key):
+    task = TASKS[key]
+    questions = json.loads((shipped_data_dir(task) / "dev_questions.json").read_text())
+    assert len(questions) == 48 and _self_answering(task, questions) == 0

@@ -1,6 +1,7 @@
 """One user's memory, profile or persona never reaches another user, whatever their ids look
 like: filter syntax, paths, prompt text, separators, near-duplicates of other ids."""
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -96,3 +97,45 @@ def test_nightly_keeps_prompts_profiles_and_personas_per_user(tmp_path, monkeypa
         rendered = registry.get(user).persona.render()
         assert _marker(i) in rendered  # their own history reached their persona ...
         assert set(re.findall(r"zq\d{3}marker", rendered)) == {_marker(i)}  # ... and nobody else's
+
+
+def test_eval_never_reads_the_persistent_store_even_for_the_same_user_id(tmp_path, monkeypatch):
+    """A gold answer ingested (by ingest, demo or nightly) for a user id the eval set also has must
+    not be recalled at test time: eval's memory is run-scoped."""
+    import persona_agent.harness as harness
+    from persona_agent.cli import main
+    from persona_agent.eval.data import load_users
+    from persona_agent.eval.synthetic import shipped_data_dir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    user = load_users(shipped_data_dir(LAMP_2M), LAMP_2M)[0]
+    query = user.queries[0]
+    leak = "LEAKED-GOLD"
+    events = tmp_path / "leak.jsonl"
+    events.write_text(json.dumps({"user_id": user.user_id, "input": query.input + f" {leak}", "response": query.gold}))
+    store = ["--store", str(tmp_path / "mlruns")]
+    assert main(["ingest", str(events), *store]) == 0
+    prompts = []
+
+    def spy(fields, system, user_text):
+        prompts.append(system + user_text)
+        return default_policy(fields, system, user_text)
+
+    lm = dspy.LM("fake/spy", engine=FakeEngine(spy), cache=False, num_retries=0)
+    monkeypatch.setattr(harness, "build_lm", lambda cfg: lm)
+    monkeypatch.setattr(harness, "adapter_for", lambda lm: dspy.JSONAdapter())
+    assert main(["eval", "--methods", "rag,persona-agent", "--users", "1", "--queries", "1", "-T", "1",
+                 "--out", str(tmp_path / "out"), *store]) == 0
+    assert prompts and not any(leak in p for p in prompts)
+
+
+def test_one_user_id_in_two_tasks_never_recalls_the_other_tasks_items(tmp_path):
+    from persona_agent.store import Store
+
+    with Store.open(Settings(store=tmp_path / "mlruns"), memory="run") as store:
+        movies, ratings = store.scoped("shipped|lamp2m|dev"), store.scoped("shipped|lamp3|dev")
+        movies.add("u0000", [MemoryItem("1", "A film about a heist and a great product.", "action")])
+        ratings.add("u0000", [MemoryItem("1", "A great product, works well.", "5")])
+        assert [r.item.response for r in movies.search("u0000", "great product", k=5)] == ["action"]
+        assert [r.item.response for r in ratings.search("u0000", "great product", k=5)] == ["5"]
+        assert movies.user_ids() == ratings.user_ids() == ["u0000"] and store.memory.user_ids() == []

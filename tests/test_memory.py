@@ -57,3 +57,15 @@ def test_dense_embedder_is_fused_with_lexical():
 def test_sparse_vector_drops_stopwords_and_saturates_counts():
     v = sparse_vector("the the starship starship starship")
     assert len(v.indices) == 1 and 1 < v.values[0] < 2.2
+
+
+def test_undated_items_keep_the_order_they_were_added_in_not_the_order_of_their_ids(memory):
+    memory.add("alice", [MemoryItem("999", "first"), MemoryItem("1000", "second")])
+    memory.add("alice", [MemoryItem("10", "third")])
+    assert [it.text for it in memory.items("alice")] == ["first", "second", "third"]
+
+
+def test_dated_items_are_in_date_order_ties_in_the_order_they_were_added(memory):
+    memory.add("alice", [MemoryItem("b", "later", date="2024-02-01"), MemoryItem("z", "early", date="2024-01-01"),
+                         MemoryItem("a", "early too", date="2024-01-01")])
+    assert [it.text for it in memory.items("alice")] == ["early", "early too", "later"]
