@@ -94,17 +94,45 @@ class Task:
             raise TaskDataError(f"{where}: gold {gold!r} is not a {self.name} label {list(self.labels)}")
         return label
 
+    def official(self, answer: object) -> str | float | None:
+        """An answer as LaMP's own scorer reads it, or None where that scorer counts it invalid:
+        the exact label after stripping white space (classification), or any number (ratings:
+        "4.5" is 4.5 and "10" is 10, as LaMP scores them)."""
+        if answer is None:
+            return None
+        text = str(answer).strip()
+        if self.kind == "rating":
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+            return value if math.isfinite(value) else None
+        return text if text in self.labels else None
+
+    def invalid(self, answers: Sequence[object]) -> int:
+        """How many answers LaMP's scorer would count invalid."""
+        return sum(self.official(a) is None for a in answers)
+
     # -- metrics ------------------------------------------------------------------------------
-    def score(self, golds: Sequence[str], answers: Sequence[object]) -> dict[str, float]:
-        """Official LaMP metrics over raw answers (normalised here)."""
+    def score(self, golds: Sequence[str], answers: Sequence[object], lenient: bool = False) -> dict[str, float]:
+        """LaMP's metrics over raw answers, read as LaMP's scorer reads them (`official`);
+        `lenient`: read with `normalize` instead (a label named inside a sentence counts)."""
         if len(golds) != len(answers):
             raise ValueError(f"{len(golds)} golds but {len(answers)} answers")
         if not golds:
             return {}
-        preds = [self.normalize(a) for a in answers]
+        read = self.normalize if lenient else self.official
+        preds = [read(a) for a in answers]
         if self.kind == "rating":
-            return rating_metrics([int(g) for g in golds], [None if p is None else int(p) for p in preds])
+            return rating_metrics([int(g) for g in golds], [None if p is None else float(p) for p in preds])
         return classification_metrics(list(golds), preds, self.labels)
+
+    def errors(self, golds: Sequence[str], answers: Sequence[object]) -> list[float]:
+        """Per-answer loss under the official reading: 0/1 for a wrong label, the absolute error
+        for a rating (an invalid one: the farther of 1 and 5). What bootstrap intervals resample."""
+        if self.kind == "rating":
+            return [_rating_error(int(g), self.official(a)) for g, a in zip(golds, answers)]
+        return [float(self.official(a) != g) for g, a in zip(golds, answers)]
 
     @property
     def metric_names(self) -> tuple[str, str]:
@@ -137,10 +165,15 @@ def classification_metrics(golds: Sequence[str], preds: Sequence[str | None], la
     return {"accuracy": acc, "f1": sum(f1s) / len(f1s)}
 
 
-def rating_metrics(golds: Sequence[int], preds: Sequence[int | None]) -> dict:
-    """MAE and RMSE; an unparseable prediction counts as whichever of 1 and 5 is farther."""
-    errs = [abs(g - p) if p is not None else max(abs(g - 1), abs(g - 5)) for g, p in zip(golds, preds)]
+def rating_metrics(golds: Sequence[int], preds: Sequence[float | None]) -> dict:
+    """MAE and RMSE; an unparseable prediction counts as whichever of 1 and 5 is farther (as
+    LaMP's scorer does)."""
+    errs = [_rating_error(g, p) for g, p in zip(golds, preds)]
     return {"mae": sum(errs) / len(errs), "rmse": math.sqrt(sum(e * e for e in errs) / len(errs))}
+
+
+def _rating_error(gold: int, pred: float | None) -> float:
+    return float(abs(gold - pred)) if pred is not None else float(max(abs(gold - 1), abs(gold - 5)))
 
 
 def _bracketed(labels: Sequence[str]) -> str:

@@ -55,6 +55,8 @@ def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
                    help=f"retries per LM call on timeouts, 429 and 5xx, with backoff (default {s.lm.retries})")
     g.add_argument("--timeout", type=_seconds, default=s.lm.timeout,
                    help=f"seconds per remote LM request (default {s.lm.timeout:g})")
+    g.add_argument("--no-cache", dest="cache", action="store_false", default=s.lm.cache,
+                   help="ask the LLM every time instead of answering repeated requests from DSPy's cache (for timing)")
     g.add_argument("--qdrant-url", default=s.qdrant_url, help="use a Qdrant server instead of the embedded store")
     g.add_argument("--experiment", default=s.experiment, help=f"MLflow experiment name (default {s.experiment})")
     g.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -104,6 +106,9 @@ def _evaluation_options(p: argparse.ArgumentParser, s: Settings, methods: str, o
     p.add_argument("--queries", type=_count(1), help="first N queries per user (default all)")
     _workers_option(p, s, "users evaluated in parallel")
     p.add_argument("--out", type=Path, help=f"output directory (default {out})")
+    p.add_argument("--keep-going", action="store_true",
+                   help="when the LLM still fails after its retries, drop that user from every method and go on "
+                        "(default: stop with exit code 4 and the table of the users that finished)")
     _skip_bad(p)
     _alignment_options(p, s)
     _store_options(p, s)
@@ -112,7 +117,8 @@ def _evaluation_options(p: argparse.ArgumentParser, s: Settings, methods: str, o
 def _settings(args: argparse.Namespace, base: Settings) -> Settings:
     """`base` with every Settings field the command's options set."""
     given = vars(args)
-    lm = replace(base.lm, model=args.lm, api_base=args.api_base, retries=args.retries, timeout=args.timeout)
+    lm = replace(base.lm, model=args.lm, api_base=args.api_base, retries=args.retries, timeout=args.timeout,
+                 cache=args.cache)
     return replace(base, lm=lm, **{f.name: given[f.name] for f in fields(Settings) if f.name in given and f.name != "lm"})
 
 
@@ -180,7 +186,7 @@ def evaluate(settings: Settings, args) -> int:
     with Store.open(settings, memory="run") as store:  # a measurement reads nothing another command stored
         _trace_if_asked(args)
         memory = store.scoped(f"{args.data or 'shipped'}|{task.key}|{args.split or ''}")
-        run(settings, task, users, methods, args.out or default_out(settings, task), memory)
+        run(settings, task, users, methods, args.out or default_out(settings, task), memory, keep_going=args.keep_going)
     return 0
 
 
@@ -426,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
     from .eval.tasks import TaskDataError
+    from .harness import EvalStopped
 
     command = COMMANDS[args.command]
     settings = _settings(args, command.defaults()) if hasattr(args, "store") else command.defaults()
@@ -434,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskDataError, LookupError, ValueError, MlflowException) as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 2
+    except EvalStopped as err:
+        print(f"persona-agent: {err}", file=sys.stderr)
+        return 4
     except LMError as err:  # still failing after the retries: an outage or a wrong --lm/--api-base/key
         print(f"persona-agent: the LLM failed after {settings.lm.retries} retries: {' '.join(str(err).split())[:500]}",
               file=sys.stderr)

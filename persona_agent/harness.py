@@ -22,7 +22,9 @@ from typing import Callable
 
 import dspy
 import mlflow
+import numpy as np
 import pandas as pd
+from dspy.utils.exceptions import is_retryable_lm_error
 from rich.console import Console
 
 from .eval.atomic import atomic_write_text
@@ -39,6 +41,11 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 SHORT = {"accuracy": "Acc", "f1": "F1", "mae": "MAE", "rmse": "RMSE"}
+BASELINES = ("non-personalized", "w/o alignment")  # what every method's difference is measured against
+
+
+class EvalStopped(RuntimeError):
+    """The LLM failed after its retries: the run stopped, and the users that finished are scored."""
 
 
 @dataclass
@@ -46,16 +53,40 @@ class MethodResult:
     method: str
     metrics: dict[str, float]
     samples: int
-    lm_calls: int = 0  # answering only
+    lm_calls: int = 0  # answering only, issued (cache hits included)
     tokens: int = 0
     setup_lm_calls: int = 0  # profile and alignment, for the methods that use them
     seconds: float = 0.0
     failures: int = 0
     predictions: dict[str, str | None] = field(default_factory=dict)
+    cache_hits: int = 0
+    setup_cache_hits: int = 0
+    invalid: int = 0  # answers LaMP's scorer reads as no label / no number
+    errors: dict[str, float] = field(default_factory=dict)  # query id -> official per-query loss
+    deltas: dict[str, "Delta"] = field(default_factory=dict)  # baseline -> difference to it
 
     @property
     def seconds_per_sample(self) -> float:
         return self.seconds / self.samples if self.samples else 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """This method's primary metric minus a baseline's on the same n queries, with a paired
+    bootstrap 95% interval (queries resampled with their pair of answers)."""
+
+    n: int
+    value: float
+    low: float
+    high: float
+
+
+@dataclass
+class EvalRun:
+    results: list[MethodResult]
+    finished: list[str]  # user ids scored
+    dropped: dict[str, str] = field(default_factory=dict)  # user id -> the LM error that dropped them
+    stopped: str | None = None  # why the run stopped early, if it did
 
 
 @dataclass
@@ -64,14 +95,18 @@ class _UserRun:
 
     answers: dict[str, dict[str, str | None]] = field(default_factory=dict)
     cost: dict[str, Cost] = field(default_factory=dict)
-    setup: dict[str, int] = field(default_factory=dict)
+    setup: dict[str, Cost] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
 
 
 def run_eval(settings: Settings, task: Task, users: list[UserData], methods: list[str], lm: dspy.LM,
-             adapter: dspy.Adapter, memory: EpisodicMemory,
-             on_progress: Callable[[str], None] | None = None) -> list[MethodResult]:
+             adapter: dspy.Adapter, memory: EpisodicMemory, on_progress: Callable[[str], None] | None = None,
+             keep_going: bool = False) -> EvalRun:
+    """Every method on every user. An LM that still fails after its retries, in any method's
+    setup or answer, is never scored as wrong answers: it stops the run (users still queued are
+    not started; those that finish are scored), or with `keep_going` drops that user from every
+    method."""
     flows = {u.user_id: user_flow(settings, task, u.user_id, history_items(task, u.profile), memory) for u in users}
     for flow in flows.values():  # writes stay on this thread; workers only read
         flow.remember()
@@ -80,33 +115,48 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
         with dspy.context(lm=lm, adapter=adapter):
             return _run_user(user, UserContext(flows[user.user_id], settings), methods, on_progress)
 
-    runs: list[_UserRun] = []
+    runs: dict[str, _UserRun] = {}
+    dropped, stopped = {}, None
     with ThreadPoolExecutor(max_workers=max(1, settings.workers)) as pool:
         futures = {pool.submit(one_user, u): u for u in users}
         for future in as_completed(futures):
-            runs.append(future.result())
-    golds = {q.id: q.gold for u in users for q in u.queries}
-    return [_pool(task, m, runs, golds) for m in methods]
+            if future.cancelled():
+                continue
+            user = futures[future]
+            try:
+                runs[user.user_id] = future.result()
+            except Exception as err:
+                if not is_retryable_lm_error(err):
+                    raise
+                why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                log.warning("user %s: the LLM failed after its retries: %s", user.user_id, why)
+                dropped[user.user_id] = why
+                if not keep_going and stopped is None:
+                    stopped = f"user {user.user_id}: {why}"
+                    for f in futures:
+                        f.cancel()
+    finished = [u for u in users if u.user_id in runs]
+    golds = {q.id: q.gold for u in finished for q in u.queries}
+    results = [_pool(task, m, [runs[u.user_id] for u in finished], golds) for m in methods]
+    compare_to_baselines(results)
+    return EvalRun(results, [u.user_id for u in finished], dropped, stopped)
 
 
 def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress) -> _UserRun:
     out = _UserRun()
     for method in methods:
         answers, failures = {}, 0
-        try:  # setup (profile, alignment) is metered apart, in the user's flow
-            program = METHODS[method](ctx)
-        except Exception as err:  # a method that cannot be set up for this user scores as wrong
-            log.warning("user %s, %s: setup failed: %s", user.user_id, method, str(err)[:200])
-            program = None
+        program = METHODS[method](ctx)  # setup (profile, alignment) is metered apart, in the user's flow
         started = time.perf_counter()
         with metered() as cost:
             for q in user.queries:
-                answers[q.id] = (answer_or_none(program, q.input, f"user {user.user_id}, {method}, query {q.id}")
-                                 if program is not None else None)
+                answers[q.id] = answer_or_none(program, q.input, f"user {user.user_id}, {method}, query {q.id}")
                 failures += answers[q.id] is None
         out.answers[method], out.cost[method], out.failures[method] = answers, cost, failures
         out.seconds[method] = time.perf_counter() - started
-        out.setup[method] = sum(ctx.setup_cost[s].lm_calls for s in SETUP.get(method, ()) if s in ctx.setup_cost)
+        out.setup[method] = Cost()
+        for name in SETUP.get(method, ()):
+            out.setup[method] += ctx.setup_cost.get(name, Cost())
         if on_progress:
             on_progress(f"{user.user_id}: {method}")
     return out
@@ -116,19 +166,40 @@ def _pool(task: Task, method: str, runs: list[_UserRun], golds: dict[str, str | 
     answers = {qid: a for r in runs for qid, a in r.answers[method].items()}
     scored = [qid for qid in answers if golds.get(qid) is not None]
     metrics = task.score([golds[q] for q in scored], [answers[q] for q in scored]) if scored else {}
-    result = MethodResult(method, metrics, len(answers), predictions=answers)
+    errors = dict(zip(scored, task.errors([golds[q] for q in scored], [answers[q] for q in scored])))
+    result = MethodResult(method, metrics, len(answers), predictions=answers, errors=errors,
+                          invalid=task.invalid(list(answers.values())))
     for r in runs:
         result.lm_calls += r.cost[method].lm_calls
+        result.cache_hits += r.cost[method].cache_hits
         result.tokens += r.cost[method].tokens
-        result.setup_lm_calls += r.setup[method]
+        result.setup_lm_calls += r.setup[method].lm_calls
+        result.setup_cache_hits += r.setup[method].cache_hits
         result.seconds += r.seconds[method]
         result.failures += r.failures[method]
     return result
 
 
+def compare_to_baselines(results: list[MethodResult], resamples: int = 2000, seed: int = 0) -> None:
+    """Fill each result's `deltas`: its mean per-query loss subtracted from each baseline's
+    (so positive is better: accuracy gained, or MAE saved), over the queries both scored."""
+    by = {r.method: r for r in results}
+    rng = np.random.default_rng(seed)
+    for base in (by[b] for b in BASELINES if b in by):
+        for r in results:
+            common = sorted(set(r.errors) & set(base.errors))
+            if r is base or not common:
+                continue
+            diff = np.array([base.errors[q] - r.errors[q] for q in common])
+            boots = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+            low, high = np.percentile(boots, [2.5, 97.5])
+            r.deltas[base.method] = Delta(len(diff), float(diff.mean()), float(low), float(high))
+
+
 def evaluate(settings: Settings, task: Task, users: list[UserData], methods: list[str], out: Path,
-             memory: EpisodicMemory, console: Console | None = None) -> pd.DataFrame:
-    """Run, write the outputs, log the MLflow runs, print the table."""
+             memory: EpisodicMemory, console: Console | None = None, keep_going: bool = False) -> pd.DataFrame:
+    """Run, write the outputs, log the MLflow runs, print the table. Raises `EvalStopped` (after
+    writing the finished users' table) when the LLM failed and `keep_going` is off."""
     console = console or Console()
     lm = build_lm(settings.lm)
     started = time.perf_counter()
@@ -137,34 +208,61 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                            "methods": ",".join(methods), "lm": settings.lm.model, "top_k": settings.top_k,
                            "batch_size": settings.batch_size, "iterations": settings.iterations,
                            "max_iters": settings.max_iters, "loss": settings.loss, "guard": settings.guard,
-                           "workers": settings.workers})
+                           "workers": settings.workers, "cache": settings.lm.cache, "keep_going": keep_going})
         bar = progress.add_task("eval", total=len(users) * len(methods))
-        results = run_eval(settings, task, users, methods, lm, adapter_for(lm), memory,
-                           on_progress=lambda what: progress.update(bar, advance=1, description=what))
-        table = results_table(task, results)
-        write_outputs(out, task, table, results)
-        for r in results:
+        run = run_eval(settings, task, users, methods, lm, adapter_for(lm), memory, keep_going=keep_going,
+                       on_progress=lambda what: progress.update(bar, advance=1, description=what))
+        table = results_table(task, run.results)
+        write_outputs(out, task, table, run.results)
+        for r in run.results:
             with mlflow.start_run(run_name=r.method, nested=True):
                 mlflow.log_param("method", r.method)
-                mlflow.log_metrics({**r.metrics, "lm_calls": r.lm_calls, "tokens": r.tokens,
-                                    "setup_lm_calls": r.setup_lm_calls, "seconds_per_sample": r.seconds_per_sample,
-                                    "failures": r.failures, "samples": r.samples})
+                mlflow.log_metrics({**r.metrics, **_delta_metrics(r), "lm_calls": r.lm_calls, "cache_hits": r.cache_hits,
+                                    "tokens": r.tokens, "setup_lm_calls": r.setup_lm_calls,
+                                    "setup_cache_hits": r.setup_cache_hits, "seconds_per_sample": r.seconds_per_sample,
+                                    "failures": r.failures, "invalid": r.invalid, "samples": r.samples})
         cost = sum(h.get("cost") or 0.0 for h in lm.history)
-        mlflow.log_metrics({"wall_seconds": time.perf_counter() - started, "cost_usd": cost})
+        mlflow.log_metrics({"wall_seconds": time.perf_counter() - started, "cost_usd": cost,
+                            "users_scored": len(run.finished), "users_dropped": len(run.dropped)})
+        mlflow.set_tags({"partial": str(run.stopped is not None).lower(),
+                         **({"stopped": run.stopped[:500]} if run.stopped else {})})
         mlflow.log_artifacts(str(out), artifact_path="results")
         run_id = parent.info.run_id
     console.print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    console.print(f"wall time {time.perf_counter() - started:.0f} s; results in {out}; MLflow run {run_id}")
+    for user_id, why in run.dropped.items():
+        console.print(f"dropped: user {user_id} from every method ({why})")
+    console.print(f"{len(run.finished)} of {len(users)} users scored; wall time {time.perf_counter() - started:.0f} s; "
+                  f"results in {out}; MLflow run {run_id}")
+    if run.stopped:
+        raise EvalStopped(f"the LLM failed after {settings.lm.retries} retries ({run.stopped}); the table of the "
+                          f"{len(run.finished)} users that finished is in {out} (--keep-going drops failing users instead)")
     return table
 
 
+def _delta_metrics(r: MethodResult) -> dict[str, float]:
+    out = {}
+    for base, d in r.deltas.items():
+        key = "delta_vs_" + base.replace("/", "").replace(" ", "_").replace("-", "_")
+        out.update({key: d.value, f"{key}_low": d.low, f"{key}_high": d.high, f"{key}_n": d.n})
+    return out
+
+
 def results_table(task: Task, results: list[MethodResult]) -> pd.DataFrame:
-    """The paper's layout: one row per method; the task's two metrics, then cost per sample."""
+    """The paper's layout: one row per method; the task's two metrics, invalid answers, the
+    difference to each baseline with its interval (positive: better), then cost per sample."""
     rows = {}
     for r in results:
         row = {f"{task.name} {SHORT[m]}": r.metrics.get(m, float("nan")) for m in task.metric_names}
-        row.update({"LM calls/sample": r.lm_calls / r.samples if r.samples else float("nan"),
-                    "setup LM calls": r.setup_lm_calls, "s/sample": r.seconds_per_sample, "failures": r.failures})
+        row["invalid"] = r.invalid
+        for base in BASELINES:
+            d = r.deltas.get(base)
+            row.update({f"Δ {base}": d.value if d else float("nan"), f"Δ {base} low": d.low if d else float("nan"),
+                        f"Δ {base} high": d.high if d else float("nan")})
+        row["n"] = len(r.errors)
+        per = (lambda v: v / r.samples) if r.samples else (lambda v: float("nan"))
+        row.update({"LM calls/sample": per(r.lm_calls), "cached/sample": per(r.cache_hits),
+                    "tokens/sample": per(r.tokens), "s/sample": r.seconds_per_sample,
+                    "setup LM calls": r.setup_lm_calls, "setup cached": r.setup_cache_hits, "failures": r.failures})
         rows[r.method] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "method"
@@ -172,18 +270,29 @@ def results_table(task: Task, results: list[MethodResult]) -> pd.DataFrame:
 
 
 def write_outputs(out: Path, task: Task, table: pd.DataFrame, results: list[MethodResult]) -> None:
-    """results.csv, results.md and predictions/<method>.json (LaMP `golds` format), atomically."""
+    """results.csv, results.md and predictions/<method>.json (LaMP `golds` format, the answers as
+    LaMP's scorer will read them), atomically."""
     atomic_write_text(out / "results.csv", table.to_csv())
     atomic_write_text(out / "results.md", to_markdown(table))
     for r in results:
-        golds = [{"id": qid, "output": task.normalize(a) or (a or "")} for qid, a in r.predictions.items()]
+        golds = [{"id": qid, "output": (a or "").strip()} for qid, a in r.predictions.items()]
         atomic_write_text(out / "predictions" / f"{r.method.replace('/', '_').replace(' ', '_')}.json",
                           json.dumps({"task": task.name.replace("-", "_"), "golds": golds}, indent=1))
 
 
 def to_markdown(table: pd.DataFrame) -> str:
+    """The table for a reader: each difference with its interval in one cell, NaN as n/a."""
+    table = table.copy()
+    for base in BASELINES:
+        cols = [f"Δ {base}", f"Δ {base} low", f"Δ {base} high"]
+        if cols[0] in table:
+            cells = ["n/a" if pd.isna(v) else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                     for v, lo, hi in table[cols].itertuples(index=False)]
+            at = list(table.columns).index(cols[0])
+            table = table.drop(columns=cols)
+            table.insert(at, f"Δ {base} [95% CI]", cells)
     cols = [table.index.name or "", *table.columns]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: "n/a" if isinstance(v, float) and pd.isna(v) else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join([str(i), *(fmt(v) for v in row)]) + " |" for i, row in table.iterrows()]
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 
 from .eval.data import UserData  # noqa: E402
 from .eval.tasks import Task  # noqa: E402
-from .harness import run_eval  # noqa: E402
+from .harness import EvalStopped, run_eval  # noqa: E402
 from .llm import adapter_for, build_lm  # noqa: E402
 from .settings import Settings  # noqa: E402
 from .store import Store  # noqa: E402
@@ -43,7 +43,10 @@ def sweep(settings: Settings, store: Store, task: Task, users: list[UserData], m
             point = replace(settings, **{PARAMS[param]: value}) if PARAMS[param] else settings
             people = [cold_start(u, value) for u in users] if param == "history" else users
             started = time.perf_counter()
-            results = run_eval(point, task, people, methods, lm, adapter_for(lm), store.scoped(f"{param}={value}"))
+            run = run_eval(point, task, people, methods, lm, adapter_for(lm), store.scoped(f"{param}={value}"))
+            if run.stopped:
+                raise EvalStopped(f"stopped at {param}={value}: the LLM failed after its retries ({run.stopped})")
+            results = run.results
             for r in results:
                 rows.append({param: value, "method": r.method, **r.metrics, "lm_calls": r.lm_calls,
                              "setup_lm_calls": r.setup_lm_calls})

@@ -74,7 +74,7 @@ class FaultyEngine(_Engine):
     """Wraps an engine: each call fails with probability `rate`, with a kind drawn from `kinds`
     (seeded, so a run's fault counts are reproducible). A call whose prompt contains `poison`
     always fails with a server error: a user whose alignment cannot succeed however often it
-    is retried. `injected` counts what was injected, by kind.
+    is retried (`poison` may also be a predicate on the prompt text). `injected` counts what was injected, by kind.
 
     Transient faults carry `retry_after=0`, so DSPy's retries happen at once in tests."""
 
@@ -90,7 +90,7 @@ class FaultyEngine(_Engine):
         text = "\n".join(_prompt(request))
         with self._lock:
             kind = self._rng.choice(self.kinds) if self._rng.random() < self.rate else None
-            if self.poison and self.poison in text:
+            if self.poison and (self.poison(text) if callable(self.poison) else self.poison in text):
                 kind = "server_error"
             if kind:
                 self.injected[kind] += 1

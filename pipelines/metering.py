@@ -2,8 +2,12 @@
 
 `dspy.track_usage()` records into the settings of the thread that opened it, so each unit of
 work (one user's alignment iteration, one evaluation) opens its own meter where it runs.
-Cache hits cost nothing and are not counted. Each meter also counts fallbacks: calls whose
-answer was unusable and got replaced by a default (`or_fallback`).
+
+A meter counts every LM call its block issued (`lm_calls`), and of those the ones DSPy's cache
+answered (`cache_hits`: a call that reported no token usage; a provider that reports no usage at
+all shows its calls as cached), so a rerun reports its hits instead of zero calls. Each meter
+also counts fallbacks: calls whose answer was unusable and got replaced by a default
+(`or_fallback`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import dspy
+from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import is_retryable_lm_error
 
 log = logging.getLogger(__name__)
@@ -22,18 +27,32 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Cost:
-    lm_calls: int = 0
+    lm_calls: int = 0  # issued, cache hits included
     tokens: int = 0
     fallbacks: int = 0
+    cache_hits: int = 0
 
     def __iadd__(self, other: "Cost") -> "Cost":
         self.lm_calls += other.lm_calls
         self.tokens += other.tokens
         self.fallbacks += other.fallbacks
+        self.cache_hits += other.cache_hits
         return self
 
 
 _open_meters: contextvars.ContextVar[tuple[Cost, ...]] = contextvars.ContextVar("open_meters", default=())
+
+
+class _CallCounter(BaseCallback):
+    """Counts each completed LM call in every meter open where it ran."""
+
+    def on_lm_end(self, call_id, outputs, exception=None):
+        if exception is None:
+            for cost in _open_meters.get():
+                cost.lm_calls += 1
+
+
+_COUNTER = _CallCounter()
 
 
 def count_fallback() -> None:
@@ -47,14 +66,16 @@ def metered():
     """`with metered() as cost: ...`; `cost` is filled in when the block exits."""
     cost = Cost()
     token = _open_meters.set((*_open_meters.get(), cost))
-    with dspy.track_usage() as tracker:
+    callbacks = dspy.settings.get("callbacks") or []
+    counting = callbacks if _COUNTER in callbacks else [*callbacks, _COUNTER]
+    with dspy.context(callbacks=counting), dspy.track_usage() as tracker:
         try:
             yield cost
         finally:
             _open_meters.reset(token)
-            for entries in tracker.usage_data.values():
-                cost.lm_calls += len(entries)
-                cost.tokens += sum(int(e.get("total_tokens") or 0) for e in entries)
+            billed = [e for entries in tracker.usage_data.values() for e in entries]
+            cost.tokens += sum(int(e.get("total_tokens") or 0) for e in billed)
+            cost.cache_hits = max(0, cost.lm_calls - len(billed))
 
 
 T = TypeVar("T")

@@ -1,6 +1,7 @@
 import json
 
 import dspy
+import pandas as pd
 import pytest
 
 from persona_agent.eval.data import Query, UserData, load_users
@@ -9,6 +10,7 @@ from persona_agent.harness import MethodResult, results_table, run_eval, to_mark
 from persona_agent.methods import METHODS, UserContext, resolve, user_flow
 from persona_agent.pipelines.flow import history_items
 from persona_agent.settings import Settings
+from persona_agent.testing import FakeEngine, FaultyEngine
 
 ALICE = [{"id": f"a{i}", "description": f"A film about a heist number {i}.", "tag": "action", "date": f"2024-01-0{i + 1}"}
          for i in range(4)]
@@ -91,7 +93,7 @@ def test_resolve_methods():
 def test_harness_scores_pooled_answers_and_counts_cost(memory, fake_lm, tmp_path):
     fake_lm._engine_spec.policy = _policy([])
     results = run_eval(Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1, workers=2), LAMP_2M, _users(),
-                       ["non-personalized", "rag", "persona-agent"], fake_lm, dspy.JSONAdapter(), memory)
+                       ["non-personalized", "rag", "persona-agent"], fake_lm, dspy.JSONAdapter(), memory).results
     by = {r.method: r for r in results}
     assert by["rag"].metrics["accuracy"] == 1.0 and by["rag"].lm_calls == 2 and by["rag"].setup_lm_calls == 0
     assert by["non-personalized"].predictions == {"qa": "comedy", "qb": "comedy"}  # it sees no history
@@ -119,7 +121,7 @@ def test_a_test_split_without_outputs_yields_a_valid_predictions_file(memory, fa
     loaded = load_users(data, LAMP_2M, "test")
     assert all(q.gold is None for u in loaded for q in u.queries)
     fake_lm._engine_spec.policy = _policy([])
-    results = run_eval(Settings(store=tmp_path), LAMP_2M, loaded, ["rag"], fake_lm, dspy.JSONAdapter(), memory)
+    results = run_eval(Settings(store=tmp_path), LAMP_2M, loaded, ["rag"], fake_lm, dspy.JSONAdapter(), memory).results
     assert results[0].metrics == {}
     write_outputs(tmp_path / "out", LAMP_2M, results_table(LAMP_2M, results), results)
     preds = json.loads((tmp_path / "out" / "predictions" / "rag.json").read_text())
@@ -149,3 +151,90 @@ def test_gepa_optimizes_the_same_agent_on_the_same_batch(memory, fake_lm):
     assert replays > 0
     # after compile the batch items are visible again at test time
     assert "heist number 3. -> action" in "\n".join(t for _, t in prompts[-2:])
+
+
+# -- outages stop or exclude, never score --------------------------------------------------------
+
+
+def _lamp_dir(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    users = _users()
+    (data / "dev_questions.json").write_text(json.dumps(
+        [{"id": u.queries[0].id, "user_id": u.user_id, "input": u.queries[0].input, "profile": u.profile} for u in users]))
+    (data / "dev_outputs.json").write_text(json.dumps(
+        {"task": "LaMP_2M", "golds": [{"id": u.queries[0].id, "output": u.queries[0].gold} for u in users]}))
+    return data
+
+
+def _eval_with(monkeypatch, tmp_path, engine, *extra):
+    import persona_agent.harness as harness
+    from persona_agent.cli import main
+
+    lm = dspy.LM("fake/outage", engine=engine, cache=False, num_retries=1)
+    monkeypatch.setattr(harness, "build_lm", lambda cfg: lm)
+    monkeypatch.setattr(harness, "adapter_for", lambda lm: dspy.JSONAdapter())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    code = main(["eval", "--data", str(_lamp_dir(tmp_path)), "--methods", "non-personalized,pag", "-T", "1",
+                 "--workers", "1", "--out", str(out), "--store", str(tmp_path / "mlruns"), *extra])
+    return code, pd.read_csv(out / "results.csv", index_col="method")
+
+
+def _bobs_profile_calls_fail(prompts=None):
+    """Every profile (setup) call for bob fails with a 500, however often it is retried."""
+
+    return FaultyEngine(FakeEngine(_policy([] if prompts is None else prompts)), rate=0,
+                        poison=lambda text: "Write a short profile" in text and "wedding" in text)
+
+
+def test_an_outage_in_a_methods_setup_stops_eval_with_the_finished_users_table(tmp_path, monkeypatch, capsys):
+    engine = _bobs_profile_calls_fail()
+    code, table = _eval_with(monkeypatch, tmp_path, engine)
+    assert code == 4 and "the LLM failed" in capsys.readouterr().err and engine.injected["server_error"] >= 2
+    # alice finished before bob failed: her query is scored, bob's is not scored as wrong
+    assert list(table["n"]) == [1, 1] and table.loc["pag", "LaMP-2M Acc"] == 1.0
+
+
+def test_keep_going_drops_the_failing_user_from_every_method(tmp_path, monkeypatch, capsys):
+    code, table = _eval_with(monkeypatch, tmp_path, _bobs_profile_calls_fail(), "--keep-going")
+    out = capsys.readouterr().out
+    assert code == 0 and "dropped: user bob from every method" in out and "1 of 2 users scored" in out
+    assert list(table["n"]) == [1, 1]  # non-personalized never needed bob's profile: dropped there too
+
+
+def test_an_outage_while_answering_stops_eval_too(tmp_path, monkeypatch):
+
+    engine = FaultyEngine(FakeEngine(_policy([])), rate=0, poison=lambda text: "wedding" in text and "User summary" in text)
+    code, _ = _eval_with(monkeypatch, tmp_path, engine)
+    assert code == 4
+
+
+# -- honest cost, intervals ----------------------------------------------------------------------
+
+
+def test_a_rerun_reports_its_cache_hits_instead_of_zero_calls(memory, tmp_path):
+    lm = dspy.LM(f"fake/cache-hits-{memory.layout}", engine=FakeEngine(_policy([])), cache=True, num_retries=0)
+    settings = Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1)
+    first, second = (run_eval(settings, LAMP_2M, _users(), ["rag", "pag"], lm, dspy.JSONAdapter(), memory).results
+                     for _ in range(2))
+    for a, b in zip(first, second):
+        assert a.lm_calls == b.lm_calls > 0 and a.cache_hits == 0 and b.cache_hits == b.lm_calls
+    assert second[1].setup_lm_calls == second[1].setup_cache_hits > 0  # pag's profile: cached too
+    table = results_table(LAMP_2M, second)
+    assert table.loc["rag", "cached/sample"] == table.loc["rag", "LM calls/sample"] == 1
+
+
+def test_differences_to_the_baselines_come_with_a_paired_bootstrap_interval():
+    from persona_agent.harness import compare_to_baselines
+
+    base = MethodResult("non-personalized", {}, 4, errors={"a": 1.0, "b": 1.0, "c": 0.0, "d": 1.0})
+    better = MethodResult("rag", {}, 4, errors={"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0})
+    same = MethodResult("icl", {}, 4, errors=dict(base.errors))
+    compare_to_baselines([base, better, same])
+    assert not base.deltas and set(better.deltas) == {"non-personalized"}  # w/o alignment was not run
+    d = better.deltas["non-personalized"]
+    assert d.n == 4 and d.value == 0.75 and 0 <= d.low <= 0.75 <= d.high <= 1
+    assert same.deltas["non-personalized"].low == same.deltas["non-personalized"].high == 0
+    md = to_markdown(results_table(LAMP_3, [base, better]))
+    assert "+0.750 [" in md and "| n/a |" in md

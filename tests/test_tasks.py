@@ -60,3 +60,14 @@ def test_rating_metrics_unparseable_counts_as_farther_extreme():
 def test_example_score_is_graded_for_ratings():
     assert LAMP_3.example_score("3", "3") == 1 and LAMP_3.example_score("3", "5") == 0.5
     assert LAMP_2M.example_score("comedy", "Comedy") == 1 and LAMP_2M.example_score("comedy", "action") == 0
+
+
+def test_official_scoring_reads_answers_as_lamps_scorer_does():
+    # exact label after stripping: a capitalised or padded-with-words label is invalid, not wrong-but-lenient
+    assert LAMP_2M.score(["comedy", "comedy", "comedy"], [" comedy ", "Comedy", "I think comedy"])["accuracy"] == 1 / 3
+    assert LAMP_2M.score(["comedy", "comedy"], ["Comedy", "comedy."], lenient=True)["accuracy"] == 1
+    assert LAMP_2M.invalid([" comedy ", "Comedy", "western", None]) == 3
+    # ratings are floats: "4.5" is off by 0.5 and "10" by 6, never rounded or cut to a digit
+    assert LAMP_3.score(["4", "4"], ["4.5", "10"])["mae"] == pytest.approx((0.5 + 6) / 2)
+    assert LAMP_3.score(["4"], ["4 stars"])["mae"] == 3 and LAMP_3.invalid(["4 stars", "4.0", "nan"]) == 2
+    assert LAMP_3.errors(["2", "5"], ["3", "x"]) == [1.0, 4.0] and LAMP_2M.errors(["comedy"], ["action"]) == [1.0]
