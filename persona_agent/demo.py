@@ -23,7 +23,7 @@ from .eval.tasks import get_task
 from .llm import adapter_for, build_lm
 from .methods import alignment, user_flow
 from .optimizers import AlignmentStep
-from .pipelines.agent import NonPersonalized
+from .pipelines.agent import non_personalized
 from .pipelines.flow import history_items, score
 from .pipelines.metering import metered
 from .progress import progress_bar
@@ -87,7 +87,7 @@ def _personalize(settings, store, user, held_out, run_id, advance):
     registry.register(user.user_id, student.persona, "initial persona from the profile",
                       {"stage": "initial", "accepted": True, "run_id": run_id}, production=True)
     advance("profile")
-    baseline = score(NonPersonalized(task), task, held_out)
+    baseline = score(non_personalized(task), task, held_out)
     advance("baseline")
     before = score(student, task, held_out)
     advance("before alignment")

@@ -14,10 +14,10 @@ import dspy
 
 from .eval.tasks import Task
 from .optimizers import AlignmentStep, PersonaAlignment
-from .pipelines.agent import InContext, NonPersonalized, PersonaAgent, RetrievalAnswer
+from .pipelines.agent import Direct, InContext, PersonaAgent, RetrievalAnswer, non_personalized
 from .pipelines.flow import UserFlow
-from .pipelines.memory import EpisodicMemory, MemoryItem, NoMemory
-from .pipelines.persona import GENERIC_TEMPLATE, SUMMARY_TEMPLATE, Persona
+from .pipelines.memory import EpisodicMemory, MemoryItem
+from .pipelines.persona import Persona
 from .settings import Settings
 
 
@@ -51,6 +51,12 @@ class UserContext:
             self.steps = self._aligned.alignment_steps
         return self._aligned
 
+    def aligned_without_memory(self) -> PersonaAgent:
+        """The full method less memory: no episodic recall (no prefetch, no search tool) and no
+        semantic profile (no profile tool, and the persona starts empty), aligned on the same batch."""
+        student = self.flow.agent(Persona(self.task, ""), memory=None, semantic=None)
+        return self.flow.align(alignment(self.settings), student, name="alignment w/o memory")
+
     def gepa(self) -> dspy.Module:
         """dspy.GEPA on the same student and batch, with about the alignment loop's number of
         program runs: n to score the start, then n per candidate, for T candidates."""
@@ -76,38 +82,37 @@ class UserContext:
             view.exclude = frozenset()
 
 
-def _generic(c: UserContext) -> Persona:
-    return Persona(c.task, "", GENERIC_TEMPLATE)
-
-
-def _summary(c: UserContext) -> Persona:
-    return Persona(c.task, c.flow.profile(), SUMMARY_TEMPLATE)
+def _profiled(c: UserContext) -> Persona:
+    return Persona(c.task, c.flow.profile())
 
 
 Builder = Callable[[UserContext], dspy.Module]
 
+# What each method sees is the README's "Methods" table; every one answers under the same task
+# instruction (`pipelines.persona.INSTRUCTION`) and adds or removes one component.
 METHODS: dict[str, Builder] = {
-    "non-personalized": lambda c: NonPersonalized(c.task),
+    "non-personalized": lambda c: non_personalized(c.task),
     "icl": lambda c: InContext(c.task, c.flow.trainset(), c.settings.top_k),
-    "rag": lambda c: RetrievalAnswer(_generic(c), c.flow.view()),
-    "pag": lambda c: RetrievalAnswer(_summary(c), c.flow.view()),
-    "react": lambda c: c.flow.agent(_generic(c), prefetch=False),
-    "membank": lambda c: c.flow.agent(_summary(c)),
+    "rag": lambda c: RetrievalAnswer(Persona.neutral(c.task), c.flow.view()),
+    "pag": lambda c: RetrievalAnswer(_profiled(c), c.flow.view()),
+    "react": lambda c: c.flow.agent(Persona.neutral(c.task), prefetch=False, semantic=None),
+    "membank": lambda c: c.flow.agent(_profiled(c), prefetch=False),
     "persona-agent": lambda c: c.aligned(),
-    # ablations of the full method
-    "w/o alignment": lambda c: c.flow.agent(),
-    "w/o persona": lambda c: c.flow.agent(_generic(c)),
-    "w/o memory": lambda c: c.flow.agent(c.aligned().persona, memory=NoMemory()),
-    "w/o action": lambda c: c.flow.agent(c.aligned().persona, max_iters=0),
+    "persona-agent (tools only)": lambda c: c.flow.agent(c.aligned().persona, prefetch=False),
+    # ablations of the full method, each removing exactly one module
+    "w/o alignment": lambda c: c.flow.agent(_profiled(c)),
+    "w/o persona": lambda c: c.flow.agent(Persona.neutral(c.task)),
+    "w/o memory": lambda c: c.aligned_without_memory(),
+    "w/o action": lambda c: Direct(c.aligned().persona),
     # DSPy's reflective optimizer on the same persona agent, batch and budget
     "gepa": lambda c: c.gepa(),
 }
 
 # Which setup each method pays for (its share of the per-user cost).
 SETUP: dict[str, tuple[str, ...]] = {
-    "pag": ("profile",), "membank": ("profile",), "w/o alignment": ("profile",),
-    "persona-agent": ("profile", "alignment"), "w/o memory": ("profile", "alignment"),
-    "w/o action": ("profile", "alignment"), "gepa": ("profile", "gepa"),
+    "pag": ("profile",), "membank": ("profile",), "w/o alignment": ("profile",), "w/o persona": ("profile",),
+    "persona-agent": ("profile", "alignment"), "persona-agent (tools only)": ("profile", "alignment"),
+    "w/o memory": ("alignment w/o memory",), "w/o action": ("profile", "alignment"), "gepa": ("profile", "gepa"),
 }
 
 

@@ -1,9 +1,12 @@
-"""The persona-conditioned agent and the non-personalized baseline.
+"""The persona-conditioned agent and the programs of the baselines.
 
 `PersonaAgent` is one user's program: the persona is the instruction of its ReAct answering
-predictors, its tools reach only that user's memory and profile, and its answer is typed to the
-task's label set. DSPy optimizers (ours included) therefore see an ordinary module whose
-instructions they can read and rewrite.
+predictors, its tools reach only that user's episodic memory and semantic profile, and its
+answer is typed to the task's label set. DSPy optimizers (ours included) therefore see an
+ordinary module whose instructions they can read and rewrite.
+
+Every program here answers under the same task instruction (`persona.instruction`); they differ
+only in what they add to it.
 """
 
 from __future__ import annotations
@@ -17,17 +20,20 @@ from persona_agent.eval.tasks import Task
 from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnswer, typed_to
 
 from .memory import UserMemory, format_recalls
-from .persona import Persona
+from .persona import Persona, instruction
 
 
 class PersonaAgent(dspy.Module):
-    def __init__(self, persona: Persona, memory: UserMemory, *, max_iters: int, formulate_query: bool = False,
-                 prefetch: bool = True):
-        """`formulate_query`: have the LM write the upfront memory query (for inputs whose item text
-        the task cannot cut out by pattern) instead of searching with the item text.
-        `prefetch=False`: no upfront retrieval; memory is reached through the tools only."""
+    def __init__(self, persona: Persona, memory: UserMemory | None, *, max_iters: int, semantic: str | None = None,
+                 formulate_query: bool = False, prefetch: bool = True):
+        """memory: the user's episodic memory, reached by the `search_memory` tool and (with
+        `prefetch`) an upfront search whose recalls are also few-shot demonstrations; None: no
+        episodic memory at all. semantic: the user's profile (semantic memory) that the
+        `user_profile` tool returns; None: no such tool. `formulate_query`: have the LM write the
+        upfront memory query (for inputs whose item text the task cannot cut out by pattern)."""
         super().__init__()
-        self.memory, self.max_iters, self.prefetch = memory, max_iters, prefetch
+        self.memory, self.semantic, self.max_iters = memory, semantic, max_iters
+        self.prefetch = prefetch and memory is not None
         self.formulate = dspy.Predict(FormulateMemoryQuery) if formulate_query else None
         self.persona = persona
 
@@ -47,11 +53,12 @@ class PersonaAgent(dspy.Module):
 
     def tools(self, persona: Persona) -> list[dspy.Tool]:
         """The agent's tools, over this user's data only. Override to add your own."""
-        return memory_tools(self.memory, persona)
+        return memory_tools(self.memory, persona.task, self.semantic)
 
     def forward(self, query: str) -> dspy.Prediction:
         recalls = self.memory.search(self._search_text(query)) if self.prefetch else []
-        shown = format_recalls(recalls) if self.prefetch else "(none retrieved up front: use search_memory)"
+        shown = (format_recalls(recalls) if self.prefetch else "(none retrieved up front: use search_memory)"
+                 if self.memory is not None else "(no memory)")
         # The recalled interactions are also few-shot demonstrations: the answer step sees the
         # user's own choices in the very shape it must produce.
         pred = self.act(query=query, memories=shown, demos=recall_demos(self.task, recalls))
@@ -78,20 +85,25 @@ class PersonaAgent(dspy.Module):
         return super().load_state(state, **kwargs)
 
 
-def memory_tools(memory: UserMemory, persona: Persona) -> list[dspy.Tool]:
+def memory_tools(memory: UserMemory | None, task: Task, semantic: str | None) -> list[dspy.Tool]:
     # Closures over values, not over the agent: a deep copy of the program must not reach back
-    # into the original's persona.
-    task, profile = persona.task, persona.profile
+    # into the original.
+    tools = []
+    if memory is not None:
+        def search_memory(query: str) -> str:
+            """Search this user's own past interactions; returns similar items with the user's responses."""
+            return format_recalls(memory.search(task.query_content(query)))
 
-    def search_memory(query: str) -> str:
-        """Search this user's own past interactions; returns similar items with the user's responses."""
-        return format_recalls(memory.search(task.query_content(query)))
+        tools.append(dspy.Tool(search_memory))
+    if semantic is not None:
+        profile = semantic.strip() or "(nothing known yet)"
 
-    def user_profile() -> str:
-        """This user's profile: their stable preferences."""
-        return profile
+        def user_profile() -> str:
+            """This user's profile: their stable preferences."""
+            return profile
 
-    return [dspy.Tool(search_memory), dspy.Tool(user_profile)]
+        tools.append(dspy.Tool(user_profile))
+    return tools
 
 
 class _ReAct(dspy.ReAct):
@@ -140,7 +152,7 @@ def _unbound(**kwargs):
 class RetrievalAnswer(dspy.Module):
     """RAG and PAG: retrieve the user's top-k interactions and answer in one call, no tools.
 
-    With a profile in the persona's slot (SUMMARY_TEMPLATE) this is PAG, without one RAG.
+    With a profile in the persona's slot this is PAG, with the neutral persona RAG.
     """
 
     def __init__(self, persona: Persona, memory: UserMemory):
@@ -157,6 +169,33 @@ class RetrievalAnswer(dspy.Module):
         return self.answer(query=query, memories=format_recalls(recalls), demos=recall_demos(task, recalls))
 
 
+class Direct(dspy.Module):
+    """One call under an instruction and nothing else: no memory, no tools, no retrieval.
+
+    With the neutral persona this is the non-personalized baseline; with a persona it is
+    "w/o action" (the persona alone)."""
+
+    def __init__(self, persona: Persona):
+        super().__init__()
+        self.persona = persona
+        self.answer = dspy.Predict(typed_to(PlainAnswer, persona.task, persona.render()))
+
+    @property
+    def task(self) -> Task:
+        return self.persona.task
+
+    def with_persona(self, persona: Persona) -> "Direct":
+        return Direct(persona)
+
+    def forward(self, query: str) -> dspy.Prediction:
+        return self.answer(query=query)
+
+
+def non_personalized(task: Task) -> Direct:
+    """The baseline: the same task instruction and label set, no memory, no persona."""
+    return Direct(Persona.neutral(task))
+
+
 class InContext(dspy.Module):
     """ICL: the user's latest k interactions (`dspy.Example(query, answer)`, oldest first) as
     demonstrations, whatever the query."""
@@ -164,7 +203,7 @@ class InContext(dspy.Module):
     def __init__(self, task: Task, examples, k: int):
         super().__init__()
         self.task = task
-        self.answer = dspy.Predict(typed_to(PlainAnswer, task, f"Answer the request as this user would: {task.description}."))
+        self.answer = dspy.Predict(typed_to(PlainAnswer, task, instruction(task)))
         self.answer.demos = [dspy.Example(query=ex.query, answer=ex.answer) for ex in list(examples)[-k:]] if k else []
 
     def forward(self, query: str) -> dspy.Prediction:
@@ -175,15 +214,3 @@ def recall_demos(task: Task, recalls) -> list[dspy.Example]:
     """Recalled interactions as few-shot demonstrations, most similar last."""
     return [dspy.Example(query=task.make_input(r.item.text, task.labels), answer=r.item.response)
             for r in reversed(recalls) if r.item.response is not None]
-
-
-class NonPersonalized(dspy.Module):
-    """The baseline: the same task and label set, no memory, no persona."""
-
-    def __init__(self, task: Task):
-        super().__init__()
-        self.task = task
-        self.answer = dspy.Predict(typed_to(PlainAnswer, task, f"Answer the request: {task.description}."))
-
-    def forward(self, query: str) -> dspy.Prediction:
-        return self.answer(query=query)

@@ -96,9 +96,13 @@ class UserFlow:
     def trainset(self) -> list[dspy.Example]:
         return examples(self.task, self.history)
 
-    def agent(self, persona: Persona | None = None, *, memory=None, **kwargs) -> PersonaAgent:
-        """The persona agent over this user's memory (default persona: from the profile)."""
-        return PersonaAgent(persona or Persona(self.task, self.profile()), self.view() if memory is None else memory,
+    def agent(self, persona: Persona | None = None, *, memory: UserMemory | None | str = "view",
+              semantic: str | None | bool = True, **kwargs) -> PersonaAgent:
+        """The persona agent over this user's memory (default persona: from the profile).
+        memory: "view" (this user's memory), a `UserMemory`, or None (no episodic memory).
+        semantic: True (the profile tool returns this user's profile), a text, or None (no tool)."""
+        return PersonaAgent(persona or Persona(self.task, self.profile()), self.view() if memory == "view" else memory,
+                            semantic=self.profile() if semantic is True else semantic,
                             max_iters=kwargs.pop("max_iters", self.max_iters), **kwargs)
 
     def align(self, optimizer: Teleprompter, student: dspy.Module | None = None, *, trainset=None,

@@ -257,15 +257,6 @@ class UserMemory:
             _excluded.reset(token)
 
 
-class NoMemory:
-    """A memory with nothing in it: the "w/o memory" ablation."""
-
-    k = 0
-
-    def search(self, text: str, k: int | None = None) -> list[Recall]:
-        return []
-
-
 def format_recalls(recalls: Sequence[Recall]) -> str:
     if not recalls:
         return "(no related past interactions)"

@@ -13,24 +13,20 @@ from dataclasses import dataclass
 
 from persona_agent.eval.tasks import Task
 
-TEMPLATE = """You act on behalf of one user: {task_description}.
-Answer as this user would, not as an average person would.
-Rules:
-- Answer with exactly one of the labels the request allows.
-- The user's past interactions are the strongest evidence: look for past items like this one and follow the user's own choices there.
-- Use the profile below to decide between labels that all fit.
+# Equal footing: every method answers under this one task instruction, and differs from the
+# others only in what it adds (a profile, retrieved items, tools, alignment), never in wording.
+INSTRUCTION = "Answer the request as this user would: {task_description}."
+# The persona adds exactly one thing to it: the user-specific slot.
+TEMPLATE = INSTRUCTION + """
 User profile:
 {profile}"""
 
-# Templates of the baselines: the same slot, without the persona's framing (MemBank, PAG), or
-# with no user-specific text at all (ReAct, RAG, "w/o persona").
-SUMMARY_TEMPLATE = """Answer the request for this user: {task_description}.
-User summary:
-{profile}"""
-GENERIC_TEMPLATE = """Answer the request: {task_description}.
-Past interactions of the user may help."""
-
 PROFILE_BUDGET = 1200  # characters; keeps prompts short enough for small local models
+
+
+def instruction(task: Task) -> str:
+    """The task instruction every method shares (a persona adds its profile slot to it)."""
+    return INSTRUCTION.format(task_description=task.description)
 
 
 @dataclass(frozen=True)
@@ -49,6 +45,11 @@ class Persona:
         return Persona(self.task, profile, self.template)
 
     @classmethod
+    def neutral(cls, task: Task) -> "Persona":
+        """The shared task instruction alone: no user-specific text ("w/o persona", RAG, ReAct)."""
+        return cls(task, "", INSTRUCTION)
+
+    @classmethod
     def parse(cls, task: Task, text: str) -> "Persona":
         """Read a rendered persona back; refuses text whose fixed parts are not this template's."""
         fixed = TEMPLATE.format(task_description=task.description, profile="")
@@ -58,7 +59,7 @@ class Persona:
 
 
 # Lines of the fixed template: a rewrite that restates them is trying to edit the fixed parts.
-_FIXED_MARKERS = ("Rules:", "User profile:", "You act on behalf of one user", "Answer with exactly one")
+_FIXED_MARKERS = ("Rules:", "User profile:", "Answer the request as this user would")
 
 
 def profile_problem(text: str, budget: int = PROFILE_BUDGET) -> str | None:

@@ -3,9 +3,9 @@ import json
 import dspy
 
 from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.pipelines.agent import NonPersonalized, PersonaAgent
+from persona_agent.pipelines.agent import non_personalized, PersonaAgent
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
-from persona_agent.pipelines.persona import Persona, looks_degenerate
+from persona_agent.pipelines.persona import Persona, instruction, looks_degenerate
 
 
 def _agent(memory, user="alice", profile="Loves heists."):
@@ -77,15 +77,16 @@ def test_save_and_load_keep_the_persona(memory, tmp_path):
 
 def test_baseline_sees_no_memory_and_no_persona(memory, fake_lm):
     _agent(memory)
-    NonPersonalized(LAMP_2M)(query=LAMP_2M.make_input("An explosive heist.", LAMP_2M.labels))
+    non_personalized(LAMP_2M)(query=LAMP_2M.make_input("An explosive heist.", LAMP_2M.labels))
     fields, system, user = fake_lm._engine_spec.calls[-1]
     assert "-> action" not in system + user and "User profile" not in system
 
 
 def test_persona_template_keeps_fixed_parts_and_budget():
     p = Persona(LAMP_2M, "x. " * 1000)
-    assert len(p.profile) <= 1200 and p.render().startswith("You act on behalf of one user")
-    assert "Answer with exactly one of the labels" in p.render()
+    assert len(p.profile) <= 1200 and p.render().startswith("Answer the request as this user would")
+    # the fixed part is the shared task instruction; the label rule is the typed answer's job
+    assert p.render() == f"{instruction(LAMP_2M)}\nUser profile:\n{p.profile}"
 
 
 def test_degenerate_text_is_detected():

@@ -5,7 +5,7 @@ from persona_agent.eval.tasks import LAMP_2M
 from persona_agent.optimizers import PersonaAlignment
 from persona_agent.pipelines.agent import PersonaAgent, RetrievalAnswer
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
-from persona_agent.pipelines.persona import SUMMARY_TEMPLATE, Persona
+from persona_agent.pipelines.persona import TEMPLATE, Persona
 
 
 def persona_following_policy(critique="The user chose action; the profile should say they prefer action.",
@@ -179,10 +179,10 @@ def test_bad_arguments():
 def test_aligns_pag_a_retrieval_program_without_tools(memory, fake_lm):
     fake_lm._engine_spec.policy = persona_following_policy()
     _, train = _setup(memory)
-    student = RetrievalAnswer(Persona(LAMP_2M, "Likes comedy.", SUMMARY_TEMPLATE), UserMemory(memory, "u", k=5))
+    student = RetrievalAnswer(Persona(LAMP_2M, "Likes comedy."), UserMemory(memory, "u", k=5))
     aligned = PersonaAlignment(batch_size=3, iterations=2).compile(student, trainset=train)
     assert isinstance(aligned, RetrievalAnswer) and aligned.persona.profile == "Prefers action."
-    assert aligned.persona.template == SUMMARY_TEMPLATE  # only the slot was rewritten
+    assert aligned.persona.template == TEMPLATE  # only the slot was rewritten
     assert [s.batch_score for s in aligned.alignment_steps] == [0.0, 1.0]
     assert student.persona.profile == "Likes comedy."
 

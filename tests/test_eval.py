@@ -57,7 +57,7 @@ def test_non_personalized_prompt_holds_no_history(memory, fake_lm):
     assert "heist number" not in text and "wedding" not in text
 
 
-@pytest.mark.parametrize("method", ["rag", "pag", "membank", "persona-agent", "w/o alignment", "w/o persona", "w/o action"])
+@pytest.mark.parametrize("method", ["rag", "pag", "persona-agent", "w/o alignment", "w/o persona"])
 def test_retrieving_methods_show_only_this_users_items(memory, fake_lm, method):
     text = _prompts_of(method, memory, fake_lm)
     assert "heist number" in text and "wedding" not in text
@@ -73,15 +73,53 @@ def test_icl_shows_the_latest_k_interactions(memory, fake_lm):
 def test_pag_and_membank_carry_the_profile_rag_does_not(memory, fake_lm):
     for method in ("pag", "membank"):
         text = _prompts_of(method, memory, fake_lm)
-        assert "User summary:" in text and "a profile" in text
+        assert "User profile:" in text and "a profile" in text
     assert "a profile" not in _prompts_of("rag", memory, fake_lm)
 
 
-def test_react_reaches_memory_only_through_tools_and_ablations_remove_their_part(memory, fake_lm):
-    assert "heist number" not in _prompts_of("react", memory, fake_lm) and "search_memory" in _prompts_of("react", memory, fake_lm)
-    assert "heist number" not in _prompts_of("w/o memory", memory, fake_lm)
-    assert "User profile:" in _prompts_of("w/o memory", memory, fake_lm)  # the (aligned) persona stays
-    assert "next_tool_name" not in _prompts_of("w/o action", memory, fake_lm)
+def test_react_reaches_memory_only_through_tools(memory, fake_lm):
+    text = _prompts_of("react", memory, fake_lm)
+    assert "heist number" not in text and "search_memory" in text and "user_profile" not in text
+
+
+def _what_a_method_uses(method, memory, fake_lm, monkeypatch):
+    """Spy on one method answering one query: memory searches, tools offered, the instruction."""
+    from persona_agent.pipelines.memory import EpisodicMemory
+
+    searches = []
+    search = EpisodicMemory.search
+    monkeypatch.setattr(EpisodicMemory, "search", lambda self, *a, **k: searches.append(a) or search(self, *a, **k))
+    prompts = []
+    fake_lm._engine_spec.policy = _policy(prompts)
+    users = _users()
+    for u in users:
+        _context(u, memory).flow.remember()
+    ctx = _context(users[0], memory)
+    program = METHODS[method](ctx)
+    prompts.clear()
+    searches.clear()
+    program(query=users[0].queries[0].input)
+    text = "\n".join(p for _, p in prompts)
+    return {"searches": len(searches), "calls": len(prompts),
+            "tools": {t for t in ("search_memory", "user_profile") if f"{t}" in text},
+            "profile": "a profile" in text, "persona slot": "User profile:" in text,
+            "aligned": any(k.startswith("alignment") for k in ctx.setup_cost)}
+
+
+def test_each_ablation_removes_exactly_its_module(memory, fake_lm, monkeypatch):
+    use = {m: _what_a_method_uses(m, memory, fake_lm, monkeypatch)
+           for m in ("persona-agent", "w/o alignment", "w/o persona", "w/o memory", "w/o action")}
+    full = use["persona-agent"]
+    assert full == {"searches": 1, "calls": 2, "tools": {"search_memory", "user_profile"}, "profile": True,
+                    "persona slot": True, "aligned": True}
+    # w/o alignment: the persona as the profile wrote it, never aligned; everything else as is
+    assert use["w/o alignment"] == {**full, "aligned": False}
+    # w/o persona: the shared instruction alone; memory and tools kept (the profile only through its tool)
+    assert use["w/o persona"] == {**full, "persona slot": False, "profile": False, "aligned": False}
+    # w/o memory: no recall by prefetch or tool, no profile (the persona starts empty), still aligned
+    assert use["w/o memory"] == {**full, "searches": 0, "tools": set(), "profile": False}
+    # w/o action: one call from the aligned persona alone, no tool and no retrieval step
+    assert use["w/o action"] == {**full, "searches": 0, "calls": 1, "tools": set()}
 
 
 def test_resolve_methods():
@@ -205,7 +243,7 @@ def test_keep_going_drops_the_failing_user_from_every_method(tmp_path, monkeypat
 
 def test_an_outage_while_answering_stops_eval_too(tmp_path, monkeypatch):
 
-    engine = FaultyEngine(FakeEngine(_policy([])), rate=0, poison=lambda text: "wedding" in text and "User summary" in text)
+    engine = FaultyEngine(FakeEngine(_policy([])), rate=0, poison=lambda text: "wedding" in text and "User profile" in text)
     code, _ = _eval_with(monkeypatch, tmp_path, engine)
     assert code == 4
 
