@@ -45,6 +45,10 @@ class Task:
     # Regex capturing the label list spelled inside a query, if the task spells one.
     labels_pattern: str | None = None
     aliases: dict[str, str] = field(default_factory=dict, hash=False)  # hashable: tasks key caches
+    # For a task whose history items carry no response (LaMP-1): past interactions built from the
+    # user's own items, (item id, text) in time order -> (item id, query, the answer they imply).
+    derive_interactions: Callable[["Task", Sequence[tuple[str, str]]], list[tuple[str, str, str]]] | None = \
+        field(default=None, hash=False)
 
     # -- inputs -------------------------------------------------------------------------------
     def parse_labels(self, query: str) -> tuple[str, ...]:
@@ -69,6 +73,16 @@ class Task:
 
     def history_input(self, item: dict) -> str:
         return self.make_input(self.item_text(item), self.labels)
+
+    def interactions(self, items: Sequence[tuple[str, str, str | None]]) -> list[tuple[str, str, str]]:
+        """The past interactions alignment, ICL and GEPA replay, oldest first, as (item id, query,
+        the user's answer), from history items (item id, text, the user's response or None): the
+        labelled items themselves, or for a task without responses what `derive_interactions`
+        builds from the user's own items."""
+        labelled = [(i, self.make_input(t, self.labels), r) for i, t, r in items if r is not None]
+        if labelled or self.derive_interactions is None:
+            return labelled
+        return self.derive_interactions(self, [(i, t) for i, t, _ in items])
 
     # -- outputs ------------------------------------------------------------------------------
     def normalize(self, answer: object) -> str | None:
@@ -180,6 +194,48 @@ def _bracketed(labels: Sequence[str]) -> str:
     return "[" + ", ".join(labels) + "]"
 
 
+# Titles from fields far from any LaMP-1 author's (public, made up here, no user's data): the
+# reference a user would not cite, in the interactions built from their own papers.
+UNRELATED_TITLES = (
+    "Protein folding dynamics in thermophilic bacteria", "Monetary policy shocks and regional unemployment",
+    "Sediment transport in braided river systems", "Late Baroque ornamentation in keyboard music",
+    "Coral reef resilience under ocean acidification", "Labor market effects of minimum wage increases",
+    "Medieval trade routes of the Hanseatic League", "Soil microbiome responses to drought",
+    "Clinical outcomes of early mobilization after hip surgery", "Urban heat islands and public health",
+    "Phonological change in Romance languages", "Volcanic ash dispersion over the North Atlantic",
+    "Consumer sentiment and durable goods spending", "Gene regulation in early zebrafish development",
+    "Groundwater recharge in semi-arid basins", "Political polarization in legislative voting",
+    "Pollination networks in alpine meadows", "Corporate governance and firm valuation",
+    "Historical climate reconstruction from tree rings", "Maternal nutrition and infant growth",
+)
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 3}
+
+
+def _citations_from_own_papers(task: "Task", papers: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """LaMP-1 interactions from a user's own papers (their history has no citation decisions).
+
+    For each paper P (after the first): the request LaMP-1 would ask about P's title, with two
+    candidate references: the user's own earlier paper closest to P in wording (the kind of
+    work this author cites) and an unrelated title from `UNRELATED_TITLES` (the one sharing
+    fewest words with P). The gold is the user's own paper; its position alternates. Only the
+    user's own items and fixed public text are used: no other user's data, no test item."""
+    out = []
+    for n, (item_id, text) in enumerate(papers):
+        earlier = papers[:n]
+        if not earlier:
+            continue
+        title = text.split(". ")[0]
+        words = _words(text)
+        own = max(earlier, key=lambda p: len(words & _words(p[1])))[1].split(". ")[0]
+        other = min(UNRELATED_TITLES, key=lambda t: len(words & _words(t)))
+        refs, gold = ((own, other), "[1]") if n % 2 else ((other, own), "[2]")
+        out.append((item_id, task.make_input(title, task.labels) + f' [1]: "{refs[0]}" [2]: "{refs[1]}"', gold))
+    return out
+
+
 LAMP_1 = Task(
     key="lamp1", name="LaMP-1", kind="classification", labels=("[1]", "[2]"),
     description="citation identification: which of two references the author would cite",
@@ -190,6 +246,7 @@ LAMP_1 = Task(
         "Just answer with [1] or [2] without any other explanation."),
     content_pattern=r"title \"(.*?)\", which reference",
     aliases={"1": "[1]", "2": "[2]", "reference 1": "[1]", "reference 2": "[2]"},
+    derive_interactions=_citations_from_own_papers,
 )
 LAMP_2M = Task(
     key="lamp2m", name="LaMP-2M", kind="classification", labels=TAGS_2M,

@@ -10,6 +10,9 @@ persona's user-specific part. Beyond the paper, by default:
 - a rewrite that is empty, over budget, or restates the fixed template is rejected unscored;
 - `loss="batch"` critiques the whole batch in one call instead of one call per interaction.
 
+`guard=False` is the paper's loop: every rewrite is accepted, except one that fails the
+injection check (a profile must never carry instructions to the agent).
+
 The optimizer knows programs only through `PersonaProgram` (read the persona, make the same
 program under another persona, answer a query) and scores answers only through `metric`, the
 way GEPA's adapter keeps "how to evaluate a candidate" apart from "how to search". Every
@@ -20,6 +23,7 @@ attached to the returned program as `alignment_steps`.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
@@ -28,7 +32,7 @@ from dspy.teleprompt import Teleprompter
 
 from persona_agent.pipelines.memory import UserMemory
 from persona_agent.pipelines.metering import answer_or_none, metered, or_fallback
-from persona_agent.pipelines.persona import PROFILE_BUDGET, Persona, profile_problem
+from persona_agent.pipelines.persona import PROFILE_BUDGET, Persona, injection_problem, profile_problem
 from persona_agent.signatures import CritiqueBatch, CritiqueResponse, UpdateProfile
 
 log = logging.getLogger(__name__)
@@ -88,6 +92,13 @@ class AlignmentStep:
     @property
     def wrote_candidate(self) -> bool:
         return self.profile_after != self.profile_before
+
+    @property
+    def outcome(self) -> str:
+        """The reason without its particulars, for counting: "accepted", "batch score dropped",
+        "tells the agent to drop its instructions", ..."""
+        reason = self.reason.removeprefix("rejected: ")
+        return re.split(r" \(| \d", reason, maxsplit=1)[0].strip() or "accepted"
 
 
 PERFECT = "batch already answered perfectly"
@@ -170,7 +181,8 @@ class PersonaAlignment(Teleprompter):
                                              profile, f"iteration {t}: profile update").strip()
         if step.profile_after == profile.strip():
             step.profile_after, step.reason = profile, "rejected: no new profile was written"
-        elif problem := profile_problem(step.profile_after, self.budget):
+        elif problem := (profile_problem(step.profile_after, self.budget) if self.guard
+                         else injection_problem(step.profile_after)):
             step.reason = f"rejected: {problem}"
         if step.reason:
             log.info("iteration %d: %s", t, step.reason)

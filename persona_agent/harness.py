@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +89,7 @@ class EvalRun:
     finished: list[str]  # user ids scored
     dropped: dict[str, str] = field(default_factory=dict)  # user id -> the LM error that dropped them
     stopped: str | None = None  # why the run stopped early, if it did
+    outcomes: Counter = field(default_factory=Counter)  # every alignment's candidates, by outcome
 
 
 @dataclass
@@ -98,6 +101,7 @@ class _UserRun:
     setup: dict[str, Cost] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    outcomes: Counter = field(default_factory=Counter)  # alignment candidates by outcome
 
 
 def run_eval(settings: Settings, task: Task, users: list[UserData], methods: list[str], lm: dspy.LM,
@@ -139,7 +143,8 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
     golds = {q.id: q.gold for u in finished for q in u.queries}
     results = [_pool(task, m, [runs[u.user_id] for u in finished], golds) for m in methods]
     compare_to_baselines(results)
-    return EvalRun(results, [u.user_id for u in finished], dropped, stopped)
+    outcomes = sum((runs[u.user_id].outcomes for u in finished), Counter())
+    return EvalRun(results, [u.user_id for u in finished], dropped, stopped, outcomes)
 
 
 def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress) -> _UserRun:
@@ -159,6 +164,7 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress)
             out.setup[method] += ctx.setup_cost.get(name, Cost())
         if on_progress:
             on_progress(f"{user.user_id}: {method}")
+    out.outcomes = Counter(s.outcome for steps in ctx.steps.values() for s in steps)
     return out
 
 
@@ -224,11 +230,15 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
         cost = sum(h.get("cost") or 0.0 for h in lm.history)
         mlflow.log_metrics({"wall_seconds": time.perf_counter() - started, "cost_usd": cost,
                             "users_scored": len(run.finished), "users_dropped": len(run.dropped)})
+        mlflow.log_metrics({f"alignment_{_metric_name(k)}": v for k, v in run.outcomes.items()})
+        mlflow.log_dict(dict(run.outcomes), "alignment_outcomes.json")
         mlflow.set_tags({"partial": str(run.stopped is not None).lower(),
                          **({"stopped": run.stopped[:500]} if run.stopped else {})})
         mlflow.log_artifacts(str(out), artifact_path="results")
         run_id = parent.info.run_id
     console.print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    if run.outcomes:
+        console.print("alignment candidates: " + ", ".join(f"{k} {v}" for k, v in run.outcomes.most_common()))
     for user_id, why in run.dropped.items():
         console.print(f"dropped: user {user_id} from every method ({why})")
     console.print(f"{len(run.finished)} of {len(users)} users scored; wall time {time.perf_counter() - started:.0f} s; "
@@ -239,10 +249,14 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
     return table
 
 
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
 def _delta_metrics(r: MethodResult) -> dict[str, float]:
     out = {}
     for base, d in r.deltas.items():
-        key = "delta_vs_" + base.replace("/", "").replace(" ", "_").replace("-", "_")
+        key = "delta_vs_" + _metric_name(base)
         out.update({key: d.value, f"{key}_low": d.low, f"{key}_high": d.high, f"{key}_n": d.n})
     return out
 

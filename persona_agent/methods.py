@@ -17,8 +17,10 @@ from .optimizers import AlignmentStep, PersonaAlignment
 from .pipelines.agent import Direct, InContext, PersonaAgent, RetrievalAnswer, non_personalized
 from .pipelines.flow import UserFlow
 from .pipelines.memory import EpisodicMemory, MemoryItem
+from .pipelines.metering import or_fallback
 from .pipelines.persona import Persona
 from .settings import Settings
+from .signatures import CritiqueResponse
 
 
 def user_flow(settings: Settings, task: Task, user_id: str, history: list[MemoryItem],
@@ -38,7 +40,7 @@ class UserContext:
 
     def __init__(self, flow: UserFlow, settings: Settings):
         self.flow, self.settings, self.task = flow, settings, flow.task
-        self.steps: list[AlignmentStep] = []
+        self.steps: dict[str, list[AlignmentStep]] = {}  # alignment name -> its steps
         self._aligned: PersonaAgent | None = None
 
     @property
@@ -48,31 +50,43 @@ class UserContext:
     def aligned(self) -> PersonaAgent:
         if self._aligned is None:
             self._aligned = self.flow.align(alignment(self.settings))
-            self.steps = self._aligned.alignment_steps
+            self.steps["alignment"] = self._aligned.alignment_steps
         return self._aligned
 
     def aligned_without_memory(self) -> PersonaAgent:
         """The full method less memory: no episodic recall (no prefetch, no search tool) and no
         semantic profile (no profile tool, and the persona starts empty), aligned on the same batch."""
         student = self.flow.agent(Persona(self.task, ""), memory=None, semantic=None)
-        return self.flow.align(alignment(self.settings), student, name="alignment w/o memory")
+        program = self.flow.align(alignment(self.settings), student, name="alignment w/o memory")
+        self.steps["alignment w/o memory"] = program.alignment_steps
+        return program
 
     def gepa(self) -> dspy.Module:
-        """dspy.GEPA on the same student and batch, with about the alignment loop's number of
-        program runs: n to score the start, then n per candidate, for T candidates."""
+        """dspy.GEPA on the same student and batch, on equal information and budget: its feedback
+        is the alignment's textual loss (the same critique signature on the same interactions),
+        and its metric calls are capped so its LM calls come to about the alignment's own (as
+        measured for this user; both are reported as setup LM calls)."""
         s, task = self.settings, self.task
         batch = self.flow.trainset()[-s.batch_size:]
         view = self.flow.view()
         student = self.flow.agent(memory=view)
         if not batch:
             return student
+        self.aligned()  # the budget to match
+        critic, start = dspy.Predict(CritiqueResponse), student.persona.profile
 
         def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
-            score = task.example_score(gold.answer, getattr(pred, "answer", None))
-            return dspy.Prediction(score=score, feedback=f"The user answered {gold.answer!r}; the agent answered "
-                                                         f"{getattr(pred, 'answer', None)!r}.")
+            answer = str(getattr(pred, "answer", None) or "")
+            score = task.example_score(gold.answer, answer)
+            feedback = or_fallback(lambda: critic(profile=start, query=gold.query, simulated_response=answer,
+                                                  real_response=gold.answer).critique, "", "GEPA critique")
+            facts = f"The user answered {gold.answer!r}; the agent answered {answer!r}."
+            return dspy.Prediction(score=score, feedback=f"{facts} {feedback}".strip())
 
-        optimizer = dspy.GEPA(metric, max_metric_calls=len(batch) * (s.iterations + 1), reflection_lm=dspy.settings.lm,
+        # one metric call = one program run (a ReAct step per iteration + the extraction) + one critique
+        per_call = s.max_iters + 2
+        budget = max(len(batch), self.setup_cost["alignment"].lm_calls // per_call)
+        optimizer = dspy.GEPA(metric, max_metric_calls=budget, reflection_lm=dspy.settings.lm,
                               reflection_minibatch_size=len(batch), use_merge=False, num_threads=1,
                               track_stats=False, seed=0)
         view.exclude = frozenset(ex.item_id for ex in batch)  # replays must not find their own answers

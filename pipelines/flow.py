@@ -53,10 +53,11 @@ def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?")
 
 
 def examples(task: Task, items: list[MemoryItem]) -> list[dspy.Example]:
-    """Labelled history items as `dspy.Example(query, answer, item_id)`, oldest first: what the
-    task would have asked about each item and the user's real response."""
-    return [dspy.Example(query=task.make_input(it.text, task.labels), answer=it.response, item_id=it.item_id)
-            .with_inputs("query") for it in items if it.response is not None]
+    """The user's past interactions as `dspy.Example(query, answer, item_id)`, oldest first: what
+    the task would have asked about each history item and the user's answer (see
+    `Task.interactions`: for LaMP-1 they are built from the user's own papers)."""
+    return [dspy.Example(query=query, answer=answer, item_id=item_id).with_inputs("query")
+            for item_id, query, answer in task.interactions([(it.item_id, it.text, it.response) for it in items])]
 
 
 @dataclass

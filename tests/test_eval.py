@@ -276,3 +276,16 @@ def test_differences_to_the_baselines_come_with_a_paired_bootstrap_interval():
     assert same.deltas["non-personalized"].low == same.deltas["non-personalized"].high == 0
     md = to_markdown(results_table(LAMP_3, [base, better]))
     assert "+0.750 [" in md and "| n/a |" in md
+
+
+def test_gepa_gets_the_alignments_textual_loss_and_about_its_budget_in_lm_calls(memory, fake_lm):
+    prompts = []
+    fake_lm._engine_spec.policy = _policy(prompts)
+    ctx = _context(_users()[0], memory, Settings(max_iters=1, batch_size=2, iterations=3))
+    ctx.flow.remember()
+    METHODS["gepa"](ctx)
+    gepa_prompts = prompts[len(prompts) - ctx.setup_cost["gepa"].lm_calls:]
+    critiques = [p for fields, p in gepa_prompts if fields == ["critique"]]
+    assert critiques and all("simulated_response" in p for p in critiques)  # the alignment's CritiqueResponse
+    alignment, gepa = ctx.setup_cost["alignment"].lm_calls, ctx.setup_cost["gepa"].lm_calls
+    assert 0.5 * alignment <= gepa <= 1.5 * alignment, (alignment, gepa)
