@@ -56,7 +56,7 @@ class UserContext:
     def aligned_without_memory(self) -> PersonaAgent:
         """The full method less memory: no episodic recall (no prefetch, no search tool) and no
         semantic profile (no profile tool, and the persona starts empty), aligned on the same batch."""
-        student = self.flow.agent(Persona(self.task, ""), memory=None, semantic=None)
+        student = self.flow.agent(Persona(self.task, ""), memory=False, semantic=False)
         program = self.flow.align(alignment(self.settings), student, name="alignment w/o memory")
         self.steps["alignment w/o memory"] = program.alignment_steps
         return program
@@ -109,7 +109,7 @@ METHODS: dict[str, Builder] = {
     "icl": lambda c: InContext(c.task, c.flow.trainset(), c.settings.top_k),
     "rag": lambda c: RetrievalAnswer(Persona.neutral(c.task), c.flow.view()),
     "pag": lambda c: RetrievalAnswer(_profiled(c), c.flow.view()),
-    "react": lambda c: c.flow.agent(Persona.neutral(c.task), prefetch=False, semantic=None),
+    "react": lambda c: c.flow.agent(Persona.neutral(c.task), prefetch=False, semantic=False),
     "membank": lambda c: c.flow.agent(_profiled(c), prefetch=False),
     "persona-agent": lambda c: c.aligned(),
     "persona-agent (tools only)": lambda c: c.flow.agent(c.aligned().persona, prefetch=False),

@@ -97,13 +97,15 @@ class UserFlow:
     def trainset(self) -> list[dspy.Example]:
         return examples(self.task, self.history)
 
-    def agent(self, persona: Persona | None = None, *, memory: UserMemory | None | str = "view",
-              semantic: str | None | bool = True, **kwargs) -> PersonaAgent:
-        """The persona agent over this user's memory (default persona: from the profile).
-        memory: "view" (this user's memory), a `UserMemory`, or None (no episodic memory).
-        semantic: True (the profile tool returns this user's profile), a text, or None (no tool)."""
-        return PersonaAgent(persona or Persona(self.task, self.profile()), self.view() if memory == "view" else memory,
-                            semantic=self.profile() if semantic is True else semantic,
+    def agent(self, persona: Persona | None = None, *, memory: UserMemory | bool = True,
+              semantic: str | bool = True, **kwargs) -> PersonaAgent:
+        """The persona agent (default persona: from the profile).
+        memory: True for this user's episodic memory, False for none, or a `UserMemory`.
+        semantic: True for a `user_profile` tool returning this user's profile, False for no
+        such tool, or the text it returns."""
+        episodic = self.view() if memory is True else memory or None
+        profile = self.profile() if semantic is True else semantic if semantic is not False else None
+        return PersonaAgent(persona or Persona(self.task, self.profile()), episodic, semantic=profile,
                             max_iters=kwargs.pop("max_iters", self.max_iters), **kwargs)
 
     def align(self, optimizer: Teleprompter, student: dspy.Module | None = None, *, trainset=None,

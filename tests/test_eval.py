@@ -289,3 +289,30 @@ def test_gepa_gets_the_alignments_textual_loss_and_about_its_budget_in_lm_calls(
     assert critiques and all("simulated_response" in p for p in critiques)  # the alignment's CritiqueResponse
     alignment, gepa = ctx.setup_cost["alignment"].lm_calls, ctx.setup_cost["gepa"].lm_calls
     assert 0.5 * alignment <= gepa <= 1.5 * alignment, (alignment, gepa)
+
+
+def test_eval_reads_a_real_lamp3_directory(tmp_path, monkeypatch, capsys):
+    """The layout of a LaMP release, written by hand: one question per user, no user ids, profile
+    items without dates, golds as strings."""
+    from persona_agent.cli import main
+
+    reviews = ["Broke in a day.", "Works, barely.", "It is fine.", "Good value.", "Perfect!"]
+    questions = [{"id": f"{u}00", "input": LAMP_3.make_input(f"Review {u}: {reviews[u % 5]}", LAMP_3.labels),
+                  "profile": [{"id": f"{u}0{i}", "text": reviews[i], "score": str(min(5, i + 1 + u % 2))}
+                              for i in range(5)]} for u in (1, 2, 3)]
+    golds = {"task": "LaMP_3", "golds": [{"id": q["id"], "output": str(3 + i % 2)} for i, q in enumerate(questions)]}
+    data = tmp_path / "LaMP_3"
+    data.mkdir()
+    (data / "dev_questions.json").write_text(json.dumps(questions))
+    (data / "dev_outputs.json").write_text(json.dumps(golds))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    assert main(["eval", "--task", "lamp3", "--data", str(data), "--lm", "scripted", "--methods",
+                 "non-personalized,pag,persona-agent", "-T", "1", "-n", "2", "--out", str(out),
+                 "--store", str(tmp_path / "mlruns")]) == 0
+    table = pd.read_csv(out / "results.csv", index_col="method")
+    assert list(table.columns[:2]) == ["LaMP-3 MAE", "LaMP-3 RMSE"] and list(table["n"]) == [3, 3, 3]
+    # the scripted LM answers a word, never a number: every answer is invalid, scored as LaMP does
+    assert list(table["invalid"]) == [3, 3, 3] and table.loc["pag", "LaMP-3 MAE"] == pytest.approx((2 + 3 + 2) / 3)  # golds 3, 4, 3
+    preds = json.loads((out / "predictions" / "persona-agent.json").read_text())
+    assert preds["task"] == "LaMP_3" and sorted(g["id"] for g in preds["golds"]) == ["100", "200", "300"]
