@@ -33,7 +33,7 @@ from .eval.atomic import atomic_write_text
 from .eval.data import UserData
 from .eval.tasks import Task
 from .llm import adapter_for, build_lm
-from .methods import METHODS, SETUP, UserContext, user_flow
+from .methods import METHODS, SETUP, NotApplicable, UserContext, user_flow
 from .pipelines.flow import history_items
 from .pipelines.memory import EpisodicMemory
 from .pipelines.metering import Cost, answer_or_none, metered
@@ -151,7 +151,11 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress)
     out = _UserRun()
     for method in methods:
         answers, failures = {}, 0
-        program = METHODS[method](ctx)  # setup (profile, alignment) is metered apart, in the user's flow
+        try:  # setup (profile, alignment) is metered apart, in the user's flow
+            program = METHODS[method](ctx)
+        except NotApplicable as why:
+            log.info("%s: %s", method, why)
+            continue
         started = time.perf_counter()
         with metered() as cost:
             for q in user.queries:
@@ -169,6 +173,7 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress)
 
 
 def _pool(task: Task, method: str, runs: list[_UserRun], golds: dict[str, str | None]) -> MethodResult:
+    runs = [r for r in runs if method in r.answers]  # users the method applied to
     answers = {qid: a for r in runs for qid, a in r.answers[method].items()}
     scored = [qid for qid in answers if golds.get(qid) is not None]
     metrics = task.score([golds[q] for q in scored], [answers[q] for q in scored]) if scored else {}

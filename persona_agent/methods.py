@@ -35,6 +35,12 @@ def alignment(settings: Settings, *, metric=None,
                             loss=settings.loss, guard=settings.guard, holdout=settings.holdout, on_step=on_step)
 
 
+class NotApplicable(Exception):
+    """The method has nothing to work with for this user (no past interactions to learn from):
+    it is left out for them, and reported n/a where it applies to nobody, never given a number
+    copied from another method."""
+
+
 class UserContext:
     """One user's flow plus what the methods share, each computed on first use."""
 
@@ -47,8 +53,15 @@ class UserContext:
     def setup_cost(self):
         return self.flow.setup_cost
 
+    def interactions(self) -> list[dspy.Example]:
+        examples = self.flow.trainset()
+        if not examples:
+            raise NotApplicable(f"user {self.flow.user_id} has no past interactions to learn from")
+        return examples
+
     def aligned(self) -> PersonaAgent:
         if self._aligned is None:
+            self.interactions()
             self._aligned = self.flow.align(alignment(self.settings))
             self.steps["alignment"] = self._aligned.alignment_steps
         return self._aligned
@@ -56,6 +69,7 @@ class UserContext:
     def aligned_without_memory(self) -> PersonaAgent:
         """The full method less memory: no episodic recall (no prefetch, no search tool) and no
         semantic profile (no profile tool, and the persona starts empty), aligned on the same batch."""
+        self.interactions()
         student = self.flow.agent(Persona(self.task, ""), memory=False, semantic=False)
         program = self.flow.align(alignment(self.settings), student, name="alignment w/o memory")
         self.steps["alignment w/o memory"] = program.alignment_steps
@@ -67,11 +81,9 @@ class UserContext:
         and its metric calls are capped so its LM calls come to about the alignment's own (as
         measured for this user; both are reported as setup LM calls)."""
         s, task = self.settings, self.task
-        batch = self.flow.trainset()[-s.batch_size:]
+        batch = self.interactions()[-s.batch_size:]
         view = self.flow.view()
         student = self.flow.agent(memory=view)
-        if not batch:
-            return student
         self.aligned()  # the budget to match
         critic, start = dspy.Predict(CritiqueResponse), student.persona.profile
 
@@ -106,7 +118,7 @@ Builder = Callable[[UserContext], dspy.Module]
 # instruction (`pipelines.persona.INSTRUCTION`) and adds or removes one component.
 METHODS: dict[str, Builder] = {
     "non-personalized": lambda c: non_personalized(c.task),
-    "icl": lambda c: InContext(c.task, c.flow.trainset(), c.settings.top_k),
+    "icl": lambda c: InContext(c.task, c.interactions(), c.settings.top_k),
     "rag": lambda c: RetrievalAnswer(Persona.neutral(c.task), c.flow.view()),
     "pag": lambda c: RetrievalAnswer(_profiled(c), c.flow.view()),
     "react": lambda c: c.flow.agent(Persona.neutral(c.task), prefetch=False, semantic=False),

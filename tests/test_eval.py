@@ -316,3 +316,19 @@ def test_eval_reads_a_real_lamp3_directory(tmp_path, monkeypatch, capsys):
     assert list(table["invalid"]) == [3, 3, 3] and table.loc["pag", "LaMP-3 MAE"] == pytest.approx((2 + 3 + 2) / 3)  # golds 3, 4, 3
     preds = json.loads((out / "predictions" / "persona-agent.json").read_text())
     assert preds["task"] == "LaMP_3" and sorted(g["id"] for g in preds["golds"]) == ["100", "200", "300"]
+
+
+def test_a_method_with_nothing_to_learn_from_is_na_never_a_copied_number(memory, fake_lm, tmp_path):
+    from persona_agent.eval.tasks import LAMP_1
+
+    fake_lm._engine_spec.policy = _policy([])
+    q = LAMP_1.make_input("A paper", LAMP_1.labels) + ' [1]: "a" [2]: "b"'
+    users = [UserData(f"u{i}", LAMP_1, [{"id": f"p{i}", "title": "The only paper", "abstract": "x"}], [Query(f"q{i}", q, "[1]")])
+             for i in range(2)]  # one paper each: no interaction can be built from it
+    run = run_eval(Settings(store=tmp_path, batch_size=2, iterations=1), LAMP_1, users,
+                   ["non-personalized", "w/o alignment", "persona-agent", "icl", "gepa"], fake_lm, dspy.JSONAdapter(), memory)
+    table = results_table(LAMP_1, run.results)
+    assert table.loc["w/o alignment", "n"] == 2 and not pd.isna(table.loc["w/o alignment", "LaMP-1 Acc"])
+    for method in ("persona-agent", "icl", "gepa"):
+        assert table.loc[method, "n"] == 0 and pd.isna(table.loc[method, "LaMP-1 Acc"])
+    assert "| persona-agent | n/a | n/a |" in to_markdown(table)
