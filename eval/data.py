@@ -28,33 +28,12 @@ class Query:
     gold: str | None = None
 
 
-@dataclass(frozen=True)
-class Interaction:
-    """One past interaction: what the task would have asked about a history item, and the
-    user's real response to it."""
-
-    item_id: str
-    input: str
-    response: str
-    date: str | None = None
-
-
 @dataclass
 class UserData:
     user_id: str
     task: Task
     profile: list[dict] = field(default_factory=list)
     queries: list[Query] = field(default_factory=list)
-
-    def interactions(self) -> list[Interaction]:
-        """The labelled history in time order (empty for tasks whose items carry no response)."""
-        out = []
-        for item in self.profile:
-            response = self.task.item_response(item)
-            if response is not None:
-                out.append(Interaction(str(item["id"]), self.task.history_input(item),
-                                       str(response).strip().lower(), item.get("date")))
-        return out
 
 
 MAX_FIELD_CHARS = 100_000  # a longer text field is corrupt or not what the task means (LaMP's longest: ~30k)

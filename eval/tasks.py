@@ -71,9 +71,6 @@ class Task:
         m = re.search(self.content_pattern, query, flags=re.S)
         return (m.group(1) if m else query).strip()
 
-    def history_input(self, item: dict) -> str:
-        return self.make_input(self.item_text(item), self.labels)
-
     def interactions(self, items: Sequence[tuple[str, str, str | None]]) -> list[tuple[str, str, str]]:
         """The past interactions alignment, ICL and GEPA replay, oldest first, as (item id, query,
         the user's answer), from history items (item id, text, the user's response or None): the

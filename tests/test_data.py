@@ -6,6 +6,7 @@ import pytest
 from persona_agent.eval.data import load_users
 from persona_agent.eval.synthetic import generate, shipped_data_dir, write_dataset
 from persona_agent.eval.tasks import LAMP_2M, TASKS, TaskDataError
+from persona_agent.pipelines.flow import examples, history_items
 
 
 @pytest.mark.parametrize("key", sorted(TASKS))
@@ -17,7 +18,8 @@ def test_shipped_data_loads_for_every_task(key):
         assert len(u.queries) == 6 and all(q.gold in task.labels for q in u.queries)
         dates = [it["date"] for it in u.profile]
         assert dates == sorted(dates)
-        assert len(u.interactions()) == (0 if key == "lamp1" else 40)
+        # LaMP-1 papers carry no decision: its interactions are built from the 39 papers after the first
+        assert len(examples(task, history_items(task, u.profile))) == (39 if key == "lamp1" else 40)
 
 
 def test_generated_users_really_differ():
@@ -74,7 +76,7 @@ def test_oppu_format(tmp_path):
     path.write_text(json.dumps([{"user_id": "a", "profile": [{"id": "1", "description": "x", "tag": "comedy"}],
                                  "query": [{"id": "q", "input": "description: y", "gold": "action"}]}]))
     (user,) = load_users(path, LAMP_2M)
-    assert user.user_id == "a" and user.queries[0].gold == "action" and user.interactions()[0].response == "comedy"
+    assert user.user_id == "a" and user.queries[0].gold == "action" and history_items(LAMP_2M, user.profile)[0].response == "comedy"
 
 
 def _lamp(tmp_path, questions, golds=None):
