@@ -79,6 +79,8 @@ def _read_json(path: Path):
         raise not_utf8(str(path), err) from None
     except (OSError, json.JSONDecodeError) as err:
         raise TaskDataError(f"{path}: cannot read JSON: {err}") from err
+    except RecursionError:
+        raise TaskDataError(f"{path}: cannot read JSON: nested too deeply") from None
 
 
 def not_utf8(where: str, err: UnicodeDecodeError) -> TaskDataError:
@@ -154,6 +156,11 @@ def check_text(where: str, value, name: str) -> str:
     value = str(value)
     if len(value) > MAX_FIELD_CHARS:
         raise TaskDataError(f"{where}: '{name}' is {len(value):,} characters (limit {MAX_FIELD_CHARS:,})")
+    try:  # JSON's \ud800 escapes decode to text no store, prompt or file can hold
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TaskDataError(f"{where}: '{name}' is not valid Unicode (an unpaired surrogate escape at "
+                            f"character {err.start})") from None
     return value
 
 

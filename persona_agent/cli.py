@@ -211,12 +211,13 @@ def sweep(settings: Settings, args) -> int:
 
 def ingest(settings: Settings, args) -> int:
     from .eval.tasks import get_task
-    from .pipelines.ingest import ingest as run
+    from .pipelines.ingest import read_source, remember_new
     from .store import Store
 
     bad = _on_bad(args)
+    source = read_source(args.path, get_task(args.task), args.split, bad)  # all validated before the store opens
     with Store.open(settings, memory="persistent") as store:
-        report = run(store.memory, args.path, get_task(args.task), args.split, bad)
+        report = remember_new(store.memory, source)
     print(f"read {report.read} interactions of {report.users} users: {report.added} new, "
           f"{report.already_known} already in memory" + (f", {len(bad)} bad records skipped" if bad else ""))
     if bad:
@@ -429,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from dspy.utils.exceptions import LMError
+    from dspy.utils.exceptions import AdapterParseError, LMError
     from mlflow.exceptions import MlflowException
 
     from .eval.tasks import TaskDataError
@@ -445,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     except EvalStopped as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 4
+    except AdapterParseError as err:  # an answer that arrived but is no answer (answer, demo)
+        print(f"persona-agent: the LLM's answer could not be used: {' '.join(str(err).split())[:300]}", file=sys.stderr)
+        return 4
+    except OSError as err:  # a missing file, a directory for a file, a read-only store, ...
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"persona-agent: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     except LMError as err:  # still failing after the retries: an outage or a wrong --lm/--api-base/key
         print(f"persona-agent: the LLM failed after {settings.lm.retries} retries: {' '.join(str(err).split())[:500]}",
               file=sys.stderr)

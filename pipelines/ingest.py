@@ -44,6 +44,8 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
             raise not_utf8(where, err) from None
         except json.JSONDecodeError as err:
             raise TaskDataError(f"{where}: invalid JSON: {err}") from None
+        except RecursionError:
+            raise TaskDataError(f"{where}: invalid JSON: nested too deeply") from None
         missing = [k for k in ("user_id", "input", "response") if not isinstance(e, dict) or k not in e]
         if missing:
             raise TaskDataError(f"{where}: event lacks {missing}")
@@ -59,8 +61,11 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
         if by_user[user_id].setdefault(item_id, item) != item:
             raise TaskDataError(f"{where}: duplicate event id {item_id!r} with different content")
 
-    with path.open("rb") as f:  # bytes: a badly encoded line is named, not the whole file
-        lines = [(n, raw) for n, raw in enumerate(f) if raw.strip()]
+    try:
+        with path.open("rb") as f:  # bytes: a badly encoded line is named, not the whole file
+            lines = [(n, raw) for n, raw in enumerate(f) if raw.strip()]
+    except OSError as err:
+        raise TaskDataError(f"{path}: cannot read: {err.strerror or err}") from None
     per_record(lines, lambda _, line: one(*line), on_bad)
     return {user_id: list(items.values()) for user_id, items in by_user.items()}
 
@@ -75,7 +80,11 @@ def ingest(memory: EpisodicMemory, path: Path, task: Task, split: str | None = N
            on_bad: OnBad | None = None) -> IngestReport:
     """Validate the whole source first (a bad record writes nothing, or is skipped with
     `on_bad`), then add what is new."""
-    source = read_source(path, task, split, on_bad)
+    return remember_new(memory, read_source(path, task, split, on_bad))
+
+
+def remember_new(memory: EpisodicMemory, source: dict[str, list[MemoryItem]]) -> IngestReport:
+    """Add the items memory does not hold yet (by id); count what was read and added."""
     report = IngestReport(users=len(source))
     for user_id, items in source.items():
         known = memory.known(user_id, [it.item_id for it in items])

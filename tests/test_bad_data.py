@@ -160,3 +160,45 @@ def test_the_cli_reports_skips_and_fails_clearly(tmp_path, capsys):
     assert main(["ingest", str(path), "--skip-bad", *store]) == 0
     out, err = capsys.readouterr()
     assert "1 new" in out and "1 bad records skipped" in out and "e.jsonl:2" in err
+
+
+# -- odd input at the command line: one line naming the path, exit 2, nothing stored ---------------
+
+
+def _ingest(tmp_path, path, *extra):
+    return main(["ingest", str(path), "--store", str(tmp_path / "mlruns"), *extra])
+
+
+@pytest.mark.parametrize("field", ["user_id", "input"])
+def test_an_escaped_surrogate_is_a_named_bad_record_before_anything_is_written(tmp_path, field, capsys):
+    good = {"user_id": "u1", "input": LAMP_2M.make_input("A heist.", LAMP_2M.labels), "response": "action"}
+    bad = {**good, "id": "2", field: good[field] + "\ud800"}
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps({**good, "id": "1"}) + "\n" + json.dumps(bad) + "\n")  # json.dumps escapes it
+    assert _ingest(tmp_path, path) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2" in err and "not valid Unicode" in err and not (tmp_path / "mlruns").exists()
+    assert _ingest(tmp_path, path, "--skip-bad") == 0
+    assert "1 new" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make", ["missing", "directory", "nested"])
+def test_a_bad_input_path_is_one_line_and_creates_no_store(tmp_path, make, capsys):
+    path = tmp_path / "x.jsonl"
+    if make == "directory":
+        path.mkdir()
+    elif make == "nested":
+        path = tmp_path / "deep.json"
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    assert _ingest(tmp_path, path) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_store_that_is_a_file_is_one_line(tmp_path, capsys):
+    store = tmp_path / "not-a-dir"
+    store.write_text("x")
+    assert main(["personas", "list", "--store", str(store)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(store) in err

@@ -122,3 +122,15 @@ def test_answer_serves_the_production_persona_and_follows_a_rollback(mlflow_stor
         registry.rollback("u1", 1)
         answer(store, LAMP_2M, "u1", query, lm=fake_lm)
     assert served_profile() == "Profile 1."
+
+
+def test_answer_exits_4_with_one_line_when_the_llms_answer_is_unusable(mlflow_store, capsys):
+    from persona_agent.cli import main
+    from persona_agent.eval.tasks import LAMP_3
+
+    PersonaRegistry(LAMP_3).register("u1", Persona(LAMP_3, "Rates harshly."), "v1", production=True)
+    query = LAMP_3.make_input("It broke.", LAMP_3.labels)
+    # the scripted LM answers a movie tag, which no 1-5 rating can be read from
+    assert main(["answer", "u1", query, "--task", "lamp3", "--lm", "scripted", "--store", str(mlflow_store.store)]) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("persona-agent: the LLM's answer could not be used") and "Traceback" not in err
