@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def fingerprint(items: list[MemoryItem]) -> str:
-    """Changes exactly when the user's history does."""
-    return hashlib.sha256("\n".join(sorted(it.item_id for it in items)).encode()).hexdigest()[:16]
+    """Changes exactly when the user's history does: an item added, or one corrected in place."""
+    rows = sorted(json.dumps([it.item_id, it.text, it.response, it.date]) for it in items)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 @dataclass

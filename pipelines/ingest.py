@@ -24,11 +24,12 @@ from .memory import EpisodicMemory, MemoryItem
 class IngestReport:
     read: int = 0
     added: int = 0
+    updated: int = 0  # known ids whose content changed: the newer version replaced the stored one
     users: int = 0
 
     @property
     def already_known(self) -> int:
-        return self.read - self.added
+        return self.read - self.added - self.updated
 
 
 def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str, list[MemoryItem]]:
@@ -84,11 +85,15 @@ def ingest(memory: EpisodicMemory, path: Path, task: Task, split: str | None = N
 
 
 def remember_new(memory: EpisodicMemory, source: dict[str, list[MemoryItem]]) -> IngestReport:
-    """Add the items memory does not hold yet (by id); count what was read and added."""
+    """Add the items memory does not hold yet (by id), and replace those whose content changed
+    (a corrected event: the newer wins, never silently stale); count each kind."""
     report = IngestReport(users=len(source))
     for user_id, items in source.items():
-        known = memory.known(user_id, [it.item_id for it in items])
-        new = list({it.item_id: it for it in items if it.item_id not in known}.values())
+        stored = memory.stored(user_id, [it.item_id for it in items])
+        new = [it for it in items if it.item_id not in stored]
+        changed = [it for it in items if it.item_id in stored and stored[it.item_id] != it]
         report.read += len(items)
-        report.added += memory.add(user_id, new)
+        report.added += len(new)
+        report.updated += len(changed)
+        memory.add(user_id, new + changed)
     return report

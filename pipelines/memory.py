@@ -133,6 +133,7 @@ class EpisodicMemory:
         seq = self.count(user_id)
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
+            kept = {it.item_id: s for s, it in self._stored(user_id, [it.item_id for it in batch])}  # a rewrite keeps its place
             dense = self.embedder([it.text for it in batch]) if self.embedder else [None] * len(batch)
             points = []
             for it, vec in zip(batch, dense):
@@ -140,8 +141,8 @@ class EpisodicMemory:
                 if vec is not None:
                     vector["dense"] = list(map(float, vec))
                 payload = {"user_id": user_id, "item_id": it.item_id, "text": it.text,
-                           "response": it.response, "date": it.date, "seq": seq}
-                seq += 1
+                           "response": it.response, "date": it.date, "seq": kept.get(it.item_id, seq)}
+                seq += it.item_id not in kept
                 points.append(models.PointStruct(id=point_id(user_id, it.item_id), vector=vector, payload=payload))
             self.client.upsert(self._ensure(self._name(user_id)), points=points, wait=True)
         return len(items)
@@ -201,11 +202,18 @@ class EpisodicMemory:
 
     def known(self, user_id: str, item_ids: Iterable[str]) -> set[str]:
         """Which of these item ids the user's memory already holds."""
-        ids, name = {point_id(user_id, i): i for i in item_ids}, self._name(user_id)
+        return set(self.stored(user_id, item_ids))
+
+    def stored(self, user_id: str, item_ids: Iterable[str]) -> dict[str, MemoryItem]:
+        """The user's stored items among these ids, by id."""
+        return {it.item_id: it for _, it in self._stored(user_id, item_ids)}
+
+    def _stored(self, user_id: str, item_ids: Iterable[str]) -> list[tuple[int, MemoryItem]]:
+        ids, name = {point_id(user_id, i) for i in item_ids}, self._name(user_id)
         if not ids or not self._exists(name):
-            return set()
-        found = self.client.retrieve(name, list(ids), with_payload=False, with_vectors=False)
-        return {ids[str(p.id)] for p in found}
+            return []
+        found = self.client.retrieve(name, list(ids), with_payload=True, with_vectors=False)
+        return [(p.payload.get("seq", 0), _item(p.payload)) for p in found]
 
     def count(self, user_id: str | None = None) -> int:
         flt = None if user_id is None else models.Filter(

@@ -202,3 +202,28 @@ def test_a_store_that_is_a_file_is_one_line(tmp_path, capsys):
     assert main(["personas", "list", "--store", str(store)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(store) in err
+
+
+def test_a_corrected_event_replaces_the_stale_one_and_is_counted(tmp_path, capsys):
+    from persona_agent.nightly_jobs import fingerprint
+    from persona_agent.settings import Settings
+
+    query = LAMP_2M.make_input("A heist.", LAMP_2M.labels)
+    first, second = tmp_path / "day1.jsonl", tmp_path / "day2.jsonl"
+    first.write_text(json.dumps({"user_id": "u1", "id": "e1", "input": query, "response": "action"}) + "\n"
+                     + json.dumps({"user_id": "u1", "id": "e2", "input": query + " Again.", "response": "comedy"}))
+    second.write_text(json.dumps({"user_id": "u1", "id": "e1", "input": query, "response": "comedy"}))
+    assert _ingest(tmp_path, first) == 0
+    memory = EpisodicMemory.open(path=str(Settings(store=tmp_path / "mlruns").qdrant_path))
+    before = fingerprint(memory.items("u1"))
+    memory.close()
+    capsys.readouterr()
+    assert _ingest(tmp_path, second) == 0
+    assert "0 new, 1 updated, 0 already in memory" in capsys.readouterr().out
+    memory = EpisodicMemory.open(path=str(Settings(store=tmp_path / "mlruns").qdrant_path))
+    try:
+        items = memory.items("u1")
+        assert [(it.item_id, it.response) for it in items] == [("e1", "comedy"), ("e2", "comedy")]  # same place
+        assert fingerprint(items) != before  # so nightly re-aligns the user on the corrected history
+    finally:
+        memory.close()
