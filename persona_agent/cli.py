@@ -216,7 +216,7 @@ def ingest(settings: Settings, args) -> int:
 
     bad = _on_bad(args)
     source = read_source(args.path, get_task(args.task), args.split, bad)  # all validated before the store opens
-    with Store.open(settings, memory="persistent") as store:
+    with Store.open(settings, memory="persistent", tracking=False) as store:
         report = remember_new(store.memory, source)
     print(f"read {report.read} interactions of {report.users} users: {report.added} new, {report.updated} updated, "
           f"{report.already_known} already in memory" + (f", {len(bad)} bad records skipped" if bad else ""))

@@ -8,20 +8,24 @@ Where memory lives is the command's one decision (`memory=`):
   measurement never reads what any other command stored; `scoped(name)` gives each part of a
   run (a sweep point, a dataset) memory of its own;
 - None: no memory at all (`personas`, `compare`).
+
+`tracking=False` (ingest, which writes memory only) leaves MLflow alone: not even imported,
+which keeps a cron ingest fast.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 from qdrant_client import QdrantClient
 
-from . import tracking
 from .pipelines.memory import EpisodicMemory
-from .registry import PersonaRegistry
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .registry import PersonaRegistry
 
 MemoryScope = Literal["persistent", "run"] | None
 
@@ -33,8 +37,13 @@ class Store:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, settings: Settings, *, memory: MemoryScope) -> Iterator["Store"]:
-        tracking.setup(settings)
+    def open(cls, settings: Settings, *, memory: MemoryScope, tracking: bool = True) -> Iterator["Store"]:
+        if tracking:
+            from . import tracking as mlflow_tracking
+
+            mlflow_tracking.setup(settings)
+        else:
+            settings.store.mkdir(parents=True, exist_ok=True)
         client = None
         if memory == "persistent":
             client = QdrantClient(url=settings.qdrant_url) if settings.qdrant_url else QdrantClient(
@@ -55,5 +64,7 @@ class Store:
             raise RuntimeError("this store was opened without memory")
         return EpisodicMemory(self.client, collection=f"scope-{hashlib.sha256(name.encode()).hexdigest()[:16]}")
 
-    def registry(self, task) -> PersonaRegistry:
+    def registry(self, task) -> "PersonaRegistry":
+        from .registry import PersonaRegistry
+
         return PersonaRegistry(task, self.settings.tracking_uri)

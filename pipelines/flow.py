@@ -17,22 +17,11 @@ from persona_agent.eval.tasks import Task
 from persona_agent.signatures import SummarizeProfile
 
 from .agent import PersonaAgent
-from .memory import EpisodicMemory, MemoryItem, UserMemory
+from .memory import EpisodicMemory, MemoryItem, UserMemory, history_items  # noqa: F401 (part of the flow's API)
 from .metering import Cost, answer_or_none, count_fallback, metered, or_fallback
 from .persona import Persona, injection_problem, looks_degenerate
 
 log = logging.getLogger(__name__)
-
-
-def history_items(task: Task, profile: list[dict]) -> list[MemoryItem]:
-    """A LaMP/OPPU profile as memory items, in the profile's (time) order: the text the task
-    shows of each item, and the user's own response normalised as golds are."""
-    return [MemoryItem(str(it["id"]), task.item_text(it), _response(task, it), it.get("date")) for it in profile]
-
-
-def _response(task: Task, item: dict) -> str | None:
-    r = task.item_response(item)
-    return None if r is None else str(r).strip().lower()
 
 
 def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?") -> str:

@@ -16,8 +16,7 @@ from pathlib import Path
 from persona_agent.eval.data import OnBad, check_labels, check_text, load_users, not_utf8, per_record
 from persona_agent.eval.tasks import Task, TaskDataError
 
-from .flow import history_items
-from .memory import EpisodicMemory, MemoryItem
+from .memory import EpisodicMemory, MemoryItem, history_items
 
 
 @dataclass

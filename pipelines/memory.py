@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Sequence
 
 from qdrant_client import QdrantClient, models
 
+from persona_agent.eval.tasks import Task
+
 Embedder = Callable[[list[str]], Sequence[Sequence[float]]]
 
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -220,6 +222,16 @@ class EpisodicMemory:
             must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
         names = self._collections() if user_id is None else [n for n in [self._name(user_id)] if self._exists(n)]
         return sum(self.client.count(n, count_filter=flt, exact=True).count for n in names)
+
+
+def history_items(task: Task, profile: list[dict]) -> list[MemoryItem]:
+    """A LaMP/OPPU profile as memory items, in the profile's (time) order: the text the task
+    shows of each item, and the user's own response normalised as golds are."""
+    def response(item: dict) -> str | None:
+        r = task.item_response(item)
+        return None if r is None else str(r).strip().lower()
+
+    return [MemoryItem(str(it["id"]), task.item_text(it), response(it), it.get("date")) for it in profile]
 
 
 def in_time_order(sequenced: list[tuple[int, MemoryItem]]) -> list[MemoryItem]:
