@@ -63,8 +63,10 @@ def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
 
 
 def _agent_options(g, s: Settings) -> None:
-    g.add_argument("--top-k", "-k", type=_count(0), default=s.top_k, help=f"memories retrieved per query (default {s.top_k})")
-    g.add_argument("--max-iters", type=_count(0), default=s.max_iters, help=f"ReAct steps per answer (default {s.max_iters})")
+    g.add_argument("--top-k", "-k", type=_count(0), default=s.top_k,
+                   help=f"memories retrieved per query (default {s.top_k})")
+    g.add_argument("--max-iters", type=_count(0), default=s.max_iters,
+                   help=f"ReAct steps per answer (default {s.max_iters})")
     g.add_argument("--trace", action="store_true", help="record MLflow traces of every agent call")
 
 
@@ -120,7 +122,8 @@ def _settings(args: argparse.Namespace, base: Settings) -> Settings:
     given = vars(args)
     lm = replace(base.lm, model=args.lm, api_base=args.api_base, retries=args.retries, timeout=args.timeout,
                  cache=args.cache)
-    return replace(base, lm=lm, **{f.name: given[f.name] for f in fields(Settings) if f.name in given and f.name != "lm"})
+    knobs = {f.name: given[f.name] for f in fields(Settings) if f.name in given and f.name != "lm"}
+    return replace(base, lm=lm, **knobs)
 
 
 class _BadRecords(list):

@@ -17,6 +17,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from . import tracking
 from .eval.data import UserData, load_users
 from .eval.synthetic import shipped_data_dir
 from .eval.tasks import get_task
@@ -43,7 +44,8 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
     rows, started = [], time.perf_counter()
     steps_per_user = 4 + settings.iterations
     with dspy.context(lm=lm, adapter=adapter_for(lm)), \
-            mlflow.start_run(run_name=f"demo-{task.key}") as parent, progress_bar(console) as progress:
+            mlflow.start_run(run_name=f"demo-{task.key}", tags=tracking.owner_tags()) as parent, \
+            progress_bar(console) as progress:
         mlflow.log_params({"task": task.key, "users": len(people), "queries_per_user": queries,
                            "lm": settings.lm.model, "top_k": settings.top_k, "batch_size": settings.batch_size,
                            "iterations": settings.iterations, "max_iters": settings.max_iters})

@@ -29,6 +29,7 @@ import pandas as pd
 from dspy.utils.exceptions import is_retryable_lm_error
 from rich.console import Console
 
+from . import tracking
 from .eval.atomic import atomic_write_text
 from .eval.data import UserData
 from .eval.tasks import Task
@@ -214,7 +215,8 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
     console = console or Console()
     lm = build_lm(settings.lm)
     started = time.perf_counter()
-    with mlflow.start_run(run_name=f"eval-{task.key}") as parent, progress_bar(console) as progress:
+    with mlflow.start_run(run_name=f"eval-{task.key}", tags=tracking.owner_tags()) as parent, \
+            progress_bar(console) as progress:
         mlflow.log_params({"task": task.key, "users": len(users), "queries": sum(len(u.queries) for u in users),
                            "methods": ",".join(methods), "lm": settings.lm.model, "top_k": settings.top_k,
                            "batch_size": settings.batch_size, "iterations": settings.iterations,
@@ -228,7 +230,8 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
         for r in run.results:
             with mlflow.start_run(run_name=r.method, nested=True):
                 mlflow.log_param("method", r.method)
-                mlflow.log_metrics({**r.metrics, **_delta_metrics(r), "lm_calls": r.lm_calls, "cache_hits": r.cache_hits,
+                mlflow.log_metrics({**r.metrics, **_delta_metrics(r), "lm_calls": r.lm_calls,
+                                    "cache_hits": r.cache_hits,
                                     "tokens": r.tokens, "setup_lm_calls": r.setup_lm_calls,
                                     "setup_cache_hits": r.setup_cache_hits, "seconds_per_sample": r.seconds_per_sample,
                                     "failures": r.failures, "invalid": r.invalid, "samples": r.samples})
@@ -250,7 +253,8 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                   f"results in {out}; MLflow run {run_id}")
     if run.stopped:
         raise EvalStopped(f"the LLM failed after {settings.lm.retries} retries ({run.stopped}); the table of the "
-                          f"{len(run.finished)} users that finished is in {out} (--keep-going drops failing users instead)")
+                          f"{len(run.finished)} users that finished is in {out} "
+                          "(--keep-going drops failing users instead)")
     return table
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 from rich.console import Console
 
+from . import tracking
 from .eval.tasks import Task
 from .llm import adapter_for, build_lm
 from .nightly_jobs import NightlySummary, StateStore, UserOutcome, align_job, commit, plan, state_root
@@ -68,7 +69,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
 
     outcomes = (_ray_outcomes(jobs, task, settings, workers) if executor == "ray"
                 else _thread_outcomes(jobs, work, workers))
-    with mlflow.start_run(run_name=f"nightly-{task.key}") as run, \
+    with mlflow.start_run(run_name=f"nightly-{task.key}", tags=tracking.owner_tags()) as run, \
             progress_bar(console) as progress:
         mlflow.log_params({"task": task.key, "workers": workers, "executor": executor, "lm": settings.lm.model,
                            "users_planned": len(jobs), "batch_size": settings.batch_size, "iterations": settings.iterations})

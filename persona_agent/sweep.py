@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from . import tracking  # noqa: E402
 from .eval.data import UserData  # noqa: E402
 from .eval.tasks import Task  # noqa: E402
 from .harness import EvalStopped, run_eval  # noqa: E402
@@ -36,7 +37,7 @@ def sweep(settings: Settings, store: Store, task: Task, users: list[UserData], m
         raise ValueError(f"unknown sweep parameter {param!r}; choose from {list(PARAMS)}")
     lm = build_lm(settings.lm)
     rows = []
-    with mlflow.start_run(run_name=f"sweep-{task.key}-{param}"):
+    with mlflow.start_run(run_name=f"sweep-{task.key}-{param}", tags=tracking.owner_tags()):
         mlflow.log_params({"task": task.key, "param": param, "values": ",".join(map(str, values)),
                            "methods": ",".join(methods), "users": len(users), "lm": settings.lm.model})
         for value in values:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import mlflow
@@ -28,7 +29,40 @@ def setup(settings: Settings) -> str:
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
+    close_abandoned_runs(exp_id)
     return exp_id
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags of every top-level run: which process on which host owns it while it is RUNNING."""
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())}
+
+
+OWNER_HOST, OWNER_PID = "persona_agent.host", "persona_agent.pid"
+
+
+def close_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs still RUNNING whose process (on this host) is gone: a command that was
+    killed never ended its run, and MLflow would show it running forever."""
+    client, closed = mlflow.MlflowClient(), []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(OWNER_HOST) == socket.gethostname() and not _alive(int(tags.get(OWNER_PID, "0") or 0)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _create_database(path: Path, store: Path) -> None:

@@ -134,3 +134,20 @@ def test_answer_exits_4_with_one_line_when_the_llms_answer_is_unusable(mlflow_st
     assert main(["answer", "u1", query, "--task", "lamp3", "--lm", "scripted", "--store", str(mlflow_store.store)]) == 4
     err = capsys.readouterr().err.strip()
     assert err.startswith("persona-agent: the LLM's answer could not be used") and "Traceback" not in err
+
+
+def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_command(mlflow_store):
+    import subprocess
+    import sys
+
+    from persona_agent import tracking
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    exp = mlflow.get_experiment_by_name(mlflow_store.experiment).experiment_id
+    client = mlflow.MlflowClient()
+    killed = client.create_run(exp, tags={**tracking.owner_tags(), tracking.OWNER_PID: dead.stdout.strip()})
+    alive = client.create_run(exp, tags=tracking.owner_tags())  # this process: still running
+    elsewhere = client.create_run(exp, tags={tracking.OWNER_HOST: "another-host", tracking.OWNER_PID: "1"})
+    tracking.setup(mlflow_store)
+    status = {r: client.get_run(r.info.run_id).info.status for r in (killed, alive, elsewhere)}
+    assert [status[killed], status[alive], status[elsewhere]] == ["KILLED", "RUNNING", "RUNNING"]
