@@ -21,6 +21,17 @@ TEMPLATE = INSTRUCTION + """
 User profile:
 {profile}"""
 
+# Templates of earlier releases: personas registered under them still parse (and are served
+# under the current template), so an upgrade never strands a production persona.
+LEGACY_TEMPLATES = ("""You act on behalf of one user: {task_description}.
+Answer as this user would, not as an average person would.
+Rules:
+- Answer with exactly one of the labels the request allows.
+- The user's past interactions are the strongest evidence: look for past items like this one and follow the user's own choices there.
+- Use the profile below to decide between labels that all fit.
+User profile:
+{profile}""",)
+
 PROFILE_BUDGET = 1200  # characters; keeps prompts short enough for small local models
 
 
@@ -51,11 +62,13 @@ class Persona:
 
     @classmethod
     def parse(cls, task: Task, text: str) -> "Persona":
-        """Read a rendered persona back; refuses text whose fixed parts are not this template's."""
-        fixed = TEMPLATE.format(task_description=task.description, profile="")
-        if not text.startswith(fixed):
-            raise ValueError(f"not a {task.name} persona: its fixed template parts differ")
-        return cls(task, text[len(fixed):])
+        """Read a rendered persona back (the current template or a legacy one); refuses text whose
+        fixed parts are none of them."""
+        for template in (TEMPLATE, *LEGACY_TEMPLATES):
+            fixed = template.format(task_description=task.description, profile="")
+            if text.startswith(fixed):
+                return cls(task, text[len(fixed):])
+        raise ValueError(f"not a {task.name} persona: its fixed template parts differ")
 
 
 # Lines of the fixed template: a rewrite that restates them is trying to edit the fixed parts.

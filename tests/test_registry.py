@@ -151,3 +151,11 @@ def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_command(mlf
     tracking.setup(mlflow_store)
     status = {r: client.get_run(r.info.run_id).info.status for r in (killed, alive, elsewhere)}
     assert [status[killed], status[alive], status[elsewhere]] == ["KILLED", "RUNNING", "RUNNING"]
+
+
+def test_a_persona_registered_under_the_previous_template_still_parses_and_serves_under_the_current():
+    from persona_agent.pipelines.persona import LEGACY_TEMPLATES
+
+    old = LEGACY_TEMPLATES[0].format(task_description=LAMP_2M.description, profile="Likes heists.")
+    persona = Persona.parse(LAMP_2M, old)
+    assert persona.profile == "Likes heists." and persona.render() == Persona(LAMP_2M, "Likes heists.").render()
