@@ -25,7 +25,8 @@ from .llm import adapter_for, build_lm
 from .methods import alignment, user_flow
 from .optimizers import AlignmentStep
 from .pipelines.agent import non_personalized
-from .pipelines.flow import history_items, score
+from .pipelines.flow import score
+from .pipelines.memory import history_items
 from .pipelines.metering import metered
 from .progress import progress_bar
 from .settings import Settings

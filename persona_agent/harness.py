@@ -35,8 +35,7 @@ from .eval.data import UserData
 from .eval.tasks import Task
 from .llm import adapter_for, build_lm
 from .methods import METHODS, SETUP, NotApplicable, UserContext, user_flow
-from .pipelines.flow import history_items
-from .pipelines.memory import EpisodicMemory
+from .pipelines.memory import EpisodicMemory, history_items
 from .pipelines.metering import Cost, answer_or_none, metered
 from .progress import progress_bar
 from .settings import Settings

@@ -17,7 +17,7 @@ from persona_agent.eval.tasks import Task
 from persona_agent.signatures import SummarizeProfile
 
 from .agent import PersonaAgent
-from .memory import EpisodicMemory, MemoryItem, UserMemory, history_items  # noqa: F401 (part of the flow's API)
+from .memory import EpisodicMemory, MemoryItem, UserMemory
 from .metering import Cost, answer_or_none, count_fallback, metered, or_fallback
 from .persona import Persona, injection_problem, looks_degenerate
 

@@ -6,7 +6,8 @@ import pytest
 from persona_agent.eval.data import load_users
 from persona_agent.eval.synthetic import generate, shipped_data_dir, write_dataset
 from persona_agent.eval.tasks import LAMP_2M, TASKS, TaskDataError
-from persona_agent.pipelines.flow import examples, history_items
+from persona_agent.pipelines.flow import examples
+from persona_agent.pipelines.memory import history_items
 
 
 @pytest.mark.parametrize("key", sorted(TASKS))

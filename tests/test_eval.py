@@ -8,7 +8,7 @@ from persona_agent.eval.data import Query, UserData, load_users
 from persona_agent.eval.tasks import LAMP_2M, LAMP_3
 from persona_agent.harness import MethodResult, results_table, run_eval, to_markdown, write_outputs
 from persona_agent.methods import METHODS, UserContext, resolve, user_flow
-from persona_agent.pipelines.flow import history_items
+from persona_agent.pipelines.memory import history_items
 from persona_agent.settings import Settings
 from persona_agent.testing import FakeEngine, FaultyEngine
 
