@@ -32,14 +32,16 @@ SERVER_FAULTS = ("hang", "429", "500", "503", "empty", "malformed")
 
 
 def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faults: float = 0.0, seed: int = 0,
-                hang: float = 30.0) -> ThreadingHTTPServer:
-    """`faults`: the fraction of requests that fail (kind drawn from SERVER_FAULTS, seeded);
-    a "hang" sleeps `hang` seconds before answering. `server.handler.injected` counts them."""
+                hang: float = 30.0, kinds=SERVER_FAULTS) -> ThreadingHTTPServer:
+    """`faults`: the fraction of requests that fail (kind drawn from `kinds`, seeded); a "hang"
+    sleeps `hang` seconds before answering. `server.handler.injected` counts them, and setting
+    `server.handler.faults` changes the rate of a running server (an endpoint that recovers)."""
     rng, lock = random.Random(seed), threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         calls = 0
         injected: Counter = Counter()
+        faults = 0.0
 
         def do_POST(self):  # noqa: N802 (http.server's naming)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -48,7 +50,7 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
             user = "\n".join(m["content"] for m in messages if m["role"] == "user")
             time.sleep(latency)
             with lock:
-                fault = rng.choice(SERVER_FAULTS) if rng.random() < faults else None
+                fault = rng.choice(kinds) if rng.random() < Handler.faults else None
                 if fault:
                     Handler.injected[fault] += 1
             if fault == "hang":
@@ -82,6 +84,7 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
         def log_message(self, *args):
             pass
 
+    Handler.faults = faults
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     server.handler = Handler

@@ -19,6 +19,7 @@ import dspy
 import pydantic
 from dspy.lm15 import Message, Response, ServerError, TextPart, Usage
 
+from .lm_cache import ForgetsUnusableAnswers, install
 from .settings import LMConfig
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ def default_model_path() -> str:
 
 def build_lm(cfg: LMConfig) -> dspy.LM:
     """`local` (or `local:/path/model.gguf`) runs llama.cpp in-process; anything else is a LiteLLM
-    model name, its key read by LiteLLM from the environment (e.g. OPENAI_API_KEY)."""
+    model name, its key read by LiteLLM from the environment (e.g. OPENAI_API_KEY). Its answers are
+    cached per endpoint, and never an unusable one (`lm_cache`)."""
+    install()
     if cfg.model == "scripted" or cfg.model.startswith("scripted:"):
         # A deterministic stand-in LM for smoke tests and benchmarks: `scripted:0.2` adds 200 ms per call.
         from .testing import FakeEngine
@@ -157,7 +160,19 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
                    num_retries=cfg.retries, timeout=cfg.timeout, **kwargs)
 
 
-class SchemaJSONAdapter(dspy.JSONAdapter):
+class JSONAdapter(ForgetsUnusableAnswers, dspy.JSONAdapter):
+    """DSPy's JSONAdapter; an answer it cannot use leaves the cache."""
+
+
+class ChatAdapter(ForgetsUnusableAnswers, dspy.ChatAdapter):
+    """DSPy's ChatAdapter; an answer it cannot use leaves the cache, in its JSON fallback too."""
+
+    def _make_json_adapter_fallback(self):
+        return JSONAdapter(use_native_function_calling=self.use_native_function_calling,
+                           parallel_tool_calls=self.parallel_tool_calls)
+
+
+class SchemaJSONAdapter(JSONAdapter):
     """JSONAdapter that always sends a JSON schema of the output fields.
 
     DSPy's JSONAdapter falls back to bare JSON mode when a field is an open mapping (ReAct's
@@ -239,7 +254,7 @@ def adapter_for(lm: dspy.LM) -> dspy.Adapter:
     chat model (every answer parses either way), DSPy's ChatAdapter for everything else."""
     engine = getattr(lm, "_engine_spec", None)
     if type(engine).__name__ == "FakeEngine":
-        return dspy.JSONAdapter()
+        return JSONAdapter()
     if isinstance(engine, LlamaCppEngine):
         return SchemaJSONAdapter(max_text_chars=600) if engine.chat else CompletionAdapter(max_text_chars=600)
-    return dspy.ChatAdapter()
+    return ChatAdapter()

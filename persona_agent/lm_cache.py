@@ -1,0 +1,97 @@
+"""DSPy's response cache, made safe to rerun against a flaky endpoint.
+
+DSPy stores an LLM answer before its adapter parses it, and leaves the endpoint (`api_base`) out
+of the key. So an empty or truncated HTTP-200 answer would be replayed on every rerun, even once
+the endpoint is healthy again, and two servers behind one model name would share answers. Here:
+
+- `install()` wraps `dspy.cache` so the key also carries the endpoint (the API key stays out);
+- adapters with `ForgetsUnusableAnswers` delete the answer they could not use (empty, truncated,
+  off-schema), whether it just arrived or came from the cache (an older run's).
+
+An adapter call formats, calls the LM and parses in one thread, one after the other, so the
+answers read or written between its start and its parse are the ones it failed to use.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+
+log = logging.getLogger(__name__)
+
+# Cache keys of the answers the current prediction (in this thread) read or wrote.
+_touched: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("lm_cache_touched", default=None)
+
+
+class EndpointCache:
+    """Delegates to DSPy's cache, keying by endpoint and remembering which keys a call touched."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.forgotten = 0  # unusable answers deleted, for logs and tests
+
+    @staticmethod
+    def _ignored(ignored: list[str] | None) -> list[str]:
+        return [k for k in ignored or () if k not in ("api_base", "base_url")]
+
+    def _touch(self, request: dict, ignored: list[str]) -> None:
+        touched = _touched.get()
+        if touched is not None:
+            touched.append(self.inner.cache_key(request, ignored))
+
+    def get(self, request: dict, ignored_args_for_cache_key: list[str] | None = None):
+        ignored = self._ignored(ignored_args_for_cache_key)
+        value = self.inner.get(request, ignored)
+        if value is not None:
+            self._touch(request, ignored)
+        return value
+
+    def put(self, request: dict, value, ignored_args_for_cache_key: list[str] | None = None,
+            enable_memory_cache: bool = True) -> None:
+        ignored = self._ignored(ignored_args_for_cache_key)
+        self.inner.put(request, value, ignored, enable_memory_cache)
+        self._touch(request, ignored)
+
+    def forget(self, keys: list[str]) -> None:
+        with self.inner._lock:
+            for key in keys:
+                self.inner.memory_cache.pop(key, None)
+        if self.inner.enable_disk_cache:
+            for key in keys:
+                self.inner.disk_cache.delete(key)
+        self.forgotten += len(keys)
+
+    def __getattr__(self, name):  # reset_memory_cache, cache_key, ...: DSPy's own
+        return getattr(self.inner, name)
+
+
+def install() -> EndpointCache:
+    """Wrap `dspy.cache` once per process (DSPy reads it as a module attribute on every call)."""
+    if not isinstance(dspy.cache, EndpointCache):
+        dspy.cache = EndpointCache(dspy.cache)
+    return dspy.cache
+
+
+class ForgetsUnusableAnswers:
+    """Mixin for DSPy adapters (before the adapter class in the bases)."""
+
+    def __call__(self, *args, **kwargs):
+        token = _touched.set([])
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            _touched.reset(token)
+
+    def _call_postprocess(self, *args, **kwargs):
+        try:
+            return super()._call_postprocess(*args, **kwargs)
+        except AdapterParseError:
+            touched, cache = _touched.get(), dspy.cache
+            if touched and isinstance(cache, EndpointCache):
+                cache.forget(touched)
+                log.info("dropped %d unusable LLM answer(s) from the cache", len(touched))
+                touched.clear()
+            raise
