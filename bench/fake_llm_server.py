@@ -35,20 +35,21 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
                 hang: float = 30.0, kinds=SERVER_FAULTS) -> ThreadingHTTPServer:
     """`faults`: the fraction of requests that fail (kind drawn from `kinds`, seeded); a "hang"
     sleeps `hang` seconds before answering. `server.handler.injected` counts them, and setting
-    `server.handler.faults` changes the rate of a running server (an endpoint that recovers)."""
+    `server.handler.faults` and `.latency` change a running server (an endpoint that recovers)."""
     rng, lock = random.Random(seed), threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         calls = 0
         injected: Counter = Counter()
         faults = 0.0
+        latency = 0.0
 
         def do_POST(self):  # noqa: N802 (http.server's naming)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             messages = body["messages"]
             system = "\n".join(m["content"] for m in messages if m["role"] == "system")
             user = "\n".join(m["content"] for m in messages if m["role"] == "user")
-            time.sleep(latency)
+            time.sleep(Handler.latency)
             with lock:
                 fault = rng.choice(kinds) if rng.random() < Handler.faults else None
                 if fault:
@@ -84,7 +85,7 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
         def log_message(self, *args):
             pass
 
-    Handler.faults = faults
+    Handler.faults, Handler.latency = faults, latency
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     server.handler = Handler

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -239,6 +240,8 @@ def nightly(settings: Settings, args) -> int:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 3
     print_summary(summary)
+    if summary.stopped_by:  # the shell's convention: 128 + the signal's number
+        return 128 + int(getattr(signal, summary.stopped_by))
     return 1 if summary.failed else 0
 
 

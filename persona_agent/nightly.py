@@ -1,22 +1,28 @@
 """`persona-agent nightly`: re-align every user whose history changed since the last run.
 
 One run per store at a time (a lock file); users run on a bounded thread pool; every result is
-committed by this process as it arrives, so a crash loses at most the users in flight, and a
-rerun finishes them (see `nightly_jobs`).
+committed as it arrives, so a crash loses at most the users in flight, and a rerun finishes them
+(see `nightly_jobs`). SIGINT or SIGTERM stops the run: no user starts, no LM call is made after
+it, the users that finished are committed, the others are left for the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 import dspy
 import mlflow
 import pandas as pd
 from filelock import FileLock, Timeout
+from dspy.utils.callback import BaseCallback
 from rich.console import Console
 
 from . import tracking
@@ -29,8 +35,48 @@ from .settings import Settings
 from .store import Store
 
 
+log = logging.getLogger(__name__)
+
+
 class NightlyLocked(RuntimeError):
     pass
+
+
+class Stopped(BaseException):
+    """Raised in a worker at its next LM call once the run was told to stop. A BaseException, so
+    no `except Exception` on the way (DSPy's own, or a counted fallback) takes it for a bad answer."""
+
+
+class _StopGate(BaseCallback):
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+
+    def on_lm_start(self, call_id, instance, inputs):
+        if self.stop.is_set():
+            raise Stopped
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event, summary: NightlySummary, console: Console):
+    """The first SIGINT/SIGTERM asks the run to stop; a second SIGINT aborts at once (the store
+    stays consistent either way: see `nightly_jobs`). Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        summary.stopped_by = signal.Signals(signum).name
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        console.print(f"{summary.stopped_by}: stopping; committing the users that finished "
+                      "(Ctrl-C again to abort at once)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_nightly(settings: Settings, task: Task, lm: dspy.LM | None = None, console: Console | None = None,
@@ -58,40 +104,107 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     started = time.perf_counter()
     lm = lm or build_lm(settings.lm)
     adapter = dspy.settings.adapter or adapter_for(lm)
-    states, summary = StateStore(state_root(settings, task)), NightlySummary()
-    with Store.open(settings, memory="persistent") as store:
-        jobs, summary.unchanged, summary.failed = plan(store.memory, states, store.registry(task))
-    # workers get each user's items in the job; the memory is free again for other processes
+    states, summary, stop = StateStore(state_root(settings, task)), NightlySummary(), threading.Event()
+    gate = _StopGate(stop)  # first, so no other callback sees an LM call that never happens
+    callbacks = [gate, *(dspy.settings.get("callbacks") or [])]
+    with _stop_on_signals(stop, summary, console):
+        with Store.open(settings, memory="persistent") as store:
+            jobs, summary.unchanged, summary.failed = plan(store.memory, states, store.registry(task))
+        # workers get each user's items in the job; the memory is free again for other processes
 
-    def work(job):
-        with dspy.context(lm=lm, adapter=adapter):
-            return align_job(job, task, settings)
+        def work(job):
+            if stop.is_set():
+                raise Stopped
+            with dspy.context(lm=lm, adapter=adapter, callbacks=callbacks):
+                return align_job(job, task, settings)
 
-    outcomes = (_ray_outcomes(jobs, task, settings, workers) if executor == "ray"
-                else _thread_outcomes(jobs, work, workers))
-    with mlflow.start_run(run_name=f"nightly-{task.key}", tags=tracking.owner_tags()) as run, \
-            progress_bar(console) as progress:
-        mlflow.log_params({"task": task.key, "workers": workers, "executor": executor, "lm": settings.lm.model,
-                           "users_planned": len(jobs), "batch_size": settings.batch_size, "iterations": settings.iterations})
-        bar = progress.add_task("nightly", total=len(jobs))
-        # One committer process does every registry and state write, in arrival order: MLflow's
-        # SQLAlchemy writes are CPU work that would otherwise share this interpreter with the workers.
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_committer_init, initargs=(settings.tracking_uri, os.getpid())) as committer:
-            pending = []
-            for outcome in outcomes:
-                pending.append((outcome, committer.submit(_commit, outcome, task.key, str(states.root), run.info.run_id)))
-                progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
-            rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
-            rows += [_tally(summary, outcome, future) for outcome, future in pending]
-        summary.seconds = time.perf_counter() - started
-        mlflow.log_metrics(summary.counts())
-        mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens", "fallbacks", "error"])
-                        .to_csv(index=False), "users.csv")
+        outcomes = (_ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
+                    else _thread_outcomes(jobs, work, workers))
+        with mlflow.start_run(run_name=f"nightly-{task.key}", tags=tracking.owner_tags()) as run, \
+                progress_bar(console) as progress:
+            mlflow.log_params({"task": task.key, "workers": workers, "executor": executor, "lm": settings.lm.model,
+                               "users_planned": len(jobs), "batch_size": settings.batch_size,
+                               "iterations": settings.iterations})
+            bar = progress.add_task("nightly", total=len(jobs))
+            with _Committer(settings.tracking_uri, task.key, states.root, run.info.run_id) as committer:
+                pending = []
+                for outcome in outcomes:
+                    pending.append((outcome, committer.submit(outcome)))
+                    progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
+                rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
+                rows += [_tally(summary, outcome, committer.result(outcome, future)) for outcome, future in pending]
+            done = {row["user_id"] for row in rows}
+            summary.interrupted = [job.user_id for job in jobs if job.user_id not in done]
+            rows += [{"user_id": user, "status": "interrupted"} for user in summary.interrupted]
+            summary.seconds = time.perf_counter() - started
+            mlflow.log_metrics(summary.counts())
+            mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens",
+                                                        "fallbacks", "error"]).to_csv(index=False), "users.csv")
+            if summary.stopped_by:
+                mlflow.set_tag("stopped_by", summary.stopped_by)
     return summary
 
 
+class _Committer:
+    """One child process does every registry and state write, in arrival order: MLflow's
+    SQLAlchemy writes are CPU work that would otherwise share this interpreter with the workers.
+
+    A committer that dies (killed, out of memory) is replaced, up to `RESTARTS` times, and the
+    commits it had not finished are sent again: a commit is idempotent (`nightly_jobs.commit`).
+    Past that, the users not yet committed fail, named, and keep their personas."""
+
+    RESTARTS = 3
+
+    def __init__(self, tracking_uri: str, task_key: str, state_root, run_id: str):
+        self.args, self.restarts, self.tracking_uri = (task_key, str(state_root), run_id), self.RESTARTS, tracking_uri
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_committer_init, initargs=(self.tracking_uri, os.getpid()))
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        if self.pool is broken:  # the first of its pending commits to notice starts the next one
+            if self.restarts <= 0:
+                raise BrokenProcessPool("the commit process died too often; not restarting it")
+            self.restarts -= 1
+            log.warning("the commit process died; starting a new one (%d restarts left)", self.restarts)
+            broken.shutdown(wait=False)
+            self.pool = self._start()
+
+    def submit(self, outcome):
+        pool = self.pool
+        try:
+            return pool, pool.submit(_commit, outcome, *self.args)
+        except BrokenProcessPool:
+            self._replace(pool)
+            return self.submit(outcome)
+
+    def result(self, outcome, submitted):
+        """The production version, or the exception the commit ended with."""
+        pool, future = submitted
+        try:
+            return future.result()
+        except BrokenProcessPool as err:
+            try:
+                self._replace(pool)
+            except BrokenProcessPool:
+                return err
+            return self.result(outcome, self.submit(outcome))
+        except Exception as err:
+            return err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True)
+
+
 def _committer_init(tracking_uri: str, parent: int) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides when committing stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     mlflow.set_tracking_uri(tracking_uri)
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
 
@@ -113,11 +226,10 @@ def _commit(outcome, task_key: str, state_dir: str, run_id: str):
     return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_dir)), run_id)
 
 
-def _tally(summary: NightlySummary, outcome, future) -> dict:
-    try:
-        version = future.result()
-    except Exception as err:  # the user keeps their persona and is retried next run
-        outcome.status, outcome.error, version = "failed", f"commit failed: {str(err)[:300]}", None
+def _tally(summary: NightlySummary, outcome, version) -> dict:
+    if isinstance(version, BaseException):  # the user keeps their persona and is retried next run
+        outcome.status, outcome.error = "failed", f"commit failed: {type(version).__name__}: {str(version)[:300]}"
+        version = None
     {"aligned": summary.aligned, "rejected": summary.rejected}.get(outcome.status, []).append(outcome.user_id)
     if outcome.status == "failed":
         summary.failed[outcome.user_id] = outcome.error
@@ -131,7 +243,10 @@ def _tally(summary: NightlySummary, outcome, future) -> dict:
 def _thread_outcomes(jobs, work, workers):
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for future in as_completed([pool.submit(work, job) for job in jobs]):
-            yield future.result()
+            try:
+                yield future.result()
+            except Stopped:  # not started, or stopped at an LM call: left for the next run
+                pass
 
 
 class _RayAligner:
@@ -151,7 +266,7 @@ class _RayAligner:
             return align_job(job, self.task, self.settings)
 
 
-def _ray_outcomes(jobs, task: Task, settings: Settings, workers: int):
+def _ray_outcomes(jobs, task: Task, settings: Settings, workers: int, stop: threading.Event):
     import math
 
     import ray
@@ -166,20 +281,22 @@ def _ray_outcomes(jobs, task: Task, settings: Settings, workers: int):
     aligner = ray.remote(num_cpus=0.5, max_concurrency=per_actor, max_restarts=1)(_RayAligner)
     pool = [aligner.remote(task.key, settings) for _ in range(actors)]
     pending, queue, load = {}, list(jobs), {i: 0 for i in range(actors)}
-    while queue or pending:
+    while (queue or pending) and not stop.is_set():
         while queue and len(pending) < actors * per_actor:
             i = min(load, key=load.get)
             load[i] += 1
             job = queue.pop(0)
             pending[pool[i].align.remote(job)] = (i, job)
-        [done], _ = ray.wait(list(pending), num_returns=1)
-        i, job = pending.pop(done)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)  # a timeout, to notice a stop
+        if not ready:
+            continue
+        i, job = pending.pop(ready[0])
         load[i] -= 1
         try:
-            yield ray.get(done)
+            yield ray.get(ready[0])
         except Exception as err:  # a lost worker or actor: this user is retried next run
             yield UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
-    for actor in pool:
+    for actor in pool:  # on a stop, the users in flight go with their actors
         ray.kill(actor)
 
 
@@ -191,3 +308,5 @@ def print_summary(summary: NightlySummary, console: Console | None = None) -> No
                   f"{c['lm_fallbacks']} unusable LM answers replaced, {c['wall_seconds']:.1f} s")
     for user_id, error in summary.failed.items():
         console.print(f"  failed: {user_id}: {error}")
+    if summary.stopped_by:
+        console.print(f"stopped by {summary.stopped_by}: {len(summary.interrupted)} users left for the next run")

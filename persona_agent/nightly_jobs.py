@@ -168,6 +168,8 @@ class NightlySummary:
     rejected: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    interrupted: list[str] = field(default_factory=list)  # planned, not finished: a stop came first
+    stopped_by: str | None = None  # "SIGINT" or "SIGTERM"
     lm_calls: int = 0
     tokens: int = 0
     fallbacks: int = 0
@@ -176,6 +178,7 @@ class NightlySummary:
     def counts(self) -> dict[str, float]:
         return {"users_aligned": len(self.aligned), "users_rejected": len(self.rejected),
                 "users_unchanged": len(self.unchanged), "users_failed": len(self.failed),
+                "users_interrupted": len(self.interrupted),
                 "lm_calls": self.lm_calls, "tokens": self.tokens, "lm_fallbacks": self.fallbacks,
                 "wall_seconds": self.seconds}
 

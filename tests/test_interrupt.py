@@ -1,0 +1,111 @@
+"""Stopping `nightly` on purpose (Ctrl-C, SIGTERM) and losing its commit process by accident."""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import mlflow
+import pytest
+
+from persona_agent.eval.synthetic import write_dataset
+from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.llm import build_lm
+from persona_agent.nightly import run_nightly
+from persona_agent.nightly_jobs import StateStore, state_root
+from persona_agent.registry import PersonaRegistry
+from persona_agent.settings import LMConfig, Settings
+
+from .helpers import ingest_into
+
+USERS = 6
+
+
+def _done(settings) -> int:
+    return len(list(state_root(settings, LAMP_2M).glob("*.json")))
+
+
+def _wait_for(condition, seconds=120.0):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finishes(
+        sig, tmp_path, monkeypatch, fake_llm_server):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = Settings(store=tmp_path / "mlruns")
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=USERS, n_history=8, n_queries=1, seed=5)
+    ingest_into(settings, data)
+    server, url = fake_llm_server.serve_in_background(latency=0.4)  # a user takes seconds
+    env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache"), "OPENAI_API_KEY": "sk-fake"}
+    command = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--workers", "2",
+               "--lm", "openai/gpt-4o-mini", "--api-base", url, "-n", "2", "-T", "2"]
+    try:
+        # its own process group, signalled as a terminal signals one (Ctrl-C reaches the commit process too)
+        proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: _done(settings) >= 1 or proc.poll() is not None)
+        assert proc.poll() is None, "the run finished before it could be stopped"
+        calls_at_signal = server.handler.calls
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+        calls_after = server.handler.calls - calls_at_signal
+        committed = _done(settings)
+        assert proc.returncode == 128 + sig, err[-2000:]
+        assert f"stopped by {sig.name}" in out and "Traceback" not in err
+        assert calls_after <= 2  # at most the calls already in flight (2 workers): nothing new started
+        assert 1 <= committed < USERS
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        registry, states = PersonaRegistry(LAMP_2M), StateStore(state_root(settings, LAMP_2M))
+        served = {u for u in registry.users()["user_id"] if registry.production_version(u) is not None}
+        assert {u for u in served if states.get(u)} == {u for u in served if states.get(u)} and len(served) >= committed
+        run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
+        assert run["tags.stopped_by"] == sig.name and run["status"] == "FINISHED"
+        assert run["metrics.users_interrupted"] == USERS - run["metrics.users_aligned"] - run["metrics.users_rejected"]
+        # the next run does the rest, and only the rest
+        server.handler.latency = 0.0
+        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _done(settings) == USERS and f"unchanged {committed}" in rerun.stdout
+
+
+@pytest.mark.parametrize("restarts", [3, 0])
+def test_a_killed_commit_process_is_replaced_or_the_rest_fail_named(restarts, tmp_path, monkeypatch):
+    from persona_agent import nightly
+
+    monkeypatch.setattr(nightly._Committer, "RESTARTS", restarts)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = Settings(store=tmp_path / "mlruns", lm=LMConfig("scripted:0.05", cache=False), batch_size=2,
+                        iterations=2, workers=2)
+    ingest_into(settings, write_dataset(tmp_path / "data", LAMP_2M, n_users=USERS, n_history=8, n_queries=1, seed=4))
+    killed = []
+
+    def kill_the_committer_after_its_first_commit():
+        _wait_for(lambda: _done(settings) >= 1)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+            killed.append(child.pid)
+
+    killer = threading.Thread(target=kill_the_committer_after_its_first_commit, daemon=True)
+    killer.start()
+    summary = run_nightly(replace(settings), LAMP_2M, lm=build_lm(settings.lm))
+    killer.join()
+    assert killed
+    if restarts:
+        assert _done(settings) == USERS
+        assert not summary.failed and len(summary.aligned) + len(summary.rejected) == USERS
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        registry = PersonaRegistry(LAMP_2M)
+        assert all(registry.production_version(u) is not None for u in registry.users()["user_id"])
+    else:  # no restart allowed: the users not yet committed fail, named, and are retried next run
+        assert 1 <= _done(settings) < USERS and len(summary.failed) == USERS - _done(settings)
+        assert all("commit failed: BrokenProcessPool" in e for e in summary.failed.values())
