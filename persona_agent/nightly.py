@@ -21,8 +21,8 @@ from concurrent.futures.process import BrokenProcessPool
 import dspy
 import mlflow
 import pandas as pd
-from filelock import FileLock, Timeout
 from dspy.utils.callback import BaseCallback
+from filelock import FileLock, Timeout
 from rich.console import Console
 
 from . import tracking
@@ -33,7 +33,6 @@ from .progress import progress_bar
 from .registry import PersonaRegistry
 from .settings import Settings
 from .store import Store
-
 
 log = logging.getLogger(__name__)
 
