@@ -59,6 +59,9 @@ def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
     g.add_argument("--no-cache", dest="cache", action="store_false", default=s.lm.cache,
                    help="ask the LLM every time instead of answering repeated requests from DSPy's cache (for timing)")
     g.add_argument("--qdrant-url", default=s.qdrant_url, help="use a Qdrant server instead of the embedded store")
+    g.add_argument("--wait", dest="store_wait", type=_seconds, default=s.store_wait,
+                   help="seconds to wait while another process uses the embedded memory, then exit 5 "
+                        f"(default {s.store_wait:g})")
     g.add_argument("--experiment", default=s.experiment, help=f"MLflow experiment name (default {s.experiment})")
     g.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -441,11 +444,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .eval.tasks import TaskDataError
     from .harness import EvalStopped
+    from .store import StoreBusy
 
     command = COMMANDS[args.command]
     settings = _settings(args, command.defaults()) if hasattr(args, "store") else command.defaults()
     try:
         return command.run(settings, args)
+    except StoreBusy as err:
+        print(f"persona-agent: {err}", file=sys.stderr)
+        return 5
     except (TaskDataError, LookupError, ValueError, MlflowException) as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 2

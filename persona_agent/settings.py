@@ -34,6 +34,7 @@ class Settings:
     holdout: int = 0  # older interactions a rewrite must not score worse on either
     profile_items: int = 20  # latest history items the initial profile is written from
     workers: int = 4  # users in flight at once (eval, sweep, nightly)
+    store_wait: float = 60.0  # seconds a command waits for another process to release the embedded memory
 
     @classmethod
     def for_demo(cls, **overrides) -> "Settings":
