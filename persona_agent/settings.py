@@ -3,6 +3,7 @@ passed down. It imports no LLM runtime, no MLflow and no Qdrant, so reading it i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,21 @@ class Settings:
 
     @property
     def tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.store.resolve() / 'mlflow.db'}"
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.database_path}"
+
+    @property
+    def database_path(self) -> Path:
+        """MLflow's database, as the tracking URI names it. In a URL, `%`, `?` and `#` start an
+        escape, a query and a fragment; percent-encoding them satisfies SQLAlchemy but not MLflow
+        (it makes the encoded name as a directory). A store path holding them is reached through a
+        plain-named symlink in the user's cache instead, which `tracking.setup` keeps pointing here."""
+        path = self.store.resolve() / "mlflow.db"
+        return self.store_alias / "mlflow.db" if set(str(path)) & set("%?#") else path
+
+    @property
+    def store_alias(self) -> Path:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return cache / "persona-agent" / "stores" / hashlib.sha256(str(self.store.resolve()).encode()).hexdigest()[:16]
 
     @property
     def qdrant_path(self) -> Path:

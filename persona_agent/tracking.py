@@ -20,6 +20,8 @@ def setup(settings: Settings) -> str:
     """
     settings.store.mkdir(parents=True, exist_ok=True)
     if settings.tracking_uri.startswith("sqlite:///"):
+        if settings.database_path.parent != settings.store.resolve():
+            _link(settings.database_path.parent, settings.store.resolve())
         _create_database(Path(settings.tracking_uri.removeprefix("sqlite:///")), settings.store)
     mlflow.set_tracking_uri(settings.tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment)
@@ -63,6 +65,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _link(alias: Path, target: Path) -> None:
+    """`alias` -> `target`, made or repointed atomically (two commands may do it at once)."""
+    if alias.is_symlink() and alias.resolve() == target:
+        return
+    alias.parent.mkdir(parents=True, exist_ok=True)
+    tmp = alias.with_name(f".{alias.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, alias)
 
 
 def _create_database(path: Path, store: Path) -> None:

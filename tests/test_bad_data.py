@@ -227,3 +227,23 @@ def test_a_corrected_event_replaces_the_stale_one_and_is_counted(tmp_path, capsy
         assert fingerprint(items) != before  # so nightly re-aligns the user on the corrected history
     finally:
         memory.close()
+
+
+def test_a_store_path_with_url_characters_works_and_writes_nothing_outside(tmp_path, monkeypatch, capsys):
+    from persona_agent.eval.synthetic import write_dataset
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where the store's plain-named alias goes
+    monkeypatch.chdir(tmp_path)
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=4, n_queries=1, seed=3)
+    store = tmp_path / "we?ird%41 #x&y=1" / "mlruns"
+    opts = ["--store", str(store), "--lm", "scripted"]
+    query = LAMP_2M.make_input("A heist.", LAMP_2M.labels)
+    assert main(["ingest", str(data), "--store", str(store)]) == 0
+    assert main(["nightly", *opts, "-n", "1", "-T", "1"]) == 0
+    assert main(["personas", "list", "--store", str(store)]) == 0
+    assert main(["answer", "u0001", query, *opts]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", "data", "we?ird%41 #x&y=1"])
+    assert (store / "mlflow.db").stat().st_size > 0 and list((store / "artifacts").rglob("users.csv"))
+    assert [p.name for p in (tmp_path / "we?ird%41 #x&y=1").iterdir()] == ["mlruns"]
