@@ -86,7 +86,8 @@ def test_persona_template_keeps_fixed_parts_and_budget():
     p = Persona(LAMP_2M, "x. " * 1000)
     assert len(p.profile) <= 1200 and p.render().startswith("Answer the request as this user would")
     # the fixed part is the shared task instruction; the label rule is the typed answer's job
-    assert p.render() == f"{instruction(LAMP_2M)}\nUser profile:\n{p.profile}"
+    assert p.render().startswith(instruction(LAMP_2M) + "\n")
+    assert p.render().endswith(f"\n<profile>\n{p.profile}\n</profile>")
 
 
 def test_degenerate_text_is_detected():

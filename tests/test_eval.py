@@ -1,4 +1,5 @@
 import json
+import re
 
 import dspy
 import pandas as pd
@@ -73,7 +74,7 @@ def test_icl_shows_the_latest_k_interactions(memory, fake_lm):
 def test_pag_and_membank_carry_the_profile_rag_does_not(memory, fake_lm):
     for method in ("pag", "membank"):
         text = _prompts_of(method, memory, fake_lm)
-        assert "User profile:" in text and "a profile" in text
+        assert re.search(r"<profile>\s*a profile\s*</profile>", text)
     assert "a profile" not in _prompts_of("rag", memory, fake_lm)
 
 
@@ -102,7 +103,7 @@ def _what_a_method_uses(method, memory, fake_lm, monkeypatch):
     text = "\n".join(p for _, p in prompts)
     return {"searches": len(searches), "calls": len(prompts),
             "tools": {t for t in ("search_memory", "user_profile") if f"{t}" in text},
-            "profile": "a profile" in text, "persona slot": "User profile:" in text,
+            "profile": "a profile" in text, "persona slot": "<profile>" in text,
             "aligned": any(k.startswith("alignment") for k in ctx.setup_cost)}
 
 
@@ -243,7 +244,7 @@ def test_keep_going_drops_the_failing_user_from_every_method(tmp_path, monkeypat
 
 def test_an_outage_while_answering_stops_eval_too(tmp_path, monkeypatch):
 
-    engine = FaultyEngine(FakeEngine(_policy([])), rate=0, poison=lambda text: "wedding" in text and "User profile" in text)
+    engine = FaultyEngine(FakeEngine(_policy([])), rate=0, poison=lambda text: "wedding" in text and "<profile>" in text)
     code, _ = _eval_with(monkeypatch, tmp_path, engine)
     assert code == 4
 

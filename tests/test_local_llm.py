@@ -67,7 +67,7 @@ def test_demo_end_to_end_registers_every_persona_revision(tmp_path, monkeypatch)
     assert list(history.version)[0] == 1 and history.production.sum() == 1
     assert (history.stage == "aligned").sum() <= 1  # T=1: at most one candidate (none if the batch was perfect)
     alias = mlflow.genai.load_prompt(f"prompts:/{prompt_name('lamp2m', 'u0000')}@production")
-    assert "User profile:" in alias.template
+    assert "<profile>" in alias.template
     runs = mlflow.search_runs(experiment_names=["persona-agent"])
     assert len(runs) == 2 and "metrics.after_alignment_accuracy" in runs.columns
     assert (tmp_path / "mlruns" / "qdrant").exists()
