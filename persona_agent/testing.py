@@ -12,8 +12,7 @@ import threading
 import time
 from collections import Counter
 
-from dspy.lm15 import Message, Response, TextPart, Usage
-from dspy.lm15 import RateLimitError, ServerError
+from dspy.lm15 import Message, RateLimitError, Response, ServerError, TextPart, Usage
 from dspy.lm15 import TimeoutError as LMTimeoutError
 
 # Transient faults (DSPy retries them) and answers that arrive but are useless (the adapter

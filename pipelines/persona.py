@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from persona_agent.eval.tasks import Task
 
+from .screening import injection_problem
+
 # Equal footing: every method answers under this one task instruction, and differs from the
 # others only in what it adds (a profile, retrieved items, tools, alignment), never in wording.
 INSTRUCTION = "Answer the request as this user would: {task_description}."
@@ -93,32 +95,6 @@ def profile_problem(text: str, budget: int = PROFILE_BUDGET) -> str | None:
     if marker:
         return f"restates the fixed template ({marker!r})"
     return injection_problem(text)
-
-
-# A profile describes the user ("prefers comedy when ..."). Text that addresses the agent,
-# overrides its rules or asks for hidden data came from an instruction inside the history
-# (or from an LM that followed one) and must not become part of a system prompt.
-_INJECTION = [
-    (r"\b(ignore|disregard|forget|override|bypass)\b.{0,40}\b(instructions?|rules?|prompts?|guidelines|above|previous|prior)\b",
-     "tells the agent to drop its instructions"),
-    (r"\bfrom now on\b|\bhenceforth\b|\bgoing forward,? (you|always)\b", "gives the agent standing orders"),
-    (r"\b(you are now|you must|you should always|act as|pretend to be|new instructions?)\b", "addresses the agent"),
-    (r"\b(always|only|must)\s+(answer|respond|reply|output|say|print)\b", "dictates the agent's output"),
-    (r"\bsystem prompt\b|\b(reveal|leak|print|show|repeat)\b.{0,40}\b(prompt|instructions|secrets?|api key|password)\b",
-     "asks for the system prompt or secrets"),
-    (r"\b(other|another|every|all)\s+users?'?s?\b.{0,40}\b(data|history|profiles?|personas?|memor(y|ies))\b",
-     "asks for other users' data"),
-    (r"<\|?(system|im_start|im_end)\|?>|\[\[ ## \w+ ## \]\]|^\s*(system|assistant)\s*:", "carries chat-format markup"),
-]
-
-
-def injection_problem(text: str) -> str | None:
-    """Why `text` reads as instructions to the agent rather than a description of the user."""
-    for pattern, why in _INJECTION:
-        m = re.search(pattern, text, flags=re.I | re.M | re.S)
-        if m:
-            return f"{why} ({m.group(0)[:60]!r})"
-    return None
 
 
 def clip(text: str, budget: int) -> str:
