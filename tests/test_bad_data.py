@@ -247,3 +247,34 @@ def test_a_store_path_with_url_characters_works_and_writes_nothing_outside(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", "data", "we?ird%41 #x&y=1"])
     assert (store / "mlflow.db").stat().st_size > 0 and list((store / "artifacts").rglob("users.csv"))
     assert [p.name for p in (tmp_path / "we?ird%41 #x&y=1").iterdir()] == ["mlruns"]
+
+
+def _immutable(path, on: bool) -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["chattr", "-R", "+i" if on else "-i", str(path)], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def test_a_read_only_store_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    from persona_agent.eval.synthetic import write_dataset
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=4, n_queries=1, seed=3)
+    store = tmp_path / "mlruns"
+    assert main(["ingest", str(data), "--store", str(store)]) == 0
+    assert main(["nightly", "--store", str(store), "--lm", "scripted", "-n", "1", "-T", "1"]) == 0
+    # read-only even for root (tests often run as root, where permission bits do not bind)
+    if not _immutable(store, True):
+        pytest.skip("chattr +i is not available here")
+    try:
+        capsys.readouterr()
+        query = LAMP_2M.make_input("A heist.", LAMP_2M.labels)
+        for argv in (["ingest", str(data)], ["nightly", "--lm", "scripted"], ["answer", "u0001", query, "--lm", "scripted"]):
+            assert main([*argv, "--store", str(store)]) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and str(store) in err and "Traceback" not in err, err
+    finally:
+        _immutable(store, False)
