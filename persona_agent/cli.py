@@ -242,7 +242,7 @@ def nightly(settings: Settings, args) -> int:
     except NightlyLocked as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 3
-    print_summary(summary)
+    print_summary(summary, task=get_task(args.task))
     if summary.stopped_by:  # the shell's convention: 128 + the signal's number
         return 128 + int(getattr(signal, summary.stopped_by))
     return 1 if summary.failed else 0
@@ -337,6 +337,9 @@ def _nightly_args(p, s):
     _workers_option(p, s, "users aligned concurrently")
     p.add_argument("--executor", choices=["thread", "ray"], default="thread",
                    help="threads in this process, or a Ray cluster (RAY_ADDRESS, else a local one)")
+    p.add_argument("--score-max", type=_count(0), default=s.score_max,
+                   help="newest unseen interactions per user to score the production persona on before "
+                        f"aligning (0: none; default {s.score_max})")
     _alignment_options(p, s)
     _store_options(p, s)
 

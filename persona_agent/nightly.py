@@ -119,11 +119,14 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
 
         outcomes = (_ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
                     else _thread_outcomes(jobs, work, workers))
-        with mlflow.start_run(run_name=f"nightly-{task.key}", tags=tracking.owner_tags()) as run, \
+        summary.night = 1 + len(mlflow.search_runs(filter_string=f"tags.nightly_task = '{task.key}'",
+                                                   output_format="list"))
+        with mlflow.start_run(run_name=f"nightly-{task.key}", tags={**tracking.owner_tags(), "nightly_task": task.key,
+                                                                     "night": str(summary.night)}) as run, \
                 progress_bar(console) as progress:
             mlflow.log_params({"task": task.key, "workers": workers, "executor": executor, "lm": settings.lm.model,
                                "users_planned": len(jobs), "batch_size": settings.batch_size,
-                               "iterations": settings.iterations})
+                               "iterations": settings.iterations, "score_max": settings.score_max})
             bar = progress.add_task("nightly", total=len(jobs))
             with _Committer(settings.tracking_uri, task.key, states.root, run.info.run_id) as committer:
                 pending = []
@@ -137,6 +140,9 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             rows += [{"user_id": user, "status": "interrupted"} for user in summary.interrupted]
             summary.seconds = time.perf_counter() - started
             mlflow.log_metrics(summary.counts())
+            mlflow.log_metrics(summary.quality(task), step=summary.night)
+            if summary.scored:
+                mlflow.log_table(_prequential_rows(summary, task), "prequential.json")
             mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens",
                                                         "fallbacks", "error"]).to_csv(index=False), "users.csv")
             if summary.stopped_by:
@@ -235,8 +241,20 @@ def _tally(summary: NightlySummary, outcome, version) -> dict:
     summary.lm_calls += outcome.lm_calls
     summary.tokens += outcome.tokens
     summary.fallbacks += outcome.fallbacks
+    if outcome.prequential is not None and outcome.status != "failed":
+        summary.scored[outcome.user_id] = outcome.prequential
     return {"user_id": outcome.user_id, "status": outcome.status, "version": version, "lm_calls": outcome.lm_calls,
             "tokens": outcome.tokens, "fallbacks": outcome.fallbacks, "error": outcome.error}
+
+
+def _prequential_rows(summary: NightlySummary, task: Task) -> pd.DataFrame:
+    """One row per scored interaction: the failing ones are a filter away in the MLflow UI."""
+    return pd.DataFrame([
+        {"night": summary.night, "user_id": user, "item_id": item, "gold": gold, "production": ours,
+         "non_personalized": theirs, "production_score": task.example_score(gold, ours),
+         "non_personalized_score": task.example_score(gold, theirs)}
+        for user, p in summary.scored.items()
+        for item, gold, ours, theirs in zip(p.item_ids, p.golds, p.production, p.non_personalized)])
 
 
 def _thread_outcomes(jobs, work, workers):
@@ -299,8 +317,15 @@ def _ray_outcomes(jobs, task: Task, settings: Settings, workers: int, stop: thre
         ray.kill(actor)
 
 
-def print_summary(summary: NightlySummary, console: Console | None = None) -> None:
+def print_summary(summary: NightlySummary, console: Console | None = None, task: Task | None = None) -> None:
     console = console or Console()
+    quality = summary.quality(task) if task is not None else {}
+    if quality.get("prequential_items"):
+        metric = task.metric_names[0]
+        console.print(f"new interactions scored: {quality['prequential_items']}; production persona {metric} "
+                      f"{quality[f'prequential_production_{metric}']:.3f}, non-personalized "
+                      f"{quality[f'prequential_non_personalized_{metric}']:.3f} "
+                      f"({quality['prequential_lm_calls']} LM calls)")
     c = summary.counts()
     console.print(f"aligned {c['users_aligned']}, rejected {c['users_rejected']}, unchanged {c['users_unchanged']}, "
                   f"failed {c['users_failed']}; {c['lm_calls']} LM calls, {c['tokens']} tokens, "

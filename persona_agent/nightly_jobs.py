@@ -22,9 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .eval.atomic import atomic_write_text
+from .eval.data import Query
 from .eval.tasks import Task
 from .methods import alignment, user_flow
 from .optimizers import AlignmentStep
+from .pipelines.agent import non_personalized
+from .pipelines.flow import examples, score
 from .pipelines.memory import EpisodicMemory, MemoryItem
 from .pipelines.metering import metered
 from .pipelines.persona import Persona
@@ -45,6 +48,19 @@ class UserJob:
     items: list[MemoryItem]
     fingerprint: str
     persona_profile: str | None  # the production persona's profile; None for a new user
+    seen_ids: frozenset[str] | None = None  # the items production was aligned on; None: not known
+
+
+@dataclass
+class Prequential:
+    """Test, then align: last night's production persona on the interactions that arrived since
+    (which it has never seen), beside the non-personalized baseline on the same items."""
+
+    item_ids: list[str]
+    golds: list[str]
+    production: list[str | None]
+    non_personalized: list[str | None]
+    lm_calls: int = 0
 
 
 @dataclass
@@ -59,6 +75,34 @@ class UserOutcome:
     tokens: int = 0
     fallbacks: int = 0  # unusable LM answers replaced by a default (counted, logged)
     error: str = ""
+    item_ids: list[str] = field(default_factory=list)  # the history aligned on (tomorrow's `seen_ids`)
+    prequential: Prequential | None = None
+
+
+def prequential(job: UserJob, task: Task, settings: Settings) -> Prequential | None:
+    """Score the production persona on the user's newest unseen interactions (at most
+    `settings.score_max`) before they enter its memory or an alignment batch: the agent here
+    remembers only the items production was aligned on. None for a new user, a user whose
+    state predates this, or nothing new."""
+    if job.persona_profile is None or job.seen_ids is None or settings.score_max == 0:
+        return None
+    new = {it.item_id for it in job.items} - job.seen_ids
+    asked = [ex for ex in examples(task, job.items) if ex.item_id in new][-settings.score_max:]
+    if not asked:
+        return None
+    queries = [Query(ex.item_id, ex.query, ex.answer) for ex in asked]
+    memory = EpisodicMemory.open(":memory:")
+    try:
+        with metered() as cost:
+            seen = [it for it in job.items if it.item_id in job.seen_ids]
+            flow = user_flow(settings, task, job.user_id, seen, memory)
+            flow.remember()
+            production = flow.agent(Persona(task, job.persona_profile), semantic=job.persona_profile)
+            ours = score(production, task, queries).answers
+            baseline = score(non_personalized(task), task, queries).answers
+        return Prequential([q.id for q in queries], [q.gold for q in queries], ours, baseline, cost.lm_calls)
+    finally:
+        memory.close()
 
 
 def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
@@ -67,6 +111,7 @@ def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
     memory = EpisodicMemory.open(":memory:")  # the job's own copy: workers never open the store
     try:
         with metered() as cost:
+            scored = prequential(job, task, settings)
             flow = user_flow(settings, task, job.user_id, job.items, memory)
             flow.remember()
             semantic = flow.profile()
@@ -75,7 +120,8 @@ def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
             steps = flow.align(alignment(settings), student).alignment_steps
         accepted = any(s.accepted for s in steps)
         return UserOutcome(job.user_id, job.fingerprint, "aligned" if accepted else "rejected", semantic,
-                           student.persona.profile, steps, cost.lm_calls, cost.tokens, cost.fallbacks)
+                           student.persona.profile, steps, cost.lm_calls, cost.tokens, cost.fallbacks,
+                           item_ids=[it.item_id for it in job.items], prequential=scored)
     except Exception as err:  # one user's failure must not stop the others
         log.warning("user %s: alignment failed: %s", job.user_id, str(err)[:300])
         return UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
@@ -124,7 +170,8 @@ def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[Use
                 continue
             current = registry.production_version(user_id)
             profile = registry.get(user_id, current).persona.profile if current is not None else None
-            jobs.append(UserJob(user_id, items, fp, profile))
+            seen = frozenset(state["item_ids"]) if state and "item_ids" in state and current is not None else None
+            jobs.append(UserJob(user_id, items, fp, profile, seen))
         except Exception as err:  # e.g. a production persona that no longer parses: skip this user only
             log.warning("user %s: cannot plan: %s", user_id, str(err)[:300])
             failed[user_id] = f"planning failed: {type(err).__name__}: {str(err)[:300]}"
@@ -158,7 +205,8 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
             production = version
     registry.promote(outcome.user_id, production, check=False)
     states.put(outcome.user_id, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
-                                 "semantic_profile": outcome.semantic_profile, "at": time.time()})
+                                 "semantic_profile": outcome.semantic_profile, "item_ids": outcome.item_ids,
+                                 "at": time.time()})
     return production
 
 
@@ -170,6 +218,8 @@ class NightlySummary:
     failed: dict[str, str] = field(default_factory=dict)
     interrupted: list[str] = field(default_factory=list)  # planned, not finished: a stop came first
     stopped_by: str | None = None  # "SIGINT" or "SIGTERM"
+    scored: dict[str, Prequential] = field(default_factory=dict)  # user -> tonight's prequential scoring
+    night: int = 0  # this task's nightly runs on the store so far, this one included (the metric step)
     lm_calls: int = 0
     tokens: int = 0
     fallbacks: int = 0
@@ -181,6 +231,18 @@ class NightlySummary:
                 "users_interrupted": len(self.interrupted),
                 "lm_calls": self.lm_calls, "tokens": self.tokens, "lm_fallbacks": self.fallbacks,
                 "wall_seconds": self.seconds}
+
+    def quality(self, task: Task) -> dict[str, float]:
+        """Tonight's prequential scores, pooled over users: production persona vs non-personalized."""
+        runs = list(self.scored.values())
+        golds = [g for p in runs for g in p.golds]
+        if not golds:
+            return {"prequential_items": 0}
+        metric = task.metric_names[0]
+        return {"prequential_items": len(golds), "prequential_lm_calls": sum(p.lm_calls for p in runs),
+                f"prequential_production_{metric}": task.score(golds, [a for p in runs for a in p.production])[metric],
+                f"prequential_non_personalized_{metric}":
+                    task.score(golds, [a for p in runs for a in p.non_personalized])[metric]}
 
     def as_dict(self) -> dict:
         return asdict(self)

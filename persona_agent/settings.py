@@ -35,6 +35,7 @@ class Settings:
     holdout: int = 0  # older interactions a rewrite must not score worse on either
     profile_items: int = 20  # latest history items the initial profile is written from
     workers: int = 4  # users in flight at once (eval, sweep, nightly)
+    score_max: int = 5  # nightly: newest unseen interactions per user the production persona is scored on
     store_wait: float = 60.0  # seconds a command waits for another process to release the embedded memory
 
     @classmethod
