@@ -295,6 +295,16 @@ def answer(settings: Settings, args) -> int:
     return 0
 
 
+def log_model(settings: Settings, args) -> int:
+    from .served import log_model as run
+    from .store import Store
+
+    with Store.open(settings, memory=None):
+        uri = run(settings, args.task, args.register)
+    print(f"logged {uri}\nserve it: mlflow models serve -m {uri} --env-manager local --port 5001")
+    return 0
+
+
 def compare(settings: Settings, args) -> int:
     from .compare import compare_runs
     from .store import Store
@@ -383,6 +393,13 @@ def _answer_args(p, s):
     _store_options(p, s)
 
 
+def _log_model_args(p, s):
+    _task_option(p)
+    p.add_argument("--register", metavar="NAME", help="also register it in MLflow's model registry under NAME")
+    _agent_options(p.add_argument_group("agent"), s)
+    _store_options(p, s)
+
+
 def _compare_args(p, s):
     p.add_argument("run_a")
     p.add_argument("run_b")
@@ -422,6 +439,9 @@ COMMANDS: dict[str, Command] = {
                         "inspect, compare and roll back personas in the MLflow prompt registry"),
     "answer": Command(answer, _answer_args, "answer a query as USER's agent, with their production persona",
                       "Serve one query: the production persona, the user's memory, the agent."),
+    "log-model": Command(log_model, _log_model_args, "log every user's persona agent as one MLflow model (pyfunc)",
+                         "A model that answers user_id + query with that user's production persona, read at "
+                         "predict time: serve it with `mlflow models serve`."),
     "compare": Command(compare, _compare_args, "metric deltas between two runs, per user and overall",
                        "B - A for every metric both runs (and their per-user runs) logged."),
 }

@@ -15,8 +15,9 @@ from .settings import Settings
 def setup(settings: Settings) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id.
 
-    The experiment gets an explicit artifact location inside the store, or artifacts would land
-    relative to whatever directory the command runs from.
+    With a local database the experiment gets an explicit artifact location inside the store, or
+    artifacts would land relative to whatever directory the command runs from; a tracking server
+    keeps them where it was told to (`--artifacts-destination`), so every client can read them.
     """
     settings.store.mkdir(parents=True, exist_ok=True)
     if settings.tracking_uri.startswith("sqlite:///"):
@@ -26,7 +27,9 @@ def setup(settings: Settings) -> str:
     mlflow.set_tracking_uri(settings.tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment)
     if exp is None:
-        artifacts = (settings.store.resolve() / "artifacts").as_uri()
+        # a local database: artifacts in the store; a tracking server: wherever it keeps (or proxies) them
+        remote = settings.tracking_uri.startswith(("http://", "https://", "databricks"))
+        artifacts = None if remote else (settings.store.resolve() / "artifacts").as_uri()
         exp_id = mlflow.create_experiment(settings.experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id

@@ -1,0 +1,73 @@
+"""Every user's persona agent as one MLflow model: `user_id` + `query` in, the answer of that
+user's `production` persona out.
+
+The model holds no persona. Each prediction reads the user's current `production` version from
+the registry and their memory from the store, so a new production version (tonight's alignment,
+a rollback) is served at once, without logging the model again. Where the store, the registry
+and the LLM are is model config, set when the model is logged and overridable when it is loaded
+(`mlflow.pyfunc.load_model(uri, model_config={"store": ...})`); API keys come from the serving
+environment, as for the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from .settings import LMConfig, Settings
+
+SIGNATURE = mlflow.models.ModelSignature(
+    inputs=mlflow.types.Schema([mlflow.types.ColSpec("string", "user_id"), mlflow.types.ColSpec("string", "query")]),
+    outputs=mlflow.types.Schema([mlflow.types.ColSpec("string", "answer", required=False)]))
+
+
+class PersonaModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from .eval.tasks import get_task
+        from .llm import build_lm
+
+        config = dict(context.model_config)
+        self.task = get_task(config.pop("task"))
+        lm = LMConfig(**config.pop("lm"))
+        self.settings = replace(Settings(), lm=lm, store=Path(config.pop("store")), **config)
+        self.lm = build_lm(lm)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str | None]:
+        """One answer per row; None for a row whose user has no persona or whose answer was unusable."""
+        from .pipelines.metering import or_fallback
+        from .serve import answer
+        from .store import Store
+
+        frame = pd.DataFrame(model_input)  # MLflow has checked the columns against the signature
+        with Store.open(self.settings, memory="persistent", tracking=False) as store:
+            registry = store.registry(self.task)
+
+            def one(user_id: str, query: str) -> str | None:
+                if registry.production_version(user_id) is None:
+                    return None
+                return or_fallback(lambda: answer(store, self.task, user_id, query, lm=self.lm), None,
+                                   f"user {user_id}: served answer")
+            return [one(str(u), str(q)) for u, q in zip(frame["user_id"], frame["query"])]
+
+
+def model_config(settings: Settings, task_key: str) -> dict:
+    lm = {k: v for k, v in asdict(settings.lm).items()}
+    return {"task": task_key, "store": str(settings.store.resolve()), "qdrant_url": settings.qdrant_url,
+            "lm": lm, "top_k": settings.top_k, "max_iters": settings.max_iters, "store_wait": settings.store_wait}
+
+
+def log_model(settings: Settings, task_key: str, registered_name: str | None = None) -> str:
+    """Log the served model in a run of its own; returns its model URI."""
+    from . import tracking
+
+    with mlflow.start_run(run_name=f"served-model-{task_key}", tags=tracking.owner_tags()):
+        # no input example: MLflow would run a prediction (the LLM, the store) while logging;
+        # requirements listed, not inferred: inferring them loads the model in a subprocess
+        info = mlflow.pyfunc.log_model(name="persona-agent", python_model=PersonaModel(), signature=SIGNATURE,
+                                       model_config=model_config(settings, task_key),
+                                       pip_requirements=["mlflow", "dspy", "qdrant-client", "pandas"],
+                                       registered_model_name=registered_name)
+    return info.model_uri

@@ -1,0 +1,104 @@
+"""The served model (one pyfunc for every user) and a shared MLflow tracking server."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dspy
+import mlflow
+import pandas as pd
+import pytest
+
+from persona_agent.cli import main
+from persona_agent.eval.synthetic import write_dataset
+from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
+from persona_agent.pipelines.persona import Persona
+from persona_agent.registry import PersonaRegistry
+from persona_agent.served import log_model
+from persona_agent.testing import FakeEngine, default_policy
+
+
+def _follows_the_persona(fields, system, user):
+    out = default_policy(fields, system, user)
+    if "answer" in fields:
+        out["answer"] = "action" if "Prefers action." in system else "comedy"
+    return out
+
+
+def test_the_served_model_answers_each_user_with_their_current_production_persona(mlflow_store):
+    memory = EpisodicMemory.open(path=str(mlflow_store.qdrant_path))
+    memory.add("u1", [MemoryItem("a", "A car chase film.", "action")])
+    memory.add("u2", [MemoryItem("b", "A wedding film.", "comedy")])
+    memory.close()
+    registry = PersonaRegistry(LAMP_2M)
+    registry.register("u1", Persona(LAMP_2M, "Prefers action."), "v1", production=True)
+    registry.register("u2", Persona(LAMP_2M, "Likes comedy."), "v1", production=True)
+    uri = log_model(mlflow_store, "lamp2m")
+
+    model = mlflow.pyfunc.load_model(uri)
+    model.unwrap_python_model().lm = dspy.LM("fake/persona", engine=FakeEngine(_follows_the_persona), cache=False)
+    query = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
+    frame = pd.DataFrame({"user_id": ["u1", "u2", "nobody"], "query": [query] * 3})
+    assert list(model.predict(frame)) == ["action", "comedy", None]
+    # tonight's alignment promotes a new version for u2: served at once, nothing logged again
+    registry.register("u2", Persona(LAMP_2M, "Prefers action."), "aligned", production=True)
+    assert list(model.predict(frame)) == ["action", "action", None]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="missing inputs"):
+        model.predict(pd.DataFrame({"user": ["u1"]}))
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """`mlflow server` on a free local port: a sqlite backend, artifacts proxied to a folder."""
+    root = tmp_path_factory.mktemp("server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
+                             str(root / "artifacts"), "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    yield url, root
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_every_command_and_the_served_model_work_against_a_tracking_server(tracking_server, tmp_path, monkeypatch,
+                                                                           capsys):
+    url, server_root = tracking_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    store = tmp_path / "store"
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=6, n_queries=1, seed=4)
+    opts = ["--store", str(store), "--lm", "scripted"]
+    query = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
+    assert main(["ingest", str(data), "--store", str(store)]) == 0
+    assert main(["nightly", *opts, "-n", "1", "-T", "1"]) == 0
+    assert main(["personas", "list", "--store", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["answer", "u0001", query, *opts]) == 0 and capsys.readouterr().out.strip() in LAMP_2M.labels
+    assert main(["log-model", *opts]) == 0
+    uri = re.search(r"^logged (\S+)", capsys.readouterr().out, flags=re.M).group(1)
+    answers = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"user_id": ["u0000", "u0001"], "query": [query] * 2}))
+    assert all(a in LAMP_2M.labels for a in answers)
+    # the registry and the runs live on the server, artifacts where the server keeps them
+    client = mlflow.MlflowClient(url)
+    assert len(PersonaRegistry(LAMP_2M, url).users()) == 2
+    run = client.search_runs([client.get_experiment_by_name("persona-agent").experiment_id],
+                             filter_string="tags.nightly_task = 'lamp2m'")[0]
+    assert "users.csv" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert list(Path(server_root / "artifacts").rglob("users.csv")) and not (store / "artifacts").exists()
