@@ -295,6 +295,27 @@ def answer(settings: Settings, args) -> int:
     return 0
 
 
+def report(settings: Settings, args) -> int:
+    from rich.console import Console
+
+    from .eval.tasks import get_task
+    from .report import write_report
+    from .store import Store
+
+    with Store.open(settings, memory=None):
+        result = write_report(get_task(args.task), args.out or settings.store / "reports", args.last)
+    console = Console()
+    console.print(result.table[result.table.user_id == "all"].drop(columns="user_id").to_string(index=False,
+                  float_format=lambda x: f"{x:.3f}"))
+    if result.fell.empty:
+        console.print(f"no user's score fell against their previous {args.last} nights")
+    else:
+        console.print(f"{len(result.fell)} users' score fell against their previous {args.last} nights:")
+        console.print(result.fell.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    console.print(f"wrote {result.csv} and {result.png} (also in MLflow)")
+    return 0
+
+
 def log_model(settings: Settings, args) -> int:
     from .served import log_model as run
     from .store import Store
@@ -393,6 +414,13 @@ def _answer_args(p, s):
     _store_options(p, s)
 
 
+def _report_args(p, s):
+    _task_option(p)
+    p.add_argument("--last", type=_count(1), default=3, help="nights a user's latest score is compared with (default 3)")
+    p.add_argument("--out", type=Path, help="output directory (default <store>/reports)")
+    _store_options(p, s)
+
+
 def _log_model_args(p, s):
     _task_option(p)
     p.add_argument("--register", metavar="NAME", help="also register it in MLflow's model registry under NAME")
@@ -439,6 +467,9 @@ COMMANDS: dict[str, Command] = {
                         "inspect, compare and roll back personas in the MLflow prompt registry"),
     "answer": Command(answer, _answer_args, "answer a query as USER's agent, with their production persona",
                       "Serve one query: the production persona, the user's memory, the agent."),
+    "report": Command(report, _report_args, "the nightly trend: production personas on each night's new interactions",
+                      "Collect every night's prequential scores into a CSV and a PNG (overall and per user), log "
+                      "them to MLflow, and name the users whose score fell."),
     "log-model": Command(log_model, _log_model_args, "log every user's persona agent as one MLflow model (pyfunc)",
                          "A model that answers user_id + query with that user's production persona, read at "
                          "predict time: serve it with `mlflow models serve`."),

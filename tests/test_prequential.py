@@ -68,3 +68,8 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     scored = {(r[table["columns"].index("user_id")], r[table["columns"].index("item_id")]) for r in table["data"]}
     assert scored == {(r["user_id"], r["id"]) for r in rows}  # exactly the unseen items, each once
     assert set(states.get("u0001")["item_ids"]) >= {"new-1-0", "new-1-1"}  # seen by tomorrow's production
+    # and `report` turns the nights into the trend
+    capsys.readouterr()
+    assert main(["report", "--store", str(settings.store)]) == 0
+    csv = (settings.store / "reports" / "prequential-lamp2m.csv").read_text().splitlines()
+    assert csv[0] == "night,user_id,n,production_score,non_personalized_score" and len(csv) == 1 + 3 + 1
