@@ -371,6 +371,11 @@ def _nightly_args(p, s):
     p.add_argument("--score-max", type=_count(0), default=s.score_max,
                    help="newest unseen interactions per user to score the production persona on before "
                         f"aligning (0: none; default {s.score_max})")
+    p.add_argument("--max-calls-per-user", type=_count(0), default=s.max_calls_per_user,
+                   help="LM calls one user may use per night; a user who needs more is deferred, never half "
+                        "aligned (0: no limit)")
+    p.add_argument("--max-calls", type=_count(0), default=s.max_calls,
+                   help="LM calls per night in all; users past it are deferred to the next night (0: no limit)")
     _alignment_options(p, s)
     _store_options(p, s)
 

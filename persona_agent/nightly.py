@@ -9,6 +9,7 @@ it, the users that finished are committed, the others are left for the next run.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import multiprocessing
 import os
@@ -46,13 +47,37 @@ class Stopped(BaseException):
     no `except Exception` on the way (DSPy's own, or a counted fallback) takes it for a bad answer."""
 
 
-class _StopGate(BaseCallback):
-    def __init__(self, stop: threading.Event):
-        self.stop = stop
+class Deferred(Stopped):
+    """Raised in a worker at an LM call past a budget: the user is not committed (never half
+    aligned), keeps their persona, and is aligned on a later night."""
+
+
+# LM calls of the user a worker thread is aligning (a one-item list, set per job)
+_user_calls: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("user_calls", default=None)
+
+
+class _Gate(BaseCallback):
+    """First callback on every LM call of the workers: refuses it once the run was told to stop,
+    or when it would pass a budget (`max_calls_per_user`, `max_calls` per night; 0: none).
+    Calls DSPy's cache answers count too: whether one will is known only after it is made."""
+
+    def __init__(self, stop: threading.Event, per_user: int, per_night: int):
+        self.stop, self.per_user, self.per_night = stop, per_user, per_night
+        self.calls, self.spent, self._lock = 0, threading.Event(), threading.Lock()
 
     def on_lm_start(self, call_id, instance, inputs):
         if self.stop.is_set():
             raise Stopped
+        with self._lock:
+            if self.per_night and self.calls >= self.per_night:
+                self.spent.set()
+                raise Deferred(f"the night's budget of {self.per_night} LM calls was spent")
+            self.calls += 1
+        user = _user_calls.get()
+        if user is not None:
+            user[0] += 1
+            if self.per_user and user[0] > self.per_user:
+                raise Deferred(f"needs more than the {self.per_user} LM calls a user may use per night")
 
 
 @contextlib.contextmanager
@@ -85,6 +110,8 @@ def run_nightly(settings: Settings, task: Task, lm: dspy.LM | None = None, conso
     The persistent store is opened only under the lock, and its memory only while planning."""
     if executor not in ("thread", "ray"):
         raise ValueError(f"executor must be 'thread' or 'ray', not {executor!r}")
+    if executor == "ray" and (settings.max_calls or settings.max_calls_per_user):
+        raise ValueError("LM-call budgets are enforced with --executor thread only")
     console = console or Console(stderr=True)
     settings.store.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(settings.store / "nightly.lock"))
@@ -104,7 +131,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     lm = lm or build_lm(settings.lm)
     adapter = dspy.settings.adapter or adapter_for(lm)
     states, summary, stop = StateStore(state_root(settings, task)), NightlySummary(), threading.Event()
-    gate = _StopGate(stop)  # first, so no other callback sees an LM call that never happens
+    gate = _Gate(stop, settings.max_calls_per_user, settings.max_calls)  # first: no other callback sees a refused call
     callbacks = [gate, *(dspy.settings.get("callbacks") or [])]
     with _stop_on_signals(stop, summary, console):
         with Store.open(settings, memory="persistent") as store:
@@ -114,8 +141,17 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
         def work(job):
             if stop.is_set():
                 raise Stopped
-            with dspy.context(lm=lm, adapter=adapter, callbacks=callbacks):
-                return align_job(job, task, settings)
+            if gate.spent.is_set():
+                return UserOutcome(job.user_id, job.fingerprint, "deferred",
+                                   error=f"the night's budget of {gate.per_night} LM calls was spent")
+            token = _user_calls.set([0])
+            try:
+                with dspy.context(lm=lm, adapter=adapter, callbacks=callbacks):
+                    return align_job(job, task, settings)
+            except Deferred as why:  # cut off mid-way: nothing of it is committed
+                return UserOutcome(job.user_id, job.fingerprint, "deferred", error=str(why))
+            finally:
+                _user_calls.reset(token)
 
         outcomes = (_ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
                     else _thread_outcomes(jobs, work, workers))
@@ -131,11 +167,15 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             with _Committer(settings.tracking_uri, task.key, states.root, run.info.run_id) as committer:
                 pending = []
                 for outcome in outcomes:
-                    pending.append((outcome, committer.submit(outcome)))
                     progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
+                    if outcome.status == "deferred":
+                        summary.deferred[outcome.user_id] = outcome.error
+                        continue
+                    pending.append((outcome, committer.submit(outcome)))
                 rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
+                rows += [{"user_id": user, "status": "deferred", "error": why} for user, why in summary.deferred.items()]
                 rows += [_tally(summary, outcome, committer.result(outcome, future)) for outcome, future in pending]
-            done = {row["user_id"] for row in rows}
+            done = {row["user_id"] for row in rows}  # failed, deferred or committed
             summary.interrupted = [job.user_id for job in jobs if job.user_id not in done]
             rows += [{"user_id": user, "status": "interrupted"} for user in summary.interrupted]
             summary.seconds = time.perf_counter() - started
@@ -332,5 +372,7 @@ def print_summary(summary: NightlySummary, console: Console | None = None, task:
                   f"{c['lm_fallbacks']} unusable LM answers replaced, {c['wall_seconds']:.1f} s")
     for user_id, error in summary.failed.items():
         console.print(f"  failed: {user_id}: {error}")
+    if summary.deferred:
+        console.print(f"deferred to the next night (budget): {', '.join(summary.deferred)}")
     if summary.stopped_by:
         console.print(f"stopped by {summary.stopped_by}: {len(summary.interrupted)} users left for the next run")

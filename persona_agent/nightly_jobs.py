@@ -67,7 +67,7 @@ class Prequential:
 class UserOutcome:
     user_id: str
     fingerprint: str
-    status: str  # aligned | rejected (no rewrite accepted) | failed
+    status: str  # aligned | rejected (no rewrite accepted) | failed | deferred (a budget cut it off)
     semantic_profile: str = ""
     start_profile: str = ""
     steps: list[AlignmentStep] = field(default_factory=list)
@@ -217,6 +217,7 @@ class NightlySummary:
     unchanged: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     interrupted: list[str] = field(default_factory=list)  # planned, not finished: a stop came first
+    deferred: dict[str, str] = field(default_factory=dict)  # user -> which budget: aligned on a later night
     stopped_by: str | None = None  # "SIGINT" or "SIGTERM"
     scored: dict[str, Prequential] = field(default_factory=dict)  # user -> tonight's prequential scoring
     night: int = 0  # this task's nightly runs on the store so far, this one included (the metric step)
@@ -228,7 +229,7 @@ class NightlySummary:
     def counts(self) -> dict[str, float]:
         return {"users_aligned": len(self.aligned), "users_rejected": len(self.rejected),
                 "users_unchanged": len(self.unchanged), "users_failed": len(self.failed),
-                "users_interrupted": len(self.interrupted),
+                "users_interrupted": len(self.interrupted), "users_deferred": len(self.deferred),
                 "lm_calls": self.lm_calls, "tokens": self.tokens, "lm_fallbacks": self.fallbacks,
                 "wall_seconds": self.seconds}
 

@@ -35,6 +35,8 @@ class Settings:
     holdout: int = 0  # older interactions a rewrite must not score worse on either
     profile_items: int = 20  # latest history items the initial profile is written from
     workers: int = 4  # users in flight at once (eval, sweep, nightly)
+    max_calls_per_user: int = 0  # nightly: LM calls one user may use per night (0: no limit)
+    max_calls: int = 0  # nightly: LM calls per night in all (0: no limit)
     score_max: int = 5  # nightly: newest unseen interactions per user the production persona is scored on
     store_wait: float = 60.0  # seconds a command waits for another process to release the embedded memory
 
