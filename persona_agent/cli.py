@@ -371,6 +371,10 @@ def _nightly_args(p, s):
     p.add_argument("--score-max", type=_count(0), default=s.score_max,
                    help="newest unseen interactions per user to score the production persona on before "
                         f"aligning (0: none; default {s.score_max})")
+    p.add_argument("--rollback-on-regression", dest="rollback_after", metavar="K", type=_count(0),
+                   default=s.rollback_after,
+                   help="when a user's production persona scores below its mean over the last K scored nights, "
+                        "move production back to the last version that scored better (0: never; default 0)")
     p.add_argument("--max-calls-per-user", type=_count(0), default=s.max_calls_per_user,
                    help="LM calls one user may use per night; a user who needs more is deferred, never half "
                         "aligned (0: no limit)")

@@ -164,7 +164,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
                                "users_planned": len(jobs), "batch_size": settings.batch_size,
                                "iterations": settings.iterations, "score_max": settings.score_max})
             bar = progress.add_task("nightly", total=len(jobs))
-            with _Committer(settings.tracking_uri, task.key, states.root, run.info.run_id) as committer:
+            with _Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night) as committer:
                 pending = []
                 for outcome in outcomes:
                     progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
@@ -200,8 +200,8 @@ class _Committer:
 
     RESTARTS = 3
 
-    def __init__(self, tracking_uri: str, task_key: str, state_root, run_id: str):
-        self.args, self.restarts, self.tracking_uri = (task_key, str(state_root), run_id), self.RESTARTS, tracking_uri
+    def __init__(self, tracking_uri: str, task_key: str, state_root, run_id: str, night: int):
+        self.args, self.restarts, self.tracking_uri = (task_key, str(state_root), run_id, night), self.RESTARTS, tracking_uri
         self.pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -262,13 +262,13 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)
 
 
-def _commit(outcome, task_key: str, state_dir: str, run_id: str):
+def _commit(outcome, task_key: str, state_dir: str, run_id: str, night: int):
     from pathlib import Path
 
     from .eval.tasks import get_task
 
     task = get_task(task_key)
-    return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_dir)), run_id)
+    return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_dir)), run_id, night)
 
 
 def _tally(summary: NightlySummary, outcome, version) -> dict:
@@ -276,6 +276,8 @@ def _tally(summary: NightlySummary, outcome, version) -> dict:
         outcome.status, outcome.error = "failed", f"commit failed: {type(version).__name__}: {str(version)[:300]}"
         version = None
     {"aligned": summary.aligned, "rejected": summary.rejected}.get(outcome.status, []).append(outcome.user_id)
+    if outcome.status == "rolled back":
+        summary.rolled_back[outcome.user_id] = (outcome.prequential.version, outcome.rollback_to)
     if outcome.status == "failed":
         summary.failed[outcome.user_id] = outcome.error
     summary.lm_calls += outcome.lm_calls
@@ -374,5 +376,7 @@ def print_summary(summary: NightlySummary, console: Console | None = None, task:
         console.print(f"  failed: {user_id}: {error}")
     if summary.deferred:
         console.print(f"deferred to the next night (budget): {', '.join(summary.deferred)}")
+    for user_id, (before, after) in summary.rolled_back.items():
+        console.print(f"  rolled back: {user_id}: production v{before} scored below its recent nights; now v{after}")
     if summary.stopped_by:
         console.print(f"stopped by {summary.stopped_by}: {len(summary.interrupted)} users left for the next run")

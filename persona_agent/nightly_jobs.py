@@ -49,6 +49,8 @@ class UserJob:
     fingerprint: str
     persona_profile: str | None  # the production persona's profile; None for a new user
     seen_ids: frozenset[str] | None = None  # the items production was aligned on; None: not known
+    version: int | None = None  # the production version (the one prequential scoring tests)
+    scores: list[dict] = field(default_factory=list)  # earlier nights' scores: {night, version, score, n}
 
 
 @dataclass
@@ -61,13 +63,18 @@ class Prequential:
     production: list[str | None]
     non_personalized: list[str | None]
     lm_calls: int = 0
+    version: int | None = None  # the production version that answered
+
+    def mean(self, task: Task) -> float:
+        """Production's mean per-interaction score (1 = right; ratings: 1 - |error| / 4)."""
+        return sum(task.example_score(g, a) for g, a in zip(self.golds, self.production)) / len(self.golds)
 
 
 @dataclass
 class UserOutcome:
     user_id: str
     fingerprint: str
-    status: str  # aligned | rejected (no rewrite accepted) | failed | deferred (a budget cut it off)
+    status: str  # aligned | rejected (no rewrite accepted) | rolled back | failed | deferred (a budget cut it off)
     semantic_profile: str = ""
     start_profile: str = ""
     steps: list[AlignmentStep] = field(default_factory=list)
@@ -77,6 +84,17 @@ class UserOutcome:
     error: str = ""
     item_ids: list[str] = field(default_factory=list)  # the history aligned on (tomorrow's `seen_ids`)
     prequential: Prequential | None = None
+    rollback_to: int | None = None  # production regressed: the last version that scored better
+
+
+def last_better(scores: list[dict], tonight: dict, k: int) -> int | None:
+    """When tonight's score of production is below its mean over the (up to) `k` scored nights
+    before, the latest version of those nights that scored above tonight's; else None."""
+    before = scores[-k:] if k > 0 else []
+    if not before or tonight["score"] >= sum(s["score"] for s in before) / len(before):
+        return None
+    better = [s["version"] for s in before if s["score"] > tonight["score"] and s["version"] not in (None, tonight["version"])]
+    return better[-1] if better else None
 
 
 def prequential(job: UserJob, task: Task, settings: Settings) -> Prequential | None:
@@ -100,7 +118,8 @@ def prequential(job: UserJob, task: Task, settings: Settings) -> Prequential | N
             production = flow.agent(Persona(task, job.persona_profile), semantic=job.persona_profile)
             ours = score(production, task, queries).answers
             baseline = score(non_personalized(task), task, queries).answers
-        return Prequential([q.id for q in queries], [q.gold for q in queries], ours, baseline, cost.lm_calls)
+        return Prequential([q.id for q in queries], [q.gold for q in queries], ours, baseline, cost.lm_calls,
+                           job.version)
     finally:
         memory.close()
 
@@ -119,9 +138,14 @@ def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
             student = flow.agent(Persona(task, start))
             steps = flow.align(alignment(settings), student).alignment_steps
         accepted = any(s.accepted for s in steps)
-        return UserOutcome(job.user_id, job.fingerprint, "aligned" if accepted else "rejected", semantic,
+        rollback = None
+        if scored is not None and settings.rollback_after:
+            tonight = {"version": scored.version, "score": scored.mean(task)}
+            rollback = last_better(job.scores, tonight, settings.rollback_after)
+        status = "rolled back" if rollback is not None else "aligned" if accepted else "rejected"
+        return UserOutcome(job.user_id, job.fingerprint, status, semantic,
                            student.persona.profile, steps, cost.lm_calls, cost.tokens, cost.fallbacks,
-                           item_ids=[it.item_id for it in job.items], prequential=scored)
+                           item_ids=[it.item_id for it in job.items], prequential=scored, rollback_to=rollback)
     except Exception as err:  # one user's failure must not stop the others
         log.warning("user %s: alignment failed: %s", job.user_id, str(err)[:300])
         return UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
@@ -171,16 +195,18 @@ def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[Use
             current = registry.production_version(user_id)
             profile = registry.get(user_id, current).persona.profile if current is not None else None
             seen = frozenset(state["item_ids"]) if state and "item_ids" in state and current is not None else None
-            jobs.append(UserJob(user_id, items, fp, profile, seen))
+            jobs.append(UserJob(user_id, items, fp, profile, seen, current, (state or {}).get("scores", [])))
         except Exception as err:  # e.g. a production persona that no longer parses: skip this user only
             log.warning("user %s: cannot plan: %s", user_id, str(err)[:300])
             failed[user_id] = f"planning failed: {type(err).__name__}: {str(err)[:300]}"
     return jobs, unchanged, failed
 
 
-def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_id: str | None = None) -> int | None:
+def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_id: str | None = None,
+           night: int = 0) -> int | None:
     """Register the outcome's revisions (skipping any a crashed run already registered), move
-    `production`, then mark the user done. Returns the production version."""
+    `production` (back to `rollback_to` when production regressed: tonight's candidates stay
+    registered, unpromoted), then mark the user done. Returns the production version."""
     if outcome.status == "failed":
         return registry.production_version(outcome.user_id)  # kept; retried next run
     versions = registry.versions(outcome.user_id)
@@ -203,10 +229,19 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
              "batch_score": f"{step.batch_score:.3f}", "lm_calls": step.lm_calls, "tokens": step.tokens})
         if step.accepted:
             production = version
+    scores = (states.get(outcome.user_id) or {}).get("scores", [])
+    if outcome.prequential is not None:  # (a rerun of the same night replaces its entry)
+        scores = [s for s in scores if s["night"] != night] + [
+            {"night": night, "version": outcome.prequential.version, "score": outcome.prequential.mean(task),
+             "n": len(outcome.prequential.golds)}]
+    if outcome.rollback_to is not None:
+        for key, value in {"rolled_back_at_night": night, "rolled_back_from": outcome.prequential.version}.items():
+            registry.tag(outcome.user_id, outcome.rollback_to, key, value)
+        production = outcome.rollback_to
     registry.promote(outcome.user_id, production, check=False)
     states.put(outcome.user_id, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
                                  "semantic_profile": outcome.semantic_profile, "item_ids": outcome.item_ids,
-                                 "at": time.time()})
+                                 "scores": scores, "at": time.time()})
     return production
 
 
@@ -218,6 +253,7 @@ class NightlySummary:
     failed: dict[str, str] = field(default_factory=dict)
     interrupted: list[str] = field(default_factory=list)  # planned, not finished: a stop came first
     deferred: dict[str, str] = field(default_factory=dict)  # user -> which budget: aligned on a later night
+    rolled_back: dict[str, tuple[int | None, int]] = field(default_factory=dict)  # user -> (from, to)
     stopped_by: str | None = None  # "SIGINT" or "SIGTERM"
     scored: dict[str, Prequential] = field(default_factory=dict)  # user -> tonight's prequential scoring
     night: int = 0  # this task's nightly runs on the store so far, this one included (the metric step)
@@ -230,6 +266,7 @@ class NightlySummary:
         return {"users_aligned": len(self.aligned), "users_rejected": len(self.rejected),
                 "users_unchanged": len(self.unchanged), "users_failed": len(self.failed),
                 "users_interrupted": len(self.interrupted), "users_deferred": len(self.deferred),
+                "users_rolled_back": len(self.rolled_back),
                 "lm_calls": self.lm_calls, "tokens": self.tokens, "lm_fallbacks": self.fallbacks,
                 "wall_seconds": self.seconds}
 

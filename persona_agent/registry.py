@@ -72,6 +72,9 @@ class PersonaRegistry:
                 raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile {problem}")
         self.client.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
 
+    def tag(self, user_id: str, version: int, key: str, value) -> None:
+        self.client.set_prompt_version_tag(self.name(user_id), str(version), key, str(value))
+
     def rollback(self, user_id: str, version: int) -> None:
         self.promote(user_id, version)
 

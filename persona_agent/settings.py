@@ -37,6 +37,7 @@ class Settings:
     workers: int = 4  # users in flight at once (eval, sweep, nightly)
     max_calls_per_user: int = 0  # nightly: LM calls one user may use per night (0: no limit)
     max_calls: int = 0  # nightly: LM calls per night in all (0: no limit)
+    rollback_after: int = 0  # nightly: K > 0 rolls production back when it scores below its last K nights
     score_max: int = 5  # nightly: newest unseen interactions per user the production persona is scored on
     store_wait: float = 60.0  # seconds a command waits for another process to release the embedded memory
 
