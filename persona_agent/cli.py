@@ -194,7 +194,8 @@ def evaluate(settings: Settings, args) -> int:
     with Store.open(settings, memory="run") as store:  # a measurement reads nothing another command stored
         _trace_if_asked(args)
         memory = store.scoped(f"{args.data or 'shipped'}|{task.key}|{args.split or ''}")
-        run(settings, task, users, methods, args.out or default_out(settings, task), memory, keep_going=args.keep_going)
+        run(settings, task, users, methods, args.out or default_out(settings, task), memory, keep_going=args.keep_going,
+            source=str(args.data or "shipped"))
     return 0
 
 

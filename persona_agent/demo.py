@@ -47,12 +47,12 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
     with dspy.context(lm=lm, adapter=adapter_for(lm)), \
             mlflow.start_run(run_name=f"demo-{task.key}", tags=tracking.owner_tags()) as parent, \
             progress_bar(console) as progress:
-        mlflow.log_params({"task": task.key, "users": len(people), "queries_per_user": queries,
-                           "lm": settings.lm.model, "top_k": settings.top_k, "batch_size": settings.batch_size,
-                           "iterations": settings.iterations, "max_iters": settings.max_iters})
+        params = tracking.run_params(settings, task.key, data=str(data or "shipped"),
+                                     data_fingerprint=tracking.data_fingerprint(people))
+        mlflow.log_params({**params, "users": len(people), "queries_per_user": queries})
         bar = progress.add_task("demo", total=len(people) * steps_per_user)
         for user in people:
-            rows.append(_demo_user(settings, store, user, queries, progress, bar))
+            rows.append(_demo_user(settings, store, user, queries, progress, bar, params))
         table = _table(rows, task)
         _log_table(table, parent.info.run_id)
         mlflow.log_metric("wall_seconds", time.perf_counter() - started)
@@ -61,12 +61,13 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
     return table
 
 
-def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int, progress, bar) -> dict:
+def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int, progress, bar, params: dict) -> dict:
     held_out = user.queries[:n_queries]
     def advance(what: str, steps: int = 1) -> None:
         progress.update(bar, advance=steps, description=f"{user.user_id}: {what}")
 
     with mlflow.start_run(run_name=user.user_id, nested=True) as run:
+        mlflow.log_params({**params, "user_id": user.user_id})
         with metered() as cost:
             aligned, version, scores = _personalize(settings, store, user, held_out, run.info.run_id, advance)
         row = {"user": user.user_id}
@@ -78,6 +79,10 @@ def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int,
         mlflow.set_tag("user_id", user.user_id)
         mlflow.log_metrics({k.replace(" ", "_"): float(v) for k, v in row.items() if isinstance(v, (int, float))})
         mlflow.log_text(aligned.persona.render(), "persona.txt")
+        mlflow.log_table(pd.DataFrame([
+            {"query_id": q.id, "gold": q.gold, **{name: answer for name, answer in zip(COLUMNS, answers)},
+             **{f"{name} score": user.task.example_score(q.gold, answer) for name, answer in zip(COLUMNS, answers)}}
+            for q, *answers in zip(held_out, *(s.answers for s in scores))]), "predictions.json")
     return row
 
 

@@ -208,7 +208,8 @@ def compare_to_baselines(results: list[MethodResult], resamples: int = 2000, see
 
 
 def evaluate(settings: Settings, task: Task, users: list[UserData], methods: list[str], out: Path,
-             memory: EpisodicMemory, console: Console | None = None, keep_going: bool = False) -> pd.DataFrame:
+             memory: EpisodicMemory, console: Console | None = None, keep_going: bool = False,
+             source: str = "shipped") -> pd.DataFrame:
     """Run, write the outputs, log the MLflow runs, print the table. Raises `EvalStopped` (after
     writing the finished users' table) when the LLM failed and `keep_going` is off."""
     console = console or Console()
@@ -216,11 +217,10 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
     started = time.perf_counter()
     with mlflow.start_run(run_name=f"eval-{task.key}", tags=tracking.owner_tags()) as parent, \
             progress_bar(console) as progress:
-        mlflow.log_params({"task": task.key, "users": len(users), "queries": sum(len(u.queries) for u in users),
-                           "methods": ",".join(methods), "lm": settings.lm.model, "top_k": settings.top_k,
-                           "batch_size": settings.batch_size, "iterations": settings.iterations,
-                           "max_iters": settings.max_iters, "loss": settings.loss, "guard": settings.guard,
-                           "workers": settings.workers, "cache": settings.lm.cache, "keep_going": keep_going})
+        params = tracking.run_params(settings, task.key, data=source, data_fingerprint=tracking.data_fingerprint(users))
+        mlflow.log_params({**params, "users": len(users), "queries": sum(len(u.queries) for u in users),
+                           "methods": ",".join(methods), "workers": settings.workers, "cache": settings.lm.cache,
+                           "keep_going": keep_going})
         bar = progress.add_task("eval", total=len(users) * len(methods))
         run = run_eval(settings, task, users, methods, lm, adapter_for(lm), memory, keep_going=keep_going,
                        on_progress=lambda what: progress.update(bar, advance=1, description=what))
@@ -228,7 +228,8 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
         write_outputs(out, task, table, run.results)
         for r in run.results:
             with mlflow.start_run(run_name=r.method, nested=True):
-                mlflow.log_param("method", r.method)
+                mlflow.log_params({**params, "method": r.method})
+                mlflow.log_table(_predictions(task, users, r), "predictions.json")
                 mlflow.log_metrics({**r.metrics, **_delta_metrics(r), "lm_calls": r.lm_calls,
                                     "cache_hits": r.cache_hits,
                                     "tokens": r.tokens, "setup_lm_calls": r.setup_lm_calls,
@@ -255,6 +256,15 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                           f"{len(run.finished)} users that finished is in {out} "
                           "(--keep-going drops failing users instead)")
     return table
+
+
+def _predictions(task: Task, users: list[UserData], r: MethodResult) -> pd.DataFrame:
+    """One row per query this method answered: the failing ones are a filter away in the MLflow UI."""
+    asked = {q.id: (u.user_id, q.gold) for u in users for q in u.queries}
+    rows = [{"user_id": asked[qid][0], "query_id": qid, "gold": asked[qid][1], "answer": answer,
+             "score": None if asked[qid][1] is None else task.example_score(asked[qid][1], answer)}
+            for qid, answer in r.predictions.items() if qid in asked]
+    return pd.DataFrame(rows, columns=["user_id", "query_id", "gold", "answer", "score"])
 
 
 def _metric_name(text: str) -> str:

@@ -160,9 +160,10 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
         with mlflow.start_run(run_name=f"nightly-{task.key}", tags={**tracking.owner_tags(), "nightly_task": task.key,
                                                                      "night": str(summary.night)}) as run, \
                 progress_bar(console) as progress:
-            mlflow.log_params({"task": task.key, "workers": workers, "executor": executor, "lm": settings.lm.model,
-                               "users_planned": len(jobs), "batch_size": settings.batch_size,
-                               "iterations": settings.iterations, "score_max": settings.score_max})
+            mlflow.log_params(tracking.run_params(
+                settings, task.key, workers=workers, executor=executor, users_planned=len(jobs),
+                score_max=settings.score_max, rollback_after=settings.rollback_after,
+                max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
             bar = progress.add_task("nightly", total=len(jobs))
             with _Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night) as committer:
                 pending = []

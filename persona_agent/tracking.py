@@ -38,6 +38,26 @@ def setup(settings: Settings) -> str:
     return exp_id
 
 
+def run_params(settings: Settings, task_key: str, **extra) -> dict[str, object]:
+    """The parameters every run and child run carries, under the same names in every command,
+    so the MLflow UI compares runs of `eval`, `demo`, `sweep` and `nightly` side by side."""
+    return {"task": task_key, "lm": settings.lm.model, "api_base": settings.lm.api_base or "",
+            "temperature": settings.lm.temperature, "max_tokens": settings.lm.max_tokens, "top_k": settings.top_k,
+            "batch_size": settings.batch_size, "iterations": settings.iterations, "max_iters": settings.max_iters,
+            "loss": settings.loss, "guard": settings.guard, "holdout": settings.holdout,
+            "profile_items": settings.profile_items, **extra}
+
+
+def data_fingerprint(users) -> str:
+    """Changes exactly when the evaluated data does (users, histories, queries, golds)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    rows = sorted(json.dumps(asdict(u), sort_keys=True, default=str) for u in users)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
 def owner_tags() -> dict[str, str]:
     """Tags of every top-level run: which process on which host owns it while it is RUNNING."""
     return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())}

@@ -333,3 +333,24 @@ def test_a_method_with_nothing_to_learn_from_is_na_never_a_copied_number(memory,
     for method in ("persona-agent", "icl", "gepa"):
         assert table.loc[method, "n"] == 0 and pd.isna(table.loc[method, "LaMP-1 Acc"])
     assert "| persona-agent | n/a | n/a |" in to_markdown(table)
+
+
+def test_eval_runs_carry_every_parameter_and_their_predictions(monkeypatch, tmp_path):
+    import mlflow
+
+    code, table = _eval_with(monkeypatch, tmp_path, FakeEngine(_policy([])))
+    assert code == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    parent = runs[runs["tags.mlflow.runName"] == "eval-lamp2m"].iloc[0]
+    children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id]
+    assert sorted(children["params.method"]) == ["non-personalized", "pag"]
+    for name in ("task", "lm", "top_k", "batch_size", "iterations", "max_iters", "loss", "guard", "data",
+                 "data_fingerprint"):
+        assert set(children[f"params.{name}"]) == {parent[f"params.{name}"]}, name  # children carry them too
+    assert parent["params.iterations"] == "1" and parent["params.data"] == str(tmp_path / "data")
+    for _, child in children.iterrows():
+        predictions = mlflow.load_table("predictions.json", run_ids=[child.run_id])
+        assert len(predictions) == table.loc[child["params.method"], "n"]
+        assert set(predictions.columns) == {"user_id", "query_id", "gold", "answer", "score"}
+        assert predictions.score.between(0, 1).all()
