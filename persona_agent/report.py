@@ -36,12 +36,11 @@ def scored_interactions(task: Task) -> pd.DataFrame:
 
 def per_night(scored: pd.DataFrame) -> pd.DataFrame:
     """Mean scores and n per (night, user), and per night over all users (user_id "all")."""
-    users = scored.groupby(["night", "user_id"])[SCORES].agg(["mean", "count"])
-    overall = scored.groupby("night")[SCORES].agg(["mean", "count"]).assign(user_id="all")
-    table = pd.concat([users.reset_index(), overall.reset_index()], ignore_index=True)
-    table.columns = [c if isinstance(c, str) else (c[0] if c[1] in ("", "mean") else "n") for c in table.columns]
-    table = table.loc[:, ~table.columns.duplicated()]
-    return table.sort_values(["night", "user_id"]).reset_index(drop=True)[["night", "user_id", "n", *SCORES]]
+    stats = {"n": ("production_score", "size"), **{name: (name, "mean") for name in SCORES}}
+    users = scored.groupby(["night", "user_id"], as_index=False).agg(**stats)
+    overall = scored.groupby("night", as_index=False).agg(**stats).assign(user_id="all")
+    table = pd.concat([users, overall], ignore_index=True)
+    return table.sort_values(["night", "user_id"], ignore_index=True)[["night", "user_id", "n", *SCORES]]
 
 
 def regressions(table: pd.DataFrame, k: int) -> pd.DataFrame:
