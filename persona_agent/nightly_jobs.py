@@ -87,11 +87,17 @@ class UserOutcome:
     rollback_to: int | None = None  # production regressed: the last version that scored better
 
 
+def fell(score: float, before: list[float]) -> bool:
+    """A regression: `score` below the mean of the scores `before` it (the nightly rollback and
+    `report` use this one rule)."""
+    return bool(before) and score < sum(before) / len(before)
+
+
 def last_better(scores: list[dict], tonight: dict, k: int) -> int | None:
     """When tonight's score of production is below its mean over the (up to) `k` scored nights
     before, the latest version of those nights that scored above tonight's; else None."""
     before = scores[-k:] if k > 0 else []
-    if not before or tonight["score"] >= sum(s["score"] for s in before) / len(before):
+    if not fell(tonight["score"], [s["score"] for s in before]):
         return None
     better = [s["version"] for s in before if s["score"] > tonight["score"] and s["version"] not in (None, tonight["version"])]
     return better[-1] if better else None

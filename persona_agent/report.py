@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 
 from . import tracking  # noqa: E402
 from .eval.tasks import Task  # noqa: E402
+from .nightly_jobs import fell  # noqa: E402
 
 SCORES = ["production_score", "non_personalized_score"]
 
@@ -52,8 +53,8 @@ def regressions(table: pd.DataFrame, k: int) -> pd.DataFrame:
         if len(t) < 2:
             continue
         last, before = t.iloc[-1], t.iloc[-1 - k:-1]
-        mean = before.production_score.mean()
-        if last.production_score < mean:
+        if fell(last.production_score, before.production_score.tolist()):
+            mean = before.production_score.mean()
             rows.append({"user_id": user, "night": int(last.night), "score": last.production_score,
                          f"mean of previous {len(before)}": mean, "drop": mean - last.production_score})
     return pd.DataFrame(rows)
