@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Annotated, Callable, Literal, Sequence
+
+from pydantic import Field
 
 TAGS_2M = (
     "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
@@ -49,6 +52,12 @@ class Task:
     # user's own items, (item id, text) in time order -> (item id, query, the answer they imply).
     derive_interactions: Callable[["Task", Sequence[tuple[str, str]]], list[tuple[str, str, str]]] | None = \
         field(default=None, hash=False)
+    # The typed part of a profile: what a user's preference is, in this task's terms. "labels":
+    # the task's labels the user gives most, strongest first; "tendency": how the user's ratings
+    # lean (one of TENDENCIES); "topics": a few short topic phrases. `preference_lead` introduces
+    # it in the profile text ("<lead>: a, b." for a list, "<lead> <tendency>." for a tendency).
+    preference_kind: Literal["labels", "tendency", "topics"] = "labels"
+    preference_lead: str = "Labels this user gives most, strongest first"
 
     # -- inputs -------------------------------------------------------------------------------
     def parse_labels(self, query: str) -> tuple[str, ...]:
@@ -80,6 +89,43 @@ class Task:
         if labelled or self.derive_interactions is None:
             return labelled
         return self.derive_interactions(self, [(i, t) for i, t, _ in items])
+
+    # -- profiles ------------------------------------------------------------------------------
+    @property
+    def preference_type(self) -> object:
+        """The type of the profile's `preferences` field: under a JSON-schema grammar a small model
+        can only name real labels (or a real tendency), and a strong one is held to the same."""
+        if self.preference_kind == "tendency":
+            return Literal[TENDENCIES]
+        if self.preference_kind == "topics":
+            return Annotated[list[Annotated[str, Field(max_length=40)]], Field(min_length=1, max_length=3)]
+        return Annotated[list[Literal[self.labels]], Field(min_length=1, max_length=3)]
+
+    def facts(self, items: Sequence[tuple[str, str | None]]) -> str:
+        """Counts computed from history items (text, the user's response or None), for the profile
+        writer: what a small model cannot count for itself."""
+        responses = [r for _, r in items if r is not None]
+        if self.preference_kind == "tendency" and responses:
+            scores = [int(r) for r in responses]
+            mean = sum(scores) / len(scores)
+            side = "above" if mean > 3.25 else "below" if mean < 2.75 else "near"
+            counts = ", ".join(f"{k} given {n} times" for k, n in sorted(Counter(scores).items(), reverse=True))
+            return f"their scores: {counts}; mean {mean:.1f}, {side} the middle of the scale (3)"
+        if self.preference_kind == "labels" and responses:
+            top = Counter(responses).most_common(6)
+            return "labels they gave, most often first: " + ", ".join(f"{label} ({n} times)" for label, n in top)
+        words = Counter(w for text, _ in items for w in re.findall(r"[a-z]{4,}", text.lower()) if w not in _STOP)
+        return "words most frequent in their items: " + ", ".join(f"{w} ({n})" for w, n in words.most_common(8))
+
+    def names_preference(self, text: str) -> bool:
+        """Whether a profile speaks in this task's terms: names one of its labels, a rating
+        tendency, or (for topics) says something of at least two content words."""
+        low = text.lower()
+        if self.preference_kind == "tendency":
+            return any(t in low for t in TENDENCIES) or re.search(_RATING_TERMS, low) is not None
+        if self.preference_kind == "topics":
+            return len([w for w in re.findall(r"[a-z]{4,}", low) if w not in _STOP]) >= 2
+        return any(re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", low) for label in self.labels)
 
     # -- outputs ------------------------------------------------------------------------------
     def normalize(self, answer: object) -> str | None:
@@ -163,6 +209,13 @@ class Task:
         return float(pred == gold)
 
 
+TENDENCIES = ("harsher than the review reads", "as the review reads", "more generously than the review reads")
+_RATING_TERMS = r"\b(harsh\w*|generous\w*|strict\w*|lenient\w*|critical|rates? (high|low)\w*|(high|low)(er)? (scores?|ratings?))\b"
+_STOP = frozenset("about after also among between could from have into like more most other over such than that their "
+                  "them then there these they this those through under very what when which while will with would your "
+                  "paper papers study using based approach method methods".split())
+
+
 def classification_metrics(golds: Sequence[str], preds: Sequence[str | None], labels: Sequence[str]) -> dict:
     """Accuracy and macro-F1 over the fixed label list (as LaMP's evaluation does: every label in
     the list counts, an undefined F1 is 0, an out-of-set prediction matches nothing)."""
@@ -244,6 +297,7 @@ LAMP_1 = Task(
     content_pattern=r"title \"(.*?)\", which reference",
     aliases={"1": "[1]", "2": "[2]", "reference 1": "[1]", "reference 2": "[2]"},
     derive_interactions=_citations_from_own_papers,
+    preference_kind="topics", preference_lead="Research topics this author works on and cites",
 )
 LAMP_2M = Task(
     key="lamp2m", name="LaMP-2M", kind="classification", labels=TAGS_2M,
@@ -253,6 +307,7 @@ LAMP_2M = Task(
         "Which tag does this movie relate to among the following tags? Just answer with the tag name "
         f"without further explanation. tags: {_bracketed(labels)} description: {text}"),
     content_pattern=r"description:\s*(.*)$", labels_pattern=r"tags:\s*\[(.*?)\]",
+    preference_lead="Tags this user gives most, strongest first",
 )
 LAMP_2N = Task(
     key="lamp2n", name="LaMP-2N", kind="classification", labels=CATEGORIES_2N,
@@ -263,6 +318,7 @@ LAMP_2N = Task(
         "Which category does this article relate to among the following categories? Just answer with "
         f"the category name without further explanation. categories: {_bracketed(labels)} article: {text}"),
     content_pattern=r"article:\s*(.*)$", labels_pattern=r"categories:\s*\[(.*?)\]",
+    preference_lead="Categories this journalist files under most, strongest first",
 )
 LAMP_3 = Task(
     key="lamp3", name="LaMP-3", kind="rating", labels=("1", "2", "3", "4", "5"),
@@ -272,6 +328,7 @@ LAMP_3 = Task(
         "What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, "
         f"or 5 without further explanation. review: {text}"),
     content_pattern=r"review:\s*(.*)$",
+    preference_kind="tendency", preference_lead="This user scores",
 )
 
 TASKS: dict[str, Task] = {t.key: t for t in (LAMP_1, LAMP_2M, LAMP_2N, LAMP_3)}

@@ -8,10 +8,14 @@ persona's user-specific part. Beyond the paper, by default:
   than the persona it replaces, or it is rejected and the current persona stays;
 - an already-perfect batch stops the loop before any critique or rewrite call;
 - a rewrite that is empty, over budget, or restates the fixed template is rejected unscored;
+- a rewrite that only ties the current persona replaces it (the batch cannot tell them apart,
+  and the rewrite carries the latest feedback), which is safe because no candidate is ever
+  scored, let alone promoted, unless it passes the profile check: a description of the user's
+  preferences in the task's terms, not a URL, an id, a number string or a copy of an input;
 - `loss="batch"` critiques the whole batch in one call instead of one call per interaction.
 
-`guard=False` is the paper's loop: every rewrite is accepted, except one that fails the
-injection check (a profile must never carry instructions to the agent).
+`guard=False` is the paper's loop: every rewrite is accepted unscored, except one that fails the
+profile check (junk, over budget, or carrying instructions to the agent).
 
 The optimizer knows programs only through `PersonaProgram` (read the persona, make the same
 program under another persona, answer a query) and scores answers only through `metric`, the
@@ -32,8 +36,8 @@ from dspy.teleprompt import Teleprompter
 
 from persona_agent.pipelines.memory import UserMemory
 from persona_agent.pipelines.metering import answer_or_none, metered, or_fallback
-from persona_agent.pipelines.persona import PROFILE_BUDGET, Persona, injection_problem, profile_problem
-from persona_agent.signatures import CritiqueBatch, CritiqueResponse, UpdateProfile
+from persona_agent.pipelines.persona import PROFILE_BUDGET, Persona, compose_profile, profile_problem
+from persona_agent.signatures import CritiqueBatch, CritiqueResponse, UpdateProfile, typed_profile
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +136,7 @@ class PersonaAlignment(Teleprompter):
         self.reflection_lm, self.on_step = reflection_lm, on_step
         self.critic = dspy.Predict(CritiqueResponse)
         self.batch_critic = dspy.Predict(CritiqueBatch)
-        self.updater = dspy.Predict(UpdateProfile)
+        self.updaters: dict = {}  # task -> the update predictor, its preferences typed to the task
         self.steps: list[AlignmentStep] = []  # the last compile's, as also attached to its program
 
     def compile(self, student: PersonaProgram, *, trainset, teacher=None, valset=None, **kwargs) -> PersonaProgram:
@@ -173,16 +177,21 @@ class PersonaAlignment(Teleprompter):
         if self.guard and current.score >= 1.0:
             step.reason = PERFECT
             return unchanged
+        task = program.persona.task
         with dspy.context(lm=self.reflection_lm or dspy.settings.lm):
             step.critiques = self._critique(profile, batch, current.answers)
             feedback = aggregate(batch, current.answers, step.critiques)
             # An unusable rewrite is no rewrite: the step ends with the persona unchanged.
-            step.profile_after = or_fallback(lambda: self.updater(current_profile=profile, feedback=feedback).new_profile,
-                                             profile, f"iteration {t}: profile update").strip()
-        if step.profile_after == profile.strip():
+            update = or_fallback(lambda: self._updater(task)(current_profile=profile, feedback=feedback), None,
+                                 f"iteration {t}: profile update")
+        sources = [ex.query for ex in batch]
+        if update is not None:
+            step.profile_after, dropped = compose_profile(task, update.preferences, update.new_profile, sources)
+            if dropped:
+                log.info("iteration %d: notes of the rewrite left out (%s)", t, dropped)
+        if step.profile_after.strip() in ("", profile.strip()):
             step.profile_after, step.reason = profile, "rejected: no new profile was written"
-        elif problem := (profile_problem(step.profile_after, self.budget) if self.guard
-                         else injection_problem(step.profile_after)):
+        elif problem := profile_problem(step.profile_after, self.budget, task, sources):
             step.reason = f"rejected: {problem}"
         if step.reason:
             log.info("iteration %d: %s", t, step.reason)
@@ -204,6 +213,11 @@ class PersonaAlignment(Teleprompter):
             return step, candidate, scored, scored_holdout
         log.info("iteration %d: %s", t, step.reason)
         return unchanged
+
+    def _updater(self, task) -> dspy.Predict:
+        if task not in self.updaters:
+            self.updaters[task] = dspy.Predict(typed_profile(UpdateProfile, task))
+        return self.updaters[task]
 
     def _critique(self, profile: str, batch, answers: Sequence[str]) -> list[str]:
         if self.loss == "batch":

@@ -36,12 +36,13 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users: int = 3, queries: int = 3,
-             data: Path | None = None, console: Console | None = None) -> pd.DataFrame:
-    """`store`: opened with persistent memory, which keeps the users' histories afterwards."""
+             data: Path | None = None, console: Console | None = None, lm: dspy.LM | None = None) -> pd.DataFrame:
+    """`store`: opened with persistent memory, which keeps the users' histories afterwards.
+    `lm`: an LM object to use instead of building one from `settings.lm`."""
     console = console or Console()
     task = get_task(task_name)
     people = load_users(data or shipped_data_dir(task), task)[:users]
-    lm = build_lm(settings.lm)
+    lm = lm or build_lm(settings.lm)
     rows, started = [], time.perf_counter()
     steps_per_user = 4 + settings.iterations
     with dspy.context(lm=lm, adapter=adapter_for(lm)), \

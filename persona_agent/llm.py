@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import tempfile
 import threading
@@ -44,11 +45,15 @@ class LlamaCppEngine:
     # Small models fall into loops ("_1_1_1_..."); the DRY sampler penalises repeated sequences.
     sampling = {"dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "repeat_penalty": 1.1}
 
-    def __init__(self, model_path: str | None = None, chat: bool = True, n_ctx: int = 8192, n_parallel: int = 2,
+    def __init__(self, model_path: str | None = None, chat: bool = True, n_ctx: int = 16384, n_parallel: int = 4,
                  threads: int = 2):
         self.model_path, self.chat, self.n_ctx, self.n_parallel, self.threads = model_path, chat, n_ctx, n_parallel, threads
         self._server, self._socket_dir = None, None
+        self._slots = [(i, "") for i in range(n_parallel)]  # (slot id, the prompt its KV cache holds), least recently used first
         self._lock, self._call_lock = threading.Lock(), threading.Lock()
+        # Called with llama.cpp's timings of every completion (prompt_n, cache_n, predicted_n, *_ms):
+        # how `bench/demo_time.py` sees where the time goes and how much of each prompt was cached.
+        self.on_timings = None
 
     def _load(self):
         with self._lock:
@@ -58,10 +63,13 @@ class LlamaCppEngine:
                 params = xllamacpp.CommonParams()
                 params.model.path = self.model_path or default_model_path()
                 params.n_ctx = self.n_ctx
-                params.n_parallel = self.n_parallel  # a slot per alternating prompt prefix keeps both cached
+                params.n_parallel = self.n_parallel  # a slot per kind of prompt keeps each kind's prefix cached
                 params.cpuparams.n_threads = self.threads
                 params.cpuparams_batch.n_threads = self.threads
                 params.warmup = False
+                # Gemma 3 attends locally in most layers; a full-size cache for those lets a long
+                # shared prefix (persona, tool descriptions) be reused instead of only the last window.
+                params.swa_full = True
                 params.verbosity = -1
                 self._socket_dir = tempfile.TemporaryDirectory(prefix="persona-agent-llama-")
                 params.hostnames = [str(Path(self._socket_dir.name) / "llama.sock")]
@@ -90,16 +98,20 @@ class LlamaCppEngine:
         # One request at a time: batched decoding in llama.cpp makes an answer depend on what
         # else is in the batch, and a rerun must give the same answers (so the cache serves it).
         # On 2 cores, concurrency buys next to nothing anyway.
+        prompt = "\n\n".join(m["content"] for m in messages)
         with self._call_lock:
+            body["id_slot"] = self._slot_for(prompt)
             if self.chat:
                 out = server.handle_chat_completions({**body, "messages": messages})
             else:
-                out = server.handle_completions({**body, "prompt": "\n\n".join(m["content"] for m in messages)})
+                out = server.handle_completions({**body, "prompt": prompt})
         if not isinstance(out, dict) or not out.get("choices"):
             raise ServerError(f"llama.cpp returned no completion: {str(out)[:300]}")
         choice = out["choices"][0]
         text = choice["message"].get("content") if self.chat else choice.get("text")
         usage, timings = out.get("usage", {}), out.get("timings", {})
+        if self.on_timings is not None:
+            self.on_timings(timings)
         log.debug("llama.cpp: %s prompt tokens (%s cached) in %.0f ms, %s generated in %.0f ms",
                   timings.get("prompt_n"), timings.get("cache_n"), timings.get("prompt_ms", 0),
                   timings.get("predicted_n"), timings.get("predicted_ms", 0))
@@ -107,6 +119,18 @@ class LlamaCppEngine:
         return Response(id=out.get("id"), model=request.model, message=Message.assistant([TextPart(text or "")]),
                         finish_reason=finish,
                         usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens")))
+
+    def _slot_for(self, prompt: str) -> int:
+        """The slot whose cached prompt shares the longest prefix with `prompt` (at least a
+        quarter of it), else the least recently used. llama.cpp's own choice often puts a ReAct
+        step where the last extraction was, and the two share only the persona; chosen here,
+        each kind of call (step, extraction, critique, ...) keeps its own long prefix cached."""
+        shared = [len(os.path.commonprefix([held, prompt])) for _, held in self._slots]
+        best = max(range(len(shared)), key=lambda i: shared[i])
+        pick = best if shared[best] >= len(prompt) // 4 else 0
+        slot, _ = self._slots.pop(pick)
+        self._slots.append((slot, prompt))
+        return slot
 
     def stream(self, request):
         from dspy.lm15 import response_to_events
@@ -182,6 +206,9 @@ class SchemaJSONAdapter(JSONAdapter):
     string maps, so a small model cannot ramble to its token limit.
     """
 
+    # A step's thought only has to pick the tool; a long one costs generation time and prompt later.
+    FIELD_CHARS = {"next_thought": 100}
+
     def __init__(self, max_text_chars: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.max_text_chars = max_text_chars
@@ -194,7 +221,10 @@ class SchemaJSONAdapter(JSONAdapter):
             schema = pydantic.TypeAdapter(field.annotation).json_schema()
             defs.update(schema.pop("$defs", {}))
             if self.max_text_chars and schema == {"type": "string"}:
-                schema["maxLength"] = self.max_text_chars
+                schema["maxLength"] = min(self.max_text_chars, self.FIELD_CHARS.get(name, self.max_text_chars))
+            if schema.get("type") == "object" and "properties" in schema:  # typed tool arguments
+                schema = {**schema, "additionalProperties": False, "properties": {
+                    k: {**v, "maxLength": 100} if v.get("type") == "string" else v for k, v in schema["properties"].items()}}
             if schema.get("type") == "object" and schema.get("additionalProperties") is True:
                 # Tool arguments: a small model nests open objects without end; keep them flat.
                 schema = {"type": "object", "maxProperties": 3,

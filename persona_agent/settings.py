@@ -43,8 +43,8 @@ class Settings:
 
     @classmethod
     def for_demo(cls, **overrides) -> "Settings":
-        """The demo's smaller alignment budget (n=2, T=2): a first run should take minutes."""
-        return cls(**{"batch_size": 2, "iterations": 2, **overrides})
+        """The demo's smaller budget (n=2, T=2, k=3): a first run should take a couple of minutes."""
+        return cls(**{"batch_size": 2, "iterations": 2, "top_k": 3, **overrides})
 
     @property
     def tracking_uri(self) -> str:

@@ -34,6 +34,8 @@ def default_policy(fields, system, user):
             out[f] = "finish"
         elif f == "next_tool_args":
             out[f] = {}
+        elif f == "preferences":  # the typed profile part (a LaMP-3 tendency takes one string)
+            out[f] = "as the review reads" if "tendency" in system or "harsher" in system else ["comedy"]
         else:
             out[f] = "comedy" if f == "answer" else f"a {f}"
     return out

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Any
 
 import dspy
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from persona_agent.eval.tasks import Task
 from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnswer, typed_to
@@ -134,6 +136,11 @@ def _react(task: Task, instructions: str, max_iters: int, tools: list[dspy.Tool]
         unbound = [t.model_copy(update={"func": _unbound}) for t in tools]  # the cache holds no user's data
         signature = typed_to(TaskAnswer, task, instructions)
         prototype = _ReAct(signature, tools=unbound, max_iters=max_iters)
+        # DSPy types the step's tool arguments as an open mapping; typed to the arguments the tools
+        # really take, a schema-constrained model cannot invent one (a small model otherwise
+        # writes long made-up arguments, and the error's traceback then bloats the next prompt).
+        prototype.react.signature = prototype.react.signature.with_updated_fields(
+            "next_tool_args", type_=tool_arguments(unbound))
         # The steps already carry thoughts; extracting the answer needs no second reasoning pass,
         # so `extract` (a public attribute) is DSPy's extraction signature without ChainOfThought.
         prototype.extract = dspy.Predict(signature.append("trajectory", dspy.InputField(), type_=str))
@@ -143,6 +150,15 @@ def _react(task: Task, instructions: str, max_iters: int, tools: list[dspy.Tool]
     react = copy.deepcopy(prototype)
     react.tools.update({t.name: t for t in tools})
     return react
+
+
+_JSON_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool}
+
+
+def tool_arguments(tools: list[dspy.Tool]) -> type:
+    """A TypedDict of every argument the tools take (all optional): what a step may pass."""
+    fields = {name: _JSON_TYPES.get(schema.get("type"), Any) for tool in tools for name, schema in tool.args.items()}
+    return TypedDict("ToolArgs", fields, total=False)
 
 
 def _unbound(**kwargs):

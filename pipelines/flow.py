@@ -14,28 +14,35 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from persona_agent.eval.tasks import Task
-from persona_agent.signatures import SummarizeProfile
+from persona_agent.signatures import SummarizeProfile, typed_profile
 
 from .agent import PersonaAgent
 from .memory import EpisodicMemory, MemoryItem, UserMemory
 from .metering import Cost, answer_or_none, count_fallback, metered, or_fallback
-from .persona import Persona, injection_problem, looks_degenerate
+from .persona import Persona, compose_profile, profile_problem
 
 log = logging.getLogger(__name__)
 
 
 def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?") -> str:
-    """The profile from the latest `n_items` memories; "" (logged) when the LM writes nothing usable."""
+    """The profile from the latest `n_items` memories: the typed preferences and free notes the
+    LM writes from them and from counts computed over them (`Task.facts`). "" (logged, counted)
+    when the result is no usable profile (`profile_problem`): never a junk one."""
     items = items[-n_items:]
     if not items:
         return ""
     history = "\n".join(f"- {it.text} -> {it.response}" if it.response is not None else f"- {it.text}" for it in items)
-    profile = or_fallback(lambda: dspy.Predict(SummarizeProfile)(task=task.description, history=history).profile,
-                          "", f"user {who}: profile summary")
-    problem = "empty or degenerate text" if looks_degenerate(profile) else injection_problem(profile)
-    if problem:
-        if profile:  # (an empty one was counted as a fallback already)
-            count_fallback()
+    facts = task.facts([(it.text, it.response) for it in items])
+    out = or_fallback(lambda: dspy.Predict(typed_profile(SummarizeProfile, task))(
+        task=task.description, history=history, facts=facts), None, f"user {who}: profile summary")
+    if out is None:
+        return ""
+    sources = [it.text for it in items]
+    profile, dropped = compose_profile(task, out.preferences, out.profile, sources)
+    if dropped:
+        log.info("user %s: profile notes left out (%s)", who, dropped)
+    if problem := profile_problem(profile, task=task, sources=sources):
+        count_fallback()
         log.warning("user %s: the LM wrote no usable profile (%s); starting from an empty one", who, problem)
         return ""
     return profile

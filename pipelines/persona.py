@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 from persona_agent.eval.tasks import Task
 
@@ -84,8 +85,11 @@ class Persona:
 _FIXED_MARKERS = ("Rules:", "User profile:", "Answer the request as this user would")
 
 
-def profile_problem(text: str, budget: int = PROFILE_BUDGET) -> str | None:
-    """Why a rewritten profile cannot be used, or None when it can."""
+def profile_problem(text: str, budget: int = PROFILE_BUDGET, task: Task | None = None,
+                    sources: Sequence[str] = ()) -> str | None:
+    """Why a profile cannot be used, or None when it can. With `task`, it must also read as a
+    description of the user's preferences in the task's terms (`junk_problem`); `sources` are
+    the texts it was written from, which it must not merely copy."""
     if looks_degenerate(text):
         return "empty or degenerate text"
     if len(text.strip()) > budget:
@@ -94,7 +98,49 @@ def profile_problem(text: str, budget: int = PROFILE_BUDGET) -> str | None:
         _DELIMITER.search(text) and "<profile>")
     if marker:
         return f"restates the fixed template ({marker!r})"
-    return injection_problem(text)
+    # An injection is named before junk: copied attack text is both, and the attack is the news.
+    return injection_problem(text) or (junk_problem(text, sources, task) if task is not None else None)
+
+
+_URL = re.compile(r"https?://|\bwww\.\S|\b[\w-]+\.(com|org|net|io)/", flags=re.I)
+_ID = re.compile(r"\b[\w-]*\d{5,}[\w-]*\b")  # tt0086453, agent-1000865497333000000, 20240101
+_COPY_WORDS = 7  # this many words in a row from one source text is a copy, not a description
+
+
+def junk_problem(text: str, sources: Sequence[str] = (), task: Task | None = None) -> str | None:
+    """Why `text` is no description of a user's preferences, or None: a URL, an id or number
+    string, a copy of one of `sources`, or (with `task`) nothing in the task's terms."""
+    if _URL.search(text):
+        return "a URL, not a description"
+    if _ID.search(text):
+        return "an id or number string, not a description"
+    words = re.findall(r"[a-z0-9&'-]+", text.lower())
+    runs = {tuple(words[i:i + _COPY_WORDS]) for i in range(len(words) - _COPY_WORDS + 1)}
+    for source in sources:
+        src = re.findall(r"[a-z0-9&'-]+", source.lower())
+        if any(tuple(src[i:i + _COPY_WORDS]) in runs for i in range(len(src) - _COPY_WORDS + 1)):
+            return "copies an input instead of describing the user"
+    if task is not None and not task.names_preference(text):
+        return f"names no preference in the task's terms ({task.preference_kind})"
+    return None
+
+
+def compose_profile(task: Task, preferences, notes: str, sources: Sequence[str] = ()) -> tuple[str, str | None]:
+    """The profile text from its typed part and free notes: "<lead>: a, b. <notes>" (a single
+    value, a rating tendency: "<lead> <value>. <notes>"). Notes that
+    are junk on their own (a URL, an id, a copy of an input, a loop) are left out; returns the
+    text and why notes were dropped (or None)."""
+    values = [preferences] if isinstance(preferences, str) else list(preferences or ())
+    values = list(dict.fromkeys(v.strip() for v in values if v and v.strip()))
+    sep = " " if isinstance(preferences, str) else ": "
+    typed = f"{task.preference_lead}{sep}{', '.join(values)}." if values else ""
+    notes, dropped = (notes or "").strip(), None
+    # Junk notes go (the typed part still describes the user); injected ones stay, so the
+    # profile check rejects the whole profile with that reason, visibly.
+    if notes and not injection_problem(notes) and (
+            dropped := "empty or degenerate text" if looks_degenerate(notes) else junk_problem(notes, sources)):
+        notes = ""
+    return " ".join(p for p in (typed, notes) if p), dropped
 
 
 def clip(text: str, budget: int) -> str:
@@ -113,3 +159,4 @@ def looks_degenerate(text: str) -> bool:
     if len(text) < 3:
         return True
     return len(text) > 80 and len(zlib.compress(text.encode())) / len(text) < 0.15
+

@@ -3,7 +3,7 @@
 from .alignment import CritiqueBatch, CritiqueResponse, UpdateProfile
 from .answer import PlainAnswer, TaskAnswer, typed_to
 from .memory_query import FormulateMemoryQuery
-from .profile import SummarizeProfile
+from .profile import SummarizeProfile, typed_profile
 
 __all__ = ["CritiqueBatch", "CritiqueResponse", "FormulateMemoryQuery", "PlainAnswer", "SummarizeProfile", "TaskAnswer",
-           "UpdateProfile", "typed_to"]
+           "UpdateProfile", "typed_profile", "typed_to"]

@@ -22,3 +22,23 @@ def ingest_into(settings: Settings, path: Path, task: Task = LAMP_2M) -> IngestR
 def write_events(path: Path, rows: list[dict]) -> Path:
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+def typed(notes: str, task: Task = LAMP_2M) -> str:
+    """The profile a typed profile writer produces from `notes`: the labels they name (comedy when
+    none) as the typed part, then the notes."""
+    from persona_agent.pipelines.persona import compose_profile
+
+    return compose_profile(task, named_labels(notes, task), notes)[0]
+
+
+def named_labels(text: str, task: Task = LAMP_2M) -> list[str]:
+    import re
+
+    found = [label for label in task.labels if re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", text.lower())]
+    return found[:3] or ["comedy"]
+
+
+def notes_of(profile: str, task: Task = LAMP_2M) -> str:
+    """The free notes of a typed profile (all of an untyped one)."""
+    return profile.split(". ", 1)[1] if profile.startswith(task.preference_lead) and ". " in profile else profile

@@ -32,7 +32,8 @@ def _policy(prompts):
             return {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}}
         if fields == ["answer"]:
             return {"answer": "action" if "-> action" in user or "heist number" in user else "comedy"}
-        return {f: "Prefers action." if f == "new_profile" else f"a {f}" for f in fields}
+        return {f: ["comedy"] if f == "preferences" else "Prefers action." if f == "new_profile" else f"a {f}"
+                for f in fields}
     return policy
 
 
@@ -74,7 +75,7 @@ def test_icl_shows_the_latest_k_interactions(memory, fake_lm):
 def test_pag_and_membank_carry_the_profile_rag_does_not(memory, fake_lm):
     for method in ("pag", "membank"):
         text = _prompts_of(method, memory, fake_lm)
-        assert re.search(r"<profile>\s*a profile\s*</profile>", text)
+        assert re.search(r"<profile>\s*Tags this user gives most, strongest first: comedy\. a profile\s*</profile>", text)
     assert "a profile" not in _prompts_of("rag", memory, fake_lm)
 
 
@@ -224,7 +225,7 @@ def _bobs_profile_calls_fail(prompts=None):
     """Every profile (setup) call for bob fails with a 500, however often it is retried."""
 
     return FaultyEngine(FakeEngine(_policy([] if prompts is None else prompts)), rate=0,
-                        poison=lambda text: "Write a short profile" in text and "wedding" in text)
+                        poison=lambda text: "Write this user's profile" in text and "wedding" in text)
 
 
 def test_an_outage_in_a_methods_setup_stops_eval_with_the_finished_users_table(tmp_path, monkeypatch, capsys):

@@ -128,7 +128,7 @@ def test_an_adversarial_user_next_to_normal_ones_in_the_nightly_job(tmp_path, mo
             assert "HACKED" in str(err)
     assert reply is None or reply in LAMP_2M.labels
     assert registry.get("mallory").persona.profile == "(nothing known yet)"  # the injected summary was refused
-    assert registry.get("alice").persona.profile == "Likes heist films."  # the normal user was profiled as usual
+    assert registry.get("alice").persona.profile.endswith(": comedy. Likes heist films.")  # profiled as usual
 
 
 SECRET = "sk-test-5ecret-never-in-a-prompt"
