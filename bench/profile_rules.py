@@ -9,8 +9,9 @@ user's planted rule in `rules.json`:
 - LaMP-2M / LaMP-2N: does the profile name one of the user's top-2 planted labels?
 - LaMP-3: does it state the direction of the user's rating bias (harsher / more generously)?
 
-Also printed: the same check on the most frequent label in the facts the profile writer is
-given (what copying the counts alone would score), and how many profiles were refused.
+Also printed: the stricter check on the first preference alone (LaMP-2), the same check on the
+facts the profile writer is given (the three most frequent labels, or the suggested lean: what
+copying the counts alone would score), and how many profiles were refused.
 """
 
 import argparse
@@ -72,12 +73,15 @@ def main():
                 items = history_items(task, user.profile)
                 with metered() as cost:
                     profile = summarize(task, items, settings.profile_items, user.user_id)
-                facts = task.facts([(it.text, it.response) for it in items[-settings.profile_items:]])
-                top_fact = facts.split(": ", 1)[1].split(" (")[0] if "times" in facts else facts
+                facts = task.facts([(it.text, it.response) for it in items])
+                # what copying the facts alone would say: the first three labels, or the suggested lean
+                top_fact = ", ".join(re.findall(r"([^:,(]+) \(\d+ times\)", facts)[:3]) or facts.rsplit("score ", 1)[-1]
                 rule = rules[user.user_id]
                 rows.append({"task": task.name, "user": user.user_id, "planted": planted(task, rule),
                              "profile names it": found(task, profile, rule),
-                             "top count names it": found(task, top_fact, rule),
+                             "first names it": (found(task, profile.partition(": ")[2].split(",")[0], rule)
+                                                if task.preference_kind == "labels" else None),
+                             "facts name it": found(task, top_fact, rule),
                              "refused": not profile, "fallbacks": cost.fallbacks, "profile": profile})
                 progress.update(bar, advance=1, description=f"{task.name} {user.user_id}")
     table = pd.DataFrame(rows)
@@ -85,7 +89,8 @@ def main():
     pd.set_option("display.max_colwidth", 120)
     print(table.to_string(index=False))
     summary = table.groupby("task").agg(users=("user", "size"), profile_names_planted=("profile names it", "sum"),
-                                        top_count_names_planted=("top count names it", "sum"),
+                                        first_label_planted=("first names it", "sum"),
+                                        facts_name_planted=("facts name it", "sum"),
                                         refused=("refused", "sum"))
     print()
     print(summary.to_string())

@@ -91,15 +91,29 @@ class Task:
         return self.derive_interactions(self, [(i, t) for i, t, _ in items])
 
     # -- profiles ------------------------------------------------------------------------------
-    @property
-    def preference_type(self) -> object:
+    def preference_type(self, supported: Sequence[str] | None = None) -> object:
         """The type of the profile's `preferences` field: under a JSON-schema grammar a small model
-        can only name real labels (or a real tendency), and a strong one is held to the same."""
-        if self.preference_kind == "tendency":
-            return Literal[TENDENCIES]
+        can only name real labels (or a real tendency), and a strong one is held to the same.
+        `supported`: the only values the evidence allows (see `supported_preferences`)."""
         if self.preference_kind == "topics":
             return Annotated[list[Annotated[str, Field(max_length=40)]], Field(min_length=1, max_length=3)]
-        return Annotated[list[Literal[self.labels]], Field(min_length=1, max_length=3)]
+        values = tuple(supported) if supported else TENDENCIES if self.preference_kind == "tendency" else self.labels
+        if self.preference_kind == "tendency":
+            return Literal[values]
+        return Annotated[list[Literal[values]], Field(min_length=1, max_length=3)]
+
+    def supported_preferences(self, items: Sequence[tuple[str, str | None]]) -> tuple[str, ...] | None:
+        """The preferences a history can support: labels the user gave at least once, or the
+        tendencies their scores do not contradict (None: no limit). A profile claiming a label
+        the user never chose is no description of them."""
+        responses = [r for _, r in items if r is not None]
+        if not responses or self.preference_kind == "topics":
+            return None
+        if self.preference_kind == "tendency":
+            mean = sum(int(r) for r in responses) / len(responses)
+            return (TENDENCIES[1], TENDENCIES[2]) if mean > 3.25 else (TENDENCIES[0], TENDENCIES[1]) if mean < 2.75 \
+                else TENDENCIES
+        return tuple(label for label in self.labels if label in set(responses))
 
     def facts(self, items: Sequence[tuple[str, str | None]]) -> str:
         """Counts computed from history items (text, the user's response or None), for the profile
@@ -108,14 +122,34 @@ class Task:
         if self.preference_kind == "tendency" and responses:
             scores = [int(r) for r in responses]
             mean = sum(scores) / len(scores)
-            side = "above" if mean > 3.25 else "below" if mean < 2.75 else "near"
+            side, lean = (("above", TENDENCIES[2]) if mean > 3.25 else ("below", TENDENCIES[0]) if mean < 2.75
+                          else ("near", TENDENCIES[1]))
             counts = ", ".join(f"{k} given {n} times" for k, n in sorted(Counter(scores).items(), reverse=True))
-            return f"their scores: {counts}; mean {mean:.1f}, {side} the middle of the scale (3)"
+            return (f"their scores: {counts}; mean {mean:.1f}, {side} the middle of the scale (3), which suggests "
+                    f"they score {lean}")
         if self.preference_kind == "labels" and responses:
             top = Counter(responses).most_common(6)
             return "labels they gave, most often first: " + ", ".join(f"{label} ({n} times)" for label, n in top)
         words = Counter(w for text, _ in items for w in re.findall(r"[a-z]{4,}", text.lower()) if w not in _STOP)
         return "words most frequent in their items: " + ", ".join(f"{w} ({n})" for w, n in words.most_common(8))
+
+    def profile_examples(self, supported: Sequence[str] | None = None) -> list[tuple[str, object, str]]:
+        """Two worked examples of (facts, preferences, notes), made up from the task's own labels
+        and fact format (no user's data): they show a profile writer, a small base model above
+        all, how facts turn into a profile. Their labels are ones outside `supported`, so a
+        writer that copies an example instead of reading the facts cannot name them."""
+        if self.preference_kind == "tendency":
+            return [(self.facts([("", s) for s in "5545443555"]), TENDENCIES[2], "Gives a 5 to reviews that read as a 4."),
+                    (self.facts([("", s) for s in "2123121321"]), TENDENCIES[0], "Gives a 2 to reviews that read as a 3.")]
+        if self.preference_kind == "topics":
+            return [(self.facts([("Graph coloring with approximation algorithms", None)] * 3),
+                     ["graph coloring", "approximation algorithms"], "Cites theory papers on graph problems."),
+                    (self.facts([("Robot grasping and motion planning", None)] * 3),
+                     ["robot grasping", "motion planning"], "Cites robotics papers on manipulation.")]
+        spare = [label for label in self.labels if label not in set(supported or ())]
+        a, b, c, d = spare[:4] if len(spare) >= 4 else (self.labels[3], self.labels[7], self.labels[1], self.labels[5])
+        return [(self.facts([("", a)] * 6 + [("", b)] * 4 + [("", c)] * 2), [a, b, c], f"Gives {a} when it fits, then {b}."),
+                (self.facts([("", d)] * 5 + [("", a)] * 3 + [("", b)]), [d, a, b], f"Picks {d} over {a} when both fit.")]
 
     def names_preference(self, text: str) -> bool:
         """Whether a profile speaks in this task's terms: names one of its labels, a rating

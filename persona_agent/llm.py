@@ -15,6 +15,7 @@ import secrets
 import tempfile
 import threading
 from pathlib import Path
+from typing import Annotated
 
 import dspy
 import pydantic
@@ -218,7 +219,9 @@ class SchemaJSONAdapter(JSONAdapter):
             return
         props, defs = {}, {}
         for name, field in signature.output_fields.items():
-            schema = pydantic.TypeAdapter(field.annotation).json_schema()
+            # Constraints written as Annotated[..., Field(max_length=3)] live in the field's metadata.
+            annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+            schema = pydantic.TypeAdapter(annotation).json_schema()
             defs.update(schema.pop("$defs", {}))
             if self.max_text_chars and schema == {"type": "string"}:
                 schema["maxLength"] = min(self.max_text_chars, self.FIELD_CHARS.get(name, self.max_text_chars))

@@ -26,15 +26,20 @@ log = logging.getLogger(__name__)
 
 def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?") -> str:
     """The profile from the latest `n_items` memories: the typed preferences and free notes the
-    LM writes from them and from counts computed over them (`Task.facts`). "" (logged, counted)
+    LM writes from them and from counts computed over the whole history (`Task.facts`). "" (logged, counted)
     when the result is no usable profile (`profile_problem`): never a junk one."""
-    items = items[-n_items:]
     if not items:
         return ""
+    # Counting is cheap and a small model cannot count: the facts cover the whole history, the
+    # listing only the latest items (the prompt's budget).
+    pairs = [(it.text, it.response) for it in items]
+    facts, supported = task.facts(pairs), task.supported_preferences(pairs)
+    items = items[-n_items:]
     history = "\n".join(f"- {it.text} -> {it.response}" if it.response is not None else f"- {it.text}" for it in items)
-    facts = task.facts([(it.text, it.response) for it in items])
-    out = or_fallback(lambda: dspy.Predict(typed_profile(SummarizeProfile, task))(
-        task=task.description, history=history, facts=facts), None, f"user {who}: profile summary")
+    writer = dspy.Predict(typed_profile(SummarizeProfile, task, supported))
+    writer.demos = [dspy.Example(facts=f, preferences=p, profile=n) for f, p, n in task.profile_examples(supported)]
+    out = or_fallback(lambda: writer(task=task.description, history=history, facts=facts), None,
+                      f"user {who}: profile summary")
     if out is None:
         return ""
     sources = [it.text for it in items]

@@ -102,7 +102,7 @@ def profile_problem(text: str, budget: int = PROFILE_BUDGET, task: Task | None =
     return injection_problem(text) or (junk_problem(text, sources, task) if task is not None else None)
 
 
-_URL = re.compile(r"https?://|\bwww\.\S|\b[\w-]+\.(com|org|net|io)/", flags=re.I)
+_URL = re.compile(r"https?://|\bwww\.\S|\b[\w.-]+\.(com|org|net|io|html?|jpe?g|png|gif)\b", flags=re.I)
 _ID = re.compile(r"\b[\w-]*\d{5,}[\w-]*\b")  # tt0086453, agent-1000865497333000000, 20240101
 _COPY_WORDS = 7  # this many words in a row from one source text is a copy, not a description
 
@@ -111,9 +111,11 @@ def junk_problem(text: str, sources: Sequence[str] = (), task: Task | None = Non
     """Why `text` is no description of a user's preferences, or None: a URL, an id or number
     string, a copy of one of `sources`, or (with `task`) nothing in the task's terms."""
     if _URL.search(text):
-        return "a URL, not a description"
+        return "a URL or file name, not a description"
     if _ID.search(text):
         return "an id or number string, not a description"
+    if len(re.findall(r"[a-z]{2,}", text.lower())) < 3:
+        return "too short to describe anyone"
     words = re.findall(r"[a-z0-9&'-]+", text.lower())
     runs = {tuple(words[i:i + _COPY_WORDS]) for i in range(len(words) - _COPY_WORDS + 1)}
     for source in sources:

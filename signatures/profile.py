@@ -17,8 +17,9 @@ class SummarizeProfile(dspy.Signature):
     profile: str = dspy.OutputField(desc="1-3 short sentences on what else sets this user apart")
 
 
-def typed_profile(signature: type[dspy.Signature], task: Task) -> type[dspy.Signature]:
+def typed_profile(signature: type[dspy.Signature], task: Task, supported=None) -> type[dspy.Signature]:
     """`signature` with its `preferences` typed to the task (its labels, a rating tendency, or
-    topic phrases): under a JSON-schema grammar a small model can write nothing else there."""
-    return signature.with_updated_fields("preferences", type_=task.preference_type,
-                                         desc=f"{task.preference_lead.lower()}")
+    topic phrases; only `supported` ones when given): under a JSON-schema grammar a small model
+    can write nothing else there."""
+    return signature.with_updated_fields("preferences", type_=task.preference_type(supported),
+                                         desc=task.preference_lead.lower())
