@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import dspy
@@ -52,14 +53,35 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
                                      data_fingerprint=tracking.data_fingerprint(people))
         mlflow.log_params({**params, "users": len(people), "queries_per_user": queries})
         bar = progress.add_task("demo", total=len(people) * steps_per_user)
+        profiles, steps = {}, []
         for user in people:
-            rows.append(_demo_user(settings, store, user, queries, progress, bar, params))
+            row, aligned = _demo_user(settings, store, user, queries, progress, bar, params)
+            rows.append(row)
+            profiles[user.user_id], steps = aligned.persona.profile, steps + aligned.alignment_steps
         table = _table(rows, task)
+        candidates = candidate_counts(steps)
         _log_table(table, parent.info.run_id)
-        mlflow.log_metric("wall_seconds", time.perf_counter() - started)
+        mlflow.log_metrics({"wall_seconds": time.perf_counter() - started,
+                            **{f"candidates_{k}": v for k, v in candidates.items() if isinstance(v, int)}})
     console.print(_rich_table(table, f"{task.name}: {len(people)} users, {queries} held-out queries each"))
+    console.print("[bold]production profiles[/bold]")
+    for user_id, profile in profiles.items():
+        console.print(f"  {user_id}: {profile}", markup=False, highlight=False)
+    console.print(f"alignment candidates: {candidates['written']} written, {candidates['valid']} passed the profile "
+                  f"check, {candidates['accepted']} accepted; {candidates['why']}", markup=False, highlight=False)
     console.print(f"wall time {time.perf_counter() - started:.0f} s; MLflow store: {settings.tracking_uri}")
     return table
+
+
+def candidate_counts(steps: list[AlignmentStep]) -> dict:
+    """How an alignment's iterations ended: candidates written, valid (passed the profile check
+    and were scored, or accepted unscored), accepted, and every outcome with its count."""
+    written = [s for s in steps if s.wrote_candidate]
+    outcomes = Counter(s.outcome for s in steps)
+    return {"iterations": len(steps), "written": len(written),
+            "valid": sum(s.candidate_score is not None or s.accepted for s in written),
+            "accepted": sum(s.accepted for s in steps),
+            "why": ", ".join(f"{n} {outcome}" for outcome, n in outcomes.most_common()) or "no iterations"}
 
 
 def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int, progress, bar, params: dict) -> dict:
@@ -80,11 +102,12 @@ def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int,
         mlflow.set_tag("user_id", user.user_id)
         mlflow.log_metrics({k.replace(" ", "_"): float(v) for k, v in row.items() if isinstance(v, (int, float))})
         mlflow.log_text(aligned.persona.render(), "persona.txt")
+        mlflow.set_tag("production_profile", aligned.persona.profile[:5000])
         mlflow.log_table(pd.DataFrame([
             {"query_id": q.id, "gold": q.gold, **{name: answer for name, answer in zip(COLUMNS, answers)},
              **{f"{name} score": user.task.example_score(q.gold, answer) for name, answer in zip(COLUMNS, answers)}}
             for q, *answers in zip(held_out, *(s.answers for s in scores))]), "predictions.json")
-    return row
+    return row, aligned
 
 
 def _personalize(settings, store, user, held_out, run_id, advance):

@@ -210,12 +210,14 @@ class SchemaJSONAdapter(JSONAdapter):
     # A step's thought only has to pick the tool; a long one costs generation time and prompt later.
     FIELD_CHARS = {"next_thought": 100}
 
-    def __init__(self, max_text_chars: int | None = None, **kwargs):
+    def __init__(self, max_text_chars: int | None = None, server_takes_schema: bool = False, **kwargs):
+        """server_takes_schema: send the schema even where DSPy knows nothing of the model (an
+        OpenAI-compatible server named by its URL: DSPy's catalogue cannot vouch for it)."""
         super().__init__(**kwargs)
-        self.max_text_chars = max_text_chars
+        self.max_text_chars, self.server_takes_schema = max_text_chars, server_takes_schema
 
     def _prepare_response_format(self, lm, lm_kwargs, signature):
-        if "response_format" not in lm.supported_params:
+        if "response_format" not in lm.supported_params and not self.server_takes_schema:
             return
         props, defs = {}, {}
         for name, field in signature.output_fields.items():
@@ -283,11 +285,15 @@ def _text(value) -> str:
 
 
 def adapter_for(lm: dspy.LM) -> dspy.Adapter:
-    """Few-shot completion prompts for a local base model, schema-constrained JSON for a local
-    chat model (every answer parses either way), DSPy's ChatAdapter for everything else."""
+    """Few-shot completion prompts for a local base model; schema-constrained JSON for a local
+    chat model and for any OpenAI-compatible server named by `api_base` (llama.cpp's server,
+    vLLM, Ollama and OpenAI all take a JSON schema as the response format, so a small served
+    model parses as reliably as in process); DSPy's ChatAdapter for everything else."""
     engine = getattr(lm, "_engine_spec", None)
     if type(engine).__name__ == "FakeEngine":
         return JSONAdapter()
     if isinstance(engine, LlamaCppEngine):
         return SchemaJSONAdapter(max_text_chars=600) if engine.chat else CompletionAdapter(max_text_chars=600)
+    if lm.kwargs.get("api_base"):
+        return SchemaJSONAdapter(max_text_chars=600, server_takes_schema=True)
     return ChatAdapter()

@@ -1,0 +1,70 @@
+"""Integration: the shipped model behind llama.cpp's OpenAI-compatible server works like in process.
+
+One user's demo runs twice from the command line, once through `--lm openai/... --api-base` against
+`bench/llama_server.py` (xllamacpp on a free 127.0.0.1 port, the same weights) and once with the
+in-process engine; the served run must parse and must not be much slower.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "llama_server.py"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"llama.cpp server did not start: {proc.stdout.read()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _demo(store: Path, *lm_args: str) -> tuple[float, dict]:
+    env = {**os.environ, "OPENAI_API_KEY": "unused", "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+    started = time.perf_counter()
+    done = subprocess.run(["persona-agent", "demo", "--users", "1", "--no-cache", "--store", str(store), *lm_args],
+                          env=env, capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("persona-agent").experiment_id],
+                                "tags.mlflow.runName = 'demo-lamp2m'")
+    return wall, run.data.metrics
+
+
+def test_the_demo_through_an_openai_compatible_server_parses_like_the_in_process_engine(llama_server, tmp_path):
+    served_wall, served = _demo(tmp_path / "served", "--lm", "openai/gemma3-270m", "--api-base", llama_server)
+    local_wall, local = _demo(tmp_path / "local")
+    print(f"served: {served_wall:.0f} s, parse rate {served['parse_rate']:.2f}; "
+          f"in process: {local_wall:.0f} s, parse rate {local['parse_rate']:.2f}")
+    assert served["parse_rate"] >= 0.9 and served["answers"] == 9
+    assert served_wall <= 2 * local_wall
