@@ -30,16 +30,22 @@ from persona_agent.settings import LMConfig, Settings, offline_environment  # no
 from persona_agent.store import Store  # noqa: E402
 
 
+KINDS = {("next_thought", "next_tool_name", "next_tool_args"): "ReAct step", ("answer",): "answer",
+         ("preferences", "profile"): "profile", ("critique",): "critique", ("preferences", "new_profile"): "update"}
+
+
 class CallKinds(BaseCallback):
     """Remembers, per thread, which signature the adapter is formatting: the kind of the LM call
-    that follows it."""
+    that follows it, named by the signature's output fields (a ReAct step, an answer, a profile,
+    a critique, an update)."""
 
     def __init__(self):
         self.local = threading.local()
 
     def on_adapter_format_start(self, call_id, instance, inputs):
         signature = inputs.get("signature")
-        self.local.kind = getattr(signature, "__name__", "?")
+        outputs = list(getattr(signature, "output_fields", {}))
+        self.local.kind = KINDS.get(tuple(outputs), ",".join(outputs) or "?")
 
     @property
     def kind(self) -> str:

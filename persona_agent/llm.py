@@ -208,7 +208,7 @@ class SchemaJSONAdapter(JSONAdapter):
     """
 
     # A step's thought only has to pick the tool; a long one costs generation time and prompt later.
-    FIELD_CHARS = {"next_thought": 100}
+    FIELD_CHARS = {"next_thought": 80}
 
     def __init__(self, max_text_chars: int | None = None, server_takes_schema: bool = False, **kwargs):
         """server_takes_schema: send the schema even where DSPy knows nothing of the model (an
@@ -229,7 +229,7 @@ class SchemaJSONAdapter(JSONAdapter):
                 schema["maxLength"] = min(self.max_text_chars, self.FIELD_CHARS.get(name, self.max_text_chars))
             if schema.get("type") == "object" and "properties" in schema:  # typed tool arguments
                 schema = {**schema, "additionalProperties": False, "properties": {
-                    k: {**v, "maxLength": 100} if v.get("type") == "string" else v for k, v in schema["properties"].items()}}
+                    k: {**v, "maxLength": 80} if v.get("type") == "string" else v for k, v in schema["properties"].items()}}
             if schema.get("type") == "object" and schema.get("additionalProperties") is True:
                 # Tool arguments: a small model nests open objects without end; keep them flat.
                 schema = {"type": "object", "maxProperties": 3,

@@ -109,6 +109,14 @@ def memory_tools(memory: UserMemory | None, task: Task, semantic: str | None) ->
 
 
 class _ReAct(dspy.ReAct):
+    def _call_with_potential_trajectory_truncation(self, module, trajectory, **input_args):
+        # The extraction sees the recalled interactions as demonstrations already; listing the
+        # same items again as `memories` would only lengthen its prompt (about a fifth of it).
+        # Private like `_format_trajectory`, and guarded by the same test.
+        if module is self.extract and input_args.get("demos"):
+            input_args["memories"] = "(the examples below)"
+        return super()._call_with_potential_trajectory_truncation(module, trajectory, **input_args)
+
     def _format_trajectory(self, trajectory: dict) -> str:
         # dspy.ReAct builds a signature per step just to format the trajectory; build one per shape.
         # A private method with no public alternative: tests/test_agent.py fails loudly if DSPy

@@ -169,3 +169,20 @@ def test_the_extract_step_is_dspys_own_extraction_without_a_second_reasoning_pas
     assert list(ours.output_fields) == list(theirs.output_fields) == ["answer"]
     assert ours.instructions == theirs.instructions
     assert ours.output_fields["answer"].annotation == theirs.output_fields["answer"].annotation
+
+
+def test_the_extraction_gets_recalls_once_as_demonstrations_and_the_step_as_memories(memory, fake_lm):
+    prompts = {}
+
+    def policy(fields, system, user):
+        prompts["answer" if fields == ["answer"] else "step"] = user
+        return ({"answer": "action"} if fields == ["answer"] else
+                {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}})
+
+    fake_lm._engine_spec.policy = policy
+    agent = _agent(memory)
+    agent(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
+    recalled = "-> action"  # a recalled interaction as the memories block lists it
+    assert recalled in prompts["step"].split("[[ ## memories ## ]]")[1]
+    # DSPy still routes the extraction through the overridden method: the block is replaced there
+    assert "(the examples below)" in prompts["answer"] and recalled not in prompts["answer"]
