@@ -52,6 +52,10 @@ def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
                         f"such as openai/gpt-4o-mini (key from the environment; default {s.lm.model})")
     g.add_argument("--api-base", default=s.lm.api_base,
                    help="endpoint for the LiteLLM model (vLLM, Ollama, llama.cpp server, ...)")
+    g.add_argument("--max-tokens", type=_count(1), default=s.lm.max_tokens,
+                   help="ceiling on the tokens one LM call may generate; under a JSON schema (local engine, "
+                        "--api-base servers) each kind of call is bounded tighter by its fields: a label, an "
+                        f"80-character step thought, 600-character free text (default {s.lm.max_tokens})")
     g.add_argument("--retries", type=_count(0), default=s.lm.retries,
                    help=f"retries per LM call on timeouts, 429 and 5xx, with backoff (default {s.lm.retries})")
     g.add_argument("--timeout", type=_seconds, default=s.lm.timeout,
@@ -125,7 +129,7 @@ def _settings(args: argparse.Namespace, base: Settings) -> Settings:
     """`base` with every Settings field the command's options set."""
     given = vars(args)
     lm = replace(base.lm, model=args.lm, api_base=args.api_base, retries=args.retries, timeout=args.timeout,
-                 cache=args.cache)
+                 cache=args.cache, max_tokens=args.max_tokens)
     knobs = {f.name: given[f.name] for f in fields(Settings) if f.name in given and f.name != "lm"}
     return replace(base, lm=lm, **knobs)
 

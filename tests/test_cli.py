@@ -58,8 +58,16 @@ def test_every_default_comes_from_settings(argv):
     assert command.defaults() == (Settings.for_demo() if argv == ["demo"] else Settings())
 
 
+def test_max_tokens_reaches_the_lm_config_of_every_command():
+    from persona_agent.cli import COMMANDS, _settings
+
+    for argv in (["demo"], ["eval"], ["nightly"], ["answer", "u", "q"]):
+        args = build_parser().parse_args([*argv, "--max-tokens", "64"])
+        assert _settings(args, COMMANDS[argv[0]].defaults()).lm.max_tokens == 64
+
+
 @pytest.mark.parametrize("option", [["--batch", "0"], ["--iterations", "-1"], ["--top-k", "-5"], ["--workers", "0"],
-                                    ["--timeout", "0"], ["--max-iters", "x"]])
+                                    ["--timeout", "0"], ["--max-iters", "x"], ["--max-tokens", "0"]])
 def test_bad_option_values_are_refused_at_parse_time(option, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["nightly", *option])
