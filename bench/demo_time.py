@@ -29,7 +29,6 @@ from persona_agent.llm import LlamaCppEngine, build_lm  # noqa: E402
 from persona_agent.settings import LMConfig, Settings, offline_environment  # noqa: E402
 from persona_agent.store import Store  # noqa: E402
 
-
 KINDS = {("next_thought", "next_tool_name", "next_tool_args"): "ReAct step", ("answer",): "answer",
          ("preferences", "profile"): "profile", ("critique",): "critique", ("preferences", "new_profile"): "update"}
 

@@ -2,8 +2,10 @@
 
     python bench/fake_llm_server.py --port 8765 --latency 0.2
 
-It reads the output fields DSPy asks for from the system prompt and answers in DSPy's chat
-format with the scripted policy of `persona_agent.testing`, so the whole pipeline runs against
+It reads the output fields DSPy asks for from the system prompt and answers with the scripted
+policy of `persona_agent.testing`: in JSON when the request carries a JSON schema as its
+`response_format` (as persona-agent sends to any `--api-base` server), in DSPy's chat format
+otherwise, so the whole pipeline runs against
 it as against a real remote LLM (`--lm openai/gpt-4o-mini --api-base http://127.0.0.1:8765/v1`).
 
 `--faults 0.2` makes a fifth of the requests fail the ways remote LLMs do: hang past the
@@ -59,7 +61,9 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
             if fault in ("429", "500", "503"):
                 return self._send(int(fault), json.dumps({"error": {"message": f"injected {fault}"}}).encode(),
                                   {"Retry-After": "0"})
-            content = chat_format(policy(output_fields(system), system, user))
+            values = policy(output_fields(system), system, user)
+            # A request carrying a JSON schema gets JSON, as from a schema-following server.
+            content = json.dumps(values) if body.get("response_format") else chat_format(values)
             if fault in ("empty", "malformed"):
                 content = "" if fault == "empty" else content[: len(content) // 3]
             Handler.calls += 1

@@ -4,14 +4,16 @@ For T iterations: replay the user's latest n interactions with the current perso
 textual loss (an LLM critique of simulated vs real responses), aggregate it, and rewrite the
 persona's user-specific part. Beyond the paper, by default:
 
-- a rewrite must not score worse on the batch (and, optionally, on an older held-out slice)
-  than the persona it replaces, or it is rejected and the current persona stays;
+- a rewrite must score better on the batch than the persona it replaces (or tie there and do
+  better on an optional older held-out slice), and never worse on that slice, or it is
+  rejected and the current persona stays;
 - an already-perfect batch stops the loop before any critique or rewrite call;
 - a rewrite that is empty, over budget, or restates the fixed template is rejected unscored;
-- a rewrite that only ties the current persona replaces it (the batch cannot tell them apart,
-  and the rewrite carries the latest feedback), which is safe because no candidate is ever
-  scored, let alone promoted, unless it passes the profile check: a description of the user's
-  preferences in the task's terms, not a URL, an id, a number string or a copy of an input;
+- a rewrite must do better: one that only ties the current persona on the batch (and on the
+  held-out slice, if any) is rejected, so a noisy rewriter cannot walk a good persona away on
+  evidence that cannot tell the two apart; and no candidate is scored at all unless it passes
+  the profile check (a description of the user's preferences in the task's terms, not a URL,
+  an id, a number string or a copy of an input);
 - `loss="batch"` critiques the whole batch in one call instead of one call per interaction.
 
 `guard=False` is the paper's loop: every rewrite is accepted unscored, except one that fails the
@@ -119,7 +121,7 @@ class PersonaAlignment(Teleprompter):
         while it is replayed (it would find its own answer).
     metric: `metric(example, prediction, trace=None) -> float` in [0, 1]; default: the task's
         score, for the task of the student's persona.
-    guard: reject rewrites that score worse (False: the paper's loop, every rewrite accepted).
+    guard: reject rewrites that do not score better (False: the paper's loop, every rewrite accepted).
     """
 
     def __init__(self, *, batch_size: int, iterations: int, metric: Metric | None = None,
@@ -208,6 +210,8 @@ class PersonaAlignment(Teleprompter):
             step.reason = f"rejected: batch score dropped {current.score:.3f} -> {scored.score:.3f}"
         elif scored_holdout and scored_holdout.score < current_holdout.score:
             step.reason = f"rejected: held-out score dropped {current_holdout.score:.3f} -> {scored_holdout.score:.3f}"
+        elif scored.score == current.score and not (scored_holdout and scored_holdout.score > current_holdout.score):
+            step.reason = f"rejected: tied the current persona ({scored.score:.3f}); a tie keeps it"
         else:
             step.accepted, step.reason = True, "accepted"
             return step, candidate, scored, scored_holdout

@@ -88,7 +88,7 @@ def _alignment_options(p: argparse.ArgumentParser, s: Settings) -> None:
                    help=f"critique each interaction (the paper) or the whole batch in one LM call (default {s.loss})")
     g.add_argument("--no-guard", dest="guard", action="store_false", default=s.guard,
                    help="the paper's loop: accept every rewrite except one that fails the injection check "
-                        "(default: only rewrites that do not score worse and pass every profile check)")
+                        "(default: only rewrites that pass every profile check and score better; a tie keeps the current one)")
     g.add_argument("--holdout", type=_count(0), default=s.holdout,
                    help=f"older interactions a rewrite must not score worse on either (default {s.holdout})")
     _agent_options(g, s)

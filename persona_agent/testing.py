@@ -34,11 +34,20 @@ def default_policy(fields, system, user):
             out[f] = "finish"
         elif f == "next_tool_args":
             out[f] = {}
-        elif f == "preferences":  # the typed profile part (a LaMP-3 tendency takes one string)
-            out[f] = "as the review reads" if "tendency" in system or "harsher" in system else ["comedy"]
+        elif f == "preferences":  # the typed profile part: the first value its type allows
+            out[f] = allowed_preference(system)
         else:
             out[f] = "comedy" if f == "answer" else f"a {f}"
     return out
+
+
+def allowed_preference(system: str):
+    """A value of the `preferences` field as DSPy's prompt types it: a list of the first allowed
+    label (comedy where allowed), or one tendency string for a rating task."""
+    m = re.search(r"`preferences` \((list\[)?Literal\[(.*?)\]", system)
+    allowed = re.findall(r"'([^']*)'", m.group(2)) if m else ["comedy"]
+    value = "comedy" if "comedy" in allowed else "as the review reads" if "as the review reads" in allowed else allowed[0]
+    return [value] if (m is None or m.group(1)) else value
 
 
 class _Engine:
@@ -103,7 +112,9 @@ class FaultyEngine(_Engine):
             raise ServerError("injected: internal server error", status=500, retry_after=0)
         response = self.inner.complete(request)
         if kind in ("empty", "malformed"):
-            garbage = "" if kind == "empty" else '{"answer": "comedy", "crit'
+            # cut inside the first key: no signature's fields can be read from it (a cut after
+            # `"answer": "comedy"` would still be a whole answer to an answer-only call)
+            garbage = "" if kind == "empty" else '{"ans'
             return Response(id=response.id, model=response.model, message=Message.assistant([TextPart(garbage)]),
                             finish_reason="stop", usage=response.usage)
         return response

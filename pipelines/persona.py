@@ -114,8 +114,8 @@ def junk_problem(text: str, sources: Sequence[str] = (), task: Task | None = Non
         return "a URL or file name, not a description"
     if _ID.search(text):
         return "an id or number string, not a description"
-    if len(re.findall(r"[a-z]{2,}", text.lower())) < 3:
-        return "too short to describe anyone"
+    if sum(bool(re.fullmatch(r"[a-z][a-z'&-]*[.,;:!?]?", w)) for w in text.lower().split()) < 2:
+        return "too short to describe anyone"  # fewer than two words: "user_name", "}, {", "4 5 3"
     words = re.findall(r"[a-z0-9&'-]+", text.lower())
     runs = {tuple(words[i:i + _COPY_WORDS]) for i in range(len(words) - _COPY_WORDS + 1)}
     for source in sources:
@@ -128,10 +128,10 @@ def junk_problem(text: str, sources: Sequence[str] = (), task: Task | None = Non
 
 
 def compose_profile(task: Task, preferences, notes: str, sources: Sequence[str] = ()) -> tuple[str, str | None]:
-    """The profile text from its typed part and free notes: "<lead>: a, b. <notes>" (a single
-    value, a rating tendency: "<lead> <value>. <notes>"). Notes that
-    are junk on their own (a URL, an id, a copy of an input, a loop) are left out; returns the
-    text and why notes were dropped (or None)."""
+    """The profile text from its typed part and free notes: "<lead>: a, b. <notes>", or for a
+    single value (a rating tendency) "<lead> <value>. <notes>". Notes that are junk on their own
+    (a URL, an id, a copy of an input, a loop) are left out; returns the text and why notes were
+    dropped (or None)."""
     values = [preferences] if isinstance(preferences, str) else list(preferences or ())
     values = list(dict.fromkeys(v.strip() for v in values if v and v.strip()))
     sep = " " if isinstance(preferences, str) else ": "
@@ -161,4 +161,3 @@ def looks_degenerate(text: str) -> bool:
     if len(text) < 3:
         return True
     return len(text) > 80 and len(zlib.compress(text.encode())) / len(text) < 0.15
-

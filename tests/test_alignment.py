@@ -174,10 +174,9 @@ def test_a_degenerate_rewrite_never_reaches_the_persona(memory, fake_lm):
     ([], "https://www.imdb.com/title/tt0086453/", "no new profile was written"),  # junk notes are dropped
     ([], "agent-1000865497333000000", "no new profile was written"),
     ([], "Enjoys long walks on the beach.", "names no preference in the task's terms"),
-    (["comedy"], "Likes https://www.imdb.com/title/tt0086453/ a lot.", "accepted"),  # a tie, without the URL
+    (["comedy"], "Likes https://www.imdb.com/title/tt0086453/ a lot.", "tied the current persona"),  # checked, then a tie
 ])
-def test_junk_never_reaches_a_persona_and_a_tie_promotes_only_a_checked_rewrite(memory, fake_lm, preferences, notes,
-                                                                               outcome):
+def test_junk_never_reaches_a_persona_and_a_tie_keeps_the_current_one(memory, fake_lm, preferences, notes, outcome):
     policy = persona_following_policy()
 
     def writer(fields, system, user):
@@ -190,13 +189,28 @@ def test_junk_never_reaches_a_persona_and_a_tie_promotes_only_a_checked_rewrite(
     opt = PersonaAlignment(batch_size=2, iterations=1)
     aligned = opt.compile(student, trainset=train)
     (step,) = opt.steps
-    assert step.outcome == outcome
-    assert "imdb" not in aligned.persona.profile and "agent-" not in aligned.persona.profile
-    if outcome == "accepted":
-        assert step.candidate_score == step.batch_score  # a tie
-        assert aligned.persona.profile == "Tags this user gives most, strongest first: comedy."
+    assert step.outcome == outcome and not step.accepted and aligned.persona.profile == START
+    assert "imdb" not in step.profile_after and "agent-" not in step.profile_after
+    if outcome == "tied the current persona":  # the URL-free rewrite was scored: no better, so not shipped
+        assert step.profile_after == "Tags this user gives most, strongest first: comedy."
+        assert step.candidate_score == step.batch_score == 0.0
     else:
-        assert aligned.persona.profile == START and step.candidate_score is None  # never scored
+        assert step.candidate_score is None  # never scored
+
+
+def test_a_tie_on_the_batch_ships_only_when_the_holdout_improves(memory, fake_lm):
+    # the rewrite answers action: the batch (comedy, comedy) ties at 0 under both personas; the
+    # held-out interactions are action, which only the rewrite gets right
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "Prefers action.")
+    student, train = _setup(memory)
+    train = train[:3] + [ex.copy(answer="romance") for ex in train[3:]]
+    aligned = PersonaAlignment(batch_size=2, iterations=1, holdout=2).compile(student, trainset=train)
+    (step,) = aligned.alignment_steps
+    assert step.batch_score == step.candidate_score == 0.0
+    assert step.holdout_score == 0.0 and step.candidate_holdout_score == 1.0
+    assert step.accepted and aligned.persona.profile == ACTION
+    plain = PersonaAlignment(batch_size=2, iterations=1).compile(student, trainset=train)
+    assert plain.persona.profile == START and plain.alignment_steps[0].outcome == "tied the current persona"
 
 
 def test_no_history_returns_the_persona_unchanged_without_lm_calls(memory, fake_lm):

@@ -11,7 +11,7 @@ from persona_agent.harness import MethodResult, results_table, run_eval, to_mark
 from persona_agent.methods import METHODS, UserContext, resolve, user_flow
 from persona_agent.pipelines.memory import history_items
 from persona_agent.settings import Settings
-from persona_agent.testing import FakeEngine, FaultyEngine
+from persona_agent.testing import FakeEngine, FaultyEngine, allowed_preference
 
 ALICE = [{"id": f"a{i}", "description": f"A film about a heist number {i}.", "tag": "action", "date": f"2024-01-0{i + 1}"}
          for i in range(4)]
@@ -32,8 +32,8 @@ def _policy(prompts):
             return {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}}
         if fields == ["answer"]:
             return {"answer": "action" if "-> action" in user or "heist number" in user else "comedy"}
-        return {f: ["comedy"] if f == "preferences" else "Prefers action." if f == "new_profile" else f"a {f}"
-                for f in fields}
+        return {f: allowed_preference(system) if f == "preferences" else "Prefers action." if f == "new_profile"
+                else f"a {f}" for f in fields}
     return policy
 
 
@@ -75,7 +75,7 @@ def test_icl_shows_the_latest_k_interactions(memory, fake_lm):
 def test_pag_and_membank_carry_the_profile_rag_does_not(memory, fake_lm):
     for method in ("pag", "membank"):
         text = _prompts_of(method, memory, fake_lm)
-        assert re.search(r"<profile>\s*Tags this user gives most, strongest first: comedy\. a profile\s*</profile>", text)
+        assert re.search(r"<profile>\s*Tags this user gives most, strongest first: \w+\. a profile\s*</profile>", text)
     assert "a profile" not in _prompts_of("rag", memory, fake_lm)
 
 

@@ -6,10 +6,12 @@ from typing import Literal
 import dspy
 import mlflow
 import pytest
+from rich.console import Console
 
 from persona_agent.demo import run_demo
 from persona_agent.eval.tasks import LAMP_2M
 from persona_agent.llm import adapter_for, build_lm
+from persona_agent.pipelines.persona import profile_problem
 from persona_agent.registry import PersonaRegistry, prompt_name
 from persona_agent.settings import LMConfig, Settings
 from persona_agent.store import Store
@@ -59,9 +61,15 @@ def test_the_local_runtime_opens_no_tcp_port(local_lm):
 def test_demo_end_to_end_registers_every_persona_revision(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = Settings(store=tmp_path / "mlruns", lm=LMConfig(cache=False), batch_size=1, iterations=1, max_iters=1)
+    console = Console(record=True, width=200)
     with Store.open(settings, memory="persistent") as store:
-        table = run_demo(settings, store, "lamp2m", users=1, queries=1)
+        table = run_demo(settings, store, "lamp2m", users=1, queries=1, console=console)
     assert list(table.index) == ["u0000", "all"]
+    production = PersonaRegistry(LAMP_2M).get("u0000").persona.profile
+    printed = console.export_text()
+    # the demo prints what serves: the production profile, and it is no junk
+    assert f"u0000: {production}" in printed and "alignment candidates:" in printed
+    assert production == "(nothing known yet)" or profile_problem(production, task=LAMP_2M) is None
     assert table.loc["all", "answers"] == 3 and table.loc["all", "lm_calls"] > 0
     history = PersonaRegistry(LAMP_2M).history("u0000")
     assert list(history.version)[0] == 1 and history.production.sum() == 1
