@@ -159,7 +159,7 @@ class Task:
             return any(t in low for t in TENDENCIES) or re.search(_RATING_TERMS, low) is not None
         if self.preference_kind == "topics":
             return len([w for w in re.findall(r"[a-z]{4,}", low) if w not in _STOP]) >= 2
-        return any(re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", low) for label in self.labels)
+        return any(_names(label, low) for label in self.labels)
 
     # -- outputs ------------------------------------------------------------------------------
     def normalize(self, answer: object) -> str | None:
@@ -174,7 +174,7 @@ class Task:
         if self.kind == "rating":
             m = re.search(r"[1-5]", text)
             return m.group(0) if m else None
-        hits = [label for label in self.labels if re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", text)]
+        hits = [label for label in self.labels if _names(label, text)]
         # "dark comedy" also contains "comedy": the longer label is the one named.
         hits = [h for h in hits if not any(h != o and h in o for o in hits)]
         return hits[0] if len(hits) == 1 else None
@@ -272,6 +272,11 @@ def rating_metrics(golds: Sequence[int], preds: Sequence[float | None]) -> dict:
 
 def _rating_error(gold: int, pred: float | None) -> float:
     return float(abs(gold - pred)) if pred is not None else float(max(abs(gold - 1), abs(gold - 5)))
+
+
+def _names(label: str, text: str) -> bool:
+    """Whether lower-cased `text` names `label` as a whole term ("sci-fi" is not in "sci-fis")."""
+    return re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", text) is not None
 
 
 def _bracketed(labels: Sequence[str]) -> str:
