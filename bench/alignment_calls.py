@@ -1,9 +1,11 @@
-"""LM calls per user per alignment iteration, for each loss mode, counted with a scripted engine.
+"""LM calls per alignment iteration: the guarded loop against the paper's, per batch size n.
 
-    python bench/alignment_calls.py [--batch 3] [--iterations 3] [--max-iters 1]
+    python bench/alignment_calls.py [--batch 1,3,5] [--iterations 3] [--max-iters 1]
 
 The scripted agent answers wrongly until the profile names the user's label, so every
 iteration writes a candidate; the counts are what a real LM would be asked, call by call.
+The paper's loop (`--no-guard`) replays the batch, critiques each answer and rewrites; the
+guarded loop (the default) also replays the batch with the candidate before promoting it.
 """
 
 import argparse
@@ -30,7 +32,7 @@ def policy(fields, system, user):
         return {"answer": "action" if "Prefers action" in system else "comedy"}
     if fields == ["critique"]:
         return {"critique": "The user chose action."}
-    return {"new_profile": "Prefers action over comedy."}  # the update
+    return {"preferences": ["action"], "new_profile": "Prefers action over comedy."}  # the update (typed)
 
 
 def run(loss, guard, batch, iterations, max_iters):
@@ -40,7 +42,7 @@ def run(loss, guard, batch, iterations, max_iters):
                           item_id=f"h{i}").with_inputs("query") for i in range(10)]
     student = PersonaAgent(Persona(LAMP_2M, "Likes comedy."), UserMemory(memory, "u", k=5), max_iters=max_iters)
     lm = dspy.LM("fake/counting", engine=FakeEngine(policy), cache=False)
-    opt = PersonaAlignment(batch, iterations, loss=loss, guard=guard)
+    opt = PersonaAlignment(batch_size=batch, iterations=iterations, loss=loss, guard=guard)
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
         opt.compile(student, trainset=train)
     memory.close()
@@ -49,18 +51,19 @@ def run(loss, guard, batch, iterations, max_iters):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=3)
+    ap.add_argument("--batch", default="1,3,5", help="batch sizes n, comma-separated")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--max-iters", type=int, default=1, help="ReAct steps per simulated answer")
     a = ap.parse_args()
     rows = []
-    for loss in ("per_interaction", "batch"):
-        for guard in (False, True):
-            calls, reasons = run(loss, guard, a.batch, a.iterations, a.max_iters)
-            rows.append({"loss": loss, "guard": guard, "calls per iteration": calls, "total": sum(calls),
-                         "stopped": reasons[-1]})
-    print(f"n={a.batch}, T={a.iterations}, {a.max_iters + 1} LM calls per simulated answer")
-    print(pd.DataFrame(rows).to_string(index=False))
+    for n in [int(b) for b in a.batch.split(",")]:
+        for loss in ("per_interaction", "batch"):
+            paper, _ = run(loss, False, n, a.iterations, a.max_iters)
+            guarded, reasons = run(loss, True, n, a.iterations, a.max_iters)
+            rows.append({"n": n, "loss": loss, "paper calls/iteration": paper[0], "guarded calls/iteration": guarded[0],
+                         "ratio": guarded[0] / paper[0], "guarded, per iteration": guarded, "stopped": reasons[-1]})
+    print(f"T={a.iterations}, {a.max_iters + 1} LM calls per simulated answer; first iteration (every one writes a candidate)")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
 
 
 if __name__ == "__main__":

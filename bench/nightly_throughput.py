@@ -45,6 +45,11 @@ def _wait_for(port: int, seconds: float = 30) -> None:
     raise RuntimeError("the fake LLM server did not start")
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=64)
@@ -80,15 +85,21 @@ def main():
             memory = EpisodicMemory.open(path=str(settings.qdrant_path))
             ingest(memory, data, LAMP_2M)
             memory.close()
-            started = time.perf_counter()
+            started, cpu, server_cpu = time.perf_counter(), os.times(), _cpu_seconds(server.pid)
             summary = run_nightly(replace(settings, workers=workers), LAMP_2M, executor=a.executor)
-            seconds = time.perf_counter() - started
+            seconds, spent = time.perf_counter() - started, os.times()
             users = len(summary.aligned) + len(summary.rejected)
             calls_per_user = summary.lm_calls / max(users, 1)
             ideal = workers / (calls_per_user * a.latency) * 60
             rows.append({"workers": workers, "users": users, "failed": len(summary.failed), "LM calls/user": calls_per_user,
                          "seconds": seconds, "users/min": users / seconds * 60, "ideal users/min": ideal,
-                         "efficiency": users / seconds * 60 / ideal})
+                         "efficiency": users / seconds * 60 / ideal,
+                         # where the 2 cores went: this process (planning, workers) per LM call,
+                         # its children (the commit process; Ray's actors) per user, the fake LLM per call
+                         "cpu ms/call": (spent.user + spent.system - cpu.user - cpu.system) / summary.lm_calls * 1000,
+                         "commit cpu ms/user": (spent.children_user + spent.children_system - cpu.children_user
+                                                - cpu.children_system) / users * 1000,
+                         "LLM cpu ms/call": (_cpu_seconds(server.pid) - server_cpu) / summary.lm_calls * 1000})
     server.terminate()
     print(f"{a.users} users, {a.latency * 1000:.0f} ms per LM call, {a.executor} executor")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))

@@ -8,12 +8,16 @@ time) without spending its token budget on the whitespace a flexible JSON gramma
 
 from __future__ import annotations
 
+import functools
+import http.client
 import json
 import logging
 import os
 import secrets
 import tempfile
 import threading
+import urllib.parse
+from builtins import TimeoutError as TimeoutError_
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +25,7 @@ import dspy
 import pydantic
 from dspy.lm15 import Message, Response, ServerError, TextPart, Usage
 
+from . import fast_paths
 from .lm_cache import ForgetsUnusableAnswers, install
 from .settings import LMConfig
 
@@ -146,6 +151,106 @@ class LlamaCppEngine:
                 self._socket_dir = None
 
 
+class OpenAICompatibleEngine:
+    """DSPy engine for an OpenAI-compatible `/chat/completions` endpoint (`--api-base`: llama.cpp's
+    server, vLLM, Ollama, a gateway): DSPy's canonical request posted as is, over one keep-alive
+    connection per thread.
+
+    DSPy's generic engine resolves the provider, reads the proxy environment and opens a new
+    connection on every call, and httpx alone costs ~2 ms of CPU per request; under one GIL that
+    caps how many users a nightly run keeps in flight (`bench/nightly_throughput.py`). Errors map
+    to DSPy's kinds, so its retries still apply: timeouts, connection failures, 429 and 5xx are
+    retried; any other status is not.
+    """
+
+    supports_response_schema = True
+    supported_params = frozenset({"response_format", "temperature", "max_tokens", "stop", "seed"})
+
+    def __init__(self, api_base: str, model: str, api_key: str | None = None, timeout: float = 120.0):
+        url = urllib.parse.urlsplit(api_base.rstrip("/") + "/chat/completions")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"--api-base must be an http(s) URL, not {api_base!r}")
+        self.url, self.path, self.timeout = url, url.path + (f"?{url.query}" if url.query else ""), timeout
+        # "openai/gpt-4o-mini" names the wire (OpenAI's) and the model; the server gets the model
+        self.model = model.split("/", 1)[-1]
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            kind = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
+            conn = self._local.conn = kind(self.url.hostname, self.url.port, timeout=self.timeout)
+        return conn
+
+    def _post(self, body: bytes) -> tuple[int, bytes]:
+        for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile: reopen once
+            conn = self._connection()
+            try:
+                conn.request("POST", self.path, body, self.headers)
+                reply = conn.getresponse()
+                return reply.status, reply.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                conn.close()
+                self._local.conn = None
+                if attempt == 2:
+                    raise
+            except BaseException:
+                conn.close()
+                self._local.conn = None
+                raise
+
+    def complete(self, request) -> Response:
+        from dspy.lm15 import InvalidRequestError, RateLimitError, TimeoutError, TransportError
+
+        messages = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+            messages.append({"role": "system", "content": system})
+        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        cfg = request.config
+        body = {"model": self.model, "messages": messages,
+                **{k: v for k, v in (("max_tokens", cfg.max_tokens), ("temperature", cfg.temperature),
+                                     ("seed", cfg.seed)) if v is not None}}
+        if cfg.stop:
+            body["stop"] = list(cfg.stop)
+        if cfg.response_format and cfg.response_format.get("type") == "json_schema":
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": cfg.response_format.get("name") or "Outputs", "schema": cfg.response_format["schema"],
+                "strict": bool(cfg.response_format.get("strict", True))}}
+        elif cfg.response_format:
+            body["response_format"] = {"type": "json_object"}
+        where = f"{self.url.scheme}://{self.url.netloc}{self.url.path}"
+        try:
+            status, raw = self._post(json.dumps(body).encode())
+        except OSError as err:  # socket.timeout is an OSError too
+            if isinstance(err, TimeoutError_) or "timed out" in str(err):
+                raise TimeoutError(f"{where}: no answer in {self.timeout:g} s", provider="openai-compatible") from None
+            raise TransportError(f"{where}: {err}") from None
+        except http.client.HTTPException as err:
+            raise TransportError(f"{where}: {type(err).__name__}: {err}") from None
+        text = raw.decode("utf-8", "replace")
+        if status != 200:
+            error = RateLimitError if status == 429 else ServerError if status >= 500 else InvalidRequestError
+            raise error(f"{where}: {text[:300]}", provider="openai-compatible", status=status)
+        try:
+            out = json.loads(text)
+            choice = out["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ServerError(f"{where}: not a chat completion: {text[:300]}", status=status) from None
+        usage = out.get("usage") or {}
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        return Response(id=out.get("id"), model=request.model,
+                        message=Message.assistant([TextPart((choice.get("message") or {}).get("content") or "")]),
+                        finish_reason=finish,
+                        usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens")))
+
+    def stream(self, request):
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+
 def compact_json_grammar(schema: dict) -> str:
     """A llguidance grammar for `schema` that admits no padding whitespace and no extra keys."""
     schema = dict(schema)
@@ -167,6 +272,7 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
     model name, its key read by LiteLLM from the environment (e.g. OPENAI_API_KEY). Its answers are
     cached per endpoint, and never an unusable one (`lm_cache`)."""
     install()
+    fast_paths.install()
     if cfg.model == "scripted" or cfg.model.startswith("scripted:"):
         # A deterministic stand-in LM for smoke tests and benchmarks: `scripted:0.2` adds 200 ms per call.
         from .testing import FakeEngine
@@ -180,9 +286,14 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
         name = LOCAL_MODEL if path is None else f"local/{Path(path).stem}"
         return dspy.LM(name, engine=LlamaCppEngine(path, chat=path is not None), max_tokens=cfg.max_tokens,
                        temperature=cfg.temperature, cache=cfg.cache, num_retries=0)
-    kwargs = {"api_base": cfg.api_base} if cfg.api_base else {}
+    if cfg.api_base:  # an OpenAI-compatible server: the key, if any, from the usual variable
+        engine = OpenAICompatibleEngine(cfg.api_base, cfg.model, os.environ.get("OPENAI_API_KEY"), cfg.timeout)
+        # The LM's name carries the endpoint (the engine sends the model's own name): DSPy keys its
+        # cache by it, so two servers behind one model name never share answers.
+        return dspy.LM(f"{cfg.model}@{cfg.api_base}", engine=engine, max_tokens=cfg.max_tokens,
+                       temperature=cfg.temperature, cache=cfg.cache, num_retries=cfg.retries)
     return dspy.LM(cfg.model, max_tokens=cfg.max_tokens, temperature=cfg.temperature, cache=cfg.cache,
-                   num_retries=cfg.retries, timeout=cfg.timeout, **kwargs)
+                   num_retries=cfg.retries, timeout=cfg.timeout)
 
 
 class JSONAdapter(ForgetsUnusableAnswers, dspy.JSONAdapter):
@@ -219,11 +330,20 @@ class SchemaJSONAdapter(JSONAdapter):
     def _prepare_response_format(self, lm, lm_kwargs, signature):
         if "response_format" not in lm.supported_params and not self.server_takes_schema:
             return
+        fields = tuple((name, f.annotation, tuple(f.metadata)) for name, f in signature.output_fields.items())
+        try:
+            lm_kwargs["response_format"] = self._response_format(fields)
+        except TypeError:  # an unhashable annotation: build it each time
+            lm_kwargs["response_format"] = self._response_format.__wrapped__(self, fields)
+
+    # Built once per output shape: building one runs pydantic's schema generation and model
+    # creation (~1.3 ms of CPU), on every call, and a nightly run makes thousands of calls.
+    @functools.lru_cache(maxsize=512)
+    def _response_format(self, fields: tuple) -> type[pydantic.BaseModel]:
         props, defs = {}, {}
-        for name, field in signature.output_fields.items():
+        for name, annotation, metadata in fields:
             # Constraints written as Annotated[..., Field(max_length=3)] live in the field's metadata.
-            annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-            schema = pydantic.TypeAdapter(annotation).json_schema()
+            schema = pydantic.TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation).json_schema()
             defs.update(schema.pop("$defs", {}))
             if self.max_text_chars and schema == {"type": "string"}:
                 schema["maxLength"] = min(self.max_text_chars, self.FIELD_CHARS.get(name, self.max_text_chars))
@@ -239,9 +359,9 @@ class SchemaJSONAdapter(JSONAdapter):
         if defs:
             schema["$defs"] = defs
         # DSPy's own form: a pydantic model whose JSON schema it forwards to the engine.
-        model = pydantic.create_model("Outputs", **{n: (f.annotation, ...) for n, f in signature.output_fields.items()})
+        model = pydantic.create_model("Outputs", **{name: (annotation, ...) for name, annotation, _ in fields})
         model.model_json_schema = lambda *args, **kwargs: schema
-        lm_kwargs["response_format"] = model
+        return model
 
 
 class CompletionAdapter(SchemaJSONAdapter):
@@ -294,6 +414,6 @@ def adapter_for(lm: dspy.LM) -> dspy.Adapter:
         return JSONAdapter()
     if isinstance(engine, LlamaCppEngine):
         return SchemaJSONAdapter(max_text_chars=600) if engine.chat else CompletionAdapter(max_text_chars=600)
-    if lm.kwargs.get("api_base"):
+    if isinstance(engine, OpenAICompatibleEngine) or lm.kwargs.get("api_base"):
         return SchemaJSONAdapter(max_text_chars=600, server_takes_schema=True)
     return ChatAdapter()

@@ -81,6 +81,18 @@ class _Gate(BaseCallback):
 
 
 @contextlib.contextmanager
+def _first_callback_of(lm: dspy.LM, callback: BaseCallback):
+    """The LM's own first callback for the run (before the meters' counter, so a refused call is
+    not counted): on the LM, DSPy runs callbacks once per LM call; in `dspy.settings` it would
+    run them around every module and adapter call as well."""
+    lm.callbacks = [callback, *(lm.callbacks or [])]
+    try:
+        yield
+    finally:
+        lm.callbacks = [c for c in lm.callbacks if c is not callback]
+
+
+@contextlib.contextmanager
 def _stop_on_signals(stop: threading.Event, summary: NightlySummary, console: Console):
     """The first SIGINT/SIGTERM asks the run to stop; a second SIGINT aborts at once (the store
     stays consistent either way: see `nightly_jobs`). Only the main thread can take signals."""
@@ -131,9 +143,8 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     lm = lm or build_lm(settings.lm)
     adapter = dspy.settings.adapter or adapter_for(lm)
     states, summary, stop = StateStore(state_root(settings, task)), NightlySummary(), threading.Event()
-    gate = _Gate(stop, settings.max_calls_per_user, settings.max_calls)  # first: no other callback sees a refused call
-    callbacks = [gate, *(dspy.settings.get("callbacks") or [])]
-    with _stop_on_signals(stop, summary, console):
+    gate = _Gate(stop, settings.max_calls_per_user, settings.max_calls)
+    with _stop_on_signals(stop, summary, console), _first_callback_of(lm, gate):
         with Store.open(settings, memory="persistent") as store:
             jobs, summary.unchanged, summary.failed = plan(store.memory, states, store.registry(task))
         # workers get each user's items in the job; the memory is free again for other processes
@@ -146,7 +157,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
                                    error=f"the night's budget of {gate.per_night} LM calls was spent")
             token = _user_calls.set([0])
             try:
-                with dspy.context(lm=lm, adapter=adapter, callbacks=callbacks):
+                with dspy.context(lm=lm, adapter=adapter):
                     return align_job(job, task, settings)
             except Deferred as why:  # cut off mid-way: nothing of it is committed
                 return UserOutcome(job.user_id, job.fingerprint, "deferred", error=str(why))

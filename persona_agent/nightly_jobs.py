@@ -218,13 +218,14 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
     versions = registry.versions(outcome.user_id)
     existing = {(v.tags.get("fingerprint"), v.tags.get("iteration")): int(v.version) for v in versions}
     base = {"fingerprint": outcome.fingerprint, "run_id": run_id or "", "stage": "nightly"}
-    production = registry.production_version(outcome.user_id) if versions else None
+    production = serving = registry.production_version(outcome.user_id) if versions else None
     if production is None:  # a new user: their first persona comes from semantic memory
         key = (outcome.fingerprint, "0")
         # served at once: if the rest of this commit is interrupted, the user has this one
         production = existing.get(key) or registry.register(
             outcome.user_id, Persona(task, outcome.start_profile), "initial persona from the profile",
             {**base, "iteration": 0, "accepted": True}, production=True)
+        serving = production if key not in existing else None
     for step in outcome.steps:
         if not step.wrote_candidate:
             continue
@@ -244,7 +245,8 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
         for key, value in {"rolled_back_at_night": night, "rolled_back_from": outcome.prequential.version}.items():
             registry.tag(outcome.user_id, outcome.rollback_to, key, value)
         production = outcome.rollback_to
-    registry.promote(outcome.user_id, production, check=False)
+    if production != serving:
+        registry.promote(outcome.user_id, production, check=False)
     states.put(outcome.user_id, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
                                  "semantic_profile": outcome.semantic_profile, "item_ids": outcome.item_ids,
                                  "scores": scores, "at": time.time()})

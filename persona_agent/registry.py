@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.prompt.registry_utils import PromptCache
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from .eval.tasks import Task
 from .pipelines.persona import Persona, injection_problem
@@ -49,6 +52,8 @@ class PersonaRegistry:
     def __init__(self, task: Task, tracking_uri: str | None = None):
         self.task = task
         self.client = mlflow.MlflowClient(tracking_uri)
+        # MLflow's registry client (pinned MLflow; `tests/test_registry.py` covers what is used)
+        self._registry = self.client._get_registry_client()
 
     def name(self, user_id: str) -> str:
         return prompt_name(self.task.key, user_id)
@@ -57,11 +62,20 @@ class PersonaRegistry:
                  production: bool = False) -> int:
         """Add a revision; with `production`, also make it the one that serves."""
         tags = {"user_id": user_id, "task": self.task.key, **{k: str(v) for k, v in (tags or {}).items()}}
-        version = self.client.register_prompt(name=self.name(user_id), template=persona.render(),
-                                              commit_message=message, tags=tags).version
+        name, template = self.name(user_id), persona.render()
+        try:
+            # A new version of an existing prompt, through the registry's own prompt-version call:
+            # `register_prompt` would also copy each of the ~11 version tags onto the prompt, a
+            # database write apiece (most of a nightly commit's CPU: bench/nightly_throughput.py).
+            version = self._registry.create_prompt_version(name, template, description=message, tags=tags).version
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+            version = self.client.register_prompt(name=name, template=template, commit_message=message,
+                                                  tags=tags).version  # the first: creates the prompt
         if production:
             self.promote(user_id, version, check=False)
-        return version
+        return int(version)
 
     def promote(self, user_id: str, version: int, *, check: bool = True) -> None:
         """Point `production` at `version` (`check=False` when the caller just registered it).
@@ -70,7 +84,11 @@ class PersonaRegistry:
             problem = injection_problem(self.get(user_id, version).persona.profile)
             if problem:
                 raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile {problem}")
-        self.client.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
+            self.client.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
+            return
+        # Just registered, so known to exist: skip MlflowClient's re-read of the version.
+        self._registry.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
+        PromptCache.get_instance().delete(self.name(user_id), alias=PRODUCTION, registry_uri=self.client._registry_uri)
 
     def tag(self, user_id: str, version: int, key: str, value) -> None:
         self.client.set_prompt_version_tag(self.name(user_id), str(version), key, str(value))

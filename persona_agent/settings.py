@@ -66,6 +66,12 @@ class Settings:
 
     @property
     def qdrant_path(self) -> Path:
+        """The embedded memory: a Qdrant Edge shard."""
+        return self.store / "qdrant-edge"
+
+    @property
+    def legacy_qdrant_path(self) -> Path:
+        """Where versions before Qdrant Edge kept memory (qdrant-client's embedded files)."""
         return self.store / "qdrant"
 
 

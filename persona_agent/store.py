@@ -2,11 +2,12 @@
 episodic memory.
 
 Where memory lives is the command's one decision (`memory=`):
-- "persistent": the store's own Qdrant (`<store>/qdrant`, or `--qdrant-url`), which `ingest`
-  fills and `nightly`, `demo` and `answer` read;
-- "run": a throwaway in-process Qdrant that lives as long as the command (`eval`, `sweep`), so a
-  measurement never reads what any other command stored; `scoped(name)` gives each part of a
-  run (a sweep point, a dataset) memory of its own;
+- "persistent": the store's own Qdrant Edge shard (`<store>/qdrant-edge`), or `--qdrant-url`,
+  which `ingest` fills and `nightly`, `demo` and `answer` read (a store written by an earlier
+  version, `<store>/qdrant`, is copied into Edge once, on first open);
+- "run": throwaway in-process Edge shards that live as long as the command (`eval`, `sweep`),
+  so a measurement never reads what any other command stored; `scoped(name)` gives each part
+  of a run (a sweep point, a dataset) memory of its own;
 - None: no memory at all (`personas`, `compare`).
 
 `tracking=False` (ingest, which writes memory only) leaves MLflow alone: not even imported,
@@ -23,13 +24,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import tempfile
 import time
-from typing import TYPE_CHECKING, Iterator, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 from filelock import FileLock, Timeout
 from qdrant_client import QdrantClient
 
 from .pipelines.memory import EpisodicMemory
+from .pipelines.points import ClientPoints, EdgePoints, PointStore, StoreLocked, import_legacy
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -44,7 +48,7 @@ class StoreBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def _embedded_memory(settings: Settings) -> Iterator[QdrantClient]:
+def _embedded_memory(settings: Settings) -> Iterator[EpisodicMemory]:
     deadline = time.monotonic() + settings.store_wait
     lock = FileLock(str(settings.store / "memory.lock"))
     try:
@@ -58,24 +62,24 @@ def _embedded_memory(settings: Settings) -> Iterator[QdrantClient]:
             raise StoreBusy(f"another process kept the memory of {settings.store} for over {settings.store_wait:g} s; "
                             "try again later or raise --wait") from None
     try:
-        client = _open_when_free(settings, deadline)
+        if settings.legacy_qdrant_path.exists() and not settings.qdrant_path.exists():
+            import_legacy(settings.legacy_qdrant_path, settings.qdrant_path)
+        memory = _open_when_free(settings, deadline)
         try:
-            yield client
+            yield memory
         finally:
-            client.close()
+            memory.close()
     finally:
         lock.release()
 
 
-def _open_when_free(settings: Settings, deadline: float) -> QdrantClient:
+def _open_when_free(settings: Settings, deadline: float) -> EpisodicMemory:
     """Qdrant's own lock can outlive ours for a moment (a process that is exiting), or be held by
     a process that never takes ours (a notebook): retry until the deadline."""
     while True:
         try:
-            return QdrantClient(path=str(settings.qdrant_path))
-        except RuntimeError as err:
-            if "already accessed" not in str(err):
-                raise
+            return EpisodicMemory(EdgePoints(settings.qdrant_path))
+        except StoreLocked:
             if time.monotonic() >= deadline:
                 raise StoreBusy(f"the memory of {settings.store} is open in a process outside persona-agent; "
                                 "close it there first") from None
@@ -83,9 +87,12 @@ def _open_when_free(settings: Settings, deadline: float) -> QdrantClient:
 
 
 class Store:
-    def __init__(self, settings: Settings, client: QdrantClient | None = None):
-        self.settings, self.client = settings, client
-        self.memory = EpisodicMemory(client) if client is not None else None
+    """`memory`: the command's memory (None without one); `scoped(name)`: memory of its own for
+    one part of a run, beside the others. Every memory opened here is closed with the store."""
+
+    def __init__(self, settings: Settings, memory: EpisodicMemory | None = None,
+                 scope: Callable[[str], PointStore] | None = None):
+        self.settings, self.memory, self._scope, self._scoped = settings, memory, scope, {}
 
     @classmethod
     @contextlib.contextmanager
@@ -96,28 +103,33 @@ class Store:
             mlflow_tracking.setup(settings)
         else:
             settings.store.mkdir(parents=True, exist_ok=True)
-        if memory == "persistent" and not settings.qdrant_url:
-            with _embedded_memory(settings) as client:
-                yield cls(settings, client)
-            return
-        client = None
-        if memory == "persistent":
-            client = QdrantClient(url=settings.qdrant_url)
-        elif memory == "run":
-            client = QdrantClient(location=":memory:")
-        elif memory is not None:
+        if memory not in ("persistent", "run", None):
             raise ValueError(f"memory must be 'persistent', 'run' or None, not {memory!r}")
-        try:
-            yield cls(settings, client)
-        finally:
-            if client is not None:
-                client.close()
+        with contextlib.ExitStack() as stack:
+            store = cls(settings)
+            if memory == "persistent" and not settings.qdrant_url:
+                store.memory = stack.enter_context(_embedded_memory(settings))
+            elif memory == "persistent":
+                client = QdrantClient(url=settings.qdrant_url)
+                stack.callback(client.close)
+                store._scope = lambda collection: ClientPoints(client, collection)
+                store.memory = EpisodicMemory(store._scope("episodic"))
+            elif memory == "run":  # throwaway Edge shards, one per scope, in one directory
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="persona-agent-run-")))
+                store._scope = lambda collection: EdgePoints(root / collection)
+                store.memory = EpisodicMemory(store._scope("episodic"))
+                stack.callback(store.memory.close)
+            stack.callback(lambda: [m.close() for m in store._scoped.values()])
+            yield store
 
     def scoped(self, name: str) -> EpisodicMemory:
         """Memory of its own for one part of a run, beside every other part's in this store."""
-        if self.client is None:
-            raise RuntimeError("this store was opened without memory")
-        return EpisodicMemory(self.client, collection=f"scope-{hashlib.sha256(name.encode()).hexdigest()[:16]}")
+        if self._scope is None:
+            raise RuntimeError("this store was opened without run memory")
+        collection = f"scope-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+        if collection not in self._scoped:
+            self._scoped[collection] = EpisodicMemory(self._scope(collection))
+        return self._scoped[collection]
 
     def registry(self, task) -> "PersonaRegistry":
         from .registry import PersonaRegistry

@@ -2,14 +2,14 @@
 
 Retrieval is lexical by default (BM25-style sparse vectors with Qdrant's IDF modifier), so it
 needs no model and no network. Give an `Embedder` to add dense vectors; queries then fuse both
-with reciprocal-rank fusion. The same code runs on embedded Qdrant (a local path) or a server.
+with reciprocal-rank fusion. The same code runs on Qdrant Edge in process (a local path, the
+default) or a Qdrant server (`pipelines/points.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import json
 import re
 import uuid
@@ -18,9 +18,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from qdrant_client import QdrantClient, models
+from qdrant_client import QdrantClient
 
 from persona_agent.eval.tasks import Task
+from persona_agent.pipelines.points import ClientPoints, EdgePoints, Point, PointStore, Sparse
 
 Embedder = Callable[[list[str]], Sequence[Sequence[float]]]
 
@@ -32,12 +33,12 @@ _K1 = 1.2  # BM25 term-frequency saturation
 _NAMESPACE = uuid.UUID("6f1c3f5e-8a43-4a7b-9d38-3d5e0f9b1a27")
 
 
-def sparse_vector(text: str, query: bool = False) -> models.SparseVector:
+def sparse_vector(text: str, query: bool = False) -> Sparse:
     """Hash tokens to indices; values are BM25's saturated term frequency (1 per term for a
     query). Qdrant's IDF modifier supplies the inverse document frequency at search time."""
     counts = Counter(_hash(t) for t in _TOKEN.findall(text.lower()) if t not in _STOPWORDS)
     values = {i: 1.0 if query else tf * (_K1 + 1) / (tf + _K1) for i, tf in counts.items()}
-    return models.SparseVector(indices=list(values), values=list(values.values()))
+    return list(values), list(values.values())
 
 
 def _hash(token: str) -> int:
@@ -67,66 +68,22 @@ def point_id(user_id: str, item_id: str) -> str:
 
 
 class EpisodicMemory:
-    """All users' memories in one collection; every read is filtered to exactly one user."""
+    """All users' memories in one point store; every read is filtered to exactly one user."""
 
-    def __init__(self, client: QdrantClient, collection: str = "episodic", embedder: Embedder | None = None,
-                 layout: str | None = None):
-        """layout: "shared" (one collection, filtered by user: a server's tenant index makes that
-        fast) or "per_user" (a collection per user: embedded Qdrant searches by brute force, so
-        a search then scans only that user's memories). Default: per_user embedded, shared on a
-        server."""
-        self.client, self.collection, self.embedder = client, collection, embedder
-        self.layout = layout or ("per_user" if self._is_local else "shared")
-        if self.layout not in ("shared", "per_user"):
-            raise ValueError(f"layout must be 'shared' or 'per_user', not {self.layout!r}")
-        self._ready: set[str] = set()
+    def __init__(self, points: PointStore, embedder: Embedder | None = None):
+        self.points, self.embedder = points, embedder
 
     @classmethod
-    def open(cls, path: str | None = None, url: str | None = None, **kwargs) -> "EpisodicMemory":
-        """Embedded Qdrant at `path` (":memory:" for a throwaway store), or a server at `url`."""
-        client = QdrantClient(url=url) if url else QdrantClient(path=path or ":memory:")
-        return cls(client, **kwargs)
+    def open(cls, path: str | None = None, url: str | None = None, embedder: Embedder | None = None,
+             collection: str = "episodic") -> "EpisodicMemory":
+        """Qdrant Edge at `path` (":memory:" or None: a throwaway shard), or a server at `url`."""
+        size = len(embedder(["probe"])[0]) if embedder is not None else None
+        if url:
+            return cls(ClientPoints(QdrantClient(url=url), collection, dense_size=size, owns_client=True), embedder)
+        return cls(EdgePoints(None if path in (None, ":memory:") else path, dense_size=size), embedder)
 
     def close(self) -> None:
-        self.client.close()
-
-    def _name(self, user_id: str) -> str:
-        if self.layout == "shared":
-            return self.collection
-        return f"{self.collection}-{hashlib.sha256(user_id.encode()).hexdigest()[:24]}"
-
-    def _exists(self, name: str) -> bool:
-        if name not in self._ready and self.client.collection_exists(name):
-            self._ready.add(name)
-        return name in self._ready
-
-    def _ensure(self, name: str) -> str:
-        if self._exists(name):
-            return name
-        dense = {}
-        if self.embedder is not None:
-            size = len(self.embedder(["probe"])[0])
-            dense = {"dense": models.VectorParams(size=size, distance=models.Distance.COSINE)}
-        self.client.create_collection(
-            name, vectors_config=dense,
-            sparse_vectors_config={"lexical": models.SparseVectorParams(modifier=models.Modifier.IDF)},
-        )
-        if not self._is_local:
-            # On a server, user_id is the tenant key: indexed, and co-located per tenant.
-            self.client.create_payload_index(
-                name, "user_id", field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True))
-        self._ready.add(name)
-        return name
-
-    def _collections(self) -> list[str]:
-        if self.layout == "shared":
-            return [self.collection] if self._exists(self.collection) else []
-        prefix = f"{self.collection}-"
-        return [c.name for c in self.client.get_collections().collections if c.name.startswith(prefix)]
-
-    @property
-    def _is_local(self) -> bool:
-        return type(self.client._client).__name__ == "QdrantLocal"
+        self.points.close()
 
     def add(self, user_id: str, items: Iterable[MemoryItem], batch_size: int = 256) -> int:
         """Upsert a user's items (idempotent by item id); returns how many were written. Each
@@ -139,68 +96,35 @@ class EpisodicMemory:
             dense = self.embedder([it.text for it in batch]) if self.embedder else [None] * len(batch)
             points = []
             for it, vec in zip(batch, dense):
-                vector = {"lexical": sparse_vector(it.text)}
-                if vec is not None:
-                    vector["dense"] = list(map(float, vec))
                 payload = {"user_id": user_id, "item_id": it.item_id, "text": it.text,
                            "response": it.response, "date": it.date, "seq": kept.get(it.item_id, seq)}
                 seq += it.item_id not in kept
-                points.append(models.PointStruct(id=point_id(user_id, it.item_id), vector=vector, payload=payload))
-            self.client.upsert(self._ensure(self._name(user_id)), points=points, wait=True)
+                points.append(Point(point_id(user_id, it.item_id), sparse_vector(it.text),
+                                    None if vec is None else list(map(float, vec)), payload))
+            self.points.upsert(points)
         return len(items)
 
     def search(self, user_id: str, text: str, k: int, exclude: Iterable[str] = ()) -> list[Recall]:
         """Top-k of this user's memories for `text`, never another user's; `exclude` drops item
         ids (the interaction being simulated must not find its own answer)."""
-        name = self._name(user_id)
-        if k <= 0 or not text.strip() or not self._exists(name):
+        if k <= 0 or not text.strip():
             return []
-        flt = models.Filter(
-            must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))],
-            must_not=[models.HasIdCondition(has_id=[point_id(user_id, i) for i in exclude])] if exclude else None,
-        )
-        lexical = models.SparseVector(**sparse_vector(text, query=True).model_dump())
+        dense = list(map(float, self.embedder([text])[0])) if self.embedder is not None else None
         # Fetch past k and break score ties by item id: without that, equal scores come back in
         # storage order, which differs between a fresh and a reopened store, and so would prompts.
-        if self.embedder is None:
-            hits = self.client.query_points(name, query=lexical, using="lexical", query_filter=flt,
-                                            limit=2 * k, with_payload=True).points
-        else:
-            dense = list(map(float, self.embedder([text])[0]))
-            hits = self.client.query_points(
-                name,
-                prefetch=[models.Prefetch(query=lexical, using="lexical", filter=flt, limit=4 * k),
-                          models.Prefetch(query=dense, using="dense", filter=flt, limit=4 * k)],
-                query=models.FusionQuery(fusion=models.Fusion.RRF), query_filter=flt, limit=2 * k, with_payload=True,
-            ).points
-        hits = sorted(hits, key=lambda h: (-round(h.score, 5), h.payload["item_id"]))[:k]
-        return [Recall(_item(h.payload), h.score) for h in hits if h.payload.get("user_id") == user_id]
+        hits = self.points.search(user_id, sparse_vector(text, query=True), dense, 2 * k,
+                                  [point_id(user_id, i) for i in exclude])
+        hits = sorted(hits, key=lambda h: (-round(h[0], 5), h[1]["item_id"]))[:k]
+        return [Recall(_item(payload), score) for score, payload in hits if payload.get("user_id") == user_id]
 
     def items(self, user_id: str) -> list[MemoryItem]:
         """All of a user's memories, oldest first (see `in_time_order`)."""
-        flt = models.Filter(must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
-        name, out, offset = self._name(user_id), [], None
-        if not self._exists(name):
-            return []
-        while True:
-            points, offset = self.client.scroll(name, scroll_filter=flt, limit=1024, offset=offset,
-                                                with_payload=True)
-            out.extend((p.payload.get("seq", 0), _item(p.payload)) for p in points)
-            if offset is None:
-                return in_time_order(out)
+        return in_time_order([(p.get("seq", 0), _item(p)) for p in self.points.payloads(user_id)
+                              if p.get("user_id") == user_id])
 
     def user_ids(self) -> list[str]:
         """Every user with memories, sorted."""
-        users = set()
-        for name in self._collections():
-            offset = None
-            while True:
-                points, offset = self.client.scroll(name, limit=4096 if self.layout == "shared" else 1, offset=offset,
-                                                    with_payload=models.PayloadSelectorInclude(include=["user_id"]))
-                users.update(p.payload["user_id"] for p in points)
-                if offset is None or self.layout == "per_user":
-                    break
-        return sorted(users)
+        return self.points.user_ids()
 
     def known(self, user_id: str, item_ids: Iterable[str]) -> set[str]:
         """Which of these item ids the user's memory already holds."""
@@ -211,17 +135,11 @@ class EpisodicMemory:
         return {it.item_id: it for _, it in self._stored(user_id, item_ids)}
 
     def _stored(self, user_id: str, item_ids: Iterable[str]) -> list[tuple[int, MemoryItem]]:
-        ids, name = {point_id(user_id, i) for i in item_ids}, self._name(user_id)
-        if not ids or not self._exists(name):
-            return []
-        found = self.client.retrieve(name, list(ids), with_payload=True, with_vectors=False)
-        return [(p.payload.get("seq", 0), _item(p.payload)) for p in found]
+        ids = list({point_id(user_id, i) for i in item_ids})
+        return [(p.get("seq", 0), _item(p)) for p in self.points.payloads(user_id, ids)] if ids else []
 
     def count(self, user_id: str | None = None) -> int:
-        flt = None if user_id is None else models.Filter(
-            must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
-        names = self._collections() if user_id is None else [n for n in [self._name(user_id)] if self._exists(n)]
-        return sum(self.client.count(n, count_filter=flt, exact=True).count for n in names)
+        return self.points.count(user_id)
 
 
 def history_items(task: Task, profile: list[dict]) -> list[MemoryItem]:

@@ -13,8 +13,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import dspy  # noqa: E402
 import pytest  # noqa: E402
 
-from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
 from persona_agent.testing import FakeEngine  # noqa: E402
+
+from .helpers import open_memory  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -23,9 +24,11 @@ def _fresh_memory_cache():
     dspy.cache.reset_memory_cache()
 
 
-@pytest.fixture(params=["per_user", "shared"])
+@pytest.fixture(params=["edge", "client"])
 def memory(request):
-    m = EpisodicMemory.open(":memory:", layout=request.param)
+    """Every memory test runs on both point stores: Qdrant Edge and the server path."""
+    m = open_memory(request.param)
+    m.kind = request.param
     yield m
     m.close()
 

@@ -3,9 +3,12 @@
 import json
 from pathlib import Path
 
+from qdrant_client import QdrantClient
+
 from persona_agent.eval.tasks import LAMP_2M, Task
 from persona_agent.pipelines.ingest import IngestReport, ingest
 from persona_agent.pipelines.memory import EpisodicMemory
+from persona_agent.pipelines.points import ClientPoints
 from persona_agent.settings import Settings
 
 
@@ -17,6 +20,15 @@ def ingest_into(settings: Settings, path: Path, task: Task = LAMP_2M) -> IngestR
         return ingest(memory, path, task)
     finally:
         memory.close()
+
+
+def open_memory(kind: str, embedder=None) -> EpisodicMemory:
+    """A throwaway memory on either point store: "edge" (the embedded default) or "client" (the
+    server path, ClientPoints, on qdrant-client's in-process engine, which speaks a server's API)."""
+    if kind == "edge":
+        return EpisodicMemory.open(":memory:", embedder=embedder)
+    size = len(embedder(["probe"])[0]) if embedder else None
+    return EpisodicMemory(ClientPoints(QdrantClient(location=":memory:"), dense_size=size, owns_client=True), embedder)
 
 
 def write_events(path: Path, rows: list[dict]) -> Path:

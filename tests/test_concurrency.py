@@ -29,8 +29,8 @@ time.sleep(float(sys.argv[2]))
 OURS = """from persona_agent.store import Store
 held = Store.open(Settings(store=Path(sys.argv[1])), memory="persistent", tracking=False)
 held.__enter__()"""
-FOREIGN = """from qdrant_client import QdrantClient
-client = QdrantClient(path=str(Path(sys.argv[1]) / "qdrant"))"""
+FOREIGN = """from qdrant_edge import EdgeShard
+shard = EdgeShard.load(str(Path(sys.argv[1]) / "qdrant-edge"))"""
 
 
 @pytest.fixture

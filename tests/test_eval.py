@@ -254,7 +254,7 @@ def test_an_outage_while_answering_stops_eval_too(tmp_path, monkeypatch):
 
 
 def test_a_rerun_reports_its_cache_hits_instead_of_zero_calls(memory, tmp_path):
-    lm = dspy.LM(f"fake/cache-hits-{memory.layout}", engine=FakeEngine(_policy([])), cache=True, num_retries=0)
+    lm = dspy.LM(f"fake/cache-hits-{memory.kind}", engine=FakeEngine(_policy([])), cache=True, num_retries=0)
     settings = Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1)
     first, second = (run_eval(settings, LAMP_2M, _users(), ["rag", "pag"], lm, dspy.JSONAdapter(), memory).results
                      for _ in range(2))

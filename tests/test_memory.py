@@ -1,4 +1,12 @@
+import pytest
+from qdrant_client import QdrantClient
+
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, UserMemory, sparse_vector
+from persona_agent.pipelines.points import ClientPoints, EdgePoints, StoreLocked
+from persona_agent.settings import Settings
+from persona_agent.store import Store
+
+from .helpers import open_memory
 
 
 def _fill(memory):
@@ -42,11 +50,12 @@ def test_items_oldest_first(memory):
     assert [it.item_id for it in memory.items("u")] == ["a", "b"]
 
 
-def test_dense_embedder_is_fused_with_lexical():
+@pytest.mark.parametrize("kind", ["edge", "client"])
+def test_dense_embedder_is_fused_with_lexical(kind):
     def embed(texts):  # 2-d toy embedding: is it about weddings?
         return [[1.0, 0.0] if "wedding" in t or "marriage" in t else [0.0, 1.0] for t in texts]
 
-    m = EpisodicMemory.open(":memory:", embedder=embed)
+    m = open_memory(kind, embedder=embed)
     _fill(m)
     m.add("alice", [MemoryItem("3", "a marriage of convenience", "romance")])
     ids = [h.item.item_id for h in m.search("alice", "wedding", k=2)]
@@ -55,8 +64,8 @@ def test_dense_embedder_is_fused_with_lexical():
 
 
 def test_sparse_vector_drops_stopwords_and_saturates_counts():
-    v = sparse_vector("the the starship starship starship")
-    assert len(v.indices) == 1 and 1 < v.values[0] < 2.2
+    indices, values = sparse_vector("the the starship starship starship")
+    assert len(indices) == 1 and 1 < values[0] < 2.2
 
 
 def test_undated_items_keep_the_order_they_were_added_in_not_the_order_of_their_ids(memory):
@@ -69,3 +78,38 @@ def test_dated_items_are_in_date_order_ties_in_the_order_they_were_added(memory)
     memory.add("alice", [MemoryItem("b", "later", date="2024-02-01"), MemoryItem("z", "early", date="2024-01-01"),
                          MemoryItem("a", "early too", date="2024-01-01")])
     assert [it.text for it in memory.items("alice")] == ["early", "early too", "later"]
+
+
+def test_the_embedded_store_keeps_its_memories_when_reopened_and_serves_one_process(tmp_path):
+    m = EpisodicMemory.open(path=str(tmp_path / "edge"))
+    _fill(m)
+    with pytest.raises(StoreLocked):  # Edge locks its write-ahead log while a shard is open
+        EdgePoints(tmp_path / "edge")
+    m.close()
+    m = EpisodicMemory.open(path=str(tmp_path / "edge"))
+    assert m.count() == 4 and m.user_ids() == ["alice", "bob"]
+    assert m.search("alice", "the wedding", k=1)[0].item.item_id == "2"
+    m.close()
+
+
+def _legacy(path, users):
+    """A store as versions before Qdrant Edge wrote it: qdrant-client's embedded files, one
+    collection per user."""
+    client = QdrantClient(path=str(path))
+    for i, (user, items) in enumerate(users.items()):
+        EpisodicMemory(ClientPoints(client, f"episodic-{i:024d}")).add(user, items)
+    client.close()
+
+
+def test_a_store_from_an_earlier_version_is_copied_into_edge_once_and_kept(tmp_path):
+    settings = Settings(store=tmp_path / "store")
+    alice = [MemoryItem("1", "a starship crew and a love story", "sci-fi"), MemoryItem("2", "a wedding", "comedy")]
+    _legacy(settings.legacy_qdrant_path, {"alice": alice, "bob": [MemoryItem("1", "a heist", "action")]})
+    (settings.qdrant_path.parent / "qdrant-edge.partial").mkdir()  # a copy an earlier crash left half done
+    with Store.open(settings, memory="persistent", tracking=False) as store:
+        assert store.memory.items("alice") == alice and store.memory.user_ids() == ["alice", "bob"]
+        assert store.memory.search("alice", "wedding", k=1)[0].item.item_id == "2"
+        store.memory.add("alice", [MemoryItem("3", "a new one", "drama")])
+    assert settings.legacy_qdrant_path.exists() and not (settings.qdrant_path.parent / "qdrant-edge.partial").exists()
+    with Store.open(settings, memory="persistent", tracking=False) as store:  # not copied again over the new item
+        assert [it.item_id for it in store.memory.items("alice")] == ["1", "2", "3"]

@@ -1,0 +1,246 @@
+"""Where episodic memory's points live: Qdrant Edge in this process (the embedded default) or a
+Qdrant server. `EpisodicMemory` speaks only the narrow `PointStore` protocol below, so the
+per-user logic (vectors, payloads, ordering) is written once and every read is filtered here.
+
+Edge is Qdrant's own engine run in process: segments, an inverted index for the sparse lexical
+vectors and a keyword index on `user_id`, so one user with 100,000 memories is searched in about
+a millisecond (`bench/retrieval_latency.py`). qdrant-client's embedded mode, used before, scans
+every point in Python (183 ms at 10,000); `ClientPoints` still runs on it for reading old stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import qdrant_edge as edge
+from qdrant_client import QdrantClient, models
+
+log = logging.getLogger(__name__)
+Sparse = tuple[list[int], list[float]]
+_ALL = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Point:
+    id: str
+    lexical: Sparse
+    dense: list[float] | None
+    payload: dict
+
+
+class PointStore(Protocol):
+    """Points of many users; every read names exactly one user (or counts them all)."""
+
+    def upsert(self, points: list[Point]) -> None: ...
+
+    def search(self, user_id: str, lexical: Sparse, dense: list[float] | None, limit: int,
+               exclude: list[str]) -> list[tuple[float, dict]]:
+        """(score, payload) of the user's best points: lexical alone, or fused with dense by RRF."""
+
+    def payloads(self, user_id: str, ids: list[str] | None = None) -> list[dict]:
+        """The user's payloads: all of them, or those among these point ids."""
+
+    def count(self, user_id: str | None = None) -> int: ...
+
+    def user_ids(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+class StoreLocked(RuntimeError):
+    """Another process has this embedded memory open."""
+
+
+class EdgePoints:
+    """A Qdrant Edge shard at `path`, or in a temporary directory removed on close."""
+
+    def __init__(self, path: str | os.PathLike | None = None, dense_size: int | None = None):
+        self._tmp = tempfile.mkdtemp(prefix="persona-agent-memory-") if path is None else None
+        root = Path(self._tmp or path)
+        config = edge.EdgeConfig(
+            vectors={"dense": edge.EdgeVectorParams(size=dense_size, distance=edge.Distance.Cosine)} if dense_size else {},
+            sparse_vectors={"lexical": edge.EdgeSparseVectorParams(modifier=edge.Modifier.Idf)},
+            wal_enabled=self._tmp is None)  # a throwaway shard needs no crash recovery
+        try:
+            if (root / "edge_config.json").exists():
+                self.shard = edge.EdgeShard.load(str(root), config)
+            else:
+                self.shard = edge.EdgeShard.create(str(root), config)
+                self.shard.update(edge.UpdateOperation.create_field_index("user_id", edge.PayloadSchemaType.Keyword))
+        except Exception as err:
+            if "WouldBlock" in str(err):  # Edge locks its write-ahead log: one process at a time
+                raise StoreLocked(f"{root} is open in another process") from None
+            raise
+
+    @staticmethod
+    def _user(user_id: str, exclude: list[str] = ()) -> edge.Filter:
+        return edge.Filter(must=[edge.FieldCondition("user_id", match=edge.MatchValue(user_id))],
+                           must_not=[edge.HasIdCondition(set(exclude))] if exclude else None)
+
+    def upsert(self, points: list[Point]) -> None:
+        def vectors(p: Point) -> dict:
+            out = {"lexical": edge.SparseVector(*p.lexical)}
+            return out | {"dense": p.dense} if p.dense is not None else out
+
+        self.shard.update(edge.UpdateOperation.upsert_points([edge.Point(p.id, vectors(p), p.payload) for p in points]))
+
+    def search(self, user_id, lexical, dense, limit, exclude):
+        flt = self._user(user_id, exclude)
+        lexical_query = edge.Query.Nearest(edge.SparseVector(*lexical), using="lexical")
+        if dense is None:
+            request = edge.QueryRequest(limit=limit, query=lexical_query, filter=flt, with_payload=True)
+        else:
+            request = edge.QueryRequest(
+                limit=limit, with_payload=True, filter=flt, query=edge.Fusion.Rrf(k=2),
+                prefetches=[edge.Prefetch(limit=2 * limit, query=lexical_query, filter=flt),
+                            edge.Prefetch(limit=2 * limit, query=edge.Query.Nearest(dense, using="dense"), filter=flt)])
+        return [(h.score, h.payload) for h in self.shard.query(request)]
+
+    def payloads(self, user_id, ids=None):
+        if ids is not None:
+            found = self.shard.retrieve(list(ids), with_payload=True, with_vector=False)
+            return [r.payload for r in found if r.payload.get("user_id") == user_id]
+        out, offset = [], None
+        while True:
+            records, offset = self.shard.scroll(edge.ScrollRequest(offset=offset, limit=1024, filter=self._user(user_id),
+                                                                   with_payload=True))
+            out.extend(r.payload for r in records)
+            if offset is None:
+                return out
+
+    def count(self, user_id=None):
+        return self.shard.count(edge.CountRequest(exact=True, filter=None if user_id is None else self._user(user_id)))
+
+    def user_ids(self):
+        return sorted(hit.value for hit in self.shard.facet(edge.FacetRequest("user_id", limit=_ALL, exact=True)).hits)
+
+    def close(self) -> None:
+        self.shard.close()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class ClientPoints:
+    """One collection through qdrant-client: a Qdrant server, where `user_id` is the tenant key."""
+
+    def __init__(self, client: QdrantClient, collection: str = "episodic", dense_size: int | None = None,
+                 owns_client: bool = False):
+        """owns_client: close the client with this store (else its opener closes it)."""
+        self.client, self.collection, self.dense_size, self.owns_client = client, collection, dense_size, owns_client
+        self._ready = False
+
+    @staticmethod
+    def _user(user_id: str, exclude: list[str] = ()) -> models.Filter:
+        return models.Filter(
+            must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))],
+            must_not=[models.HasIdCondition(has_id=list(exclude))] if exclude else None)
+
+    def _exists(self) -> bool:
+        self._ready = self._ready or self.client.collection_exists(self.collection)
+        return self._ready
+
+    def _ensure(self) -> None:
+        if self._exists():
+            return
+        dense = {"dense": models.VectorParams(size=self.dense_size, distance=models.Distance.COSINE)} if self.dense_size else {}
+        self.client.create_collection(
+            self.collection, vectors_config=dense,
+            sparse_vectors_config={"lexical": models.SparseVectorParams(modifier=models.Modifier.IDF)})
+        if type(self.client._client).__name__ != "QdrantLocal":  # embedded qdrant-client has no payload indexes
+            self.client.create_payload_index(
+                self.collection, "user_id",
+                field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True))
+        self._ready = True
+
+    def upsert(self, points: list[Point]) -> None:
+        self._ensure()
+        self.client.upsert(self.collection, wait=True, points=[
+            models.PointStruct(id=p.id, payload=p.payload, vector={
+                "lexical": models.SparseVector(indices=p.lexical[0], values=p.lexical[1]),
+                **({"dense": p.dense} if p.dense is not None else {})}) for p in points])
+
+    def search(self, user_id, lexical, dense, limit, exclude):
+        if not self._exists():
+            return []
+        flt, sparse = self._user(user_id, exclude), models.SparseVector(indices=lexical[0], values=lexical[1])
+        if dense is None:
+            hits = self.client.query_points(self.collection, query=sparse, using="lexical", query_filter=flt,
+                                            limit=limit, with_payload=True).points
+        else:
+            hits = self.client.query_points(
+                self.collection, query=models.FusionQuery(fusion=models.Fusion.RRF), query_filter=flt, limit=limit,
+                with_payload=True,
+                prefetch=[models.Prefetch(query=sparse, using="lexical", filter=flt, limit=2 * limit),
+                          models.Prefetch(query=dense, using="dense", filter=flt, limit=2 * limit)]).points
+        return [(h.score, h.payload) for h in hits]
+
+    def payloads(self, user_id, ids=None):
+        if not self._exists():
+            return []
+        if ids is not None:
+            found = self.client.retrieve(self.collection, list(ids), with_payload=True, with_vectors=False)
+            return [p.payload for p in found if p.payload.get("user_id") == user_id]
+        return [p.payload for p in self._scroll(self._user(user_id))]
+
+    def _scroll(self, flt: models.Filter | None, with_vectors: bool = False) -> Iterator[models.Record]:
+        offset = None
+        while True:
+            points, offset = self.client.scroll(self.collection, scroll_filter=flt, limit=1024, offset=offset,
+                                                with_payload=True, with_vectors=with_vectors)
+            yield from points
+            if offset is None:
+                return
+
+    def count(self, user_id=None):
+        if not self._exists():
+            return 0
+        flt = None if user_id is None else self._user(user_id)
+        return self.client.count(self.collection, count_filter=flt, exact=True).count
+
+    def user_ids(self):
+        if not self._exists():
+            return []
+        return sorted({p.payload["user_id"] for p in self._scroll(None)})
+
+    def close(self) -> None:
+        if self.owns_client:
+            self.client.close()
+
+
+def import_legacy(old: Path, new: Path) -> int:
+    """Copy a store written by earlier versions (qdrant-client's embedded files at `old`: one
+    collection per user, or one shared) into an Edge shard at `new`. Written beside it and
+    renamed into place, so a crash leaves either no shard or a whole one; `old` is kept."""
+    partial = new.with_name(new.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    client = QdrantClient(path=str(old))  # qdrant-client's embedded mode reads the old files
+    copied, target = 0, None
+    try:
+        for collection in (c.name for c in client.get_collections().collections):
+            batch = []
+            for record in ClientPoints(client, collection)._scroll(None, with_vectors=True):
+                vector, lexical = record.vector, record.vector["lexical"]
+                batch.append(Point(str(record.id), (lexical.indices, lexical.values), vector.get("dense"), record.payload))
+                if target is None:
+                    target = EdgePoints(partial, dense_size=len(vector["dense"]) if "dense" in vector else None)
+                if len(batch) == 256:
+                    target.upsert(batch)
+                    copied, batch = copied + len(batch), []
+            if batch:
+                target.upsert(batch)
+                copied += len(batch)
+    finally:
+        client.close()
+    target = target or EdgePoints(partial)
+    target.shard.flush()
+    target.close()
+    os.replace(partial, new)
+    log.warning("copied %d memories from %s (written by an earlier version) into %s; %s can be removed",
+                copied, old, new, old)
+    return copied
