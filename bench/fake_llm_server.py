@@ -33,6 +33,14 @@ def chat_format(values: dict) -> str:
 SERVER_FAULTS = ("hang", "429", "500", "503", "empty", "malformed")
 
 
+class _Server(ThreadingHTTPServer):
+    # A real LLM server takes many connections at once (uvicorn's listen queue is 2048). Python's
+    # default of 5 dropped connections past it under 32 clients, each retried by TCP a second
+    # later: the nightly bench once measured that as the pipeline's own slowness.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faults: float = 0.0, seed: int = 0,
                 hang: float = 30.0, kinds=SERVER_FAULTS) -> ThreadingHTTPServer:
     """`faults`: the fraction of requests that fail (kind drawn from `kinds`, seeded); a "hang"
@@ -41,6 +49,8 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
     rng, lock = random.Random(seed), threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as real LLM servers
+        disable_nagle_algorithm = True  # else a kept-alive reply waits on the client's delayed ACK
         calls = 0
         injected: Counter = Counter()
         faults = 0.0
@@ -90,8 +100,7 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
             pass
 
     Handler.faults, Handler.latency = faults, latency
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", port), Handler)
     server.handler = Handler
     return server
 

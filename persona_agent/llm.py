@@ -232,7 +232,7 @@ class OpenAICompatibleEngine:
         text = raw.decode("utf-8", "replace")
         if status != 200:
             error = RateLimitError if status == 429 else ServerError if status >= 500 else InvalidRequestError
-            raise error(f"{where}: {text[:300]}", provider="openai-compatible", status=status)
+            raise error(f"{where}: HTTP {status}: {text[:300]}", provider="openai-compatible", status=status)
         try:
             out = json.loads(text)
             choice = out["choices"][0]

@@ -164,42 +164,52 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             finally:
                 _user_calls.reset(token)
 
-        outcomes = (_ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
-                    else _thread_outcomes(jobs, work, workers))
-        summary.night = 1 + len(mlflow.search_runs(filter_string=f"tags.nightly_task = '{task.key}'",
-                                                   output_format="list"))
-        with mlflow.start_run(run_name=f"nightly-{task.key}", tags={**tracking.owner_tags(), "nightly_task": task.key,
-                                                                     "night": str(summary.night)}) as run, \
-                progress_bar(console) as progress:
-            mlflow.log_params(tracking.run_params(
-                settings, task.key, workers=workers, executor=executor, users_planned=len(jobs),
-                score_max=settings.score_max, rollback_after=settings.rollback_after,
-                max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
-            bar = progress.add_task("nightly", total=len(jobs))
-            with _Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night) as committer:
-                pending = []
-                for outcome in outcomes:
-                    progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
-                    if outcome.status == "deferred":
-                        summary.deferred[outcome.user_id] = outcome.error
-                        continue
-                    pending.append((outcome, committer.submit(outcome)))
-                rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
-                rows += [{"user_id": user, "status": "deferred", "error": why} for user, why in summary.deferred.items()]
-                rows += [_tally(summary, outcome, committer.result(outcome, future)) for outcome, future in pending]
-            done = {row["user_id"] for row in rows}  # failed, deferred or committed
-            summary.interrupted = [job.user_id for job in jobs if job.user_id not in done]
-            rows += [{"user_id": user, "status": "interrupted"} for user in summary.interrupted]
-            summary.seconds = time.perf_counter() - started
-            mlflow.log_metrics(summary.counts())
-            mlflow.log_metrics(summary.quality(task), step=summary.night)
-            if summary.scored:
-                mlflow.log_table(_prequential_rows(summary, task), "prequential.json")
-            mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens",
-                                                        "fallbacks", "error"]).to_csv(index=False), "users.csv")
-            if summary.stopped_by:
-                mlflow.set_tag("stopped_by", summary.stopped_by)
+        # The users start now; the MLflow run and the commit process (seconds: a spawned Python
+        # importing MLflow) are set up while they work.
+        outcomes, shutdown = (_ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
+                              else _thread_outcomes(jobs, work, workers))
+        try:
+            _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console)
+        finally:
+            shutdown()
     return summary
+
+
+def _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console) -> None:
+    """Commit each outcome as it arrives, and log the night to MLflow."""
+    summary.night = 1 + len(mlflow.search_runs(filter_string=f"tags.nightly_task = '{task.key}'",
+                                               output_format="list"))
+    with mlflow.start_run(run_name=f"nightly-{task.key}", tags={**tracking.owner_tags(), "nightly_task": task.key,
+                                                                 "night": str(summary.night)}) as run, \
+            progress_bar(console) as progress:
+        mlflow.log_params(tracking.run_params(
+            settings, task.key, workers=workers, executor=executor, users_planned=len(jobs),
+            score_max=settings.score_max, rollback_after=settings.rollback_after,
+            max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
+        bar = progress.add_task("nightly", total=len(jobs))
+        with _Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night) as committer:
+            pending = []
+            for outcome in outcomes:
+                progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
+                if outcome.status == "deferred":
+                    summary.deferred[outcome.user_id] = outcome.error
+                    continue
+                pending.append((outcome, committer.submit(outcome)))
+            rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
+            rows += [{"user_id": user, "status": "deferred", "error": why} for user, why in summary.deferred.items()]
+            rows += [_tally(summary, outcome, committer.result(outcome, future)) for outcome, future in pending]
+        done = {row["user_id"] for row in rows}  # failed, deferred or committed
+        summary.interrupted = [job.user_id for job in jobs if job.user_id not in done]
+        rows += [{"user_id": user, "status": "interrupted"} for user in summary.interrupted]
+        summary.seconds = time.perf_counter() - started
+        mlflow.log_metrics(summary.counts())
+        mlflow.log_metrics(summary.quality(task), step=summary.night)
+        if summary.scored:
+            mlflow.log_table(_prequential_rows(summary, task), "prequential.json")
+        mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens",
+                                                    "fallbacks", "error"]).to_csv(index=False), "users.csv")
+        if summary.stopped_by:
+            mlflow.set_tag("stopped_by", summary.stopped_by)
 
 
 class _Committer:
@@ -312,12 +322,19 @@ def _prequential_rows(summary: NightlySummary, task: Task) -> pd.DataFrame:
 
 
 def _thread_outcomes(jobs, work, workers):
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for future in as_completed([pool.submit(work, job) for job in jobs]):
+    """Starts every job now; returns (outcomes as they finish, shutdown). Shutdown cancels the
+    jobs not started and waits for those running (an error on the way leaves no LM calls behind)."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    futures = [pool.submit(work, job) for job in jobs]
+
+    def outcomes():
+        for future in as_completed(futures):
             try:
                 yield future.result()
             except Stopped:  # not started, or stopped at an LM call: left for the next run
                 pass
+
+    return outcomes(), lambda: pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _RayAligner:
@@ -338,6 +355,8 @@ class _RayAligner:
 
 
 def _ray_outcomes(jobs, task: Task, settings: Settings, workers: int, stop: threading.Event):
+    """Starts the actors and the first users now; returns (outcomes as they finish, shutdown).
+    Shutdown kills the actors: on a stop, the users in flight go with them."""
     import math
 
     import ray
@@ -352,23 +371,29 @@ def _ray_outcomes(jobs, task: Task, settings: Settings, workers: int, stop: thre
     aligner = ray.remote(num_cpus=0.5, max_concurrency=per_actor, max_restarts=1)(_RayAligner)
     pool = [aligner.remote(task.key, settings) for _ in range(actors)]
     pending, queue, load = {}, list(jobs), {i: 0 for i in range(actors)}
-    while (queue or pending) and not stop.is_set():
-        while queue and len(pending) < actors * per_actor:
+
+    def submit():
+        while queue and len(pending) < actors * per_actor and not stop.is_set():
             i = min(load, key=load.get)
             load[i] += 1
             job = queue.pop(0)
             pending[pool[i].align.remote(job)] = (i, job)
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)  # a timeout, to notice a stop
-        if not ready:
-            continue
-        i, job = pending.pop(ready[0])
-        load[i] -= 1
-        try:
-            yield ray.get(ready[0])
-        except Exception as err:  # a lost worker or actor: this user is retried next run
-            yield UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
-    for actor in pool:  # on a stop, the users in flight go with their actors
-        ray.kill(actor)
+
+    def outcomes():
+        while (queue or pending) and not stop.is_set():
+            submit()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)  # a timeout, to notice a stop
+            if not ready:
+                continue
+            i, job = pending.pop(ready[0])
+            load[i] -= 1
+            try:
+                yield ray.get(ready[0])
+            except Exception as err:  # a lost worker or actor: this user is retried next run
+                yield UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
+
+    submit()
+    return outcomes(), lambda: [ray.kill(actor) for actor in pool]
 
 
 def print_summary(summary: NightlySummary, console: Console | None = None, task: Task | None = None) -> None:

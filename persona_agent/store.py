@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout
 from qdrant_client import QdrantClient
 
 from .pipelines.memory import EpisodicMemory
-from .pipelines.points import ClientPoints, EdgePoints, PointStore, StoreLocked, import_legacy
+from .pipelines.points import ClientPoints, EdgePoints, PointStore, StoreLocked, import_legacy, scratch_dir
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -115,7 +115,8 @@ class Store:
                 store._scope = lambda collection: ClientPoints(client, collection)
                 store.memory = EpisodicMemory(store._scope("episodic"))
             elif memory == "run":  # throwaway Edge shards, one per scope, in one directory
-                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="persona-agent-run-")))
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="persona-agent-run-",
+                                                                            dir=scratch_dir())))
                 store._scope = lambda collection: EdgePoints(root / collection)
                 store.memory = EpisodicMemory(store._scope("episodic"))
                 stack.callback(store.memory.close)

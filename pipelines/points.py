@@ -53,6 +53,11 @@ class PointStore(Protocol):
     def close(self) -> None: ...
 
 
+def scratch_dir() -> str | None:
+    """A RAM-backed directory for throwaway shards where there is one (Linux), else the default."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
 class StoreLocked(RuntimeError):
     """Another process has this embedded memory open."""
 
@@ -61,12 +66,15 @@ class EdgePoints:
     """A Qdrant Edge shard at `path`, or in a temporary directory removed on close."""
 
     def __init__(self, path: str | os.PathLike | None = None, dense_size: int | None = None):
-        self._tmp = tempfile.mkdtemp(prefix="persona-agent-memory-") if path is None else None
+        """path None: a throwaway shard (one job's or one test's), in RAM where the system has a
+        RAM disk, with no write-ahead log: Edge holds the GIL while it creates, syncs and closes a
+        shard, ~27 ms on disk against ~5 ms in RAM, once per nightly user."""
+        self._tmp = tempfile.mkdtemp(prefix="persona-agent-memory-", dir=scratch_dir()) if path is None else None
         root = Path(self._tmp or path)
         config = edge.EdgeConfig(
             vectors={"dense": edge.EdgeVectorParams(size=dense_size, distance=edge.Distance.Cosine)} if dense_size else {},
             sparse_vectors={"lexical": edge.EdgeSparseVectorParams(modifier=edge.Modifier.Idf)},
-            wal_enabled=self._tmp is None)  # a throwaway shard needs no crash recovery
+            wal_enabled=self._tmp is None)
         try:
             if (root / "edge_config.json").exists():
                 self.shard = edge.EdgeShard.load(str(root), config)
