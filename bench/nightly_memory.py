@@ -28,7 +28,7 @@ import resource, sys, time
 from pathlib import Path
 from persona_agent.cli import main
 started = time.perf_counter()
-code = main(["nightly", "--store", sys.argv[1], "--lm", "scripted", "--batch-size", "1", "--iterations", "1",
+code = main(["nightly", "--store", sys.argv[1], "--lm", "scripted", "--batch", "1", "--iterations", "1",
              "--workers", "4"])
 self, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 print(f"RESULT {code} {self.ru_maxrss} {children.ru_maxrss} {time.perf_counter() - started:.1f}")

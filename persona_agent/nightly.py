@@ -8,6 +8,7 @@ it, the users that finished are committed, the others are left for the next run.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import logging
@@ -188,16 +189,22 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
             max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
         bar = progress.add_task("nightly", total=len(jobs))
         with _Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night) as committer:
-            pending = []
+            # Tallied as commits finish (they finish in order), so a run holds the outcomes in
+            # flight, not every user's: memory grows with workers, not users (bench/nightly_memory.py).
+            pending, committed = collections.deque(), []
             for outcome in outcomes:
                 progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
                 if outcome.status == "deferred":
                     summary.deferred[outcome.user_id] = outcome.error
                     continue
                 pending.append((outcome, committer.submit(outcome)))
+                while pending and pending[0][1][1].done():
+                    committed.append(_tally(summary, *_committed(committer, pending.popleft())))
+            while pending:
+                committed.append(_tally(summary, *_committed(committer, pending.popleft())))
             rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
             rows += [{"user_id": user, "status": "deferred", "error": why} for user, why in summary.deferred.items()]
-            rows += [_tally(summary, outcome, committer.result(outcome, future)) for outcome, future in pending]
+            rows += committed
         done = {row["user_id"] for row in rows}  # failed, deferred or committed
         summary.interrupted = [job.user_id for job in jobs if job.user_id not in done]
         rows += [{"user_id": user, "status": "interrupted"} for user in summary.interrupted]
@@ -293,6 +300,11 @@ def _commit(outcome, task_key: str, state_dir: str, run_id: str, night: int):
     return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_dir)), run_id, night)
 
 
+def _committed(committer: _Committer, entry) -> tuple:
+    outcome, submitted = entry
+    return outcome, committer.result(outcome, submitted)
+
+
 def _tally(summary: NightlySummary, outcome, version) -> dict:
     if isinstance(version, BaseException):  # the user keeps their persona and is retried next run
         outcome.status, outcome.error = "failed", f"commit failed: {type(version).__name__}: {str(version)[:300]}"
@@ -328,7 +340,9 @@ def _thread_outcomes(jobs, work, workers):
     futures = [pool.submit(work, job) for job in jobs]
 
     def outcomes():
-        for future in as_completed(futures):
+        waiting = as_completed(futures[:])  # it drops each future it yields: an outcome is freed once handled
+        futures.clear()
+        for future in waiting:
             try:
                 yield future.result()
             except Stopped:  # not started, or stopped at an LM call: left for the next run
