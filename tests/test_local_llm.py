@@ -78,4 +78,4 @@ def test_demo_end_to_end_registers_every_persona_revision(tmp_path, monkeypatch)
     assert "<profile>" in alias.template
     runs = mlflow.search_runs(experiment_names=["persona-agent"])
     assert len(runs) == 2 and "metrics.after_alignment_accuracy" in runs.columns
-    assert (tmp_path / "mlruns" / "qdrant").exists()
+    assert (tmp_path / "mlruns" / "qdrant-edge").exists()
