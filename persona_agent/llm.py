@@ -84,11 +84,7 @@ class LlamaCppEngine:
         return self._server
 
     def complete(self, request) -> Response:
-        messages = []
-        if request.system is not None:
-            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
-            messages.append({"role": "system", "content": system})
-        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        messages = chat_messages(request)
         cfg = request.config
         body = {"max_tokens": cfg.max_tokens or 256, "temperature": 0.0 if cfg.temperature is None else cfg.temperature,
                 **self.sampling}
@@ -203,11 +199,7 @@ class OpenAICompatibleEngine:
     def complete(self, request) -> Response:
         from dspy.lm15 import InvalidRequestError, RateLimitError, TimeoutError, TransportError
 
-        messages = []
-        if request.system is not None:
-            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
-            messages.append({"role": "system", "content": system})
-        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        messages = chat_messages(request)
         cfg = request.config
         body = {"model": self.model, "messages": messages,
                 **{k: v for k, v in (("max_tokens", cfg.max_tokens), ("temperature", cfg.temperature),
@@ -249,6 +241,16 @@ class OpenAICompatibleEngine:
         from dspy.lm15 import response_to_events
 
         return response_to_events(self.complete(request))
+
+
+def chat_messages(request) -> list[dict]:
+    """DSPy's canonical request as OpenAI-style chat messages (system first)."""
+    messages = []
+    if request.system is not None:
+        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+        messages.append({"role": "system", "content": system})
+    messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+    return messages
 
 
 def compact_json_grammar(schema: dict) -> str:
