@@ -90,9 +90,10 @@ class Store:
     """`memory`: the command's memory (None without one); `scoped(name)`: memory of its own for
     one part of a run, beside the others. Every memory opened here is closed with the store."""
 
-    def __init__(self, settings: Settings, memory: EpisodicMemory | None = None,
-                 scope: Callable[[str], PointStore] | None = None):
-        self.settings, self.memory, self._scope, self._scoped = settings, memory, scope, {}
+    def __init__(self, settings: Settings):
+        self.settings, self.memory = settings, None
+        self._scope: Callable[[str], PointStore] | None = None  # collection name -> its points
+        self._scoped: dict[str, EpisodicMemory] = {}
 
     @classmethod
     @contextlib.contextmanager
