@@ -17,12 +17,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona_agent.eval.tasks import LAMP_2M  # noqa: E402
+from persona_agent.data.tasks import LAMP_2M  # noqa: E402
 from persona_agent.optimizers import PersonaAlignment  # noqa: E402
 from persona_agent.pipelines.agent import PersonaAgent  # noqa: E402
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, UserMemory  # noqa: E402
 from persona_agent.pipelines.persona import Persona  # noqa: E402
-from persona_agent.testing import FakeEngine  # noqa: E402
+from persona_agent.runtime.fakes import FakeEngine  # noqa: E402
 
 
 def policy(fields, system, user):

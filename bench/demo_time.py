@@ -25,9 +25,9 @@ import pandas as pd  # noqa: E402
 from dspy.utils.callback import BaseCallback  # noqa: E402
 
 from persona_agent.demo import run_demo  # noqa: E402
-from persona_agent.llm import LlamaCppEngine, build_lm  # noqa: E402
-from persona_agent.settings import LMConfig, Settings, offline_environment  # noqa: E402
-from persona_agent.store import Store  # noqa: E402
+from persona_agent.runtime.llm import LlamaCppEngine, build_lm  # noqa: E402
+from persona_agent.runtime.settings import LMConfig, Settings, offline_environment  # noqa: E402
+from persona_agent.runtime.store import Store  # noqa: E402
 
 KINDS = {("next_thought", "next_tool_name", "next_tool_args"): "ReAct step", ("answer",): "answer",
          ("preferences", "profile"): "profile", ("critique",): "critique", ("preferences", "new_profile"): "update"}

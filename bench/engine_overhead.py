@@ -26,16 +26,16 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona_agent.eval.data import load_users  # noqa: E402
-from persona_agent.eval.synthetic import write_dataset  # noqa: E402
-from persona_agent.eval.tasks import LAMP_2M  # noqa: E402
-from persona_agent.llm import LlamaCppEngine, adapter_for, build_lm  # noqa: E402
-from persona_agent.methods import user_flow  # noqa: E402
+from persona_agent.data.loaders import load_users  # noqa: E402
+from persona_agent.data.synthetic import write_dataset  # noqa: E402
+from persona_agent.data.tasks import LAMP_2M  # noqa: E402
 from persona_agent.pipelines.flow import examples  # noqa: E402
 from persona_agent.pipelines.memory import EpisodicMemory, history_items  # noqa: E402
 from persona_agent.pipelines.metering import answer_or_none  # noqa: E402
 from persona_agent.pipelines.persona import Persona  # noqa: E402
-from persona_agent.settings import LMConfig, Settings, offline_environment  # noqa: E402
+from persona_agent.runtime.llm import LlamaCppEngine, adapter_for, build_lm  # noqa: E402
+from persona_agent.runtime.settings import LMConfig, Settings, offline_environment  # noqa: E402
+from persona_agent.runtime.wiring import user_flow  # noqa: E402
 
 
 class Recording:

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from persona_agent.testing import default_policy, output_fields
+from persona_agent.runtime.fakes import default_policy, output_fields
 
 
 def chat_format(values: dict) -> str:

@@ -25,13 +25,13 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from fake_llm_server import serve_in_background  # noqa: E402
 
-from persona_agent.eval.synthetic import write_dataset  # noqa: E402
-from persona_agent.eval.tasks import LAMP_2M  # noqa: E402
-from persona_agent.nightly import print_summary, run_nightly  # noqa: E402
+from persona_agent.data.synthetic import write_dataset  # noqa: E402
+from persona_agent.data.tasks import LAMP_2M  # noqa: E402
+from persona_agent.nightly.driver import print_summary, run_nightly  # noqa: E402
 from persona_agent.pipelines.ingest import ingest  # noqa: E402
 from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
-from persona_agent.registry import PersonaRegistry  # noqa: E402
-from persona_agent.settings import LMConfig, Settings  # noqa: E402
+from persona_agent.runtime.registry import PersonaRegistry  # noqa: E402
+from persona_agent.runtime.settings import LMConfig, Settings  # noqa: E402
 
 
 def main():

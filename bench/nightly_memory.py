@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
 
 CLI = "import sys; from persona_agent.cli import main; sys.exit(main(sys.argv[1:]))"
 

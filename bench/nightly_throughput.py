@@ -26,12 +26,12 @@ import subprocess  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from persona_agent.eval.synthetic import write_dataset  # noqa: E402
-from persona_agent.eval.tasks import LAMP_2M  # noqa: E402
-from persona_agent.nightly import run_nightly  # noqa: E402
+from persona_agent.data.synthetic import write_dataset  # noqa: E402
+from persona_agent.data.tasks import LAMP_2M  # noqa: E402
+from persona_agent.nightly.driver import run_nightly  # noqa: E402
 from persona_agent.pipelines.ingest import ingest  # noqa: E402
 from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
-from persona_agent.settings import LMConfig, Settings  # noqa: E402
+from persona_agent.runtime.settings import LMConfig, Settings  # noqa: E402
 
 
 def _wait_for(port: int, seconds: float = 30) -> None:

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from persona_agent.cli import main
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.ingest import read_source
 
 

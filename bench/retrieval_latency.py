@@ -22,7 +22,7 @@ import time
 import pandas as pd
 from qdrant_client import QdrantClient
 
-from persona_agent.eval.synthetic import CUES_2M, SETTINGS
+from persona_agent.data.synthetic import CUES_2M, SETTINGS
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
 from persona_agent.pipelines.points import ClientPoints
 

@@ -1,3 +1,3 @@
-from .persona_alignment import AlignmentStep, PersonaAlignment
+from persona_agent.optimizers.persona_alignment import AlignmentStep, PersonaAlignment
 
 __all__ = ["AlignmentStep", "PersonaAlignment"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
-from .settings import Settings, offline_environment
+from persona_agent.runtime.settings import Settings, offline_environment
 
 # -- options ----------------------------------------------------------------------------------
 
@@ -153,14 +153,14 @@ def _on_bad(args) -> _BadRecords | None:
 def _trace_if_asked(args) -> None:
     """After the store is open (traces go to its experiment)."""
     if getattr(args, "trace", False):
-        from . import tracking
+        from persona_agent.runtime import tracking
 
         tracking.enable_traces()
 
 
 def _users(args, task):
-    from .eval.data import load_users
-    from .eval.synthetic import shipped_data_dir
+    from persona_agent.data.loaders import load_users
+    from persona_agent.data.synthetic import shipped_data_dir
 
     bad = _on_bad(args)
     users = load_users(args.data or shipped_data_dir(task), task, args.split, bad)[: args.users]
@@ -176,9 +176,9 @@ def _users(args, task):
 # decided here, once per command.
 
 
-def demo(settings: Settings, args) -> int:
-    from .demo import run_demo
-    from .store import Store
+def demo_command(settings: Settings, args) -> int:
+    from persona_agent.demo import run_demo
+    from persona_agent.runtime.store import Store
 
     with Store.open(settings, memory="persistent") as store:
         _trace_if_asked(args)
@@ -186,28 +186,27 @@ def demo(settings: Settings, args) -> int:
     return 0
 
 
-def evaluate(settings: Settings, args) -> int:
-    from .eval.tasks import get_task
-    from .harness import default_out
-    from .harness import evaluate as run
-    from .methods import resolve
-    from .store import Store
+def eval_command(settings: Settings, args) -> int:
+    from persona_agent.data.tasks import get_task
+    from persona_agent.eval.harness import default_out, evaluate
+    from persona_agent.eval.methods import resolve
+    from persona_agent.runtime.store import Store
 
     task = get_task(args.task)
     methods, users = resolve(args.methods), _users(args, task)
     with Store.open(settings, memory="run") as store:  # a measurement reads nothing another command stored
         _trace_if_asked(args)
         memory = store.scoped(f"{args.data or 'shipped'}|{task.key}|{args.split or ''}")
-        run(settings, task, users, methods, args.out or default_out(settings, task), memory, keep_going=args.keep_going,
+        evaluate(settings, task, users, methods, args.out or default_out(settings, task), memory, keep_going=args.keep_going,
             source=str(args.data or "shipped"))
     return 0
 
 
-def sweep(settings: Settings, args) -> int:
-    from .eval.tasks import get_task
-    from .methods import resolve
-    from .store import Store
-    from .sweep import sweep as run
+def sweep_command(settings: Settings, args) -> int:
+    from persona_agent.data.tasks import get_task
+    from persona_agent.eval.methods import resolve
+    from persona_agent.eval.sweep import sweep
+    from persona_agent.runtime.store import Store
 
     try:
         values = [int(v) for v in args.values.split(",") if v.strip()]
@@ -216,15 +215,15 @@ def sweep(settings: Settings, args) -> int:
     task = get_task(args.task)
     methods, users = resolve(args.methods), _users(args, task)
     with Store.open(settings, memory="run") as store:
-        table = run(settings, store, task, users, methods, args.param, values, args.out or settings.store / "sweeps")
+        table = sweep(settings, store, task, users, methods, args.param, values, args.out or settings.store / "sweeps")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
 
-def ingest(settings: Settings, args) -> int:
-    from .eval.tasks import get_task
-    from .pipelines.ingest import read_source, remember_new
-    from .store import Store
+def ingest_command(settings: Settings, args) -> int:
+    from persona_agent.data.tasks import get_task
+    from persona_agent.pipelines.ingest import read_source, remember_new
+    from persona_agent.runtime.store import Store
 
     bad = _on_bad(args)
     source = read_source(args.path, get_task(args.task), args.split, bad)  # all validated before the store opens
@@ -237,9 +236,9 @@ def ingest(settings: Settings, args) -> int:
     return 0
 
 
-def nightly(settings: Settings, args) -> int:
-    from .eval.tasks import get_task
-    from .nightly import NightlyLocked, print_summary, run_nightly
+def nightly_command(settings: Settings, args) -> int:
+    from persona_agent.data.tasks import get_task
+    from persona_agent.nightly.driver import NightlyLocked, print_summary, run_nightly
 
     _trace_if_asked(args)
     try:  # opens the persistent store itself, under the nightly lock
@@ -253,9 +252,9 @@ def nightly(settings: Settings, args) -> int:
     return 1 if summary.failed else 0
 
 
-def make_data(settings: Settings, args) -> int:
-    from .eval.synthetic import write_dataset
-    from .eval.tasks import get_task
+def make_data_command(settings: Settings, args) -> int:
+    from persona_agent.data.synthetic import write_dataset
+    from persona_agent.data.tasks import get_task
 
     task = get_task(args.task)
     out = write_dataset(args.out, task, split=args.split, n_users=args.users, n_history=args.history,
@@ -264,9 +263,9 @@ def make_data(settings: Settings, args) -> int:
     return 0
 
 
-def personas(settings: Settings, args) -> int:
-    from .eval.tasks import get_task
-    from .store import Store
+def personas_command(settings: Settings, args) -> int:
+    from persona_agent.data.tasks import get_task
+    from persona_agent.runtime.store import Store
 
     task = get_task(args.task)
     with Store.open(settings, memory=None) as store:
@@ -289,23 +288,23 @@ def personas(settings: Settings, args) -> int:
     return 0
 
 
-def answer(settings: Settings, args) -> int:
-    from .eval.tasks import get_task
-    from .serve import answer as run
-    from .store import Store
+def answer_command(settings: Settings, args) -> int:
+    from persona_agent.data.tasks import get_task
+    from persona_agent.runtime.store import Store
+    from persona_agent.serving.answer import answer
 
     with Store.open(settings, memory="persistent") as store:
         _trace_if_asked(args)
-        print(run(store, get_task(args.task), args.user, args.query))
+        print(answer(store, get_task(args.task), args.user, args.query))
     return 0
 
 
-def report(settings: Settings, args) -> int:
+def report_command(settings: Settings, args) -> int:
     from rich.console import Console
 
-    from .eval.tasks import get_task
-    from .report import write_report
-    from .store import Store
+    from persona_agent.data.tasks import get_task
+    from persona_agent.nightly.report import write_report
+    from persona_agent.runtime.store import Store
 
     with Store.open(settings, memory=None):
         result = write_report(get_task(args.task), args.out or settings.store / "reports", args.last)
@@ -321,19 +320,19 @@ def report(settings: Settings, args) -> int:
     return 0
 
 
-def log_model(settings: Settings, args) -> int:
-    from .served import log_model as run
-    from .store import Store
+def log_model_command(settings: Settings, args) -> int:
+    from persona_agent.runtime.store import Store
+    from persona_agent.serving.model import log_model
 
     with Store.open(settings, memory=None):
-        uri = run(settings, args.task, args.register)
+        uri = log_model(settings, args.task, args.register)
     print(f"logged {uri}\nserve it: mlflow models serve -m {uri} --env-manager local --port 5001")
     return 0
 
 
-def compare(settings: Settings, args) -> int:
-    from .compare import compare_runs
-    from .store import Store
+def compare_command(settings: Settings, args) -> int:
+    from persona_agent.eval.compare import compare_runs
+    from persona_agent.runtime.store import Store
 
     with Store.open(settings, memory=None):
         table = compare_runs(args.run_a, args.run_b)
@@ -458,36 +457,36 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command(demo, _demo_args, "align a few users of a shipped task end to end and print the scores",
+    "demo": Command(demo_command, _demo_args, "align a few users of a shipped task end to end and print the scores",
                     "Build memory, profile and persona for a few users, align them, and score before/after "
                     "alignment against a non-personalized baseline.", Settings.for_demo),
-    "eval": Command(evaluate, lambda p, s: _evaluation_options(p, s, "all", "<store>/eval/<task>-<time>"),
+    "eval": Command(eval_command, lambda p, s: _evaluation_options(p, s, "all", "<store>/eval/<task>-<time>"),
                     "score every method (the paper's table) on LaMP-format data",
                     "Run the chosen methods on each user's queries and write the results table (CSV, markdown), "
                     "per-method predictions in LaMP's golds format, and MLflow runs."),
-    "sweep": Command(sweep, _sweep_args, "test-time scaling: vary n, T, K or the history kept (cold start)",
+    "sweep": Command(sweep_command, _sweep_args, "test-time scaling: vary n, T, K or the history kept (cold start)",
                      "Evaluate methods at each value of one setting; writes sweep_<param>.csv and a PNG plot, "
                      "also as MLflow artifacts."),
-    "ingest": Command(ingest, _ingest_args, "add new interactions to episodic memory (idempotent)",
+    "ingest": Command(ingest_command, _ingest_args, "add new interactions to episodic memory (idempotent)",
                       "Append a JSONL event log ({user_id, input, response, timestamp, id?} per line) or LaMP/OPPU "
                       "files to memory. Re-ingesting the same file adds nothing."),
-    "nightly": Command(nightly, _nightly_args, "re-align users whose history changed; resumable, one run per store",
+    "nightly": Command(nightly_command, _nightly_args, "re-align users whose history changed; resumable, one run per store",
                        "Refresh semantic memory and re-align exactly the users with new interactions. A killed run "
                        "is finished by the next one; a second concurrent run refuses to start."),
-    "make-data": Command(make_data, _make_data_args, "generate LaMP-format data with measurable personalization",
+    "make-data": Command(make_data_command, _make_data_args, "generate LaMP-format data with measurable personalization",
                          "Write {split}_questions.json, {split}_outputs.json and rules.json (each user's latent "
                          "preference rule)."),
-    "personas": Command(personas, _personas_args,
+    "personas": Command(personas_command, _personas_args,
                         "inspect, compare and roll back personas in the MLflow prompt registry"),
-    "answer": Command(answer, _answer_args, "answer a query as USER's agent, with their production persona",
+    "answer": Command(answer_command, _answer_args, "answer a query as USER's agent, with their production persona",
                       "Serve one query: the production persona, the user's memory, the agent."),
-    "report": Command(report, _report_args, "the nightly trend: production personas on each night's new interactions",
+    "report": Command(report_command, _report_args, "the nightly trend: production personas on each night's new interactions",
                       "Collect every night's prequential scores into a CSV and a PNG (overall and per user), log "
                       "them to MLflow, and name the users whose score fell."),
-    "log-model": Command(log_model, _log_model_args, "log every user's persona agent as one MLflow model (pyfunc)",
+    "log-model": Command(log_model_command, _log_model_args, "log every user's persona agent as one MLflow model (pyfunc)",
                          "A model that answers user_id + query with that user's production persona, read at "
                          "predict time: serve it with `mlflow models serve`."),
-    "compare": Command(compare, _compare_args, "metric deltas between two runs, per user and overall",
+    "compare": Command(compare_command, _compare_args, "metric deltas between two runs, per user and overall",
                        "B - A for every metric both runs (and their per-user runs) logged."),
 }
 
@@ -510,9 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     from dspy.utils.exceptions import AdapterParseError, LMError
     from mlflow.exceptions import MlflowException
 
-    from .eval.tasks import TaskDataError
-    from .harness import EvalStopped
-    from .store import StoreBusy
+    from persona_agent.data.tasks import TaskDataError
+    from persona_agent.eval.harness import EvalStopped
+    from persona_agent.runtime.store import StoreBusy
 
     command = COMMANDS[args.command]
     settings = _settings(args, command.defaults()) if hasattr(args, "store") else command.defaults()

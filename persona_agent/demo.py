@@ -18,20 +18,20 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from . import tracking
-from .eval.data import UserData, load_users
-from .eval.synthetic import shipped_data_dir
-from .eval.tasks import get_task
-from .llm import adapter_for, build_lm
-from .methods import alignment, user_flow
-from .optimizers import AlignmentStep
-from .pipelines.agent import non_personalized
-from .pipelines.flow import score
-from .pipelines.memory import history_items
-from .pipelines.metering import metered
-from .progress import progress_bar
-from .settings import Settings
-from .store import Store
+from persona_agent.data.loaders import UserData, load_users
+from persona_agent.data.synthetic import shipped_data_dir
+from persona_agent.data.tasks import get_task
+from persona_agent.optimizers import AlignmentStep
+from persona_agent.pipelines.agent import non_personalized
+from persona_agent.pipelines.flow import score
+from persona_agent.pipelines.memory import history_items
+from persona_agent.pipelines.metering import metered
+from persona_agent.runtime import tracking
+from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.runtime.progress import progress_bar
+from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.store import Store
+from persona_agent.runtime.wiring import alignment, user_flow
 
 log = logging.getLogger(__name__)
 

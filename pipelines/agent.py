@@ -18,11 +18,10 @@ from typing import Any
 import dspy
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from persona_agent.eval.tasks import Task
+from persona_agent.data.tasks import Task
+from persona_agent.pipelines.memory import UserMemory, format_recalls
+from persona_agent.pipelines.persona import Persona, instruction
 from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnswer, typed_to
-
-from .memory import UserMemory, format_recalls
-from .persona import Persona, instruction
 
 
 class PersonaAgent(dspy.Module):

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from persona_agent.eval.tasks import Task
+from persona_agent.data.tasks import Task
+from persona_agent.pipelines.agent import PersonaAgent
+from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, UserMemory
+from persona_agent.pipelines.metering import Cost, answer_or_none, count_fallback, metered, or_fallback
+from persona_agent.pipelines.persona import Persona, compose_profile, profile_problem
 from persona_agent.signatures import SummarizeProfile, typed_profile
-
-from .agent import PersonaAgent
-from .memory import EpisodicMemory, MemoryItem, UserMemory
-from .metering import Cost, answer_or_none, count_fallback, metered, or_fallback
-from .persona import Persona, compose_profile, profile_problem
 
 log = logging.getLogger(__name__)
 

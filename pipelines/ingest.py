@@ -13,10 +13,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_agent.eval.data import OnBad, check_labels, check_text, load_users, not_utf8, per_record
-from persona_agent.eval.tasks import Task, TaskDataError
-
-from .memory import EpisodicMemory, MemoryItem, history_items
+from persona_agent.data.loaders import OnBad, check_labels, check_text, load_users, not_utf8, per_record
+from persona_agent.data.tasks import Task, TaskDataError
+from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, history_items
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 from qdrant_client import QdrantClient
 
-from persona_agent.eval.tasks import Task
+from persona_agent.data.tasks import Task
 from persona_agent.pipelines.points import ClientPoints, EdgePoints, Point, PointStore, Sparse
 
 Embedder = Callable[[list[str]], Sequence[Sequence[float]]]

@@ -13,9 +13,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
-from persona_agent.eval.tasks import Task
-
-from .screening import injection_problem
+from persona_agent.data.tasks import Task
+from persona_agent.pipelines.screening import injection_problem
 
 # Equal footing: every method answers under this one task instruction, and differs from the
 # others only in what it adds (a profile, retrieved items, tools, alignment), never in wording.

@@ -2,7 +2,7 @@ from typing import Literal
 
 import dspy
 
-from persona_agent.eval.tasks import Task
+from persona_agent.data.tasks import Task
 
 
 class TaskAnswer(dspy.Signature):

@@ -1,6 +1,6 @@
 import dspy
 
-from persona_agent.eval.tasks import Task
+from persona_agent.data.tasks import Task
 
 
 class SummarizeProfile(dspy.Signature):

@@ -13,7 +13,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import dspy  # noqa: E402
 import pytest  # noqa: E402
 
-from persona_agent.testing import FakeEngine  # noqa: E402
+from persona_agent.runtime.fakes import FakeEngine  # noqa: E402
 
 from .helpers import open_memory  # noqa: E402
 
@@ -45,8 +45,8 @@ def fake_lm():
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh MLflow sqlite store for one test."""
-    from persona_agent import tracking
-    from persona_agent.settings import Settings
+    from persona_agent.runtime import tracking
+    from persona_agent.runtime.settings import Settings
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = Settings(store=tmp_path / "mlruns")

@@ -5,11 +5,11 @@ from pathlib import Path
 
 from qdrant_client import QdrantClient
 
-from persona_agent.eval.tasks import LAMP_2M, Task
+from persona_agent.data.tasks import LAMP_2M, Task
 from persona_agent.pipelines.ingest import IngestReport, ingest
 from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.pipelines.points import ClientPoints
-from persona_agent.settings import Settings
+from persona_agent.runtime.settings import Settings
 
 
 def ingest_into(settings: Settings, path: Path, task: Task = LAMP_2M) -> IngestReport:

@@ -2,7 +2,7 @@ import json
 
 import dspy
 
-from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.agent import PersonaAgent, non_personalized
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
 from persona_agent.pipelines.persona import Persona, instruction, looks_degenerate

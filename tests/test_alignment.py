@@ -1,7 +1,7 @@
 import dspy
 import pytest
 
-from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.data.tasks import LAMP_2M
 from persona_agent.optimizers import PersonaAlignment
 from persona_agent.pipelines.agent import PersonaAgent, RetrievalAnswer
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
@@ -296,7 +296,7 @@ def test_the_unguarded_loop_accepts_every_rewrite_but_one_failing_the_profile_ch
 
 
 def test_lamp1_alignment_replays_citations_built_from_the_users_own_papers(memory, fake_lm):
-    from persona_agent.eval.tasks import LAMP_1, UNRELATED_TITLES
+    from persona_agent.data.tasks import LAMP_1, UNRELATED_TITLES
     from persona_agent.pipelines.flow import examples
 
     papers = [MemoryItem(f"p{i}", f"Scalable motion planning with robot grasping {i}. We study robots.") for i in range(5)]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from persona_agent.cli import main
-from persona_agent.eval.data import MAX_FIELD_CHARS, load_users
-from persona_agent.eval.tasks import LAMP_2M, TaskDataError
+from persona_agent.data.loaders import MAX_FIELD_CHARS, load_users
+from persona_agent.data.tasks import LAMP_2M, TaskDataError
 from persona_agent.pipelines.ingest import ingest
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
 
@@ -205,8 +205,8 @@ def test_a_store_that_is_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_a_corrected_event_replaces_the_stale_one_and_is_counted(tmp_path, capsys):
-    from persona_agent.nightly_jobs import fingerprint
-    from persona_agent.settings import Settings
+    from persona_agent.nightly.jobs import fingerprint
+    from persona_agent.runtime.settings import Settings
 
     query = LAMP_2M.make_input("A heist.", LAMP_2M.labels)
     first, second = tmp_path / "day1.jsonl", tmp_path / "day2.jsonl"
@@ -230,7 +230,7 @@ def test_a_corrected_event_replaces_the_stale_one_and_is_counted(tmp_path, capsy
 
 
 def test_a_store_path_with_url_characters_works_and_writes_nothing_outside(tmp_path, monkeypatch, capsys):
-    from persona_agent.eval.synthetic import write_dataset
+    from persona_agent.data.synthetic import write_dataset
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where the store's plain-named alias goes
@@ -259,7 +259,7 @@ def _immutable(path, on: bool) -> bool:
 
 
 def test_a_read_only_store_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
-    from persona_agent.eval.synthetic import write_dataset
+    from persona_agent.data.synthetic import write_dataset
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=4, n_queries=1, seed=3)

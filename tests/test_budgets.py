@@ -7,13 +7,13 @@ import dspy
 import mlflow
 import pytest
 
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.nightly import run_nightly
-from persona_agent.nightly_jobs import StateStore, state_root
-from persona_agent.registry import PersonaRegistry
-from persona_agent.settings import LMConfig, Settings
-from persona_agent.testing import FakeEngine
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.driver import run_nightly
+from persona_agent.nightly.jobs import StateStore, state_root
+from persona_agent.runtime.fakes import FakeEngine
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import LMConfig, Settings
 
 from .helpers import ingest_into
 

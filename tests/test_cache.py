@@ -4,12 +4,12 @@ import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import adapter_for, build_lm
+from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.persona import Persona
-from persona_agent.registry import PersonaRegistry
-from persona_agent.settings import LMConfig
-from persona_agent.testing import FaultyEngine, default_policy
+from persona_agent.runtime.fakes import FaultyEngine, default_policy
+from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import LMConfig
 
 
 def _ask(lm, question="Which genre fits a heist film?"):

@@ -4,9 +4,9 @@ import sys
 import pytest
 
 from persona_agent.cli import build_parser, main
-from persona_agent.eval.data import load_users
-from persona_agent.eval.tasks import LAMP_3
-from persona_agent.settings import Settings
+from persona_agent.data.loaders import load_users
+from persona_agent.data.tasks import LAMP_3
+from persona_agent.runtime.settings import Settings
 
 
 @pytest.mark.parametrize("argv", [[], ["demo"], ["make-data"], ["personas"], ["personas", "list"]])

@@ -1,7 +1,7 @@
 import mlflow
 
 from persona_agent.cli import main
-from persona_agent.compare import compare_runs
+from persona_agent.eval.compare import compare_runs
 
 
 def _run(name, overall, users):

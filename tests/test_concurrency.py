@@ -10,18 +10,18 @@ from dataclasses import replace
 import pytest
 
 from persona_agent.cli import main
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import build_lm
-from persona_agent.nightly import run_nightly
-from persona_agent.settings import LMConfig, Settings
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.driver import run_nightly
+from persona_agent.runtime.llm import build_lm
+from persona_agent.runtime.settings import LMConfig, Settings
 
 from .helpers import ingest_into
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from persona_agent.settings import Settings
+from persona_agent.runtime.settings import Settings
 {open}
 print("held", flush=True)
 time.sleep(float(sys.argv[2]))

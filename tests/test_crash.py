@@ -14,12 +14,12 @@ from collections import Counter
 
 import mlflow
 
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.nightly_jobs import StateStore, fingerprint, state_root
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.jobs import StateStore, fingerprint, state_root
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.registry import PersonaRegistry
-from persona_agent.settings import Settings
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import Settings
 
 KILLS = 8
 USERS = 6

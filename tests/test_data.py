@@ -3,9 +3,9 @@ from collections import Counter
 
 import pytest
 
-from persona_agent.eval.data import load_users
-from persona_agent.eval.synthetic import generate, shipped_data_dir, write_dataset
-from persona_agent.eval.tasks import LAMP_2M, TASKS, TaskDataError
+from persona_agent.data.loaders import load_users
+from persona_agent.data.synthetic import generate, shipped_data_dir, write_dataset
+from persona_agent.data.tasks import LAMP_2M, TASKS, TaskDataError
 from persona_agent.pipelines.flow import examples
 from persona_agent.pipelines.memory import history_items
 
@@ -52,7 +52,7 @@ def test_gold_is_one_of_several_cued_labels_so_a_generic_answer_is_near_chance(k
 
 
 def _cues(key, label, text):
-    from persona_agent.eval import synthetic
+    from persona_agent.data import synthetic
 
     cues = synthetic.CUES_2M if key == "lamp2m" else synthetic.CUES_2N
     return any(p.lower() in text for p in cues[label])

@@ -5,13 +5,14 @@ import dspy
 import pandas as pd
 import pytest
 
-from persona_agent.eval.data import Query, UserData, load_users
-from persona_agent.eval.tasks import LAMP_2M, LAMP_3
-from persona_agent.harness import MethodResult, results_table, run_eval, to_markdown, write_outputs
-from persona_agent.methods import METHODS, UserContext, resolve, user_flow
+from persona_agent.data.loaders import Query, UserData, load_users
+from persona_agent.data.tasks import LAMP_2M, LAMP_3
+from persona_agent.eval.harness import MethodResult, results_table, run_eval, to_markdown, write_outputs
+from persona_agent.eval.methods import METHODS, UserContext, resolve
 from persona_agent.pipelines.memory import history_items
-from persona_agent.settings import Settings
-from persona_agent.testing import FakeEngine, FaultyEngine, allowed_preference
+from persona_agent.runtime.fakes import FakeEngine, FaultyEngine, allowed_preference
+from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.wiring import user_flow
 
 ALICE = [{"id": f"a{i}", "description": f"A film about a heist number {i}.", "tag": "action", "date": f"2024-01-0{i + 1}"}
          for i in range(4)]
@@ -208,7 +209,7 @@ def _lamp_dir(tmp_path):
 
 
 def _eval_with(monkeypatch, tmp_path, engine, *extra):
-    import persona_agent.harness as harness
+    import persona_agent.eval.harness as harness
     from persona_agent.cli import main
 
     lm = dspy.LM("fake/outage", engine=engine, cache=False, num_retries=1)
@@ -266,7 +267,7 @@ def test_a_rerun_reports_its_cache_hits_instead_of_zero_calls(memory, tmp_path):
 
 
 def test_differences_to_the_baselines_come_with_a_paired_bootstrap_interval():
-    from persona_agent.harness import compare_to_baselines
+    from persona_agent.eval.harness import compare_to_baselines
 
     base = MethodResult("non-personalized", {}, 4, errors={"a": 1.0, "b": 1.0, "c": 0.0, "d": 1.0})
     better = MethodResult("rag", {}, 4, errors={"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0})
@@ -321,7 +322,7 @@ def test_eval_reads_a_real_lamp3_directory(tmp_path, monkeypatch, capsys):
 
 
 def test_a_method_with_nothing_to_learn_from_is_na_never_a_copied_number(memory, fake_lm, tmp_path):
-    from persona_agent.eval.tasks import LAMP_1
+    from persona_agent.data.tasks import LAMP_1
 
     fake_lm._engine_spec.policy = _policy([])
     q = LAMP_1.make_input("A paper", LAMP_1.labels) + ' [1]: "a" [2]: "b"'

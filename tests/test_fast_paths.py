@@ -8,10 +8,10 @@ import pydantic
 import pytest
 from dspy.adapters import utils
 
-from persona_agent import fast_paths
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import SchemaJSONAdapter
+from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.metering import metered
+from persona_agent.runtime import overrides as fast_paths
+from persona_agent.runtime.llm import SchemaJSONAdapter
 from persona_agent.signatures import SummarizeProfile, typed_profile
 
 

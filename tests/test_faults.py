@@ -8,13 +8,13 @@ import dspy
 import mlflow
 import pytest
 
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import build_lm
-from persona_agent.nightly import print_summary, run_nightly
-from persona_agent.registry import PersonaRegistry
-from persona_agent.settings import LMConfig, Settings
-from persona_agent.testing import FAULTS, FaultyEngine
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.driver import print_summary, run_nightly
+from persona_agent.runtime.fakes import FAULTS, FaultyEngine
+from persona_agent.runtime.llm import build_lm
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import LMConfig, Settings
 
 from .helpers import ingest_into
 
@@ -96,7 +96,7 @@ def test_a_faulty_remote_server_is_survived(night, monkeypatch, fake_llm_server)
 
 def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
     run_nightly(replace(night, workers=2), LAMP_2M, lm=build_lm(night.lm))
-    from persona_agent.registry import prompt_name
+    from persona_agent.runtime.registry import prompt_name
 
     # someone edits u0001's production prompt by hand into something that is not a persona
     version = mlflow.genai.register_prompt(prompt_name("lamp2m", "u0001"), template="Be nice.").version

@@ -9,19 +9,19 @@ import mlflow
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.nightly import run_nightly
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.driver import run_nightly
 from persona_agent.optimizers import PersonaAlignment
 from persona_agent.pipelines.agent import PersonaAgent
 from persona_agent.pipelines.flow import examples, summarize
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
 from persona_agent.pipelines.metering import answer_or_none, metered
 from persona_agent.pipelines.persona import TEMPLATE, Persona, injection_problem, profile_problem
-from persona_agent.registry import PersonaRegistry
-from persona_agent.serve import answer
-from persona_agent.settings import LMConfig, Settings
-from persona_agent.store import Store
-from persona_agent.testing import FakeEngine, default_policy
+from persona_agent.runtime.fakes import FakeEngine, default_policy
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.runtime.store import Store
+from persona_agent.serving.answer import answer
 
 from .helpers import ingest_into, write_events
 

@@ -12,13 +12,13 @@ from dataclasses import replace
 import mlflow
 import pytest
 
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import build_lm
-from persona_agent.nightly import run_nightly
-from persona_agent.nightly_jobs import StateStore, state_root
-from persona_agent.registry import PersonaRegistry
-from persona_agent.settings import LMConfig, Settings
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.driver import run_nightly
+from persona_agent.nightly.jobs import StateStore, state_root
+from persona_agent.runtime.llm import build_lm
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import LMConfig, Settings
 
 from .helpers import ingest_into
 
@@ -80,7 +80,7 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
 
 @pytest.mark.parametrize("restarts", [3, 0])
 def test_a_killed_commit_process_is_replaced_or_the_rest_fail_named(restarts, tmp_path, monkeypatch):
-    from persona_agent import nightly
+    from persona_agent.nightly import driver as nightly
 
     monkeypatch.setattr(nightly._Committer, "RESTARTS", restarts)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.nightly import run_nightly
-from persona_agent.nightly_jobs import StateStore
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.driver import run_nightly
+from persona_agent.nightly.jobs import StateStore
 from persona_agent.pipelines.memory import MemoryItem, UserMemory, point_id
-from persona_agent.registry import PersonaRegistry, prompt_name
-from persona_agent.settings import LMConfig, Settings
-from persona_agent.testing import FakeEngine, default_policy
+from persona_agent.runtime.fakes import FakeEngine, default_policy
+from persona_agent.runtime.registry import PersonaRegistry, prompt_name
+from persona_agent.runtime.settings import LMConfig, Settings
 
 from .helpers import ingest_into, open_memory, write_events
 
@@ -101,10 +101,10 @@ def test_nightly_keeps_prompts_profiles_and_personas_per_user(tmp_path, monkeypa
 def test_eval_never_reads_the_persistent_store_even_for_the_same_user_id(tmp_path, monkeypatch):
     """A gold answer ingested (by ingest, demo or nightly) for a user id the eval set also has must
     not be recalled at test time: eval's memory is run-scoped."""
-    import persona_agent.harness as harness
+    import persona_agent.eval.harness as harness
     from persona_agent.cli import main
-    from persona_agent.eval.data import load_users
-    from persona_agent.eval.synthetic import shipped_data_dir
+    from persona_agent.data.loaders import load_users
+    from persona_agent.data.synthetic import shipped_data_dir
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     user = load_users(shipped_data_dir(LAMP_2M), LAMP_2M)[0]
@@ -129,7 +129,7 @@ def test_eval_never_reads_the_persistent_store_even_for_the_same_user_id(tmp_pat
 
 
 def test_one_user_id_in_two_tasks_never_recalls_the_other_tasks_items(tmp_path):
-    from persona_agent.store import Store
+    from persona_agent.runtime.store import Store
 
     with Store.open(Settings(store=tmp_path / "mlruns"), memory="run") as store:
         movies, ratings = store.scoped("shipped|lamp2m|dev"), store.scoped("shipped|lamp3|dev")

@@ -6,8 +6,8 @@ import threading
 import dspy
 import pytest
 
-from persona_agent.llm import CompletionAdapter, SchemaJSONAdapter, adapter_for, build_lm, compact_json_grammar
-from persona_agent.settings import LMConfig
+from persona_agent.runtime.llm import CompletionAdapter, SchemaJSONAdapter, adapter_for, build_lm, compact_json_grammar
+from persona_agent.runtime.settings import LMConfig
 
 
 class Answer(dspy.Signature):

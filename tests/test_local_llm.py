@@ -8,13 +8,13 @@ import mlflow
 import pytest
 from rich.console import Console
 
+from persona_agent.data.tasks import LAMP_2M
 from persona_agent.demo import run_demo
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import adapter_for, build_lm
 from persona_agent.pipelines.persona import profile_problem
-from persona_agent.registry import PersonaRegistry, prompt_name
-from persona_agent.settings import LMConfig, Settings
-from persona_agent.store import Store
+from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.runtime.registry import PersonaRegistry, prompt_name
+from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.runtime.store import Store
 
 pytestmark = pytest.mark.integration
 

@@ -3,8 +3,8 @@ from qdrant_client import QdrantClient
 
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, UserMemory, sparse_vector
 from persona_agent.pipelines.points import ClientPoints, EdgePoints, StoreLocked
-from persona_agent.settings import Settings
-from persona_agent.store import Store
+from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.store import Store
 
 from .helpers import open_memory
 

@@ -11,13 +11,13 @@ import pytest
 from filelock import FileLock
 
 from persona_agent.cli import main
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M, TaskDataError
-from persona_agent.nightly import NightlyLocked, run_nightly
-from persona_agent.nightly_jobs import StateStore, fingerprint, state_root
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M, TaskDataError
+from persona_agent.nightly.driver import NightlyLocked, run_nightly
+from persona_agent.nightly.jobs import StateStore, fingerprint, state_root
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.registry import PersonaRegistry
-from persona_agent.settings import LMConfig, Settings
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import LMConfig, Settings
 
 from .helpers import ingest_into
 

@@ -9,14 +9,14 @@ import dspy
 import mlflow
 
 from persona_agent.cli import main
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.llm import build_lm
-from persona_agent.nightly import run_nightly
-from persona_agent.nightly_jobs import StateStore, UserJob, fingerprint, prequential, state_root
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.driver import run_nightly
+from persona_agent.nightly.jobs import StateStore, UserJob, fingerprint, prequential, state_root
 from persona_agent.pipelines.memory import MemoryItem
-from persona_agent.settings import LMConfig, Settings
-from persona_agent.testing import FakeEngine
+from persona_agent.runtime.fakes import FakeEngine
+from persona_agent.runtime.llm import build_lm
+from persona_agent.runtime.settings import LMConfig, Settings
 
 from .helpers import ingest_into, write_events
 

@@ -5,13 +5,13 @@ import json
 import dspy
 import pytest
 
-from persona_agent.eval.tasks import LAMP_1, LAMP_2M, LAMP_3, TENDENCIES
-from persona_agent.llm import SchemaJSONAdapter
+from persona_agent.data.tasks import LAMP_1, LAMP_2M, LAMP_3, TENDENCIES
 from persona_agent.pipelines.flow import summarize
 from persona_agent.pipelines.memory import MemoryItem
 from persona_agent.pipelines.metering import metered
 from persona_agent.pipelines.persona import compose_profile, profile_problem
-from persona_agent.testing import FakeEngine
+from persona_agent.runtime.fakes import FakeEngine
+from persona_agent.runtime.llm import SchemaJSONAdapter
 
 SOURCE = "A film in 1980s Berlin about savage street fights, two strangers fall in love and an enchanted forest."
 

@@ -4,9 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from persona_agent.cli import main
-from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.persona import TEMPLATE, Persona, profile_problem
-from persona_agent.registry import PersonaNotFound, PersonaRegistry, prompt_name
+from persona_agent.runtime.registry import PersonaNotFound, PersonaRegistry, prompt_name
 
 
 def _store(registry, user="u1", n=3):
@@ -106,8 +106,8 @@ def test_rewrites_that_break_the_template_are_named(text, reason):
 
 
 def test_answer_serves_the_production_persona_and_follows_a_rollback(mlflow_store, fake_lm):
-    from persona_agent.serve import answer
-    from persona_agent.store import Store
+    from persona_agent.runtime.store import Store
+    from persona_agent.serving.answer import answer
 
     registry = PersonaRegistry(LAMP_2M)
     _store(registry)
@@ -128,7 +128,7 @@ def test_answer_serves_the_production_persona_and_follows_a_rollback(mlflow_stor
 
 def test_answer_exits_4_with_one_line_when_the_llms_answer_is_unusable(mlflow_store, capsys):
     from persona_agent.cli import main
-    from persona_agent.eval.tasks import LAMP_3
+    from persona_agent.data.tasks import LAMP_3
 
     PersonaRegistry(LAMP_3).register("u1", Persona(LAMP_3, "Rates harshly."), "v1", production=True)
     query = LAMP_3.make_input("It broke.", LAMP_3.labels)
@@ -142,7 +142,7 @@ def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_command(mlf
     import subprocess
     import sys
 
-    from persona_agent import tracking
+    from persona_agent.runtime import tracking
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     exp = mlflow.get_experiment_by_name(mlflow_store.experiment).experiment_id

@@ -4,8 +4,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.report import write_report
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.report import write_report
 
 # (night, user, production scores, non-personalized scores) as nightly would have logged them
 NIGHTS = [(2, "u1", [1, 1], [0, 1]), (2, "u2", [1, 0], [0, 0]),

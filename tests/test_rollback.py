@@ -6,12 +6,12 @@ import json
 import dspy
 import mlflow
 
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.nightly import run_nightly
-from persona_agent.nightly_jobs import StateStore, last_better, state_root
-from persona_agent.registry import PersonaRegistry
-from persona_agent.settings import LMConfig, Settings
-from persona_agent.testing import FakeEngine, default_policy
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.driver import run_nightly
+from persona_agent.nightly.jobs import StateStore, last_better, state_root
+from persona_agent.runtime.fakes import FakeEngine, default_policy
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import LMConfig, Settings
 
 from .helpers import ingest_into, write_events
 

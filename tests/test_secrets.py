@@ -9,8 +9,8 @@ from pathlib import Path
 import mlflow
 
 from persona_agent.cli import main
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
 
 
 def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatch, caplog, capsys, fake_llm_server):

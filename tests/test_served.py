@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 
 from persona_agent.cli import main
-from persona_agent.eval.synthetic import write_dataset
-from persona_agent.eval.tasks import LAMP_2M
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
 from persona_agent.pipelines.persona import Persona
-from persona_agent.registry import PersonaRegistry
-from persona_agent.served import log_model
-from persona_agent.testing import FakeEngine, default_policy
+from persona_agent.runtime.fakes import FakeEngine, default_policy
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.serving.model import log_model
 
 
 def _follows_the_persona(fields, system, user):

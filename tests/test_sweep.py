@@ -1,9 +1,9 @@
 import mlflow
 import pytest
 
-from persona_agent.eval.tasks import LAMP_2M
-from persona_agent.store import Store
-from persona_agent.sweep import cold_start, sweep
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.eval.sweep import cold_start, sweep
+from persona_agent.runtime.store import Store
 from tests.test_eval import _policy, _users
 
 
@@ -14,7 +14,7 @@ def test_cold_start_keeps_the_latest_items():
 
 @pytest.mark.parametrize("param,values", [("top_k", [0, 2]), ("history", [0, 4])])
 def test_sweep_writes_table_plot_and_mlflow_run(mlflow_store, fake_lm, tmp_path, param, values, monkeypatch):
-    import persona_agent.sweep as sw
+    import persona_agent.eval.sweep as sw
 
     fake_lm._engine_spec.policy = _policy([])
     monkeypatch.setattr(sw, "build_lm", lambda cfg: fake_lm)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from persona_agent.eval.tasks import LAMP_1, LAMP_2M, LAMP_2N, LAMP_3, TaskDataError, classification_metrics, get_task
+from persona_agent.data.tasks import LAMP_1, LAMP_2M, LAMP_2N, LAMP_3, TaskDataError, classification_metrics, get_task
 
 
 def test_lookup_by_any_spelling():

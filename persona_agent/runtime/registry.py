@@ -18,8 +18,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.prompt.registry_utils import PromptCache
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from .eval.tasks import Task
-from .pipelines.persona import Persona, injection_problem
+from persona_agent.data.tasks import Task
+from persona_agent.pipelines.persona import Persona, injection_problem
 
 PRODUCTION = "production"
 HISTORY_COLUMNS = ["version", "production", "stage", "iteration", "accepted", "batch_score", "candidate_score",

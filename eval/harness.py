@@ -29,16 +29,17 @@ import pandas as pd
 from dspy.utils.exceptions import is_retryable_lm_error
 from rich.console import Console
 
-from . import tracking
-from .eval.atomic import atomic_write_text
-from .eval.data import UserData
-from .eval.tasks import Task
-from .llm import adapter_for, build_lm
-from .methods import METHODS, SETUP, NotApplicable, UserContext, user_flow
-from .pipelines.memory import EpisodicMemory, history_items
-from .pipelines.metering import Cost, answer_or_none, metered
-from .progress import progress_bar
-from .settings import Settings
+from persona_agent.data.atomic import atomic_write_text
+from persona_agent.data.loaders import UserData
+from persona_agent.data.tasks import Task
+from persona_agent.eval.methods import METHODS, SETUP, NotApplicable, UserContext
+from persona_agent.pipelines.memory import EpisodicMemory, history_items
+from persona_agent.pipelines.metering import Cost, answer_or_none, metered
+from persona_agent.runtime import tracking
+from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.runtime.progress import progress_bar
+from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.wiring import user_flow
 
 log = logging.getLogger(__name__)
 

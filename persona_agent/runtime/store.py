@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal
 from filelock import FileLock, Timeout
 from qdrant_client import QdrantClient
 
-from .pipelines.memory import EpisodicMemory
-from .pipelines.points import ClientPoints, EdgePoints, PointStore, StoreLocked, import_legacy, scratch_dir
-from .settings import Settings
+from persona_agent.pipelines.memory import EpisodicMemory
+from persona_agent.pipelines.points import ClientPoints, EdgePoints, PointStore, StoreLocked, import_legacy, scratch_dir
+from persona_agent.runtime.settings import Settings
 
 if TYPE_CHECKING:
-    from .registry import PersonaRegistry
+    from persona_agent.runtime.registry import PersonaRegistry
 
 MemoryScope = Literal["persistent", "run"] | None
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Store:
     @contextlib.contextmanager
     def open(cls, settings: Settings, *, memory: MemoryScope, tracking: bool = True) -> Iterator["Store"]:
         if tracking:
-            from . import tracking as mlflow_tracking
+            from persona_agent.runtime import tracking as mlflow_tracking
 
             mlflow_tracking.setup(settings)
         else:
@@ -134,6 +134,6 @@ class Store:
         return self._scoped[collection]
 
     def registry(self, task) -> "PersonaRegistry":
-        from .registry import PersonaRegistry
+        from persona_agent.runtime.registry import PersonaRegistry
 
         return PersonaRegistry(task, self.settings.tracking_uri)

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 from filelock import FileLock
 
-from .settings import Settings
+from persona_agent.runtime.settings import Settings
 
 
 def setup(settings: Settings) -> str:

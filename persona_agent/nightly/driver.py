@@ -27,14 +27,14 @@ from dspy.utils.callback import BaseCallback
 from filelock import FileLock, Timeout
 from rich.console import Console
 
-from . import tracking
-from .eval.tasks import Task
-from .llm import adapter_for, build_lm
-from .nightly_jobs import NightlySummary, StateStore, UserOutcome, align_job, commit, plan, state_root
-from .progress import progress_bar
-from .registry import PersonaRegistry
-from .settings import Settings
-from .store import Store
+from persona_agent.data.tasks import Task
+from persona_agent.nightly.jobs import NightlySummary, StateStore, UserOutcome, align_job, commit, plan, state_root
+from persona_agent.runtime import tracking
+from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.runtime.progress import progress_bar
+from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def _exit_when_orphaned(parent: int) -> None:
 def _commit(outcome, task_key: str, state_dir: str, run_id: str, night: int):
     from pathlib import Path
 
-    from .eval.tasks import get_task
+    from persona_agent.data.tasks import get_task
 
     task = get_task(task_key)
     return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_dir)), run_id, night)
@@ -357,8 +357,8 @@ class _RayAligner:
     no access to the store (embedded Qdrant is single-process)."""
 
     def __init__(self, task_key: str, settings: Settings):
-        from .eval.tasks import get_task
-        from .settings import offline_environment
+        from persona_agent.data.tasks import get_task
+        from persona_agent.runtime.settings import offline_environment
 
         offline_environment()
         self.task, self.settings, self.lm = get_task(task_key), settings, build_lm(settings.lm)

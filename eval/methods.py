@@ -1,5 +1,4 @@
-"""How the application builds the per-user flow, the alignment optimizer and every evaluated
-method from `Settings`: each is built here and nowhere else.
+"""The evaluation's method table: every method `eval` compares, built from one user's flow.
 
 `METHODS` maps a name to a builder `UserContext -> dspy.Module`; each program answers
 `program(query=...)`. What several methods share (the profile, the aligned persona) is computed
@@ -12,27 +11,16 @@ from typing import Callable
 
 import dspy
 
-from .eval.tasks import Task
-from .optimizers import AlignmentStep, PersonaAlignment
-from .pipelines.agent import Direct, InContext, PersonaAgent, RetrievalAnswer, non_personalized
-from .pipelines.flow import UserFlow
-from .pipelines.memory import EpisodicMemory, MemoryItem
-from .pipelines.metering import or_fallback
-from .pipelines.persona import Persona
-from .settings import Settings
-from .signatures import CritiqueResponse
-
-
-def user_flow(settings: Settings, task: Task, user_id: str, history: list[MemoryItem],
-              memory: EpisodicMemory) -> UserFlow:
-    return UserFlow(task, user_id, history, memory, top_k=settings.top_k, max_iters=settings.max_iters,
-                    profile_items=settings.profile_items)
-
-
-def alignment(settings: Settings, *, metric=None,
-              on_step: Callable[[AlignmentStep], None] | None = None) -> PersonaAlignment:
-    return PersonaAlignment(batch_size=settings.batch_size, iterations=settings.iterations, metric=metric,
-                            loss=settings.loss, guard=settings.guard, holdout=settings.holdout, on_step=on_step)
+from persona_agent.data.tasks import Task
+from persona_agent.optimizers import AlignmentStep, PersonaAlignment
+from persona_agent.pipelines.agent import Direct, InContext, PersonaAgent, RetrievalAnswer, non_personalized
+from persona_agent.pipelines.flow import UserFlow
+from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
+from persona_agent.pipelines.metering import or_fallback
+from persona_agent.pipelines.persona import Persona
+from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.wiring import alignment
+from persona_agent.signatures import CritiqueResponse
 
 
 class NotApplicable(Exception):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dspy
 
-from .eval.tasks import Task
-from .llm import adapter_for, build_lm
-from .methods import user_flow
-from .store import Store
+from persona_agent.data.tasks import Task
+from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.runtime.store import Store
+from persona_agent.runtime.wiring import user_flow
 
 
 def answer(store: Store, task: Task, user_id: str, query: str, lm: dspy.LM | None = None) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .tasks import Task, TaskDataError
+from persona_agent.data.tasks import Task, TaskDataError
 
 
 @dataclass(frozen=True)

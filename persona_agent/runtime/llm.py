@@ -25,9 +25,9 @@ import dspy
 import pydantic
 from dspy.lm15 import Message, Response, ServerError, TextPart, Usage
 
-from . import fast_paths
-from .lm_cache import ForgetsUnusableAnswers, install
-from .settings import LMConfig
+from persona_agent.runtime import overrides as fast_paths
+from persona_agent.runtime.lm_cache import ForgetsUnusableAnswers, install
+from persona_agent.runtime.settings import LMConfig
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
     fast_paths.install()
     if cfg.model == "scripted" or cfg.model.startswith("scripted:"):
         # A deterministic stand-in LM for smoke tests and benchmarks: `scripted:0.2` adds 200 ms per call.
-        from .testing import FakeEngine
+        from persona_agent.runtime.fakes import FakeEngine
 
         delay = float(cfg.model.partition(":")[2] or 0)
         return dspy.LM("scripted/policy", engine=FakeEngine(delay=delay), cache=cfg.cache, num_retries=cfg.retries)

@@ -21,17 +21,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .eval.atomic import atomic_write_text
-from .eval.data import Query
-from .eval.tasks import Task
-from .methods import alignment, user_flow
-from .optimizers import AlignmentStep
-from .pipelines.agent import non_personalized
-from .pipelines.flow import examples, score
-from .pipelines.memory import EpisodicMemory, MemoryItem
-from .pipelines.metering import metered
-from .pipelines.persona import Persona
-from .settings import Settings
+from persona_agent.data.atomic import atomic_write_text
+from persona_agent.data.loaders import Query
+from persona_agent.data.tasks import Task
+from persona_agent.optimizers import AlignmentStep
+from persona_agent.pipelines.agent import non_personalized
+from persona_agent.pipelines.flow import examples, score
+from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
+from persona_agent.pipelines.metering import metered
+from persona_agent.pipelines.persona import Persona
+from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.wiring import alignment, user_flow
 
 log = logging.getLogger(__name__)
 

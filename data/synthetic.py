@@ -22,8 +22,8 @@ import random
 from datetime import date, timedelta
 from pathlib import Path
 
-from .atomic import atomic_write_text
-from .tasks import CATEGORIES_2N, TAGS_2M, Task
+from persona_agent.data.atomic import atomic_write_text
+from persona_agent.data.tasks import CATEGORIES_2N, TAGS_2M, Task
 
 CUES_2M = {
     "sci-fi": ["a starship crew", "an alien signal", "a colony on Mars", "a rogue android"],
@@ -200,5 +200,5 @@ def write_dataset(out_dir: str | Path, task: Task, split: str = "dev", **kwargs)
 
 def shipped_data_dir(task: Task) -> Path:
     """The small generated dataset that ships with the package."""
-    return Path(__file__).parent / "data" / task.key
+    return Path(__file__).parent / task.key
 

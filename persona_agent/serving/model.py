@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from .settings import LMConfig, Settings
+from persona_agent.runtime.settings import LMConfig, Settings
 
 SIGNATURE = mlflow.models.ModelSignature(
     inputs=mlflow.types.Schema([mlflow.types.ColSpec("string", "user_id"), mlflow.types.ColSpec("string", "query")]),
@@ -26,8 +26,8 @@ SIGNATURE = mlflow.models.ModelSignature(
 
 class PersonaModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from .eval.tasks import get_task
-        from .llm import build_lm
+        from persona_agent.data.tasks import get_task
+        from persona_agent.runtime.llm import build_lm
 
         config = dict(context.model_config)
         self.task = get_task(config.pop("task"))
@@ -37,9 +37,9 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str | None]:
         """One answer per row; None for a row whose user has no persona or whose answer was unusable."""
-        from .pipelines.metering import or_fallback
-        from .serve import answer
-        from .store import Store
+        from persona_agent.pipelines.metering import or_fallback
+        from persona_agent.runtime.store import Store
+        from persona_agent.serving.answer import answer
 
         frame = pd.DataFrame(model_input)  # MLflow has checked the columns against the signature
         with Store.open(self.settings, memory="persistent", tracking=False) as store:
@@ -61,7 +61,7 @@ def model_config(settings: Settings, task_key: str) -> dict:
 
 def log_model(settings: Settings, task_key: str, registered_name: str | None = None) -> str:
     """Log the served model in a run of its own; returns its model URI."""
-    from . import tracking
+    from persona_agent.runtime import tracking
 
     with mlflow.start_run(run_name=f"served-model-{task_key}", tags=tracking.owner_tags()):
         # no input example: MLflow would run a prediction (the LLM, the store) while logging;
