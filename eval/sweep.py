@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona_agent import tracking  # noqa: E402
+from persona_agent.runtime import tracking  # noqa: E402
 from persona_agent.data.loaders import UserData  # noqa: E402
 from persona_agent.data.tasks import Task  # noqa: E402
 from persona_agent.eval.harness import EvalStopped, run_eval  # noqa: E402

@@ -26,7 +26,7 @@ from persona_agent.runtime.settings import Settings
 print("held", flush=True)
 time.sleep(float(sys.argv[2]))
 """
-OURS = """from persona_agent.store import Store
+OURS = """from persona_agent.runtime.store import Store
 held = Store.open(Settings(store=Path(sys.argv[1])), memory="persistent", tracking=False)
 held.__enter__()"""
 FOREIGN = """from qdrant_edge import EdgeShard

@@ -80,9 +80,9 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
 
 @pytest.mark.parametrize("restarts", [3, 0])
 def test_a_killed_commit_process_is_replaced_or_the_rest_fail_named(restarts, tmp_path, monkeypatch):
-    from persona_agent.nightly import driver as nightly
+    from persona_agent.nightly import driver
 
-    monkeypatch.setattr(nightly._Committer, "RESTARTS", restarts)
+    monkeypatch.setattr(driver._Committer, "RESTARTS", restarts)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = Settings(store=tmp_path / "mlruns", lm=LMConfig("scripted:0.05", cache=False), batch_size=2,
                         iterations=2, workers=2)

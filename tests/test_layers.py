@@ -27,7 +27,7 @@ def test_reading_settings_loads_no_llm_runtime_store_or_tracking():
     import subprocess
     import sys
 
-    probe = ("import sys, persona_agent.settings, persona_agent.cli; "
+    probe = ("import sys, persona_agent.runtime.settings, persona_agent.cli; "
              "print(sorted(m for m in ('dspy', 'mlflow', 'qdrant_client', 'xllamacpp', 'litellm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

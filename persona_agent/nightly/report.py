@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona_agent import tracking  # noqa: E402
+from persona_agent.runtime import tracking  # noqa: E402
 from persona_agent.data.tasks import Task  # noqa: E402
 from persona_agent.nightly.jobs import fell  # noqa: E402
 
