@@ -332,4 +332,4 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def default_out(settings: Settings, task: Task) -> Path:
-    return settings.store / "eval" / f"{task.key}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return settings.eval_out(task.key, time.strftime('%Y%m%d-%H%M%S'))

@@ -11,11 +11,9 @@ from typing import Callable
 
 import dspy
 
-from persona_agent.data.tasks import Task
-from persona_agent.optimizers import AlignmentStep, PersonaAlignment
+from persona_agent.optimizers import AlignmentStep
 from persona_agent.pipelines.agent import Direct, InContext, PersonaAgent, RetrievalAnswer, non_personalized
 from persona_agent.pipelines.flow import UserFlow
-from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
 from persona_agent.pipelines.metering import or_fallback
 from persona_agent.pipelines.persona import Persona
 from persona_agent.runtime.settings import Settings

@@ -19,10 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona_agent.runtime import tracking  # noqa: E402
 from persona_agent.data.loaders import UserData  # noqa: E402
 from persona_agent.data.tasks import Task  # noqa: E402
 from persona_agent.eval.harness import EvalStopped, run_eval  # noqa: E402
+from persona_agent.runtime import tracking  # noqa: E402
 from persona_agent.runtime.llm import adapter_for, build_lm  # noqa: E402
 from persona_agent.runtime.settings import Settings  # noqa: E402
 from persona_agent.runtime.store import Store  # noqa: E402

@@ -116,9 +116,11 @@ class PersonaAlignment(Teleprompter):
 
     student: a `PersonaProgram` (`PersonaAgent`, `RetrievalAnswer`, or your own module).
     trainset: `dspy.Example(query=..., answer=<the user's real response>, item_id=...)` in time
-        order (oldest first); the latest `batch_size` are the alignment batch and the `holdout`
-        interactions before them the held-out slice. `item_id` hides the item from memory search
-        while it is replayed (it would find its own answer).
+        order (oldest first); the latest `batch_size` are the alignment batch. `item_id` hides the
+        item from memory search while it is replayed (it would find its own answer).
+    valset: the held-out slice, as GEPA takes it: a rewrite must not score worse on it, and a tie
+        on the batch ships only if it does better there. Default: the `holdout` interactions
+        before the batch (none when `holdout` is 0).
     metric: `metric(example, prediction, trace=None) -> float` in [0, 1]; default: the task's
         score, for the task of the student's persona.
     guard: reject rewrites that do not score better (False: the paper's loop, every rewrite accepted).
@@ -148,7 +150,10 @@ class PersonaAlignment(Teleprompter):
         metric = self.metric or (lambda ex, pred, trace=None: task_metric(ex, pred, task=task))
         history = list(trainset)
         batch = history[-self.batch_size:]
-        heldout = history[-self.batch_size - self.holdout:-self.batch_size] if self.holdout else []
+        if valset is not None:
+            heldout = list(valset)
+        else:
+            heldout = history[-self.batch_size - self.holdout:-self.batch_size] if self.holdout else []
         program, steps = student.with_persona(student.persona), []
         if not batch:
             log.warning("no past interactions to align on; the persona is returned unchanged")

@@ -215,7 +215,7 @@ def sweep_command(settings: Settings, args) -> int:
     task = get_task(args.task)
     methods, users = resolve(args.methods), _users(args, task)
     with Store.open(settings, memory="run") as store:
-        table = sweep(settings, store, task, users, methods, args.param, values, args.out or settings.store / "sweeps")
+        table = sweep(settings, store, task, users, methods, args.param, values, args.out or settings.sweeps_path)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
@@ -307,7 +307,7 @@ def report_command(settings: Settings, args) -> int:
     from persona_agent.runtime.store import Store
 
     with Store.open(settings, memory=None):
-        result = write_report(get_task(args.task), args.out or settings.store / "reports", args.last)
+        result = write_report(get_task(args.task), args.out or settings.reports_path, args.last)
     console = Console()
     console.print(result.table[result.table.user_id == "all"].drop(columns="user_id").to_string(index=False,
                   float_format=lambda x: f"{x:.3f}"))

@@ -12,13 +12,13 @@ only in what they add to it.
 from __future__ import annotations
 
 import copy
-import functools
 from typing import Any
 
 import dspy
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from persona_agent.data.tasks import Task
+from persona_agent.overrides import ReAct
 from persona_agent.pipelines.memory import UserMemory, format_recalls
 from persona_agent.pipelines.persona import Persona, instruction
 from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnswer, typed_to
@@ -107,26 +107,11 @@ def memory_tools(memory: UserMemory | None, task: Task, semantic: str | None) ->
     return tools
 
 
-class _ReAct(dspy.ReAct):
-    def _call_with_potential_trajectory_truncation(self, module, trajectory, **input_args):
+class _ReAct(ReAct):
+    def extraction_inputs(self, inputs: dict) -> dict:
         # The extraction sees the recalled interactions as demonstrations already; listing the
         # same items again as `memories` would only lengthen its prompt (about a fifth of it).
-        # Private like `_format_trajectory`, and guarded by the same test.
-        if module is self.extract and input_args.get("demos"):
-            input_args["memories"] = "(the examples below)"
-        return super()._call_with_potential_trajectory_truncation(module, trajectory, **input_args)
-
-    def _format_trajectory(self, trajectory: dict) -> str:
-        # dspy.ReAct builds a signature per step just to format the trajectory; build one per shape.
-        # A private method with no public alternative: tests/test_agent.py fails loudly if DSPy
-        # stops calling it or changes its shape.
-        adapter = dspy.settings.adapter or dspy.ChatAdapter()
-        return adapter.format_user_message_content(_trajectory_signature(tuple(trajectory)), trajectory)
-
-
-@functools.lru_cache(maxsize=64)
-def _trajectory_signature(keys: tuple[str, ...]) -> type[dspy.Signature]:
-    return dspy.Signature(f"{', '.join(keys)} -> x")
+        return {**inputs, "memories": "(the examples below)"} if inputs.get("demos") else inputs
 
 
 _prototypes: dict[tuple, _ReAct] = {}

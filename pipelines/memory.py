@@ -126,10 +126,6 @@ class EpisodicMemory:
         """Every user with memories, sorted."""
         return self.points.user_ids()
 
-    def known(self, user_id: str, item_ids: Iterable[str]) -> set[str]:
-        """Which of these item ids the user's memory already holds."""
-        return set(self.stored(user_id, item_ids))
-
     def stored(self, user_id: str, item_ids: Iterable[str]) -> dict[str, MemoryItem]:
         """The user's stored items among these ids, by id."""
         return {it.item_id: it for _, it in self._stored(user_id, item_ids)}

@@ -21,6 +21,8 @@ from typing import Iterator, Protocol
 import qdrant_edge as edge
 from qdrant_client import QdrantClient, models
 
+from persona_agent.overrides import is_embedded_qdrant
+
 log = logging.getLogger(__name__)
 Sparse = tuple[list[int], list[float]]
 _ALL = 2**31 - 1
@@ -160,7 +162,7 @@ class ClientPoints:
         self.client.create_collection(
             self.collection, vectors_config=dense,
             sparse_vectors_config={"lexical": models.SparseVectorParams(modifier=models.Modifier.IDF)})
-        if type(self.client._client).__name__ != "QdrantLocal":  # embedded qdrant-client has no payload indexes
+        if not is_embedded_qdrant(self.client):  # qdrant-client's in-process engine has no payload indexes
             self.client.create_payload_index(
                 self.collection, "user_id",
                 field_schema=models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True))

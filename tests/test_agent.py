@@ -138,28 +138,6 @@ def test_a_subclass_adds_tools_and_every_agent_calls_its_own(memory, fake_lm):
     assert "upcoming_events" in system and "search_memory" in system
 
 
-# -- the two places the agent leans on DSPy's ReAct internals: fail loudly when DSPy changes them --
-
-
-def test_dspy_still_formats_trajectories_through_the_overridden_private_method(memory, fake_lm, monkeypatch):
-    import inspect
-
-    from persona_agent.pipelines import agent as agent_module
-
-    assert list(inspect.signature(dspy.ReAct._format_trajectory).parameters) == ["self", "trajectory"]
-    seen = []
-    original = agent_module._ReAct._format_trajectory
-    monkeypatch.setattr(agent_module._ReAct, "_format_trajectory",
-                        lambda self, trajectory: seen.append(dict(trajectory)) or original(self, trajectory))
-    fake_lm._engine_spec.policy = lambda fields, s, u: (
-        {"answer": "action"} if fields == ["answer"] else
-        {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}})
-    _agent(memory)(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
-    # once before the first step, once for the extraction after it: if DSPy stops calling the
-    # method, the override silently does nothing and every step builds a signature again
-    assert len(seen) == 2 and "tool_name_0" in seen[1]
-
-
 def test_the_extract_step_is_dspys_own_extraction_without_a_second_reasoning_pass(memory):
     agent = _agent(memory)
     ours = agent.act.extract.signature

@@ -84,6 +84,18 @@ def test_a_rewrite_that_lowers_the_holdout_score_is_not_promoted(memory, fake_lm
     assert "held-out score dropped" in step.reason and aligned.persona.profile == START
 
 
+def test_the_held_out_slice_can_be_given_as_valset(memory, fake_lm):
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "Prefers action.")
+    student, train = _setup(memory)
+    comedy = [ex.copy(answer="comedy") for ex in train[:2]]
+    opt = PersonaAlignment(batch_size=3, iterations=1)  # no holdout: only the valset can refuse it
+    assert opt.compile(student, trainset=train[2:]).persona.profile == ACTION
+    aligned = opt.compile(student, trainset=train[2:], valset=comedy)
+    (step,) = opt.steps
+    assert step.holdout_score == 1.0 and step.candidate_holdout_score == 0.0
+    assert "held-out score dropped" in step.reason and aligned.persona.profile == START
+
+
 def test_a_perfect_batch_stops_before_any_critique_or_update(memory, fake_lm):
     fake_lm._engine_spec.policy = persona_following_policy()
     student, train = _setup(memory)

@@ -16,7 +16,7 @@ import mlflow
 
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
-from persona_agent.nightly.jobs import StateStore, fingerprint, state_root
+from persona_agent.nightly.jobs import StateStore, fingerprint
 from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import Settings
@@ -67,7 +67,7 @@ def _check_store(settings: Settings) -> dict:
     finally:
         memory.close()
     mlflow.set_tracking_uri(settings.tracking_uri)
-    registry, states = PersonaRegistry(LAMP_2M), StateStore(state_root(settings, LAMP_2M))
+    registry, states = PersonaRegistry(LAMP_2M), StateStore(settings.nightly_state(LAMP_2M.key))
     for user in sizes:
         versions = registry.versions(user)
         tags = Counter((v.tags.get("fingerprint"), v.tags.get("iteration")) for v in versions)
@@ -105,7 +105,7 @@ def test_random_kills_never_corrupt_the_store_and_a_rerun_finishes(tmp_path, mon
         proc.wait()
         _wait_until_gone(proc.pid)  # the shell is reaped; its children may still be exiting
         sizes = _check_store(settings)
-        landed.append((sum(sizes.values()), len(list(state_root(settings, LAMP_2M).glob("*.json")))))
+        landed.append((sum(sizes.values()), len(list(settings.nightly_state(LAMP_2M.key).glob("*.json")))))
     print(f"{killed} kills; memories and users done after each:", landed)
     assert killed >= KILLS // 2, "most runs should have been killed mid-way"
     for path in events:  # the rerun: whatever the kills interrupted gets finished
@@ -113,7 +113,7 @@ def test_random_kills_never_corrupt_the_store_and_a_rerun_finishes(tmp_path, mon
     assert subprocess.run(nightly, env=env, capture_output=True).returncode == 0
     sizes = _check_store(settings)
     assert sum(sizes.values()) == USERS * 8 + 2 * KILLS  # every memory once: nothing lost, nothing doubled
-    states = StateStore(state_root(settings, LAMP_2M))
+    states = StateStore(settings.nightly_state(LAMP_2M.key))
     memory = EpisodicMemory.open(path=str(settings.qdrant_path))
     try:
         for user in sizes:  # every user aligned on their whole, final history

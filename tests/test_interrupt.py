@@ -15,7 +15,7 @@ import pytest
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.nightly.jobs import StateStore, state_root
+from persona_agent.nightly.jobs import StateStore
 from persona_agent.runtime.llm import build_lm
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
@@ -26,7 +26,7 @@ USERS = 6
 
 
 def _done(settings) -> int:
-    return len(list(state_root(settings, LAMP_2M).glob("*.json")))
+    return len(list(settings.nightly_state(LAMP_2M.key).glob("*.json")))
 
 
 def _wait_for(condition, seconds=120.0):
@@ -63,7 +63,7 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
         assert calls_after <= 2  # at most the calls already in flight (2 workers): nothing new started
         assert 1 <= committed < USERS
         mlflow.set_tracking_uri(settings.tracking_uri)
-        registry, states = PersonaRegistry(LAMP_2M), StateStore(state_root(settings, LAMP_2M))
+        registry, states = PersonaRegistry(LAMP_2M), StateStore(settings.nightly_state(LAMP_2M.key))
         served = {u for u in registry.users()["user_id"] if registry.production_version(u) is not None}
         assert {u for u in served if states.get(u)} == {u for u in served if states.get(u)} and len(served) >= committed
         run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
@@ -80,9 +80,9 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
 
 @pytest.mark.parametrize("restarts", [3, 0])
 def test_a_killed_commit_process_is_replaced_or_the_rest_fail_named(restarts, tmp_path, monkeypatch):
-    from persona_agent.nightly import driver
+    from persona_agent.nightly import committer
 
-    monkeypatch.setattr(driver._Committer, "RESTARTS", restarts)
+    monkeypatch.setattr(committer.Committer, "RESTARTS", restarts)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = Settings(store=tmp_path / "mlruns", lm=LMConfig("scripted:0.05", cache=False), batch_size=2,
                         iterations=2, workers=2)

@@ -1,21 +1,47 @@
-"""The house: layers import one way (application > optimizers > pipelines > signatures > eval),
-with no cycles, as declared in pyproject.toml's import-linter contracts."""
+"""The house: folders are layers that import one way (cli > commands > runtime > optimizers >
+pipelines > signatures > data > overrides), with no cycles, as declared in pyproject.toml's
+import-linter contracts."""
 
+import ast
 from pathlib import Path
 
 import grimp
 from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).parents[1]
+LINKED = ("signatures", "pipelines", "optimizers", "eval", "data")  # top-level folders, linked into persona_agent/
 
 
 def test_every_folder_is_part_of_the_checked_package():
     # persona_agent/X links to the top-level folder X/; were a link missing, the contract would
     # pass without ever reading that folder.
     modules = grimp.build_graph("persona_agent").modules
-    for folder in ("signatures", "pipelines", "optimizers", "eval"):
+    for folder in LINKED:
         files = {p.stem for p in (ROOT / folder).glob("*.py") if p.stem != "__init__"}
         assert files and {f"persona_agent.{folder}.{f}" for f in files} <= modules, folder
+
+
+def _bare_imports(path: Path, root: Path = ROOT) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+        found += [f"{path.relative_to(root)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in LINKED]
+    return found
+
+
+def test_no_module_imports_a_top_level_folder_by_its_bare_name(tmp_path):
+    # From the repository root `pipelines.metering` would import as a second module beside
+    # `persona_agent.pipelines.metering`, with its own context variables and caches.
+    sources = [p for folder in (*LINKED, "persona_agent", "tests", "bench", "examples")
+               for p in (ROOT / folder).rglob("*.py") if not any(part in LINKED for part in p.relative_to(ROOT).parts[1:-1])]
+    assert len(sources) > 40
+    assert [hit for p in sources for hit in _bare_imports(p)] == []
+    planted = tmp_path / "planted.py"  # the check sees each form of a bare import
+    planted.write_text("import os\nfrom pipelines.metering import metered\nimport eval.harness\n"
+                       "def f():\n    from data import tasks\nfrom persona_agent.data import tasks\nfrom . import x\n")
+    assert _bare_imports(planted, tmp_path) == ["planted.py:2: pipelines.metering", "planted.py:3: eval.harness",
+                                                "planted.py:5: data"]
 
 
 def test_the_import_contracts_hold():

@@ -14,7 +14,7 @@ from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M, TaskDataError
 from persona_agent.nightly.driver import NightlyLocked, run_nightly
-from persona_agent.nightly.jobs import StateStore, fingerprint, state_root
+from persona_agent.nightly.jobs import StateStore, fingerprint
 from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
@@ -96,7 +96,7 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
     cmd = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--lm", "scripted:0.01",
            "--workers", "2", "-n", "2", "-T", "2"]
     env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache")}
-    states = StateStore(state_root(settings, LAMP_2M))
+    states = StateStore(settings.nightly_state(LAMP_2M.key))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not any(states.root.glob("*.json")) and time.time() < deadline and proc.poll() is None:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_agent.data.atomic import atomic_write_text
@@ -182,10 +182,6 @@ class StateStore:
         atomic_write_text(self._path(user_id), json.dumps({"user_id": user_id, **state}))
 
 
-def state_root(settings: Settings, task: Task) -> Path:
-    return settings.store / "nightly" / task.key
-
-
 def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[UserJob], list[str], dict[str, str]]:
     """Jobs for users whose history changed since their last completed alignment; the users
     unchanged; and those that could not be planned (user id -> error), who are left as they are."""
@@ -289,7 +285,4 @@ class NightlySummary:
                 f"prequential_production_{metric}": task.score(golds, [a for p in runs for a in p.production])[metric],
                 f"prequential_non_personalized_{metric}":
                     task.score(golds, [a for p in runs for a in p.non_personalized])[metric]}
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 

@@ -1,7 +1,7 @@
 """`persona-agent report`: is personalization getting better or worse, night after night?
 
 Every nightly run scores each changed user's production persona on the interactions that
-arrived since it was aligned, before they are learned from (`nightly_jobs.prequential`), and
+arrived since it was aligned, before they are learned from (`jobs.prequential`), and
 logs one row per scored interaction (`prequential.json`). This collects those rows over the
 nights into a CSV and a PNG, overall and per user, and names the users whose score fell.
 """
@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from persona_agent.runtime import tracking  # noqa: E402
 from persona_agent.data.tasks import Task  # noqa: E402
 from persona_agent.nightly.jobs import fell  # noqa: E402
+from persona_agent.runtime import tracking  # noqa: E402
 
 SCORES = ["production_score", "non_personalized_score"]
 

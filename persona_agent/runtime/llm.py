@@ -25,7 +25,7 @@ import dspy
 import pydantic
 from dspy.lm15 import Message, Response, ServerError, TextPart, Usage
 
-from persona_agent.runtime import overrides as fast_paths
+from persona_agent import overrides
 from persona_agent.runtime.lm_cache import ForgetsUnusableAnswers, install
 from persona_agent.runtime.settings import LMConfig
 
@@ -274,7 +274,7 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
     model name, its key read by LiteLLM from the environment (e.g. OPENAI_API_KEY). Its answers are
     cached per endpoint, and never an unusable one (`lm_cache`)."""
     install()
-    fast_paths.install()
+    overrides.install_fast_paths()
     if cfg.model == "scripted" or cfg.model.startswith("scripted:"):
         # A deterministic stand-in LM for smoke tests and benchmarks: `scripted:0.2` adds 200 ms per call.
         from persona_agent.runtime.fakes import FakeEngine
@@ -305,7 +305,7 @@ class JSONAdapter(ForgetsUnusableAnswers, dspy.JSONAdapter):
 class ChatAdapter(ForgetsUnusableAnswers, dspy.ChatAdapter):
     """DSPy's ChatAdapter; an answer it cannot use leaves the cache, in its JSON fallback too."""
 
-    def _make_json_adapter_fallback(self):
+    def json_fallback(self):
         return JSONAdapter(use_native_function_calling=self.use_native_function_calling,
                            parallel_tool_calls=self.parallel_tool_calls)
 
@@ -329,7 +329,7 @@ class SchemaJSONAdapter(JSONAdapter):
         super().__init__(**kwargs)
         self.max_text_chars, self.server_takes_schema = max_text_chars, server_takes_schema
 
-    def _prepare_response_format(self, lm, lm_kwargs, signature):
+    def response_format(self, lm, lm_kwargs, signature):
         if "response_format" not in lm.supported_params and not self.server_takes_schema:
             return
         fields = tuple((name, f.annotation, tuple(f.metadata)) for name, f in signature.output_fields.items())
@@ -411,7 +411,7 @@ def adapter_for(lm: dspy.LM) -> dspy.Adapter:
     chat model and for any OpenAI-compatible server named by `api_base` (llama.cpp's server,
     vLLM, Ollama and OpenAI all take a JSON schema as the response format, so a small served
     model parses as reliably as in process); DSPy's ChatAdapter for everything else."""
-    engine = getattr(lm, "_engine_spec", None)
+    engine = overrides.engine_of(lm)
     if type(engine).__name__ == "FakeEngine":
         return JSONAdapter()
     if isinstance(engine, LlamaCppEngine):

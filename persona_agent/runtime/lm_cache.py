@@ -18,7 +18,8 @@ import contextvars
 import logging
 
 import dspy
-from dspy.utils.exceptions import AdapterParseError
+
+from persona_agent.overrides import AdapterHooks, forget_cached
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,7 @@ class EndpointCache:
         self._touch(request, ignored)
 
     def forget(self, keys: list[str]) -> None:
-        with self.inner._lock:
-            for key in keys:
-                self.inner.memory_cache.pop(key, None)
-        if self.inner.enable_disk_cache:
-            for key in keys:
-                self.inner.disk_cache.delete(key)
+        forget_cached(self.inner, keys)
         self.forgotten += len(keys)
 
     def __getattr__(self, name):  # reset_memory_cache, cache_key, ...: DSPy's own
@@ -75,7 +71,7 @@ def install() -> EndpointCache:
     return dspy.cache
 
 
-class ForgetsUnusableAnswers:
+class ForgetsUnusableAnswers(AdapterHooks):
     """Mixin for DSPy adapters (before the adapter class in the bases)."""
 
     def __call__(self, *args, **kwargs):
@@ -85,13 +81,9 @@ class ForgetsUnusableAnswers:
         finally:
             _touched.reset(token)
 
-    def _call_postprocess(self, *args, **kwargs):
-        try:
-            return super()._call_postprocess(*args, **kwargs)
-        except AdapterParseError:
-            touched, cache = _touched.get(), dspy.cache
-            if touched and isinstance(cache, EndpointCache):
-                cache.forget(touched)
-                log.info("dropped %d unusable LLM answer(s) from the cache", len(touched))
-                touched.clear()
-            raise
+    def on_unusable_answer(self) -> None:
+        touched, cache = _touched.get(), dspy.cache
+        if touched and isinstance(cache, EndpointCache):
+            cache.forget(touched)
+            log.info("dropped %d unusable LLM answer(s) from the cache", len(touched))
+            touched.clear()

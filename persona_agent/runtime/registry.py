@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.prompt.registry_utils import PromptCache
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from persona_agent.data.tasks import Task
+from persona_agent.overrides import forget_cached_alias, registry_client
 from persona_agent.pipelines.persona import Persona, injection_problem
 
 PRODUCTION = "production"
@@ -52,8 +52,7 @@ class PersonaRegistry:
     def __init__(self, task: Task, tracking_uri: str | None = None):
         self.task = task
         self.client = mlflow.MlflowClient(tracking_uri)
-        # MLflow's registry client (pinned MLflow; `tests/test_registry.py` covers what is used)
-        self._registry = self.client._get_registry_client()
+        self._registry = registry_client(self.client)
 
     def name(self, user_id: str) -> str:
         return prompt_name(self.task.key, user_id)
@@ -88,7 +87,7 @@ class PersonaRegistry:
             return
         # Just registered, so known to exist: skip MlflowClient's re-read of the version.
         self._registry.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
-        PromptCache.get_instance().delete(self.name(user_id), alias=PRODUCTION, registry_uri=self.client._registry_uri)
+        forget_cached_alias(self.client, self.name(user_id), PRODUCTION)
 
     def tag(self, user_id: str, version: int, key: str, value) -> None:
         self.client.set_prompt_version_tag(self.name(user_id), str(version), key, str(value))

@@ -64,6 +64,39 @@ class Settings:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return cache / "persona-agent" / "stores" / hashlib.sha256(str(self.store.resolve()).encode()).hexdigest()[:16]
 
+    # Every path under the store is named here, and nowhere else.
+
+    @property
+    def artifacts_path(self) -> Path:
+        """Where runs keep their artifacts on a local tracking database."""
+        return self.store.resolve() / "artifacts"
+
+    @property
+    def memory_lock(self) -> Path:
+        """Taken while a command holds the embedded memory (one process at a time)."""
+        return self.store / "memory.lock"
+
+    @property
+    def nightly_lock(self) -> Path:
+        """Held by the one nightly run a store allows at a time."""
+        return self.store / "nightly.lock"
+
+    def nightly_state(self, task_key: str) -> Path:
+        """Per-user state of the nightly runs of one task."""
+        return self.store / "nightly" / task_key
+
+    def eval_out(self, task_key: str, stamp: str) -> Path:
+        """Where one `eval` writes its tables and predictions by default."""
+        return self.store / "eval" / f"{task_key}-{stamp}"
+
+    @property
+    def sweeps_path(self) -> Path:
+        return self.store / "sweeps"
+
+    @property
+    def reports_path(self) -> Path:
+        return self.store / "reports"
+
     @property
     def qdrant_path(self) -> Path:
         """The embedded memory: a Qdrant Edge shard."""

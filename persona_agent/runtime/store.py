@@ -50,7 +50,7 @@ class StoreBusy(RuntimeError):
 @contextlib.contextmanager
 def _embedded_memory(settings: Settings) -> Iterator[EpisodicMemory]:
     deadline = time.monotonic() + settings.store_wait
-    lock = FileLock(str(settings.store / "memory.lock"))
+    lock = FileLock(str(settings.memory_lock))
     try:
         lock.acquire(timeout=0)
     except Timeout:

@@ -23,13 +23,13 @@ def setup(settings: Settings) -> str:
     if settings.tracking_uri.startswith("sqlite:///"):
         if settings.database_path.parent != settings.store.resolve():
             _link(settings.database_path.parent, settings.store.resolve())
-        _create_database(Path(settings.tracking_uri.removeprefix("sqlite:///")), settings.store)
+        _create_database(Path(settings.tracking_uri.removeprefix("sqlite:///")), settings.artifacts_path)
     mlflow.set_tracking_uri(settings.tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment)
     if exp is None:
         # a local database: artifacts in the store; a tracking server: wherever it keeps (or proxies) them
         remote = settings.tracking_uri.startswith(("http://", "https://", "databricks"))
-        artifacts = None if remote else (settings.store.resolve() / "artifacts").as_uri()
+        artifacts = None if remote else settings.artifacts_path.as_uri()
         exp_id = mlflow.create_experiment(settings.experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id
@@ -101,7 +101,7 @@ def _link(alias: Path, target: Path) -> None:
     os.replace(tmp, alias)
 
 
-def _create_database(path: Path, store: Path) -> None:
+def _create_database(path: Path, artifacts: Path) -> None:
     """Create MLflow's database atomically: its schema takes ~50 migrations, and a process
     killed half-way through them would leave a database no later run can open. So the schema
     is built in a temporary file, which replaces the real path only once complete."""
@@ -114,7 +114,7 @@ def _create_database(path: Path, store: Path) -> None:
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
-        SqlAlchemyStore(f"sqlite:///{tmp}", (store.resolve() / "artifacts").as_uri()).engine.dispose()
+        SqlAlchemyStore(f"sqlite:///{tmp}", artifacts.as_uri()).engine.dispose()
         os.replace(tmp, path)
 
 

@@ -1,0 +1,100 @@
+"""The nightly's commit process: one child process does every registry and state write."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import mlflow
+
+from persona_agent.nightly.jobs import StateStore, commit
+from persona_agent.runtime.registry import PersonaRegistry
+
+log = logging.getLogger(__name__)
+
+
+class Committer:
+    """One child process does every registry and state write, in arrival order: MLflow's
+    SQLAlchemy writes are CPU work that would otherwise share this interpreter with the workers.
+
+    A committer that dies (killed, out of memory) is replaced, up to `RESTARTS` times, and the
+    commits it had not finished are sent again: a commit is idempotent (`jobs.commit`).
+    Past that, the users not yet committed fail, named, and keep their personas."""
+
+    RESTARTS = 3
+
+    def __init__(self, tracking_uri: str, task_key: str, state_dir, run_id: str, night: int):
+        self.args, self.restarts, self.tracking_uri = (task_key, str(state_dir), run_id, night), self.RESTARTS, tracking_uri
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init, initargs=(self.tracking_uri, os.getpid()))
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        if self.pool is broken:  # the first of its pending commits to notice starts the next one
+            if self.restarts <= 0:
+                raise BrokenProcessPool("the commit process died too often; not restarting it")
+            self.restarts -= 1
+            log.warning("the commit process died; starting a new one (%d restarts left)", self.restarts)
+            broken.shutdown(wait=False)
+            self.pool = self._start()
+
+    def submit(self, outcome):
+        pool = self.pool
+        try:
+            return pool, pool.submit(_commit_in_child, outcome, *self.args)
+        except BrokenProcessPool:
+            self._replace(pool)
+            return self.submit(outcome)
+
+    def result(self, outcome, submitted):
+        """The production version, or the exception the commit ended with."""
+        pool, future = submitted
+        try:
+            return future.result()
+        except BrokenProcessPool as err:
+            try:
+                self._replace(pool)
+            except BrokenProcessPool:
+                return err
+            return self.result(outcome, self.submit(outcome))
+        except Exception as err:
+            return err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True)
+
+
+def _init(tracking_uri: str, parent: int) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides when committing stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    mlflow.set_tracking_uri(tracking_uri)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A pool worker outlives a killed parent, waiting for work forever; this one exits instead
+    (a commit it was in the middle of is redone, deduplicated, by the next run)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _commit_in_child(outcome, task_key: str, state_dir: str, run_id: str, night: int):
+    from pathlib import Path
+
+    from persona_agent.data.tasks import get_task
+
+    task = get_task(task_key)
+    return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_dir)), run_id, night)
