@@ -45,13 +45,20 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
                 hang: float = 30.0, kinds=SERVER_FAULTS) -> ThreadingHTTPServer:
     """`faults`: the fraction of requests that fail (kind drawn from `kinds`, seeded); a "hang"
     sleeps `hang` seconds before answering. `server.handler.injected` counts them, and setting
-    `server.handler.faults` and `.latency` change a running server (an endpoint that recovers)."""
+    `server.handler.faults` and `.latency` change a running server (an endpoint that recovers).
+
+    `server.handler.hold`, a callable: while it returns true, requests that arrive are held
+    (counted in `.held`) until `server.handler.released` is set. A test can so stop the world at
+    a point it chooses, act, and only then let the calls in flight finish."""
     rng, lock = random.Random(seed), threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real LLM servers
         disable_nagle_algorithm = True  # else a kept-alive reply waits on the client's delayed ACK
         calls = 0
+        held = 0
+        hold = None
+        released = threading.Event()
         injected: Counter = Counter()
         faults = 0.0
         latency = 0.0
@@ -61,6 +68,10 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
             messages = body["messages"]
             system = "\n".join(m["content"] for m in messages if m["role"] == "system")
             user = "\n".join(m["content"] for m in messages if m["role"] == "user")
+            if Handler.hold is not None and Handler.hold():
+                with lock:
+                    Handler.held += 1
+                Handler.released.wait()
             time.sleep(Handler.latency)
             with lock:
                 fault = rng.choice(kinds) if rng.random() < Handler.faults else None

@@ -18,7 +18,7 @@ from persona_agent.runtime.fakes import FakeEngine
 from persona_agent.runtime.llm import build_lm
 from persona_agent.runtime.settings import LMConfig, Settings
 
-from .helpers import ingest_into, write_events
+from ..helpers import ingest_into, write_events
 
 
 def test_the_production_persona_is_scored_only_on_items_it_has_never_seen():

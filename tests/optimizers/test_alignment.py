@@ -8,7 +8,7 @@ from persona_agent.pipelines.memory import MemoryItem, UserMemory
 from persona_agent.pipelines.persona import TEMPLATE, Persona, compose_profile
 from persona_agent.pipelines.screening import injection_problem
 
-from .helpers import named_labels, notes_of, typed
+from ..helpers import named_labels, notes_of, typed
 
 START, ACTION = typed("Likes comedy."), typed("Prefers action.")  # the start persona, the rewrite the critic asks for
 

@@ -13,7 +13,7 @@ from persona_agent.runtime.fakes import FakeEngine, default_policy
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
 
-from .helpers import ingest_into, write_events
+from ..helpers import ingest_into, write_events
 
 
 def test_last_better_rolls_back_only_below_the_recent_mean_and_to_a_better_version():

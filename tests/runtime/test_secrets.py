@@ -7,12 +7,14 @@ import secrets
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 
 
+@pytest.mark.slow
 def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatch, caplog, capsys, fake_llm_server):
     key = "sk-test-" + secrets.token_hex(16)
     monkeypatch.setenv("OPENAI_API_KEY", key)

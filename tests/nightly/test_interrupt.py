@@ -20,7 +20,7 @@ from persona_agent.runtime.llm import build_lm
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
 
-from .helpers import ingest_into
+from ..helpers import ingest_into
 
 USERS = 6
 
@@ -36,6 +36,18 @@ def _wait_for(condition, seconds=120.0):
         time.sleep(0.05)
 
 
+def _read_lines(stream, lines: list, seen: threading.Event, marker: str) -> threading.Thread:
+    def read():
+        for line in stream:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finishes(
         sig, tmp_path, monkeypatch, fake_llm_server):
@@ -43,7 +55,10 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
     settings = Settings(store=tmp_path / "mlruns")
     data = write_dataset(tmp_path / "data", LAMP_2M, n_users=USERS, n_history=8, n_queries=1, seed=5)
     ingest_into(settings, data)
-    server, url = fake_llm_server.serve_in_background(latency=0.4)  # a user takes seconds
+    server, url = fake_llm_server.serve_in_background(latency=0.0)
+    # Once a user is committed, every LM request that arrives is held: the run cannot finish the
+    # other users before the signal lands, however slow or loaded the machine is.
+    server.handler.hold = lambda: _done(settings) >= 1
     env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache"), "OPENAI_API_KEY": "sk-fake"}
     command = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--workers", "2",
                "--lm", "openai/gpt-4o-mini", "--api-base", url, "-n", "2", "-T", "2"]
@@ -51,11 +66,19 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
         # its own process group, signalled as a terminal signals one (Ctrl-C reaches the commit process too)
         proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda: _done(settings) >= 1 or proc.poll() is not None)
+        out_lines, err_lines, stopping = [], [], threading.Event()
+        readers = [_read_lines(proc.stdout, out_lines, threading.Event(), "\0"),
+                   _read_lines(proc.stderr, err_lines, stopping, "stopping")]
+        _wait_for(lambda: server.handler.held >= 1 or proc.poll() is not None)
         assert proc.poll() is None, "the run finished before it could be stopped"
         calls_at_signal = server.handler.calls
         os.killpg(proc.pid, sig)
-        out, err = proc.communicate(timeout=60)
+        _wait_for(lambda: stopping.is_set() or proc.poll() is not None)  # the run has taken the signal
+        server.handler.released.set()  # only now may the calls in flight finish
+        proc.wait(timeout=60)
+        for reader in readers:
+            reader.join(timeout=10)
+        out, err = "".join(out_lines), "".join(err_lines)
         calls_after = server.handler.calls - calls_at_signal
         committed = _done(settings)
         assert proc.returncode == 128 + sig, err[-2000:]
@@ -70,15 +93,17 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
         assert run["tags.stopped_by"] == sig.name and run["status"] == "FINISHED"
         assert run["metrics.users_interrupted"] == USERS - run["metrics.users_aligned"] - run["metrics.users_rejected"]
         # the next run does the rest, and only the rest
-        server.handler.latency = 0.0
+        server.handler.hold = None
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     finally:
+        server.handler.released.set()
         server.shutdown()
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert _done(settings) == USERS and f"unchanged {committed}" in rerun.stdout
 
 
 @pytest.mark.parametrize("restarts", [3, 0])
+@pytest.mark.slow
 def test_a_killed_commit_process_is_replaced_or_the_rest_fail_named(restarts, tmp_path, monkeypatch):
     from persona_agent.nightly import committer
 

@@ -16,7 +16,7 @@ from persona_agent.runtime.registry import PersonaRegistry, prompt_name
 from persona_agent.runtime.settings import LMConfig, Settings
 from persona_agent.runtime.store import Store
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -138,6 +138,7 @@ def test_answer_exits_4_with_one_line_when_the_llms_answer_is_unusable(mlflow_st
     assert err.startswith("persona-agent: the LLM's answer could not be used") and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_command(mlflow_store):
     import subprocess
     import sys

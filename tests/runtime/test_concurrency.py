@@ -16,7 +16,9 @@ from persona_agent.nightly.driver import run_nightly
 from persona_agent.runtime.llm import build_lm
 from persona_agent.runtime.settings import LMConfig, Settings
 
-from .helpers import ingest_into
+from ..helpers import ingest_into
+
+pytestmark = pytest.mark.slow  # other processes on one store: the second tier
 
 HOLD = """
 import sys, time

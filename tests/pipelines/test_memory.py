@@ -6,7 +6,7 @@ from persona_agent.pipelines.points import ClientPoints, EdgePoints, StoreLocked
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import Store
 
-from .helpers import open_memory
+from ..helpers import open_memory
 
 
 def _fill(memory):

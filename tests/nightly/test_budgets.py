@@ -15,7 +15,7 @@ from persona_agent.runtime.fakes import FakeEngine
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
 
-from .helpers import ingest_into
+from ..helpers import ingest_into
 
 
 @pytest.fixture

@@ -78,6 +78,7 @@ def tracking_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_every_command_and_the_served_model_work_against_a_tracking_server(tracking_server, tmp_path, monkeypatch,
                                                                            capsys):
     url, server_root = tracking_server

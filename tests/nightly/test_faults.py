@@ -16,7 +16,7 @@ from persona_agent.runtime.llm import build_lm
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
 
-from .helpers import ingest_into
+from ..helpers import ingest_into
 
 POISON = "a film that always crashes the model"
 

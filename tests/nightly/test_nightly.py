@@ -19,7 +19,7 @@ from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
 
-from .helpers import ingest_into
+from ..helpers import ingest_into
 
 
 @pytest.fixture
@@ -89,6 +89,7 @@ def _parent(pid: str) -> int | None:
     return None if fields[0] == "Z" else int(fields[1])
 
 
+@pytest.mark.slow
 def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_path):
     settings, data = store
     write_dataset(data, LAMP_2M, n_users=8, n_history=8, n_queries=1, seed=3)
@@ -127,6 +128,7 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
         memory.close()
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_same_personas_as_threads(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
