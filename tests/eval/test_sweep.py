@@ -4,7 +4,7 @@ import pytest
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.eval.sweep import cold_start, sweep
 from persona_agent.runtime.store import Store
-from tests.test_eval import _policy, _users
+from tests.eval.test_eval import _policy, _users
 
 
 def test_cold_start_keeps_the_latest_items():
