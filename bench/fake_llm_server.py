@@ -47,6 +47,10 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
     sleeps `hang` seconds before answering. `server.handler.injected` counts them, and setting
     `server.handler.faults` and `.latency` change a running server (an endpoint that recovers).
 
+    `server.handler.status = 401` (or any code) answers every request with that HTTP status and an
+    OpenAI-style error body, as a provider does for a bad key (401), no credit (402), an unknown
+    model (404) or a bad request (400).
+
     `server.handler.hold`, a callable: while it returns true, requests that arrive are held
     (counted in `.held`) until `server.handler.released` is set. A test can so stop the world at
     a point it chooses, act, and only then let the calls in flight finish."""
@@ -56,6 +60,7 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
         protocol_version = "HTTP/1.1"  # keep-alive, as real LLM servers
         disable_nagle_algorithm = True  # else a kept-alive reply waits on the client's delayed ACK
         calls = 0
+        status = None
         held = 0
         hold = None
         released = threading.Event()
@@ -73,6 +78,10 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
                     Handler.held += 1
                 Handler.released.wait()
             time.sleep(Handler.latency)
+            if Handler.status is not None:
+                message = {401: "Incorrect API key provided: sk-fa***ke", 402: "You exceeded your current quota",
+                           404: "The model `nonexistent` does not exist"}.get(Handler.status, "Invalid request")
+                return self._send(Handler.status, json.dumps({"error": {"message": message}}).encode())
             with lock:
                 fault = rng.choice(kinds) if rng.random() < Handler.faults else None
                 if fault:

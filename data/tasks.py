@@ -7,6 +7,7 @@ model answer means, and how to score a list of answers.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal, Sequence
 
 from pydantic import Field
+from pydantic_core import core_schema
 
 TAGS_2M = (
     "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
@@ -89,6 +91,11 @@ class Task:
         if labelled or self.derive_interactions is None:
             return labelled
         return self.derive_interactions(self, [(i, t) for i, t, _ in items])
+
+    def answer_type(self) -> object:
+        """The type of an answer: one of the labels. A rating is read as LaMP reads it, so 4, "4.0"
+        and " 4 " are all "4" (a whole number from 1 to 5); anything else fails to parse."""
+        return _rating_type(self.labels) if self.kind == "rating" else Literal[self.labels]
 
     # -- profiles ------------------------------------------------------------------------------
     def preference_type(self, supported: Sequence[str] | None = None) -> object:
@@ -172,7 +179,10 @@ class Task:
         if text in self.aliases:
             return self.aliases[text]
         if self.kind == "rating":
-            m = re.search(r"[1-5]", text)
+            rating = read_rating(text)
+            if rating is not None:
+                return rating
+            m = re.search(r"(?<![\d.])[1-5](?![\d.])", text)  # "4 stars"; never the 1 of "10"
             return m.group(0) if m else None
         hits = [label for label in self.labels if _names(label, text)]
         # "dark comedy" also contains "comedy": the longer label is the one named.
@@ -248,6 +258,36 @@ _RATING_TERMS = r"\b(harsh\w*|generous\w*|strict\w*|lenient\w*|critical|rates? (
 _STOP = frozenset("about after also among between could from have into like more most other over such than that their "
                   "them then there these they this those through under very what when which while will with would your "
                   "paper papers study using based approach method methods".split())
+
+
+def read_rating(value: object) -> str | None:
+    """A number that is a whole rating from 1 to 5 ("4", "4.0", 4, 4.0) as its label, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return str(int(number)) if number.is_integer() and 1 <= number <= 5 else None
+
+
+@functools.cache
+def _rating_type(labels: tuple[str, ...]) -> type:
+    """A rating label as a type: the labels' enum in its JSON schema (what a grammar allows), and
+    numbers read as whole ratings before the check. A class, not `Annotated[Literal, validator]`:
+    DSPy keeps an output field's `Annotated` metadata apart and would parse with the bare Literal."""
+
+    class Rating(str):
+        @classmethod
+        def __get_pydantic_core_schema__(cls, source, handler):
+            return core_schema.no_info_before_validator_function(
+                lambda v: read_rating(v) or v, core_schema.literal_schema(list(labels)))
+
+        @classmethod
+        def __get_pydantic_json_schema__(cls, schema, handler):
+            return {"type": "string", "enum": list(labels)}
+
+    return Rating
 
 
 def classification_metrics(golds: Sequence[str], preds: Sequence[str | None], labels: Sequence[str]) -> dict:

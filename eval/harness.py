@@ -26,7 +26,6 @@ import dspy
 import mlflow
 import numpy as np
 import pandas as pd
-from dspy.utils.exceptions import is_retryable_lm_error
 from rich.console import Console
 
 from persona_agent.data.atomic import atomic_write_text
@@ -34,7 +33,7 @@ from persona_agent.data.loaders import UserData
 from persona_agent.data.tasks import Task
 from persona_agent.eval.methods import METHODS, SETUP, NotApplicable, UserContext
 from persona_agent.pipelines.memory import EpisodicMemory, history_items
-from persona_agent.pipelines.metering import Cost, answer_or_none, metered
+from persona_agent.pipelines.metering import Cost, answer_or_none, is_lm_error, metered
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
 from persona_agent.runtime.progress import progress_bar
@@ -48,7 +47,8 @@ BASELINES = ("non-personalized", "w/o alignment")  # what every method's differe
 
 
 class EvalStopped(RuntimeError):
-    """The LLM failed after its retries: the run stopped, and the users that finished are scored."""
+    """The LLM did not answer (refused the request, or failed after its retries): the run
+    stopped, and the users that finished are scored."""
 
 
 @dataclass
@@ -131,10 +131,10 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
             try:
                 runs[user.user_id] = future.result()
             except Exception as err:
-                if not is_retryable_lm_error(err):
+                if not is_lm_error(err):
                     raise
                 why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-                log.warning("user %s: the LLM failed after its retries: %s", user.user_id, why)
+                log.info("user %s: the LLM failed: %s", user.user_id, why)  # said once, by the caller
                 dropped[user.user_id] = why
                 if not keep_going and stopped is None:
                     stopped = f"user {user.user_id}: {why}"
@@ -253,7 +253,7 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
     console.print(f"{len(run.finished)} of {len(users)} users scored; wall time {time.perf_counter() - started:.0f} s; "
                   f"results in {out}; MLflow run {run_id}")
     if run.stopped:
-        raise EvalStopped(f"the LLM failed after {settings.lm.retries} retries ({run.stopped}); the table of the "
+        raise EvalStopped(f"the LLM failed ({run.stopped}); the table of the "
                           f"{len(run.finished)} users that finished is in {out} "
                           "(--keep-going drops failing users instead)")
     return table

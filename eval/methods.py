@@ -14,7 +14,7 @@ import dspy
 from persona_agent.optimizers import AlignmentStep
 from persona_agent.pipelines.agent import Direct, InContext, PersonaAgent, RetrievalAnswer, non_personalized
 from persona_agent.pipelines.flow import UserFlow
-from persona_agent.pipelines.metering import or_fallback
+from persona_agent.pipelines.metering import lm_errors_raised, or_fallback
 from persona_agent.pipelines.persona import Persona
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.wiring import alignment
@@ -89,7 +89,8 @@ class UserContext:
                               track_stats=False, seed=0)
         view.exclude = frozenset(ex.item_id for ex in batch)  # replays must not find their own answers
         try:
-            return self.flow.align(optimizer, student, trainset=batch, valset=batch, name="gepa")
+            with lm_errors_raised():  # DSPy's evaluator inside GEPA scores a failing call 0 and goes on
+                return self.flow.align(optimizer, student, trainset=batch, valset=batch, name="gepa")
         finally:
             view.exclude = frozenset()
 

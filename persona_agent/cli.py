@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from dspy.utils.exceptions import AdapterParseError, LMError
+    from dspy.utils.exceptions import AdapterParseError, LMError, is_retryable_lm_error
     from mlflow.exceptions import MlflowException
 
     from persona_agent.data.tasks import TaskDataError
@@ -533,9 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"persona-agent: {where}{err.strerror or err}", file=sys.stderr)
         return 2
-    except LMError as err:  # still failing after the retries: an outage or a wrong --lm/--api-base/key
-        print(f"persona-agent: the LLM failed after {settings.lm.retries} retries: {' '.join(str(err).split())[:500]}",
-              file=sys.stderr)
+    except LMError as err:  # a wrong --lm/--api-base/key or quota (not retried), or an outage after the retries
+        after = f" after {settings.lm.retries} retries" if is_retryable_lm_error(err) else ""
+        print(f"persona-agent: the LLM failed{after}: {' '.join(str(err).split())[:500]}", file=sys.stderr)
         return 4
 
 

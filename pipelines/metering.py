@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 import dspy
 from dspy.utils.callback import BaseCallback
-from dspy.utils.exceptions import is_retryable_lm_error
+from dspy.utils.exceptions import AdapterParseError, LMError
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,19 @@ class Cost:
 _open_meters: contextvars.ContextVar[tuple[Cost, ...]] = contextvars.ContextVar("open_meters", default=())
 
 
+_lm_errors: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar("lm_errors", default=None)
+
+
 class _CallCounter(BaseCallback):
-    """Counts each completed LM call in every meter open where it ran."""
+    """Counts each completed LM call in every meter open where it ran, and records the LM errors
+    (after DSPy's retries) where `lm_errors_raised` is open."""
 
     def on_lm_end(self, call_id, outputs, exception=None):
         if exception is None:
             for cost in _open_meters.get():
                 cost.lm_calls += 1
+        elif (recorded := _lm_errors.get()) is not None and is_lm_error(exception):
+            recorded.append(exception)
 
     def __deepcopy__(self, memo):  # `lm.copy()` deep-copies its callbacks: keep one counter
         return self
@@ -98,21 +104,52 @@ def metered():
 T = TypeVar("T")
 
 
+def is_lm_error(err: BaseException) -> bool:
+    """The LM did not answer: DSPy's LM errors (authentication, billing, rate limit, bad request,
+    model not found, timeout, server error, transport), or a provider client's own exception
+    where one reaches us unmapped."""
+    return isinstance(err, LMError) or type(err).__module__.split(".")[0] in ("litellm", "openai", "httpx")
+
+
+@contextlib.contextmanager
+def lm_errors_raised():
+    """Re-raise, when the block ends, the first LM error any LM call in it ended with, even where
+    the code in between swallowed it (DSPy's evaluator, inside GEPA, scores a failing program 0
+    and goes on: an outage would become a search result)."""
+    count_calls_of(dspy.settings.lm)
+    recorded: list[BaseException] = []
+    token = _lm_errors.set(recorded)
+    try:
+        yield
+    finally:
+        _lm_errors.reset(token)
+    if recorded:
+        raise recorded[0]
+
+
+def is_unusable_answer(err: BaseException) -> bool:
+    """An answer arrived and could not be read (empty, truncated, off-schema, not a label). Every
+    other error is not an answer: an LM error (authentication, quota, model not found, a bad
+    request, an outage after the retries) or a bug, and it must never be scored."""
+    return isinstance(err, AdapterParseError)
+
+
 def or_fallback(call: Callable[[], T], fallback: T, what: str) -> T:
-    """`call()`, or `fallback` (logged and counted in the open meters) when its answer is unusable
-    (unparseable, empty, a program error). An LM still unreachable after DSPy's retries (timeout,
-    429, 5xx) raises instead: that is an outage to retry later, not a bad answer to score."""
+    """`call()`, or `fallback` (logged and counted in the open meters) when the LM's answer
+    arrived and cannot be used. Anything else raises: an LM that did not answer (a 401, a
+    quota, a timeout after the retries, ...) is an error to report, never a wrong answer."""
     try:
         return call()
     except Exception as err:
-        if is_retryable_lm_error(err):
+        if not is_unusable_answer(err):
             raise
-        log.warning("%s failed, using a fallback: %s", what, " ".join(str(err).split())[:200])
+        log.warning("%s: the LM's answer could not be used, using a fallback: %s", what,
+                    " ".join(str(err).split())[:200])
         count_fallback()
         return fallback
 
 
 def answer_or_none(program: dspy.Module, query: str, what: str) -> str | None:
-    """The program's answer, or None when it is unusable: one bad answer is a wrong answer, never
-    a lost evaluation or alignment."""
+    """The program's answer, or None when the answer that arrived is unusable: one bad answer is
+    a wrong answer, never a lost evaluation or alignment. An LM error raises (`or_fallback`)."""
     return or_fallback(lambda: program(query=query).answer, None, what)

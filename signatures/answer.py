@@ -1,4 +1,3 @@
-from typing import Literal
 
 import dspy
 
@@ -23,5 +22,5 @@ class PlainAnswer(dspy.Signature):
 def typed_to(signature: type[dspy.Signature], task: Task, instructions: str) -> type[dspy.Signature]:
     """`signature` with its answer typed to the task's label set, under `instructions`."""
     return signature.with_updated_fields(
-        "answer", type_=Literal[task.labels], desc=f"exactly one of the labels ({task.description})"
+        "answer", type_=task.answer_type(), desc=f"exactly one of the labels ({task.description})"
     ).with_instructions(instructions)

@@ -197,7 +197,8 @@ class OpenAICompatibleEngine:
                 raise
 
     def complete(self, request) -> Response:
-        from dspy.lm15 import InvalidRequestError, RateLimitError, TimeoutError, TransportError
+        from dspy.lm15 import (AuthError, BillingError, InvalidRequestError, RateLimitError, TimeoutError,
+                               TransportError, UnsupportedModelError)
 
         messages = chat_messages(request)
         cfg = request.config
@@ -222,9 +223,11 @@ class OpenAICompatibleEngine:
         except http.client.HTTPException as err:
             raise TransportError(f"{where}: {type(err).__name__}: {err}") from None
         text = raw.decode("utf-8", "replace")
-        if status != 200:
-            error = RateLimitError if status == 429 else ServerError if status >= 500 else InvalidRequestError
-            raise error(f"{where}: HTTP {status}: {text[:300]}", provider="openai-compatible", status=status)
+        if status != 200:  # the provider's own message goes on: it says what to fix
+            error = {401: AuthError, 403: AuthError, 402: BillingError, 404: UnsupportedModelError,
+                     429: RateLimitError}.get(status, ServerError if status >= 500 else InvalidRequestError)
+            raise error(f"{where}: HTTP {status}: {_provider_message(text)}", provider="openai-compatible",
+                        status=status)
         try:
             out = json.loads(text)
             choice = out["choices"][0]
@@ -404,6 +407,18 @@ class CompletionAdapter(SchemaJSONAdapter):
 
 def _text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _provider_message(body: str) -> str:
+    """The error message of an OpenAI-style error body ({"error": {"message": ...}}), else the body."""
+    try:
+        error = json.loads(body).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        if isinstance(message, str) and message.strip():
+            return " ".join(message.split())[:300]
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(body.split())[:300]
 
 
 def adapter_for(lm: dspy.LM) -> dspy.Adapter:

@@ -71,3 +71,18 @@ def test_official_scoring_reads_answers_as_lamps_scorer_does():
     assert LAMP_3.score(["4", "4"], ["4.5", "10"])["mae"] == pytest.approx((0.5 + 6) / 2)
     assert LAMP_3.score(["4"], ["4 stars"])["mae"] == 3 and LAMP_3.invalid(["4 stars", "4.0", "nan"]) == 2
     assert LAMP_3.errors(["2", "5"], ["3", "x"]) == [1.0, 4.0] and LAMP_2M.errors(["comedy"], ["action"]) == [1.0]
+
+
+@pytest.mark.parametrize("raw", ["4", "4.0", 4, 4.0, " 4 "])
+def test_a_rating_is_read_as_lamp_reads_it_whatever_its_json_type(raw, fake_lm):
+    from persona_agent.pipelines.agent import non_personalized
+
+    fake_lm._engine_spec.policy = lambda fields, s, u: {"answer": raw}
+    answer = non_personalized(LAMP_3)(query=LAMP_3.make_input("Solid and reliable.", LAMP_3.labels)).answer
+    assert answer == "4" and LAMP_3.score(["4"], [answer])["mae"] == 0.0
+
+
+@pytest.mark.parametrize("raw, label", [("10", None), ("0", None), ("4.5", None), ("4 stars", "4"), ("5/5", "5"),
+                                        ("3.0", "3"), (2, "2"), (True, None)])
+def test_normalize_reads_only_whole_ratings_from_1_to_5(raw, label):
+    assert LAMP_3.normalize(raw) == label

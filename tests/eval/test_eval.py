@@ -356,3 +356,52 @@ def test_eval_runs_carry_every_parameter_and_their_predictions(monkeypatch, tmp_
         assert len(predictions) == table.loc[child["params.method"], "n"]
         assert set(predictions.columns) == {"user_id", "query_id", "gold", "answer", "score"}
         assert predictions.score.between(0, 1).all()
+
+
+# -- an LM error is never an answer -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("status, says", [(401, "Incorrect API key"), (402, "exceeded your current quota"),
+                                          (404, "does not exist"), (400, "Invalid request")])
+def test_eval_against_a_provider_that_refuses_exits_4_quoting_it_and_scores_nothing(
+        status, says, tmp_path, monkeypatch, capsys, fake_llm_server):
+    from persona_agent.cli import main
+
+    server, url = fake_llm_server.serve_in_background(latency=0.0)
+    server.handler.status = status
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")
+    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    try:
+        code = main(["eval", "--data", str(_lamp_dir(tmp_path)), "--methods", "non-personalized,pag", "--workers", "1",
+                     "--lm", "openai/gpt-4o-mini", "--api-base", url, "--no-cache", "--out", str(out),
+                     "--store", str(tmp_path / "mlruns")])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("persona-agent:")]
+    assert code == 4 and len(ours) == 1 and says in ours[0] and f"HTTP {status}" in ours[0], err
+    assert "Traceback" not in err
+    table = pd.read_csv(out / "results.csv", index_col="method")
+    assert (table["n"] == 0).all() and table["LaMP-2M Acc"].isna().all()  # no wrong answers were scored
+    assert server.handler.calls == 0
+
+
+def test_an_outage_inside_gepa_is_raised_after_compile_not_searched_over(memory, fake_lm):
+    from dspy.utils.exceptions import LMServerError
+
+    outage = []
+    engine = FaultyEngine(FakeEngine(_policy([])), rate=0, poison=lambda text: bool(outage))
+    fake_lm._engine_spec = engine  # the fixture's LM, now failing whenever `outage` is set
+    lm = dspy.LM("fake/gepa-outage", engine=engine, cache=False, num_retries=0)
+    users = _users()
+    with dspy.context(lm=lm):
+        for u in users:
+            _context(u, memory).flow.remember()
+        ctx = _context(users[0], memory)
+        ctx.aligned()  # the budget GEPA gets: measured while the LM is healthy
+        outage.append(True)
+        with pytest.raises(LMServerError):
+            ctx.gepa()
+    assert engine.injected["server_error"] >= 1
