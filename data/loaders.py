@@ -1,11 +1,18 @@
 """Load LaMP and OPPU files into per-user histories.
 
-Both formats come out the same: a `UserData` per user with the profile in time order (by `date`
-where the release has one, file order otherwise) and that user's queries with their golds.
+Both formats come out the same: a `UserData` per history, in time order (by `date` where the
+release has one, file order otherwise), with the queries asked on it and their golds.
 
-- LaMP: `{split}_questions.json` (a list of `{id, input, profile}`) with, for labelled splits,
-  `{split}_outputs.json` (`{"task", "golds": [{id, output}]}`). LaMP has one question per user;
-  questions that carry a `user_id` (as the generated data does) are grouped by it.
+Time is respected: every question keeps its own history (two questions of one user are never
+merged: the earlier one would see the later one's items, its own labelled item among them), and
+a question with a `date` sees only the items dated before it. Questions of a user whose histories
+are the same share one `UserData` (its `unit` names it; `user_id` is the person). Dates are
+parsed, never compared as text: ISO 8601, unix seconds or M/D/Y, one format per file; a file
+that mixes them, or holds a date none of them reads, is refused naming the record.
+
+- LaMP: `{split}_questions.json` (a list of `{id, input, profile, date?}`) with, for labelled
+  splits, `{split}_outputs.json` (`{"task", "golds": [{id, output}]}`). LaMP has one question
+  per user; questions that carry a `user_id` (as the generated data does) belong to that user.
 - OPPU: a list of users `{user_id, profile, query: [{id, input, gold}]}`.
 - A Hugging Face dataset saved with `save_to_disk` (LaMP rows with their `output`), e.g. a
   LaMP copy prepared with `datasets` on a machine with hub access.
@@ -14,7 +21,9 @@ where the release has one, file order otherwise) and that user's queries with th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +39,69 @@ class Query:
 
 @dataclass
 class UserData:
+    """One history of a user and the queries asked on it. `unit` tells apart two histories of one
+    user (different question dates): memory, profile and alignment are per unit; a user's units
+    are resampled together (they are not independent)."""
+
     user_id: str
     task: Task
     profile: list[dict] = field(default_factory=list)
     queries: list[Query] = field(default_factory=list)
+    unit: str = ""
+    rule: dict | None = None  # a synthetic user's planted preference rule (rules.json), if known
+
+    def __post_init__(self):
+        self.unit = self.unit or self.user_id
+
+
+# -- dates ----------------------------------------------------------------------------------------
+
+_FORMATS = {
+    "ISO 8601": re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?"),
+    "unix seconds": re.compile(r"\d{1,11}(\.\d+)?"),
+    "M/D/Y": re.compile(r"\d{1,2}/\d{1,2}/\d{4}"),
+}
+
+
+def parse_date(value) -> tuple[str, datetime]:
+    """(format, the moment as naive UTC) of a date in one of the three formats; ValueError else."""
+    text = str(value).strip() if not isinstance(value, bool) else ""
+    kind = next((k for k, pattern in _FORMATS.items() if pattern.fullmatch(text)), None)
+    if kind == "ISO 8601":
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    elif kind == "unix seconds":
+        moment = datetime.fromtimestamp(float(text), tz=timezone.utc)
+    elif kind == "M/D/Y":
+        moment = datetime.strptime(text, "%m/%d/%Y")
+    else:
+        raise ValueError(f"{value!r} is not a date in ISO 8601, unix seconds or M/D/Y")
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return kind, moment
+
+
+class Dates:
+    """Reads the dates of one file: each as a moment and as ISO text that sorts as time does
+    (plain ISO text is kept as written, so stored items keep their ids and content), and refuses
+    a second format."""
+
+    def __init__(self):
+        self.kind: str | None = None
+        self.first: str = ""
+
+    def read(self, value, where: str) -> tuple[str, datetime]:
+        try:
+            kind, moment = parse_date(value)
+        except ValueError as err:
+            raise TaskDataError(f"{where}: unreadable date: {err}") from None
+        if self.kind is None:
+            self.kind, self.first = kind, where
+        elif kind != self.kind:
+            raise TaskDataError(f"{where}: date {value!r} is {kind}, but {self.first} is {self.kind}: "
+                                "one file, one date format")
+        text = str(value).strip()
+        plain = kind == "ISO 8601" and (len(text) == 10 or (len(text) == 19 and text[10] == "T"))
+        return (text if plain else moment.isoformat(timespec="seconds")), moment
 
 
 MAX_FIELD_CHARS = 100_000  # a longer text field is corrupt or not what the task means (LaMP's longest: ~30k)
@@ -55,7 +123,12 @@ def load_users(path: str | Path, task: Task, split: str | None = None, on_bad: O
     if path.is_dir():
         questions = _find(path, split, "questions")
         outputs = questions.with_name(questions.name.replace("questions", "outputs"))
-        return _from_lamp(questions, outputs if outputs.exists() else None, task, on_bad=on_bad)
+        users = _from_lamp(questions, outputs if outputs.exists() else None, task, on_bad=on_bad)
+        if (path / "rules.json").exists():  # a generated set: each user's planted rule (the oracle's)
+            rules = _read_json(path / "rules.json")
+            for user in users:
+                user.rule = rules.get(user.user_id) if isinstance(rules, dict) else None
+        return users
     records = _read_records(path)
     if records and isinstance(records[0], dict) and "query" in records[0]:
         return _from_oppu(path, records, task, on_bad)
@@ -172,12 +245,15 @@ def check_labels(where: str, task: Task, query: str) -> None:
         raise TaskDataError(f"{where}: {err}") from None
 
 
-def _profile(where: str, items, task: Task, known: dict[str, dict] | None = None) -> list[dict]:
-    """Validated profile items, deduplicated by id against `known` (a user's items so far;
-    grouped LaMP questions repeat their user's profile). The same id with other content is an error."""
+def _profile(where: str, items, task: Task, dates: Dates, before: datetime | None = None,
+             known: dict[str, dict] | None = None) -> list[dict]:
+    """Validated profile items in time order, those dated at or after `before` left out (a
+    question sees only its past). `known`: the user's items seen in other questions, by id (read,
+    not changed): the same id with other content is an error."""
     if not isinstance(items, list):
         raise TaskDataError(f"{where}: 'profile' must be a list, not {type(items).__name__}")
-    known = dict(known or {})
+    known = known or {}
+    out, moments = {}, {}
     for j, item in enumerate(items):
         if not isinstance(item, dict) or "id" not in item:
             raise TaskDataError(f"{where}: profile[{j}] must be an object with an 'id'")
@@ -197,22 +273,27 @@ def _profile(where: str, items, task: Task, known: dict[str, dict] | None = None
             raise TaskDataError(f"{at}: the item text is empty")
         if response is not None:
             task.check_gold(response, at)
-        previous = known.setdefault(item["id"], item)
-        if previous != item:
+        if item.get("date") is not None:
+            item["date"], moments[item["id"]] = dates.read(item["date"], at)
+        if known.get(item["id"], item) != item or out.setdefault(item["id"], item) != item:
             raise TaskDataError(f"{at}: duplicate id with different content")
-    out = list(known.values())
+    items = list(out.values())
+    if before is not None:
+        items = [it for it in items if it["id"] not in moments or moments[it["id"]] < before]
     # Stable sort: items without a date keep file order, which LaMP releases keep chronological.
-    if all(item.get("date") is not None for item in out):
-        out.sort(key=lambda it: str(it["date"]))
-    return out
+    if items and all(it["id"] in moments for it in items):
+        items.sort(key=lambda it: moments[it["id"]])
+    return items
 
 
 def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list | None = None,
                on_bad: OnBad | None = None, outputs_data: dict | None = None) -> list[UserData]:
     records = _read_records(questions) if records is None else records
     golds = _golds(outputs, task, on_bad, outputs_data)
-    users: dict[str, UserData] = {}
+    units: dict[tuple[str, tuple[str, ...]], UserData] = {}  # (user, history ids) -> its unit
+    known: dict[str, dict[str, dict]] = {}  # user -> every item of theirs seen, by id
     seen: set[str] = set()
+    dates = Dates()
 
     def one(i, r):
         if not isinstance(r, dict) or not {"id", "input", "profile"} <= r.keys():
@@ -225,14 +306,18 @@ def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list 
         check_labels(where, task, text)
         if golds and qid not in golds:
             raise TaskDataError(f"{where}: {outputs} has no gold for it")
-        user = users.get(uid) or UserData(uid, task)
-        profile = _profile(where, r["profile"], task, {it["id"]: it for it in user.profile})
+        asked = None if r.get("date") is None else dates.read(r["date"], where)[1]
+        profile = _profile(where, r["profile"], task, dates, asked, known.get(uid))
         if not profile:
-            raise TaskDataError(f"{where}: empty history (no profile items): nothing to personalize from")
+            raise TaskDataError(f"{where}: empty history (no profile items before the question): "
+                                "nothing to personalize from")
         seen.add(qid)
-        users[uid] = user
-        user.profile = profile
-        user.queries.append(Query(qid, text, golds.get(qid)))
+        known.setdefault(uid, {}).update((it["id"], it) for it in profile)
+        key = (uid, tuple(it["id"] for it in profile))
+        if key not in units:
+            n = sum(u == uid for u, _ in units)
+            units[key] = UserData(uid, task, profile, unit=uid if n == 0 else f"{uid}@{n + 1}")
+        units[key].queries.append(Query(qid, text, golds.get(qid)))
 
     per_record(records, one, on_bad)
     stray = set(golds) - seen
@@ -240,12 +325,13 @@ def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list 
         raise TaskDataError(f"{outputs}: golds for question ids not in {questions.name}: {sorted(stray)[:5]}")
     for qid in sorted(stray):
         on_bad(TaskDataError(f"{outputs}: gold for id {qid} has no question"))
-    return list(users.values())
+    return list(units.values())
 
 
 def _from_oppu(path: Path, records: list, task: Task, on_bad: OnBad | None = None) -> list[UserData]:
     users: dict[str, UserData] = {}
     query_ids: set[str] = set()
+    dates = Dates()
 
     def one(i, r):
         if not isinstance(r, dict) or not {"user_id", "profile", "query"} <= r.keys():
@@ -254,7 +340,7 @@ def _from_oppu(path: Path, records: list, task: Task, on_bad: OnBad | None = Non
         uid = check_text(where, r["user_id"], "user_id")
         if uid in users:
             raise TaskDataError(f"{where}: duplicate user id")
-        user = UserData(uid, task, _profile(where, r["profile"], task))
+        user = UserData(uid, task, _profile(where, r["profile"], task, dates))
         if not user.profile:
             raise TaskDataError(f"{where}: empty history (no profile items): nothing to personalize from")
         if not isinstance(r["query"], list):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ CATEGORIES_2N = (
     "science & technology", "business", "sports", "healthy living", "women", "politics", "crime",
     "culture & arts", "religion",
 )
+
+
+Interaction = tuple[str, str, str, tuple[str, ...]]  # (item id, query, answer, ids hidden while replayed)
 
 
 class TaskDataError(ValueError):
@@ -51,8 +55,9 @@ class Task:
     labels_pattern: str | None = None
     aliases: dict[str, str] = field(default_factory=dict, hash=False)  # hashable: tasks key caches
     # For a task whose history items carry no response (LaMP-1): past interactions built from the
-    # user's own items, (item id, text) in time order -> (item id, query, the answer they imply).
-    derive_interactions: Callable[["Task", Sequence[tuple[str, str]]], list[tuple[str, str, str]]] | None = \
+    # user's own items, (item id, text) in time order -> (item id, query, the answer they imply,
+    # the ids of the items a replay must not find in memory: the one asked about and any it quotes).
+    derive_interactions: Callable[["Task", Sequence[tuple[str, str]]], list[Interaction]] | None = \
         field(default=None, hash=False)
     # The typed part of a profile: what a user's preference is, in this task's terms. "labels":
     # the task's labels the user gives most, strongest first; "tendency": how the user's ratings
@@ -60,6 +65,9 @@ class Task:
     # it in the profile text ("<lead>: a, b." for a list, "<lead> <tendency>." for a tendency).
     preference_kind: Literal["labels", "tendency", "topics"] = "labels"
     preference_lead: str = "Labels this user gives most, strongest first"
+    # Regex of the candidates a query offers, (label, text) per match, for a task that offers
+    # them (LaMP-1's two references).
+    candidates_pattern: str | None = None
 
     # -- inputs -------------------------------------------------------------------------------
     def parse_labels(self, query: str) -> tuple[str, ...]:
@@ -82,12 +90,12 @@ class Task:
         m = re.search(self.content_pattern, query, flags=re.S)
         return (m.group(1) if m else query).strip()
 
-    def interactions(self, items: Sequence[tuple[str, str, str | None]]) -> list[tuple[str, str, str]]:
+    def interactions(self, items: Sequence[tuple[str, str, str | None]]) -> list[Interaction]:
         """The past interactions alignment, ICL and GEPA replay, oldest first, as (item id, query,
-        the user's answer), from history items (item id, text, the user's response or None): the
-        labelled items themselves, or for a task without responses what `derive_interactions`
-        builds from the user's own items."""
-        labelled = [(i, self.make_input(t, self.labels), r) for i, t, r in items if r is not None]
+        the user's answer, the item ids hidden from memory while it is replayed), from history
+        items (item id, text, the user's response or None): the labelled items themselves, or for
+        a task without responses what `derive_interactions` builds from the user's own items."""
+        labelled = [(i, self.make_input(t, self.labels), r, (i,)) for i, t, r in items if r is not None]
         if labelled or self.derive_interactions is None:
             return labelled
         return self.derive_interactions(self, [(i, t) for i, t, _ in items])
@@ -323,34 +331,41 @@ def _bracketed(labels: Sequence[str]) -> str:
     return "[" + ", ".join(labels) + "]"
 
 
-# Titles from fields far from any LaMP-1 author's (public, made up here, no user's data): the
-# reference a user would not cite, in the interactions built from their own papers.
-UNRELATED_TITLES = (
-    "Protein folding dynamics in thermophilic bacteria", "Monetary policy shocks and regional unemployment",
-    "Sediment transport in braided river systems", "Late Baroque ornamentation in keyboard music",
-    "Coral reef resilience under ocean acidification", "Labor market effects of minimum wage increases",
-    "Medieval trade routes of the Hanseatic League", "Soil microbiome responses to drought",
-    "Clinical outcomes of early mobilization after hip surgery", "Urban heat islands and public health",
-    "Phonological change in Romance languages", "Volcanic ash dispersion over the North Atlantic",
-    "Consumer sentiment and durable goods spending", "Gene regulation in early zebrafish development",
-    "Groundwater recharge in semi-arid basins", "Political polarization in legislative voting",
-    "Pollination networks in alpine meadows", "Corporate governance and firm valuation",
-    "Historical climate reconstruction from tree rings", "Maternal nutrition and infant growth",
+# Topics of computing research (public, made up here, no user's data): a LaMP-1 interaction built
+# from a user's own papers pairs their earlier paper with a distractor written from two of these,
+# drawn per interaction among those that share no word with anything the user wrote. A fixed
+# distractor (or one from a far-off field) would make every replay the same easy question.
+DISTRACTOR_TOPICS = (
+    "compiler optimization", "cache coherence", "congestion control", "program synthesis", "type inference",
+    "garbage collection", "wireless scheduling", "peer-to-peer overlays", "energy harvesting", "quantum error correction",
+    "recommender systems", "federated learning", "genome assembly", "computational geometry", "formal verification",
+    "regression testing", "haptic interfaces", "photorealistic rendering", "speech recognition", "reward shaping",
+    "edge offloading", "blockchain consensus", "virtual reality", "kernel scheduling", "clone detection",
+    "online tutoring", "community detection", "sparse solvers", "GPU kernels", "datacenter cooling",
+    "mesh generation", "packet classification", "web crawling", "spreadsheet errors", "smart contracts",
+    "protein docking", "traffic forecasting", "accessibility audits", "code review", "satellite imagery",
 )
+DISTRACTOR_FORMS = ("{a} with {b}", "Revisiting {a} for {b}", "{a} meets {b}", "Efficient {a} under {b}",
+                    "On {a} and {b}", "A study of {a} in {b}")
 
 
 def _words(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 3}
 
 
-def _citations_from_own_papers(task: "Task", papers: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
+def _citations_from_own_papers(task: "Task", papers: Sequence[tuple[str, str]]) -> list[Interaction]:
     """LaMP-1 interactions from a user's own papers (their history has no citation decisions).
 
     For each paper P (after the first): the request LaMP-1 would ask about P's title, with two
-    candidate references: the user's own earlier paper closest to P in wording (the kind of
-    work this author cites) and an unrelated title from `UNRELATED_TITLES` (the one sharing
-    fewest words with P). The gold is the user's own paper; its position alternates. Only the
-    user's own items and fixed public text are used: no other user's data, no test item."""
+    candidate references: the user's own earlier paper E closest to P in wording (the kind of
+    work this author cites) and a distractor title drawn for this interaction from public topics
+    that share no word with anything the user wrote. The gold is E; its position alternates.
+    While the interaction is replayed, P and E are both hidden from memory: E in memory would
+    answer the question by itself. Only the user's own items and fixed public text are used: no
+    other user's data (another author's paper as the distractor would put their data in this
+    user's prompts), no test item."""
+    own_words = set().union(*(_words(text) for _, text in papers)) if papers else set()
+    topics = [t for t in DISTRACTOR_TOPICS if not _words(t) & own_words] or list(DISTRACTOR_TOPICS)
     out = []
     for n, (item_id, text) in enumerate(papers):
         earlier = papers[:n]
@@ -358,10 +373,14 @@ def _citations_from_own_papers(task: "Task", papers: Sequence[tuple[str, str]]) 
             continue
         title = text.split(". ")[0]
         words = _words(text)
-        own = max(earlier, key=lambda p: len(words & _words(p[1])))[1].split(". ")[0]
-        other = min(UNRELATED_TITLES, key=lambda t: len(words & _words(t)))
+        cited_id, cited = max(earlier, key=lambda p: len(words & _words(p[1])))
+        rng = random.Random(f"lamp1-distractor|{item_id}")
+        a, b = rng.sample(topics, 2)
+        other = rng.choice(DISTRACTOR_FORMS).format(a=a, b=b)
+        own = cited.split(". ")[0]
         refs, gold = ((own, other), "[1]") if n % 2 else ((other, own), "[2]")
-        out.append((item_id, task.make_input(title, task.labels) + f' [1]: "{refs[0]}" [2]: "{refs[1]}"', gold))
+        query = task.make_input(title, task.labels) + f' [1]: "{refs[0]}" [2]: "{refs[1]}"'
+        out.append((item_id, query, gold, (item_id, cited_id)))
     return out
 
 
@@ -377,6 +396,7 @@ LAMP_1 = Task(
     aliases={"1": "[1]", "2": "[2]", "reference 1": "[1]", "reference 2": "[2]"},
     derive_interactions=_citations_from_own_papers,
     preference_kind="topics", preference_lead="Research topics this author works on and cites",
+    candidates_pattern=r'(\[\d\]): "(.*?)"',
 )
 LAMP_2M = Task(
     key="lamp2m", name="LaMP-2M", kind="classification", labels=TAGS_2M,

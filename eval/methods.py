@@ -12,6 +12,7 @@ from typing import Callable
 import dspy
 
 from persona_agent.optimizers import AlignmentStep
+from persona_agent.optimizers.persona_alignment import hidden_ids
 from persona_agent.pipelines.agent import Direct, InContext, PersonaAgent, RetrievalAnswer, non_personalized
 from persona_agent.pipelines.flow import UserFlow
 from persona_agent.pipelines.metering import lm_errors_raised, or_fallback
@@ -87,7 +88,7 @@ class UserContext:
         optimizer = dspy.GEPA(metric, max_metric_calls=budget, reflection_lm=dspy.settings.lm,
                               reflection_minibatch_size=len(batch), use_merge=False, num_threads=1,
                               track_stats=False, seed=0)
-        view.exclude = frozenset(ex.item_id for ex in batch)  # replays must not find their own answers
+        view.exclude = frozenset(hidden_ids(batch))  # replays must not find their own answers
         try:
             with lm_errors_raised():  # DSPy's evaluator inside GEPA scores a failing call 0 and goes on
                 return self.flow.align(optimizer, student, trainset=batch, valset=batch, name="gepa")

@@ -243,11 +243,17 @@ class PersonaAlignment(Teleprompter):
 def replay(program: PersonaProgram, examples, metric: Metric) -> Replay:
     """Answer past interactions with each one hidden from memory (or it would find its own
     answer); a failing call counts as a wrong answer."""
-    with UserMemory.excluding(ex.item_id for ex in examples if "item_id" in ex):
+    with UserMemory.excluding(hidden_ids(examples)):
         answers = [str(answer_or_none(program, ex.query, f"replay of {ex.get('item_id', '?')}") or "")
                    for ex in examples]
     scores = [float(metric(ex, dspy.Prediction(answer=a))) for ex, a in zip(examples, answers)]
     return Replay(answers, sum(scores) / len(scores) if scores else 0.0)
+
+
+def hidden_ids(examples) -> set[str]:
+    """The items replaying these examples must not find in memory: each one's own (`item_id`) and
+    any it quotes (`hidden`)."""
+    return {i for ex in examples for i in (*ex.get("hidden", ()), *([ex.item_id] if "item_id" in ex else []))}
 
 
 def aggregate(batch, simulated: Sequence[str], critiques: Sequence[str]) -> str:

@@ -253,13 +253,16 @@ def nightly_command(settings: Settings, args) -> int:
 
 
 def make_data_command(settings: Settings, args) -> int:
-    from persona_agent.data.synthetic import write_dataset
+    from persona_agent.data.synthetic import MAX_LOOKUP, make_dataset
     from persona_agent.data.tasks import get_task
 
     task = get_task(args.task)
-    out = write_dataset(args.out, task, split=args.split, n_users=args.users, n_history=args.history,
-                        n_queries=args.queries, seed=args.seed)
-    print(f"wrote {args.users} users of {task.name} to {out}")
+    out, check = make_dataset(args.out, task, split=args.split, n_users=args.users, n_history=args.history,
+                              n_queries=args.queries, seed=args.seed)
+    print(f"wrote {args.users} users of {task.name} to {out}\n"
+          f"accuracy of two rules that need no LLM: lookup (copy the label of the most similar history item) "
+          f"{check.lookup:.3f} (at most {MAX_LOOKUP}), planted rule (each user's rule, read off the text) "
+          f"{check.planted:.3f}")
     return 0
 
 

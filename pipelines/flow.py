@@ -53,11 +53,13 @@ def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?")
 
 
 def examples(task: Task, items: list[MemoryItem]) -> list[dspy.Example]:
-    """The user's past interactions as `dspy.Example(query, answer, item_id)`, oldest first: what
-    the task would have asked about each history item and the user's answer (see
-    `Task.interactions`: for LaMP-1 they are built from the user's own papers)."""
-    return [dspy.Example(query=query, answer=answer, item_id=item_id).with_inputs("query")
-            for item_id, query, answer in task.interactions([(it.item_id, it.text, it.response) for it in items])]
+    """The user's past interactions as `dspy.Example(query, answer, item_id, hidden)`, oldest
+    first: what the task would have asked about each history item and the user's answer (see
+    `Task.interactions`: for LaMP-1 they are built from the user's own papers); `hidden`, the
+    items a replay of it must not find in memory."""
+    return [dspy.Example(query=query, answer=answer, item_id=item_id, hidden=hidden).with_inputs("query")
+            for item_id, query, answer, hidden in task.interactions([(it.item_id, it.text, it.response)
+                                                                    for it in items])]
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_agent.data.loaders import OnBad, check_labels, check_text, load_users, not_utf8, per_record
+from persona_agent.data.loaders import Dates, OnBad, check_labels, check_text, load_users, not_utf8, per_record
 from persona_agent.data.tasks import Task, TaskDataError
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, history_items
 
@@ -34,6 +34,7 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
     """user id -> items, from a JSONL event log, validated line by line (a bad line raises, naming
     it, or goes to `on_bad` and is skipped)."""
     by_user: dict[str, dict[str, MemoryItem]] = defaultdict(dict)
+    dates = Dates()
 
     def one(n: int, raw: bytes) -> None:
         where = f"{path}:{n + 1}"
@@ -56,7 +57,8 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
         stamp = None if e.get("timestamp") is None else check_text(where, e["timestamp"], "timestamp")
         item_id = check_text(where, e["id"], "id") if e.get("id") is not None else hashlib.sha256(
             f"{user_id}\x00{text}\x00{stamp}".encode()).hexdigest()[:16]
-        item = MemoryItem(item_id, task.query_content(text), response, stamp)
+        when = None if stamp is None else dates.read(stamp, where)[0]  # sorts as time does
+        item = MemoryItem(item_id, task.query_content(text), response, when)
         if by_user[user_id].setdefault(item_id, item) != item:
             raise TaskDataError(f"{where}: duplicate event id {item_id!r} with different content")
 
@@ -72,7 +74,10 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
 def read_source(path: Path, task: Task, split: str | None = None, on_bad: OnBad | None = None) -> dict[str, list[MemoryItem]]:
     if path.suffix == ".jsonl":
         return read_events(path, task, on_bad)
-    return {u.user_id: history_items(task, u.profile) for u in load_users(path, task, split, on_bad)}
+    by_user: dict[str, dict[str, MemoryItem]] = defaultdict(dict)
+    for unit in load_users(path, task, split, on_bad):  # a user's histories, one per question date: all of them
+        by_user[unit.user_id].update((it.item_id, it) for it in history_items(task, unit.profile))
+    return {user_id: list(items.values()) for user_id, items in by_user.items()}
 
 
 def ingest(memory: EpisodicMemory, path: Path, task: Task, split: str | None = None,

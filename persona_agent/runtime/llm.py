@@ -197,8 +197,15 @@ class OpenAICompatibleEngine:
                 raise
 
     def complete(self, request) -> Response:
-        from dspy.lm15 import (AuthError, BillingError, InvalidRequestError, RateLimitError, TimeoutError,
-                               TransportError, UnsupportedModelError)
+        from dspy.lm15 import (
+            AuthError,
+            BillingError,
+            InvalidRequestError,
+            RateLimitError,
+            TimeoutError,
+            TransportError,
+            UnsupportedModelError,
+        )
 
         messages = chat_messages(request)
         cfg = request.config

@@ -1,4 +1,5 @@
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -17,8 +18,7 @@ def test_shipped_data_loads_for_every_task(key):
     assert len(users) == 8
     for u in users:
         assert len(u.queries) == 6 and all(q.gold in task.labels for q in u.queries)
-        dates = [it["date"] for it in u.profile]
-        assert dates == sorted(dates)
+        assert u.rule is not None  # the planted rule, for the oracle row
         # LaMP-1 papers carry no decision: its interactions are built from the 39 papers after the first
         assert len(examples(task, history_items(task, u.profile))) == (39 if key == "lamp1" else 40)
 
@@ -120,7 +120,10 @@ def test_a_saved_hugging_face_dataset_loads_like_the_json_files(tmp_path):
     golds = {g["id"]: g["output"] for g in json.loads((json_dir / "dev_outputs.json").read_text())["golds"]}
     rows = [{**q, "output": golds[q["id"]]} for q in questions]
     datasets.DatasetDict({"dev": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hf"))
-    assert load_users(tmp_path / "hf", LAMP_2M) == load_users(json_dir, LAMP_2M)
+    from dataclasses import replace
+
+    # the same users; the planted rules come from the generator's rules.json, which a dataset lacks
+    assert load_users(tmp_path / "hf", LAMP_2M) == [replace(u, rule=None) for u in load_users(json_dir, LAMP_2M)]
     with pytest.raises(TaskDataError, match="no split 'test'"):
         load_users(tmp_path / "hf", LAMP_2M, split="test")
     rows[1]["output"] = "western"  # a bad gold inside the dataset is named like any other
@@ -129,24 +132,133 @@ def test_a_saved_hugging_face_dataset_loads_like_the_json_files(tmp_path):
         load_users(tmp_path / "hf2", LAMP_2M)
 
 
-def _self_answering(task, questions) -> int:
-    """Queries whose item (or, for LaMP-1, a candidate reference) is in the user's own history."""
-    n = 0
+def _sentences(text: str) -> set[str]:
+    """Its sentences (and titles) of four words or more, as written."""
+    return {s.strip(' "').lower() for s in re.split(r'[.:;!?"]\s+|[.:;!?"]$|\(|\)', text) if len(s.split()) >= 4}
+
+
+def _shown(task, query: str) -> str:
+    """What a query shows of its item: the content, and any candidates it offers (LaMP-1)."""
+    offered = re.findall(task.candidates_pattern, query) if task.candidates_pattern else []
+    return ". ".join([task.query_content(query), *(text for _, text in offered)])
+
+
+def _reuse(task, questions) -> tuple[int, float]:
+    """(queries sharing a sentence, cue or title phrase with their user's history, what copying the
+    most similar history item's label scores)."""
+    from persona_agent.data.synthetic import calibrate
+
+    shared = 0
     for q in questions:
-        shown = {task.item_text(it) for it in q["profile"]} | {f'"{it["title"]}"' for it in q["profile"] if "title" in it}
-        n += task.query_content(q["input"]) in shown or any(s in q["input"] for s in shown if s.startswith('"'))
-    return n
+        seen = set().union(*(_sentences(task.item_text(it)) for it in q["profile"]))
+        shared += bool(_sentences(_shown(task, q["input"])) & seen)
+    golds = {q["id"]: q["gold"] for q in questions}
+    rules = {q["user_id"]: q["rule"] for q in questions}
+    return shared, calibrate(task, questions, golds, rules).lookup
+
+
+def _questions(task, seed=0, **kwargs):
+    questions, outputs, rules = generate(task, n_users=8, n_history=40, n_queries=6, seed=seed, **kwargs)
+    golds = {g["id"]: g["output"] for g in outputs["golds"]}
+    return [{**q, "gold": golds[q["id"]], "rule": rules[q["user_id"]]} for q in questions]
 
 
 @pytest.mark.parametrize("key", sorted(TASKS))
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_no_query_can_be_answered_by_looking_it_up_in_the_history(key, seed):
-    questions, _, _ = generate(TASKS[key], n_users=8, n_history=40, n_queries=6, seed=seed)
-    assert _self_answering(TASKS[key], questions) == 0
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_no_query_reuses_its_history_and_copying_scores_at_most_one_half(key, seed):
+    shared, lookup = _reuse(TASKS[key], _questions(TASKS[key], seed))
+    assert shared == 0 and lookup <= 0.5
+
+
+@pytest.mark.parametrize("key", sorted(TASKS))
+def test_the_reuse_check_sees_a_query_that_copies_its_history(key):
+    # the check itself, on a set where each query quotes a history item (and for LaMP-1 cites the
+    # user's own paper): it must fire on every task, or it checks nothing
+    task = TASKS[key]
+    questions = _questions(task)
+    for q in questions:
+        item = q["profile"][len(q["id"]) % len(q["profile"])]
+        if task.key == "lamp1":
+            cited = q["input"].split(f"{q['gold']}: ")[1].split(' [')[0]
+            q["input"] = q["input"].replace(cited, f'"{task.item_text(item)}"')
+        else:
+            q["input"] = task.make_input(task.item_text(item), task.labels)
+            q["gold"] = task.item_response(item)
+    shared, lookup = _reuse(task, questions)
+    assert shared == len(questions) and lookup > 0.5
 
 
 @pytest.mark.parametrize("key", sorted(TASKS))
 def test_the_shipped_sets_cannot_answer_themselves(key):
     task = TASKS[key]
     questions = json.loads((shipped_data_dir(task) / "dev_questions.json").read_text())
-    assert len(questions) == 48 and _self_answering(task, questions) == 0
+    golds = {g["id"]: g["output"] for g in json.loads((shipped_data_dir(task) / "dev_outputs.json").read_text())["golds"]}
+    rules = json.loads((shipped_data_dir(task) / "rules.json").read_text())
+    questions = [{**q, "gold": golds[q["id"]], "rule": rules[q["user_id"]]} for q in questions]
+    assert len(questions) == 48 and _reuse(task, questions) == (0, pytest.approx(_reuse(task, questions)[1]))
+    assert _reuse(task, questions)[1] <= 0.5
+
+
+# -- time: one history per question, dates parsed, nothing from the question's future ------------
+
+
+def _dated(tmp_path, profile_dates, questions):
+    """A LaMP-2M directory: `questions` is [(id, user, date or None, [profile indices])]."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    items = [{"id": f"h{i}", "description": f"A film about a heist number {i}.", "tag": "action", "date": d}
+             for i, d in enumerate(profile_dates)]
+    records = [{"id": qid, "user_id": user, "input": LAMP_2M.make_input("A film about a chase.", LAMP_2M.labels),
+                "profile": [items[i] for i in picks], **({"date": when} if when else {})}
+               for qid, user, when, picks in questions]
+    (tmp_path / "dev_questions.json").write_text(json.dumps(records))
+    (tmp_path / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_2M", "golds": [
+        {"id": qid, "output": "action"} for qid, *_ in questions]}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("dates, order", [
+    (["1000000000", "999999999", "1000000001"], ["h1", "h0", "h2"]),   # unix seconds: 999999999 is first
+    (["01/02/2012", "12/30/2011", "1/3/2012"], ["h1", "h0", "h2"]),    # M/D/Y: 2011 before 2012
+    (["2012-01-02T10:00:00Z", "2012-01-02T11:00:00+02:00", "2012-01-02"], ["h2", "h1", "h0"]),  # offsets to UTC
+])
+def test_history_is_in_time_order_whatever_the_date_format(tmp_path, dates, order):
+    (user,) = load_users(_dated(tmp_path, dates, [("q", "u", None, [0, 1, 2])]), LAMP_2M)
+    assert [it["id"] for it in user.profile] == order  # as text, each of these sorts the other way
+    assert [it["date"] for it in user.profile] == sorted(it["date"] for it in user.profile)  # stored text sorts too
+
+
+def test_questions_of_one_user_keep_their_own_histories_and_see_only_their_past(tmp_path):
+    dates = ["2012-01-01", "2012-01-05", "2012-01-09"]
+    # q1 was asked on Jan 6 about a history that already holds the Jan 9 item (a later question's)
+    users = load_users(_dated(tmp_path, dates, [("q1", "u", "2012-01-06", [0, 1, 2]), ("q2", "u", "2012-01-10", [0, 1, 2]),
+                                                ("q3", "u", "2012-01-12", [0, 1, 2])]), LAMP_2M)
+    by_query = {q.id: u for u in users for q in u.queries}
+    assert [it["id"] for it in by_query["q1"].profile] == ["h0", "h1"]  # nothing on or after its date
+    assert [it["id"] for it in by_query["q2"].profile] == ["h0", "h1", "h2"]
+    assert by_query["q2"] is by_query["q3"]  # the same history: one unit, asked twice
+    assert by_query["q1"].unit != by_query["q2"].unit and {u.user_id for u in users} == {"u"}
+
+
+def test_a_question_never_sees_an_item_dated_on_its_own_date(tmp_path):
+    users = load_users(_dated(tmp_path, ["2012-01-01", "2012-01-06"], [("q", "u", "2012-01-06", [0, 1])]), LAMP_2M)
+    assert [it["id"] for it in users[0].profile] == ["h0"]
+
+
+@pytest.mark.parametrize("dates, message", [
+    (["2012-01-01", "1325376000"], r"record 0 \(id q\): profile\[1\] \(id h1\): date '1325376000' is unix seconds, "
+                                   r"but .*profile\[0\] \(id h0\) is ISO 8601"),
+    (["2012-01-01", "yesterday"], r"profile\[1\] \(id h1\): unreadable date"),
+    (["13/45/2012"], r"profile\[0\] \(id h0\): unreadable date"),
+])
+def test_a_file_mixing_date_formats_or_with_an_unreadable_date_is_refused_naming_the_record(tmp_path, dates, message):
+    with pytest.raises(TaskDataError, match=message):
+        load_users(_dated(tmp_path, dates, [("q", "u", None, list(range(len(dates))))]), LAMP_2M)
+
+
+def test_eval_on_a_file_mixing_date_formats_exits_2_naming_the_record(tmp_path, capsys):
+    from persona_agent.cli import main
+
+    data = _dated(tmp_path / "data", ["2012-01-01", "12/30/2011"], [("q", "u", None, [0, 1])])
+    code = main(["eval", "--data", str(data), "--lm", "scripted", "--store", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert code == 2 and "profile[1] (id h1): date '12/30/2011' is M/D/Y" in err and "Traceback" not in err

@@ -308,7 +308,7 @@ def test_the_unguarded_loop_accepts_every_rewrite_but_one_failing_the_profile_ch
 
 
 def test_lamp1_alignment_replays_citations_built_from_the_users_own_papers(memory, fake_lm):
-    from persona_agent.data.tasks import LAMP_1, UNRELATED_TITLES
+    from persona_agent.data.tasks import DISTRACTOR_TOPICS, LAMP_1
     from persona_agent.pipelines.flow import examples
 
     papers = [MemoryItem(f"p{i}", f"Scalable motion planning with robot grasping {i}. We study robots.") for i in range(5)]
@@ -316,9 +316,16 @@ def test_lamp1_alignment_replays_citations_built_from_the_users_own_papers(memor
     train = examples(LAMP_1, papers)
     assert [ex.item_id for ex in train] == ["p1", "p2", "p3", "p4"]  # each paper after the first
     assert {ex.answer for ex in train} == {"[1]", "[2]"}  # the user's own paper, in either position
+    distractors = set()
     for ex in train:
         own = ex.query.split(f"{ex.answer}: ")[1]
-        assert own.startswith('"Scalable motion planning') and any(t in ex.query for t in UNRELATED_TITLES)
+        other = ex.query.split(f"{'[2]' if ex.answer == '[1]' else '[1]'}: ")[1].split(' [')[0]
+        assert own.startswith('"Scalable motion planning')
+        assert sum(t in other for t in DISTRACTOR_TOPICS) == 2 and "planning" not in other and "robot" not in other
+        distractors.add(other)
+        cited = next(p.item_id for p in papers if own.startswith(f'"{p.text.split(". ")[0]}"'))
+        assert set(ex.hidden) == {ex.item_id, cited}  # the paper it quotes is hidden while it is replayed
+    assert len(distractors) == len(train)  # a new distractor for every interaction
 
     def policy(fields, system, user):
         if "next_tool_name" in fields:
