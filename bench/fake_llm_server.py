@@ -51,9 +51,10 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
     OpenAI-style error body, as a provider does for a bad key (401), no credit (402), an unknown
     model (404) or a bad request (400).
 
-    `server.handler.hold`, a callable: while it returns true, requests that arrive are held
-    (counted in `.held`) until `server.handler.released` is set. A test can so stop the world at
-    a point it chooses, act, and only then let the calls in flight finish."""
+    `server.handler.hold`, a callable given each request's prompt text: from the first request for
+    which it returns true, every request that arrives is held (counted in `.held`) until
+    `server.handler.released` is set. A test can so stop the world at a point it chooses, act, and
+    only then let the calls in flight finish."""
     rng, lock = random.Random(seed), threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -73,7 +74,7 @@ def make_server(port: int = 0, latency: float = 0.2, policy=default_policy, faul
             messages = body["messages"]
             system = "\n".join(m["content"] for m in messages if m["role"] == "system")
             user = "\n".join(m["content"] for m in messages if m["role"] == "user")
-            if Handler.hold is not None and Handler.hold():
+            if Handler.hold is not None and (Handler.held or Handler.hold(system + "\n" + user)):
                 with lock:
                     Handler.held += 1
                 Handler.released.wait()

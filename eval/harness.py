@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import time
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from rich.console import Console
 from persona_agent.data.atomic import atomic_write_text
 from persona_agent.data.loaders import UserData
 from persona_agent.data.tasks import Task
-from persona_agent.eval.methods import METHODS, SETUP, NotApplicable, UserContext
+from persona_agent.eval.methods import METHODS, SETUP, UNALIGNED, NotApplicable, UserContext
 from persona_agent.pipelines.memory import EpisodicMemory, history_items
 from persona_agent.pipelines.metering import Cost, answer_or_none, is_lm_error, metered
 from persona_agent.runtime import tracking
@@ -67,6 +68,7 @@ class MethodResult:
     invalid: int = 0  # answers LaMP's scorer reads as no label / no number
     errors: dict[str, float] = field(default_factory=dict)  # query id -> official per-query loss
     deltas: dict[str, "Delta"] = field(default_factory=dict)  # baseline -> difference to it
+    unaligned: int = 0  # users it answered in its unaligned form (nothing to learn from)
 
     @property
     def seconds_per_sample(self) -> float:
@@ -75,13 +77,15 @@ class MethodResult:
 
 @dataclass(frozen=True)
 class Delta:
-    """This method's primary metric minus a baseline's on the same n queries, with a paired
-    bootstrap 95% interval (queries resampled with their pair of answers)."""
+    """This method's primary metric minus a baseline's on the same n queries of `users` users,
+    with a paired bootstrap 95% interval: users resampled with all their queries (the queries of
+    one user are not independent) whenever any user has more than one, queries otherwise."""
 
     n: int
     value: float
     low: float
     high: float
+    users: int = 0
 
 
 @dataclass
@@ -91,6 +95,7 @@ class EvalRun:
     dropped: dict[str, str] = field(default_factory=dict)  # user id -> the LM error that dropped them
     stopped: str | None = None  # why the run stopped early, if it did
     outcomes: Counter = field(default_factory=Counter)  # every alignment's candidates, by outcome
+    headroom: "Headroom | None" = None  # the share of the w/o alignment -> oracle gap alignment closes
 
 
 @dataclass
@@ -103,6 +108,7 @@ class _UserRun:
     seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     outcomes: Counter = field(default_factory=Counter)  # alignment candidates by outcome
+    unaligned: dict[str, bool] = field(default_factory=dict)  # methods that answered unaligned (nothing to learn from)
 
 
 def run_eval(settings: Settings, task: Task, users: list[UserData], methods: list[str], lm: dspy.LM,
@@ -112,13 +118,15 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
     setup or answer, is never scored as wrong answers: it stops the run (users still queued are
     not started; those that finish are scored), or with `keep_going` drops that user from every
     method."""
-    flows = {u.user_id: user_flow(settings, task, u.user_id, history_items(task, u.profile), memory) for u in users}
+    # One flow (memory, profile, alignment) per history: two histories of one user (questions of
+    # different dates) never share memory, so neither sees the other's items.
+    flows = {u.unit: user_flow(settings, task, u.unit, history_items(task, u.profile), memory) for u in users}
     for flow in flows.values():  # writes stay on this thread; workers only read
         flow.remember()
 
     def one_user(user: UserData) -> _UserRun:
         with dspy.context(lm=lm, adapter=adapter):
-            return _run_user(user, UserContext(flows[user.user_id], settings), methods, on_progress)
+            return _run_user(user, UserContext(flows[user.unit], settings, user.rule), methods, on_progress)
 
     runs: dict[str, _UserRun] = {}
     dropped, stopped = {}, None
@@ -129,23 +137,24 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
                 continue
             user = futures[future]
             try:
-                runs[user.user_id] = future.result()
+                runs[user.unit] = future.result()
             except Exception as err:
                 if not is_lm_error(err):
                     raise
                 why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-                log.info("user %s: the LLM failed: %s", user.user_id, why)  # said once, by the caller
-                dropped[user.user_id] = why
+                log.info("user %s: the LLM failed: %s", user.unit, why)  # said once, by the caller
+                dropped[user.unit] = why
                 if not keep_going and stopped is None:
-                    stopped = f"user {user.user_id}: {why}"
+                    stopped = f"user {user.unit}: {why}"
                     for f in futures:
                         f.cancel()
-    finished = [u for u in users if u.user_id in runs]
+    finished = [u for u in users if u.unit in runs]
     golds = {q.id: q.gold for u in finished for q in u.queries}
-    results = [_pool(task, m, [runs[u.user_id] for u in finished], golds) for m in methods]
-    compare_to_baselines(results)
-    outcomes = sum((runs[u.user_id].outcomes for u in finished), Counter())
-    return EvalRun(results, [u.user_id for u in finished], dropped, stopped, outcomes)
+    results = [_pool(task, m, [runs[u.unit] for u in finished], golds) for m in methods]
+    clusters = {q.id: u.user_id for u in finished for q in u.queries}
+    compare_to_baselines(results, clusters)
+    outcomes = sum((runs[u.unit].outcomes for u in finished), Counter())
+    return EvalRun(results, [u.unit for u in finished], dropped, stopped, outcomes, headroom(results, clusters))
 
 
 def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress) -> _UserRun:
@@ -155,8 +164,11 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress)
         try:  # setup (profile, alignment) is metered apart, in the user's flow
             program = METHODS[method](ctx)
         except NotApplicable as why:
-            log.info("%s: %s", method, why)
-            continue
+            if method not in UNALIGNED:
+                log.info("%s: %s", method, why)
+                continue
+            log.info("%s: %s; answering in its unaligned form", method, why)
+            program, out.unaligned[method] = UNALIGNED[method](ctx), True
         started = time.perf_counter()
         with metered() as cost:
             for q in user.queries:
@@ -189,23 +201,112 @@ def _pool(task: Task, method: str, runs: list[_UserRun], golds: dict[str, str | 
         result.setup_cache_hits += r.setup[method].cache_hits
         result.seconds += r.seconds[method]
         result.failures += r.failures[method]
+        result.unaligned += r.unaligned.get(method, False)
     return result
 
 
-def compare_to_baselines(results: list[MethodResult], resamples: int = 2000, seed: int = 0) -> None:
+def cluster_bootstrap(diff: dict[str, float], clusters: dict[str, str], rng: np.random.Generator,
+                      resamples: int = 2000) -> tuple[float, float, float, int]:
+    """(mean, 2.5th and 97.5th percentile of the resampled means, independent units) of per-query
+    differences. The units resampled are the users (each with all their queries, the mean taken
+    over the queries drawn) whenever any user has more than one query; queries otherwise."""
+    queries = sorted(diff)
+    by_user: dict[str, list[float]] = {}
+    for q in queries:
+        by_user.setdefault(clusters.get(q, q), []).append(diff[q])
+    value = float(np.mean([diff[q] for q in queries]))
+    if max(len(v) for v in by_user.values()) == 1:
+        units = [[diff[q]] for q in queries]
+    else:
+        units = list(by_user.values())
+    sums = np.array([sum(u) for u in units])
+    counts = np.array([len(u) for u in units])
+    draws = rng.integers(0, len(units), size=(resamples, len(units)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return value, float(low), float(high), len(units)
+
+
+def _pair_rng(seed: int, method: str, baseline: str) -> np.random.Generator:
+    """One generator per (method, baseline) pair: an interval does not depend on which other
+    methods ran, or in what order."""
+    return np.random.default_rng([seed, zlib.crc32(f"{method}|{baseline}".encode())])
+
+
+def compare_to_baselines(results: list[MethodResult], clusters: dict[str, str] | None = None,
+                         resamples: int = 2000, seed: int = 0) -> None:
     """Fill each result's `deltas`: its mean per-query loss subtracted from each baseline's
-    (so positive is better: accuracy gained, or MAE saved), over the queries both scored."""
+    (so positive is better: accuracy gained, or MAE saved), over the queries both scored, with a
+    paired cluster bootstrap interval (`clusters`: query id -> user id; none: every query its own)."""
     by = {r.method: r for r in results}
-    rng = np.random.default_rng(seed)
+    clusters = clusters or {}
     for base in (by[b] for b in BASELINES if b in by):
         for r in results:
             common = sorted(set(r.errors) & set(base.errors))
             if r is base or not common:
                 continue
-            diff = np.array([base.errors[q] - r.errors[q] for q in common])
-            boots = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-            low, high = np.percentile(boots, [2.5, 97.5])
-            r.deltas[base.method] = Delta(len(diff), float(diff.mean()), float(low), float(high))
+            diff = {q: base.errors[q] - r.errors[q] for q in common}
+            value, low, high, _ = cluster_bootstrap(diff, clusters, _pair_rng(seed, r.method, base.method), resamples)
+            users = len({clusters.get(q, q) for q in common})
+            r.deltas[base.method] = Delta(len(common), value, low, high, users)
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """How much of the gap between `w/o alignment` and `oracle` alignment closes: (persona-agent
+    - w/o alignment) / (oracle - w/o alignment), with a paired cluster bootstrap interval. `gap`
+    is oracle - w/o alignment (positive: the oracle's profile helps this answer model)."""
+
+    gap: float
+    gap_low: float
+    gap_high: float
+    closed: float | None
+    low: float | None
+    high: float | None
+    n: int
+    users: int
+
+    def says(self) -> str:
+        gap = f"gap {self.gap:+.3f} [{self.gap_low:+.3f}, {self.gap_high:+.3f}], n={self.n}, {self.users} users"
+        if self.gap <= 0:
+            return (f"the oracle's profile does not beat w/o alignment here ({gap}): the answer model, not the "
+                    "optimizer, is the limit; alignment has nothing to close")
+        closed = "n/a" if self.low is None else f"{self.closed:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+        doubt = "; the gap itself is not clearly above zero at this n" if self.gap_low <= 0 else ""
+        return f"alignment closes {closed} of the gap between w/o alignment and oracle ({gap}){doubt}"
+
+
+def headroom(results: list[MethodResult], clusters: dict[str, str], resamples: int = 2000,
+             seed: int = 0) -> Headroom | None:
+    by = {r.method: r for r in results}
+    if not {"persona-agent", "w/o alignment", "oracle"} <= by.keys():
+        return None
+    ours, base, top = by["persona-agent"], by["w/o alignment"], by["oracle"]
+    common = sorted(set(ours.errors) & set(base.errors) & set(top.errors))
+    if not common:
+        return None
+    gain = {q: base.errors[q] - ours.errors[q] for q in common}
+    gap = {q: base.errors[q] - top.errors[q] for q in common}
+    by_user: dict[str, list[str]] = {}
+    for q in common:
+        by_user.setdefault(clusters.get(q, q), []).append(q)
+    units = list(by_user.values()) if max(len(v) for v in by_user.values()) > 1 else [[q] for q in common]
+    rng = _pair_rng(seed, "persona-agent", "oracle")
+    draws = rng.integers(0, len(units), size=(resamples, len(units)))
+    gains = np.array([sum(gain[q] for q in u) for u in units])
+    gaps = np.array([sum(gap[q] for q in u) for u in units])
+    counts = np.array([len(u) for u in units])
+    gap_means = gaps[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    g_low, g_high = np.percentile(gap_means, [2.5, 97.5])
+    total_gap = gaps.sum()
+    closed = low = high = None
+    if total_gap > 0:
+        closed = float(gains.sum() / total_gap)
+        ratios = np.array([gains[d].sum() / gaps[d].sum() for d in draws if gaps[d].sum() > 0])
+        if len(ratios):
+            low, high = (float(x) for x in np.percentile(ratios, [2.5, 97.5]))
+    return Headroom(float(total_gap / len(common)), float(g_low), float(g_high), closed, low, high, len(common),
+                    len(by_user))
 
 
 def evaluate(settings: Settings, task: Task, users: list[UserData], methods: list[str], out: Path,
@@ -226,7 +327,7 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
         run = run_eval(settings, task, users, methods, lm, adapter_for(lm), memory, keep_going=keep_going,
                        on_progress=lambda what: progress.update(bar, advance=1, description=what))
         table = results_table(task, run.results)
-        write_outputs(out, task, table, run.results)
+        write_outputs(out, task, table, run.results, run.headroom)
         for r in run.results:
             with mlflow.start_run(run_name=r.method, nested=True):
                 mlflow.log_params({**params, "method": r.method})
@@ -240,12 +341,19 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
         mlflow.log_metrics({"wall_seconds": time.perf_counter() - started, "cost_usd": cost,
                             "users_scored": len(run.finished), "users_dropped": len(run.dropped)})
         mlflow.log_metrics({f"alignment_{_metric_name(k)}": v for k, v in run.outcomes.items()})
+        if run.headroom is not None:
+            h = run.headroom
+            mlflow.log_metrics({"oracle_gap": h.gap, "oracle_gap_low": h.gap_low, "oracle_gap_high": h.gap_high,
+                                **({"gap_closed": h.closed} if h.closed is not None else {}),
+                                **({"gap_closed_low": h.low, "gap_closed_high": h.high} if h.low is not None else {})})
         mlflow.log_dict(dict(run.outcomes), "alignment_outcomes.json")
         mlflow.set_tags({"partial": str(run.stopped is not None).lower(),
                          **({"stopped": run.stopped[:500]} if run.stopped else {})})
         mlflow.log_artifacts(str(out), artifact_path="results")
         run_id = parent.info.run_id
     console.print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    if run.headroom is not None:
+        console.print(run.headroom.says())
     if run.outcomes:
         console.print("alignment candidates: " + ", ".join(f"{k} {v}" for k, v in run.outcomes.most_common()))
     for user_id, why in run.dropped.items():
@@ -289,9 +397,12 @@ def results_table(task: Task, results: list[MethodResult]) -> pd.DataFrame:
         row["invalid"] = r.invalid
         for base in BASELINES:
             d = r.deltas.get(base)
-            row.update({f"Δ {base}": d.value if d else float("nan"), f"Δ {base} low": d.low if d else float("nan"),
-                        f"Δ {base} high": d.high if d else float("nan")})
+            nan = float("nan")
+            row.update({f"Δ {base}": d.value if d else nan, f"Δ {base} low": d.low if d else nan,
+                        f"Δ {base} high": d.high if d else nan, f"Δ {base} n": d.n if d else nan,
+                        f"Δ {base} users": d.users if d else nan})
         row["n"] = len(r.errors)
+        row["unaligned users"] = r.unaligned
         per = (lambda v: v / r.samples) if r.samples else (lambda v: float("nan"))
         row.update({"LM calls/sample": per(r.lm_calls), "cached/sample": per(r.cache_hits),
                     "tokens/sample": per(r.tokens), "s/sample": r.seconds_per_sample,
@@ -302,11 +413,12 @@ def results_table(task: Task, results: list[MethodResult]) -> pd.DataFrame:
     return table
 
 
-def write_outputs(out: Path, task: Task, table: pd.DataFrame, results: list[MethodResult]) -> None:
+def write_outputs(out: Path, task: Task, table: pd.DataFrame, results: list[MethodResult],
+                  room: Headroom | None = None) -> None:
     """results.csv, results.md and predictions/<method>.json (LaMP `golds` format, the answers as
     LaMP's scorer will read them), atomically."""
     atomic_write_text(out / "results.csv", table.to_csv())
-    atomic_write_text(out / "results.md", to_markdown(table))
+    atomic_write_text(out / "results.md", to_markdown(table) + (f"\n{room.says()}\n" if room else ""))
     for r in results:
         golds = [{"id": qid, "output": (a or "").strip()} for qid, a in r.predictions.items()]
         atomic_write_text(out / "predictions" / f"{r.method.replace('/', '_').replace(' ', '_')}.json",
@@ -317,10 +429,10 @@ def to_markdown(table: pd.DataFrame) -> str:
     """The table for a reader: each difference with its interval in one cell, NaN as n/a."""
     table = table.copy()
     for base in BASELINES:
-        cols = [f"Δ {base}", f"Δ {base} low", f"Δ {base} high"]
+        cols = [f"Δ {base}", f"Δ {base} low", f"Δ {base} high", f"Δ {base} n", f"Δ {base} users"]
         if cols[0] in table:
-            cells = ["n/a" if pd.isna(v) else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-                     for v, lo, hi in table[cols].itertuples(index=False)]
+            cells = ["n/a" if pd.isna(v) else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={n:.0f}, {u:.0f} users)"
+                     for v, lo, hi, n, u in table[cols].itertuples(index=False)]
             at = list(table.columns).index(cols[0])
             table = table.drop(columns=cols)
             table.insert(at, f"Δ {base} [95% CI]", cells)

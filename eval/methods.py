@@ -11,9 +11,10 @@ from typing import Callable
 
 import dspy
 
+from persona_agent.data.synthetic import rule_profile
 from persona_agent.optimizers import AlignmentStep
 from persona_agent.optimizers.persona_alignment import hidden_ids
-from persona_agent.pipelines.agent import Direct, InContext, PersonaAgent, RetrievalAnswer, non_personalized
+from persona_agent.pipelines.agent import Direct, InContext, Lookup, PersonaAgent, RetrievalAnswer, non_personalized
 from persona_agent.pipelines.flow import UserFlow
 from persona_agent.pipelines.metering import lm_errors_raised, or_fallback
 from persona_agent.pipelines.persona import Persona
@@ -23,16 +24,18 @@ from persona_agent.signatures import CritiqueResponse
 
 
 class NotApplicable(Exception):
-    """The method has nothing to work with for this user (no past interactions to learn from):
-    it is left out for them, and reported n/a where it applies to nobody, never given a number
-    copied from another method."""
+    """The method has nothing to work with for this user. One with an unaligned form
+    (`UNALIGNED`: no past interactions to learn from) answers in that form, counted; one without
+    (`oracle` where no planted rule is known) is left out, and reads n/a where it applies to
+    nobody: never a number copied from another method."""
 
 
 class UserContext:
-    """One user's flow plus what the methods share, each computed on first use."""
+    """One user's flow plus what the methods share, each computed on first use. `rule`: the
+    user's planted preference rule, where the data was generated with one (the oracle's)."""
 
-    def __init__(self, flow: UserFlow, settings: Settings):
-        self.flow, self.settings, self.task = flow, settings, flow.task
+    def __init__(self, flow: UserFlow, settings: Settings, rule: dict | None = None):
+        self.flow, self.settings, self.task, self.rule = flow, settings, flow.task, rule
         self.steps: dict[str, list[AlignmentStep]] = {}  # alignment name -> its steps
         self._aligned: PersonaAgent | None = None
 
@@ -100,6 +103,18 @@ def _profiled(c: UserContext) -> Persona:
     return Persona(c.task, c.flow.profile())
 
 
+def _oracle(c: UserContext) -> Persona:
+    """The persona whose profile is the user's planted rule written out: the ceiling of what a
+    profile can carry to this answer model (synthetic data only)."""
+    if c.rule is None:
+        raise NotApplicable("no planted rule is known for this data (only generated sets have one)")
+    return Persona(c.task, rule_profile(c.task, c.rule))
+
+
+def _lookup(c: UserContext) -> dspy.Module:
+    return Lookup(c.task, [(it.text, it.response) for it in c.flow.history])
+
+
 Builder = Callable[[UserContext], dspy.Module]
 
 # What each method sees is the README's "Methods" table; every one answers under the same task
@@ -120,6 +135,21 @@ METHODS: dict[str, Builder] = {
     "w/o action": lambda c: Direct(c.aligned().persona),
     # DSPy's reflective optimizer on the same persona agent, batch and budget
     "gepa": lambda c: c.gepa(),
+    # calibration: what copying alone reaches (no LLM), and the persona agent given the user's
+    # planted rule as its profile (the ceiling of what a profile carries to this answer model)
+    "lookup": _lookup,
+    "oracle": lambda c: c.flow.agent(_oracle(c)),
+}
+
+# A method with nothing to learn from for a user (no past interactions) answers for them in its
+# unaligned form, counted and shown, so every row covers the same queries.
+UNALIGNED: dict[str, Builder] = {
+    "icl": METHODS["non-personalized"],
+    "persona-agent": METHODS["w/o alignment"],
+    "persona-agent (tools only)": METHODS["membank"],
+    "w/o memory": lambda c: c.flow.agent(Persona(c.task, ""), memory=False, semantic=False),
+    "w/o action": lambda c: Direct(_profiled(c)),
+    "gepa": METHODS["w/o alignment"],
 }
 
 # Which setup each method pays for (its share of the per-user cost).

@@ -17,6 +17,7 @@ from typing import Any
 import dspy
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
+from persona_agent.data.calibration import lookup
 from persona_agent.data.tasks import Task
 from persona_agent.overrides import ReAct
 from persona_agent.pipelines.memory import UserMemory, format_recalls
@@ -202,6 +203,18 @@ class Direct(dspy.Module):
 def non_personalized(task: Task) -> Direct:
     """The baseline: the same task instruction and label set, no memory, no persona."""
     return Direct(Persona.neutral(task))
+
+
+class Lookup(dspy.Module):
+    """Copying, with no LLM: the label of the history item most like the query (see
+    `data.calibration.lookup`). What copying alone reaches: a floor for what a number can mean."""
+
+    def __init__(self, task: Task, history: list[tuple[str, str | None]]):
+        super().__init__()
+        self.task, self.history = task, history
+
+    def forward(self, query: str) -> dspy.Prediction:
+        return dspy.Prediction(answer=lookup(self.task, query, self.history))
 
 
 class InContext(dspy.Module):

@@ -4,10 +4,10 @@
 work (one user's alignment iteration, one evaluation) opens its own meter where it runs.
 
 A meter counts every LM call its block issued (`lm_calls`), and of those the ones DSPy's cache
-answered (`cache_hits`: a call that reported no token usage; a provider that reports no usage at
-all shows its calls as cached), so a rerun reports its hits instead of zero calls. Each meter
-also counts fallbacks: calls whose answer was unusable and got replaced by a default
-(`or_fallback`).
+answered (`cache_hits`, counted by the cache itself when it returns an answer: see
+`runtime.lm_cache`), so a rerun reports its hits instead of zero calls, and a provider that
+reports no usage is not mistaken for a cache. Each meter also counts fallbacks: calls whose
+answer arrived unusable and got replaced by a default (`or_fallback`).
 """
 
 from __future__ import annotations
@@ -78,6 +78,12 @@ def count_calls_of(lm) -> None:
             lm.callbacks = [*(lm.callbacks or []), _COUNTER]
 
 
+def count_cache_hit() -> None:
+    """Count one LM answer served from the cache in every meter open here."""
+    for cost in _open_meters.get():
+        cost.cache_hits += 1
+
+
 def count_fallback() -> None:
     """Count one fallback in every meter open here (nested meters each see it)."""
     for cost in _open_meters.get():
@@ -98,7 +104,6 @@ def metered():
             _open_meters.reset(token)
             billed = [e for entries in tracker.usage_data.values() for e in entries]
             cost.tokens += sum(int(e.get("total_tokens") or 0) for e in billed)
-            cost.cache_hits = max(0, cost.lm_calls - len(billed))
 
 
 T = TypeVar("T")

@@ -20,6 +20,7 @@ import logging
 import dspy
 
 from persona_agent.overrides import AdapterHooks, forget_cached
+from persona_agent.pipelines.metering import count_cache_hit
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class EndpointCache:
         value = self.inner.get(request, ignored)
         if value is not None:
             self._touch(request, ignored)
+            count_cache_hit()  # a hit, counted where it happens: not guessed from missing usage
         return value
 
     def put(self, request: dict, value, ignored_args_for_cache_key: list[str] | None = None,

@@ -255,6 +255,9 @@ def test_an_outage_while_answering_stops_eval_too(tmp_path, monkeypatch):
 
 
 def test_a_rerun_reports_its_cache_hits_instead_of_zero_calls(memory, tmp_path):
+    from persona_agent.runtime import lm_cache
+
+    lm_cache.install()  # as build_lm does: the cache counts its own hits
     lm = dspy.LM(f"fake/cache-hits-{memory.kind}", engine=FakeEngine(_policy([])), cache=True, num_retries=0)
     settings = Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1)
     first, second = (run_eval(settings, LAMP_2M, _users(), ["rag", "pag"], lm, dspy.JSONAdapter(), memory).results
@@ -278,7 +281,50 @@ def test_differences_to_the_baselines_come_with_a_paired_bootstrap_interval():
     assert d.n == 4 and d.value == 0.75 and 0 <= d.low <= 0.75 <= d.high <= 1
     assert same.deltas["non-personalized"].low == same.deltas["non-personalized"].high == 0
     md = to_markdown(results_table(LAMP_3, [base, better]))
-    assert "+0.750 [" in md and "| n/a |" in md
+    assert "+0.750 [" in md and "(n=4, 4 users)" in md and "| n/a |" in md
+
+
+def test_with_several_queries_per_user_the_interval_resamples_users_not_queries():
+    import numpy as np
+
+    from persona_agent.eval.harness import cluster_bootstrap
+
+    # 3 users x 3 queries: one user gains on every query, two on none
+    diff = {f"{u}{i}": float(u == "a") for u in "abc" for i in range(3)}
+    by_user = cluster_bootstrap(diff, {q: q[0] for q in diff}, np.random.default_rng(0))
+    by_query = cluster_bootstrap(diff, {}, np.random.default_rng(0))
+    assert by_user[0] == by_query[0] == 1 / 3
+    assert (by_user[1], by_user[2], by_user[3]) == (0.0, 1.0, 3)  # three independent units: anything goes
+    assert 0.05 < by_query[1] and by_query[2] < 0.75 and by_query[3] == 9  # nine "independent" queries: too sure
+
+
+def test_each_pairs_interval_is_its_own_whatever_else_ran():
+    from persona_agent.eval.harness import compare_to_baselines
+
+    def results(*extra):
+        base = MethodResult("non-personalized", {}, 6, errors={f"q{i}": float(i % 2) for i in range(6)})
+        ours = MethodResult("rag", {}, 6, errors={f"q{i}": float(i % 3 == 0) for i in range(6)})
+        return [base, *extra, ours]
+
+    clusters = {f"q{i}": f"u{i // 2}" for i in range(6)}
+    alone, crowded = results(), results(MethodResult("icl", {}, 6, errors={f"q{i}": 1.0 for i in range(6)}))
+    compare_to_baselines(alone, clusters)
+    compare_to_baselines(crowded, clusters)
+    assert alone[-1].deltas == crowded[-1].deltas and alone[-1].deltas["non-personalized"].users == 3
+
+
+def test_headroom_says_what_share_of_the_oracle_gap_alignment_closes_and_when_there_is_none():
+    from persona_agent.eval.harness import headroom
+
+    clusters = {f"q{i}": f"u{i // 2}" for i in range(8)}
+    base = MethodResult("w/o alignment", {}, 8, errors={f"q{i}": 1.0 for i in range(8)})
+    top = MethodResult("oracle", {}, 8, errors={f"q{i}": float(i >= 4) for i in range(8)})  # right on 4 more
+    ours = MethodResult("persona-agent", {}, 8, errors={f"q{i}": float(i >= 2) for i in range(8)})  # on 2 of them
+    room = headroom([base, top, ours], clusters)
+    assert room.gap == 0.5 and room.closed == 0.5 and room.users == 4 and room.n == 8
+    assert "alignment closes +0.50 [" in room.says() and "not clearly above zero" in room.says()  # 4 users
+    flat = headroom([base, MethodResult("oracle", {}, 8, errors=dict(base.errors)), ours], clusters)
+    assert flat.closed is None and "does not beat w/o alignment" in flat.says() and "answer model" in flat.says()
 
 
 def test_gepa_gets_the_alignments_textual_loss_and_about_its_budget_in_lm_calls(memory, fake_lm):
@@ -321,20 +367,25 @@ def test_eval_reads_a_real_lamp3_directory(tmp_path, monkeypatch, capsys):
     assert preds["task"] == "LaMP_3" and sorted(g["id"] for g in preds["golds"]) == ["100", "200", "300"]
 
 
-def test_a_method_with_nothing_to_learn_from_is_na_never_a_copied_number(memory, fake_lm, tmp_path):
+def test_a_method_with_nothing_to_learn_from_answers_unaligned_so_every_row_has_the_same_n(memory, fake_lm, tmp_path):
     from persona_agent.data.tasks import LAMP_1
 
     fake_lm._engine_spec.policy = _policy([])
     q = LAMP_1.make_input("A paper", LAMP_1.labels) + ' [1]: "a" [2]: "b"'
     users = [UserData(f"u{i}", LAMP_1, [{"id": f"p{i}", "title": "The only paper", "abstract": "x"}], [Query(f"q{i}", q, "[1]")])
              for i in range(2)]  # one paper each: no interaction can be built from it
-    run = run_eval(Settings(store=tmp_path, batch_size=2, iterations=1), LAMP_1, users,
-                   ["non-personalized", "w/o alignment", "persona-agent", "icl", "gepa"], fake_lm, dspy.JSONAdapter(), memory)
+    methods = ["non-personalized", "w/o alignment", "persona-agent", "icl", "gepa", "oracle"]
+    run = run_eval(Settings(store=tmp_path, batch_size=2, iterations=1), LAMP_1, users, methods, fake_lm,
+                   dspy.JSONAdapter(), memory)
     table = results_table(LAMP_1, run.results)
-    assert table.loc["w/o alignment", "n"] == 2 and not pd.isna(table.loc["w/o alignment", "LaMP-1 Acc"])
-    for method in ("persona-agent", "icl", "gepa"):
-        assert table.loc[method, "n"] == 0 and pd.isna(table.loc[method, "LaMP-1 Acc"])
-    assert "| persona-agent | n/a | n/a |" in to_markdown(table)
+    by = {r.method: r for r in run.results}
+    for method, form in (("persona-agent", "w/o alignment"), ("icl", "non-personalized"), ("gepa", "w/o alignment")):
+        assert table.loc[method, "n"] == 2 and table.loc[method, "unaligned users"] == 2
+        assert by[method].predictions == by[form].predictions  # the unaligned form's answers, not a copied number
+    assert table.loc["w/o alignment", "unaligned users"] == 0
+    # the oracle has no unaligned form: without a planted rule it applies to nobody, and says so
+    assert table.loc["oracle", "n"] == 0 and pd.isna(table.loc["oracle", "LaMP-1 Acc"])
+    assert "| oracle | n/a | n/a |" in to_markdown(table)
 
 
 def test_eval_runs_carry_every_parameter_and_their_predictions(monkeypatch, tmp_path):
@@ -405,3 +456,23 @@ def test_an_outage_inside_gepa_is_raised_after_compile_not_searched_over(memory,
         with pytest.raises(LMServerError):
             ctx.gepa()
     assert engine.injected["server_error"] >= 1
+
+
+def test_a_provider_that_reports_no_usage_is_not_counted_as_cached(memory, tmp_path):
+    from dspy.lm15 import Usage
+
+    from persona_agent.runtime import lm_cache
+
+    lm_cache.install()
+
+    class Unmetered(FakeEngine):  # a server that sends no usage block
+        def complete(self, request):
+            import dataclasses
+
+            return dataclasses.replace(super().complete(request), usage=Usage())
+
+    lm = dspy.LM(f"fake/no-usage-{memory.kind}", engine=Unmetered(_policy([])), cache=False, num_retries=0)
+    settings = Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1)
+    run = run_eval(settings, LAMP_2M, _users(), ["rag"], lm, dspy.JSONAdapter(), memory)
+    (rag,) = run.results
+    assert not run.stopped and rag.lm_calls > 0 and rag.cache_hits == 0  # inferred from the missing usage, all would read as cached
