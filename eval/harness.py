@@ -27,6 +27,7 @@ import dspy
 import mlflow
 import numpy as np
 import pandas as pd
+from dspy.utils.exceptions import is_retryable_lm_error
 from rich.console import Console
 
 from persona_agent.data.atomic import atomic_write_text
@@ -145,7 +146,8 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
                 log.info("user %s: the LLM failed: %s", user.unit, why)  # said once, by the caller
                 dropped[user.unit] = why
                 if not keep_going and stopped is None:
-                    stopped = f"user {user.unit}: {why}"
+                    after = f" after {settings.lm.retries} retries" if is_retryable_lm_error(err) else ""
+                    stopped = f"the LLM failed{after} (user {user.unit}: {why})"
                     for f in futures:
                         f.cancel()
     finished = [u for u in users if u.unit in runs]
@@ -361,7 +363,7 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
     console.print(f"{len(run.finished)} of {len(users)} users scored; wall time {time.perf_counter() - started:.0f} s; "
                   f"results in {out}; MLflow run {run_id}")
     if run.stopped:
-        raise EvalStopped(f"the LLM failed ({run.stopped}); the table of the "
+        raise EvalStopped(f"{run.stopped}; the table of the "
                           f"{len(run.finished)} users that finished is in {out} "
                           "(--keep-going drops failing users instead)")
     return table
