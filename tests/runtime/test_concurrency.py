@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -47,8 +48,9 @@ def served(tmp_path, monkeypatch):
 
 
 def _hold(store, seconds: float, how: str = OURS) -> subprocess.Popen:
+    env = {**os.environ, "DSPY_CACHEDIR": str(Path(store).parent / "holder-cache")}  # a DSPy cache of its own
     proc = subprocess.Popen([sys.executable, "-c", HOLD.format(open=how), str(store), str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout.readline().strip() == "held"
     return proc
 

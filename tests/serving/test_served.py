@@ -85,7 +85,7 @@ def test_every_command_and_the_served_model_work_against_a_tracking_server(track
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     store = tmp_path / "store"
     data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=6, n_queries=1, seed=4)
-    opts = ["--store", str(store), "--lm", "scripted"]
+    opts = ["--store", str(store), "--lm", "scripted", "--no-cache"]  # this test is about the tracking server
     query = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
     assert main(["ingest", str(data), "--store", str(store)]) == 0
     assert main(["nightly", *opts, "-n", "1", "-T", "1"]) == 0
