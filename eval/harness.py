@@ -207,20 +207,22 @@ def _pool(task: Task, method: str, runs: list[_UserRun], golds: dict[str, str | 
     return result
 
 
+def resampling_units(queries: list[str], clusters: dict[str, str]) -> list[list[str]]:
+    """The independent units a bootstrap resamples: each user with all their queries whenever any
+    user has more than one, else each query."""
+    by_user: dict[str, list[str]] = {}
+    for q in queries:
+        by_user.setdefault(clusters.get(q, q), []).append(q)
+    return list(by_user.values()) if max(len(v) for v in by_user.values()) > 1 else [[q] for q in queries]
+
+
 def cluster_bootstrap(diff: dict[str, float], clusters: dict[str, str], rng: np.random.Generator,
                       resamples: int = 2000) -> tuple[float, float, float, int]:
     """(mean, 2.5th and 97.5th percentile of the resampled means, independent units) of per-query
     differences. The units resampled are the users (each with all their queries, the mean taken
     over the queries drawn) whenever any user has more than one query; queries otherwise."""
-    queries = sorted(diff)
-    by_user: dict[str, list[float]] = {}
-    for q in queries:
-        by_user.setdefault(clusters.get(q, q), []).append(diff[q])
-    value = float(np.mean([diff[q] for q in queries]))
-    if max(len(v) for v in by_user.values()) == 1:
-        units = [[diff[q]] for q in queries]
-    else:
-        units = list(by_user.values())
+    value = float(np.mean(list(diff.values())))
+    units = [[diff[q] for q in unit] for unit in resampling_units(sorted(diff), clusters)]
     sums = np.array([sum(u) for u in units])
     counts = np.array([len(u) for u in units])
     draws = rng.integers(0, len(units), size=(resamples, len(units)))
@@ -289,10 +291,7 @@ def headroom(results: list[MethodResult], clusters: dict[str, str], resamples: i
         return None
     gain = {q: base.errors[q] - ours.errors[q] for q in common}
     gap = {q: base.errors[q] - top.errors[q] for q in common}
-    by_user: dict[str, list[str]] = {}
-    for q in common:
-        by_user.setdefault(clusters.get(q, q), []).append(q)
-    units = list(by_user.values()) if max(len(v) for v in by_user.values()) > 1 else [[q] for q in common]
+    units = resampling_units(common, clusters)
     rng = _pair_rng(seed, "persona-agent", "oracle")
     draws = rng.integers(0, len(units), size=(resamples, len(units)))
     gains = np.array([sum(gain[q] for q in u) for u in units])
@@ -308,7 +307,7 @@ def headroom(results: list[MethodResult], clusters: dict[str, str], resamples: i
         if len(ratios):
             low, high = (float(x) for x in np.percentile(ratios, [2.5, 97.5]))
     return Headroom(float(total_gap / len(common)), float(g_low), float(g_high), closed, low, high, len(common),
-                    len(by_user))
+                    len({clusters.get(q, q) for q in common}))
 
 
 def evaluate(settings: Settings, task: Task, users: list[UserData], methods: list[str], out: Path,
