@@ -85,6 +85,12 @@ class Task:
             raise TaskDataError(f"{self.name}: unknown labels {unknown} in query (known: {list(self.labels)})")
         return tuple(s.lower() for s in found)
 
+    def content_free(self, query: str) -> str:
+        """The query with its item's content replaced by "N/A": what a model answers from the
+        request's form alone (its bias towards some labels), to calibrate against."""
+        m = re.search(self.content_pattern, query, flags=re.S)
+        return query[:m.start(1)] + "N/A" + query[m.end(1):] if m else query
+
     def query_content(self, query: str) -> str:
         """The part of a query that describes the item, for retrieval."""
         m = re.search(self.content_pattern, query, flags=re.S)
@@ -165,6 +171,37 @@ class Task:
         a, b, c, d = spare[:4] if len(spare) >= 4 else (self.labels[3], self.labels[7], self.labels[1], self.labels[5])
         return [(self.facts([("", a)] * 6 + [("", b)] * 4 + [("", c)] * 2), [a, b, c], f"Gives {a} when it fits, then {b}."),
                 (self.facts([("", d)] * 5 + [("", a)] * 3 + [("", b)]), [d, a, b], f"Picks {d} over {a} when both fit.")]
+
+    def prior(self, profile: str, query: str) -> dict[str, float]:
+        """What a profile says about the answer to `query`, as a weight in [-1, 1] per label (a
+        label left out: 0, no preference). An answer step adds these, scaled, to the LM's log-
+        probabilities: the profile is evidence, the item decides between what the profile allows.
+
+        labels: the labels the profile names, by order of first mention (the typed part leads:
+        strongest first), from 1 for the first down towards 0. tendency: the rating tendency it
+        names tilts the scale, +1 at 5 for a generous scorer, -1 at 5 for a harsh one. topics: a
+        candidate the query offers (`candidates_pattern`) by the share of the profile's topic
+        words its text shares. An empty profile says nothing: {} for every query."""
+        low = profile.lower()
+        if self.preference_kind == "tendency":
+            lean = next((i for i, t in enumerate(TENDENCIES) if t in low), 1) - 1  # -1 harsh, 0, +1 generous
+            return {label: lean * (int(label) - 3) / 2 for label in self.labels} if lean else {}
+        if self.preference_kind == "topics":
+            topic_words = _words(profile)
+            if not topic_words or not self.candidates_pattern:
+                return {}
+            shared = {label: len(_words(text) & topic_words) / len(topic_words)
+                      for label, text in re.findall(self.candidates_pattern, query)}
+            top = max(shared.values(), default=0)
+            return {label: share / top for label, share in shared.items()} if top else {}
+        first = {}
+        for label in sorted(self.labels, key=len, reverse=True):  # "dark comedy" before "comedy"
+            m = re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", low)
+            if m:
+                first[label] = m.start()
+                low = re.sub(rf"(?<![\w-]){re.escape(label)}(?![\w-])", lambda m: "#" * len(m.group()), low)
+        ranked = sorted(first, key=first.get)
+        return {label: 1 - rank / len(ranked) for rank, label in enumerate(ranked)}
 
     def names_preference(self, text: str) -> bool:
         """Whether a profile speaks in this task's terms: names one of its labels, a rating

@@ -320,7 +320,7 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
     started = time.perf_counter()
     with mlflow.start_run(run_name=f"eval-{task.key}", tags=tracking.owner_tags()) as parent, \
             progress_bar(console) as progress:
-        params = tracking.run_params(settings, task.key, data=source, data_fingerprint=tracking.data_fingerprint(users))
+        params = tracking.run_params(settings, task.key, lm=lm, data=source, data_fingerprint=tracking.data_fingerprint(users))
         mlflow.log_params({**params, "users": len(users), "queries": sum(len(u.queries) for u in users),
                            "methods": ",".join(methods), "workers": settings.workers, "cache": settings.lm.cache,
                            "keep_going": keep_going})

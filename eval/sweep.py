@@ -38,7 +38,7 @@ def sweep(settings: Settings, store: Store, task: Task, users: list[UserData], m
     lm = build_lm(settings.lm)
     rows = []
     with mlflow.start_run(run_name=f"sweep-{task.key}-{param}", tags=tracking.owner_tags()):
-        mlflow.log_params(tracking.run_params(settings, task.key, param=param, values=",".join(map(str, values)),
+        mlflow.log_params(tracking.run_params(settings, task.key, lm=lm, param=param, values=",".join(map(str, values)),
                                               methods=",".join(methods), users=len(users),
                                               data_fingerprint=tracking.data_fingerprint(users)))
         for value in values:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from dataclasses import dataclass, fields, replace
@@ -20,17 +21,26 @@ from persona_agent.runtime.settings import Settings, offline_environment
 # -- options ----------------------------------------------------------------------------------
 
 
-def _count(minimum: int):
-    """An argparse type: an integer >= minimum, rejected at parse time otherwise."""
-    def parse(text: str) -> int:
+def _at_least(minimum, convert=int, what="a whole number"):
+    """An argparse type: a finite number >= minimum, rejected at parse time otherwise (nan and inf
+    are no setting)."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what} of at least {minimum:g}, not {text}")
         return value
     return parse
+
+
+def _count(minimum: int):
+    return _at_least(minimum)
+
+
+def _finite(minimum: float):
+    return _at_least(minimum, float, "a finite number")
 
 
 def _seconds(text: str) -> float:
@@ -75,6 +85,13 @@ def _agent_options(g, s: Settings) -> None:
                    help=f"memories retrieved per query (default {s.top_k})")
     g.add_argument("--max-iters", type=_count(0), default=s.max_iters,
                    help=f"ReAct steps per answer (default {s.max_iters})")
+    g.add_argument("--answer-step", choices=("evidence", "prompt"), default=s.answer_step,
+                   help="evidence: the persona's preferences are a prior on the LM's label log-probabilities (an LM "
+                        "that gives none answers by prompting, logged); prompt: the paper's agent, the persona as "
+                        f"the instruction (default {s.answer_step})")
+    g.add_argument("--prior-strength", type=_finite(0), default=s.prior_strength,
+                   help="evidence: log-probability the persona's first preference adds to its label "
+                        f"(default {s.prior_strength:g})")
     g.add_argument("--trace", action="store_true", help="record MLflow traces of every agent call")
 
 

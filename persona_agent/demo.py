@@ -49,7 +49,7 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
     with dspy.context(lm=lm, adapter=adapter_for(lm)), \
             mlflow.start_run(run_name=f"demo-{task.key}", tags=tracking.owner_tags()) as parent, \
             progress_bar(console) as progress:
-        params = tracking.run_params(settings, task.key, data=str(data or "shipped"),
+        params = tracking.run_params(settings, task.key, lm=lm, data=str(data or "shipped"),
                                      data_fingerprint=tracking.data_fingerprint(people))
         mlflow.log_params({**params, "users": len(people), "queries_per_user": queries})
         bar = progress.add_task("demo", total=len(people) * steps_per_user)

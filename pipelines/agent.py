@@ -20,6 +20,7 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 from persona_agent.data.calibration import lookup
 from persona_agent.data.tasks import Task
 from persona_agent.overrides import ReAct
+from persona_agent.pipelines.evidence import ANSWER_STEPS, EvidenceAnswer, note_prompting, scoring_unsupported
 from persona_agent.pipelines.memory import UserMemory, format_recalls
 from persona_agent.pipelines.persona import Persona, instruction
 from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnswer, typed_to
@@ -27,14 +28,21 @@ from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnsw
 
 class PersonaAgent(dspy.Module):
     def __init__(self, persona: Persona, memory: UserMemory | None, *, max_iters: int, semantic: str | None = None,
-                 formulate_query: bool = False, prefetch: bool = True):
+                 formulate_query: bool = False, prefetch: bool = True, answer_step: str = "evidence",
+                 prior_strength: float = 2.0):
         """memory: the user's episodic memory, reached by the `search_memory` tool and (with
         `prefetch`) an upfront search whose recalls are also few-shot demonstrations; None: no
         episodic memory at all. semantic: the user's profile (semantic memory) that the
         `user_profile` tool returns; None: no such tool. `formulate_query`: have the LM write the
-        upfront memory query (for inputs whose item text the task cannot cut out by pattern)."""
+        upfront memory query (for inputs whose item text the task cannot cut out by pattern).
+        answer_step: "evidence", the persona's typed preferences are a prior on the LM's label
+        scores, `prior_strength` nats at most (`pipelines.evidence`); "prompt", the paper's agent:
+        the persona is the instruction of every step and the answer is generated."""
         super().__init__()
+        if answer_step not in ANSWER_STEPS:
+            raise ValueError(f"answer_step must be one of {ANSWER_STEPS}, not {answer_step!r}")
         self.memory, self.semantic, self.max_iters = memory, semantic, max_iters
+        self.answer_step, self.prior_strength = answer_step, prior_strength
         self.prefetch = prefetch and memory is not None
         self.formulate = dspy.Predict(FormulateMemoryQuery) if formulate_query else None
         self.persona = persona
@@ -51,7 +59,20 @@ class PersonaAgent(dspy.Module):
     def persona(self, persona: Persona) -> None:
         """Re-instruct the answering predictors; ReAct bakes instructions in at construction."""
         self._persona = persona
-        self.act = _react(persona.task, persona.render(), self.max_iters, self.tools(persona))
+        task = persona.task
+        # The paper's agent, built on first need by an "evidence" agent whose LM cannot score;
+        # held outside the module tree, so an optimizer sees the predictors of one agent only.
+        self._prompting = _Holder()
+        if self.answer_step == "prompt":
+            self.act = _react(task, persona.render(), self.max_iters, self.tools(persona))
+            return
+        # The steps read the shared task instruction, the answer step weighs the persona: every
+        # persona of this user runs the same LM calls, and only the prior differs.
+        self.act = _react(task, instruction(task), self.max_iters, self.tools(persona))
+        profile = persona.profile
+        self.act.extract = EvidenceAnswer(self.act.extract.signature, task.labels,
+                                          lambda inputs: task.prior(profile, inputs["query"]), self.prior_strength,
+                                          content_free=task.content_free)
 
     def tools(self, persona: Persona) -> list[dspy.Tool]:
         """The agent's tools, over this user's data only. Override to add your own."""
@@ -63,9 +84,20 @@ class PersonaAgent(dspy.Module):
                  if self.memory is not None else "(no memory)")
         # The recalled interactions are also few-shot demonstrations: the answer step sees the
         # user's own choices in the very shape it must produce.
-        pred = self.act(query=query, memories=shown, demos=recall_demos(self.task, recalls))
+        pred = self._act()(query=query, memories=shown, demos=recall_demos(self.task, recalls))
         return dspy.Prediction(answer=pred.answer, trajectory=pred.trajectory,
-                               memories=[r.item.item_id for r in recalls])
+                               memories=[r.item.item_id for r in recalls],
+                               **{k: pred[k] for k in ("scores", "logprobs", "bias") if k in pred})
+
+    def _act(self) -> dspy.Module:
+        """The ReAct that answers: this agent's, or where it scores labels and the LM cannot, the
+        paper's prompting one (logged once per reason)."""
+        if self.answer_step == "prompt" or (why := scoring_unsupported(dspy.settings.lm, dspy.settings.adapter)) is None:
+            return self.act
+        note_prompting(why)
+        if self._prompting.act is None:
+            self._prompting.act = _react(self.task, self._persona.render(), self.max_iters, self.tools(self._persona))
+        return self._prompting.act
 
     def with_persona(self, persona: Persona) -> "PersonaAgent":
         """The same agent (class, memory, settings, a subclass's own state) under another persona.
@@ -85,6 +117,10 @@ class PersonaAgent(dspy.Module):
         state = dict(state)
         self.persona = self._persona.with_profile(state.pop("persona_profile", self._persona.profile))
         return super().load_state(state, **kwargs)
+
+
+class _Holder:
+    act: dspy.Module | None = None
 
 
 def memory_tools(memory: UserMemory | None, task: Task, semantic: str | None) -> list[dspy.Tool]:

@@ -77,6 +77,8 @@ class UserFlow:
     top_k: int
     max_iters: int
     profile_items: int
+    answer_step: str = "evidence"  # see PersonaAgent
+    prior_strength: float = 2.0
     setup_cost: dict[str, Cost] = field(default_factory=dict)
     _profile: str | None = field(default=None, repr=False)
 
@@ -107,8 +109,9 @@ class UserFlow:
         such tool, or the text it returns."""
         episodic = self.view() if memory is True else memory or None
         profile = self.profile() if semantic is True else semantic if semantic is not False else None
-        return PersonaAgent(persona or Persona(self.task, self.profile()), episodic, semantic=profile,
-                            max_iters=kwargs.pop("max_iters", self.max_iters), **kwargs)
+        kwargs = {"max_iters": self.max_iters, "answer_step": self.answer_step, "prior_strength": self.prior_strength,
+                  **kwargs}
+        return PersonaAgent(persona or Persona(self.task, self.profile()), episodic, semantic=profile, **kwargs)
 
     def align(self, optimizer: Teleprompter, student: dspy.Module | None = None, *, trainset=None,
               name: str = "alignment", **compile_kwargs) -> dspy.Module:

@@ -58,6 +58,19 @@ def test_every_default_comes_from_settings(argv):
     assert command.defaults() == (Settings.for_demo() if argv == ["demo"] else Settings())
 
 
+def test_the_answer_step_reaches_every_agent_command():
+    from persona_agent.cli import COMMANDS, _settings
+    from persona_agent.pipelines.evidence import ANSWER_STEPS
+
+    for argv in (["demo"], ["eval"], ["nightly"], ["answer", "u", "q"]):
+        args = build_parser().parse_args([*argv, "--answer-step", "prompt", "--prior-strength", "3.5"])
+        settings = _settings(args, COMMANDS[argv[0]].defaults())
+        assert (settings.answer_step, settings.prior_strength) == ("prompt", 3.5)
+    choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
+                   if a.dest == "answer_step")
+    assert tuple(choices) == ANSWER_STEPS  # the CLI (which imports no DSPy) spells the same steps
+
+
 def test_max_tokens_reaches_the_lm_config_of_every_command():
     from persona_agent.cli import COMMANDS, _settings
 
@@ -67,7 +80,9 @@ def test_max_tokens_reaches_the_lm_config_of_every_command():
 
 
 @pytest.mark.parametrize("option", [["--batch", "0"], ["--iterations", "-1"], ["--top-k", "-5"], ["--workers", "0"],
-                                    ["--timeout", "0"], ["--max-iters", "x"], ["--max-tokens", "0"]])
+                                    ["--timeout", "0"], ["--max-iters", "x"], ["--max-tokens", "0"],
+                                    ["--prior-strength", "nan"], ["--prior-strength", "inf"], ["--prior-strength", "-1"],
+                                    ["--answer-step", "logits"]])
 def test_bad_option_values_are_refused_at_parse_time(option, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["nightly", *option])

@@ -94,13 +94,13 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
         outcomes, shutdown = (ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
                               else thread_outcomes(jobs, work, workers))
         try:
-            _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console)
+            _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console, lm)
         finally:
             shutdown()
     return summary
 
 
-def _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console) -> None:
+def _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console, lm) -> None:
     """Commit each outcome as it arrives, and log the night to MLflow."""
     summary.night = 1 + len(mlflow.search_runs(filter_string=f"tags.nightly_task = '{task.key}'",
                                                output_format="list"))
@@ -108,7 +108,7 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
                                                                  "night": str(summary.night)}) as run, \
             progress_bar(console) as progress:
         mlflow.log_params(tracking.run_params(
-            settings, task.key, workers=workers, executor=executor, users_planned=len(jobs),
+            settings, task.key, lm=lm, workers=workers, executor=executor, users_planned=len(jobs),
             score_max=settings.score_max, rollback_after=settings.rollback_after,
             max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
         bar = progress.add_task("nightly", total=len(jobs))

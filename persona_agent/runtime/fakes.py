@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 
-from dspy.lm15 import Message, RateLimitError, Response, ServerError, TextPart, Usage
+from dspy.lm15 import Message, RateLimitError, Response, ServerError, TextPart, TokenLogprob, TopLogprob, Usage
 from dspy.lm15 import TimeoutError as LMTimeoutError
 
 # Transient faults (DSPy retries them) and answers that arrive but are useless (the adapter
@@ -78,6 +78,34 @@ class FakeEngine(_Engine):
         text = json.dumps(self.policy(fields, system, user))
         return Response(id=None, model=request.model, message=Message.assistant([TextPart(text)]),
                         finish_reason="stop", usage=Usage(input_tokens=len(system + user) // 4, output_tokens=len(text) // 4))
+
+
+class ScoringFakeEngine(FakeEngine):
+    """A FakeEngine that also scores: a request with `logprobs` whose last message is the
+    assistant's continues that prefix by one token, and `scores(prompt, prefix)` gives the
+    alternatives there ({token: log-probability}). The default scores whole labels found in the
+    request's item: what the answer step of `pipelines.evidence` reads."""
+
+    supported_params = frozenset({"response_format", "temperature", "max_tokens", "logprobs"})
+    continues_prefill = True
+
+    def __init__(self, scores, policy=default_policy, delay: float = 0.0):
+        super().__init__(policy, delay)
+        self.scores, self.scored = scores, []  # (prompt, prefix) per scoring call
+
+    def complete(self, request):
+        last = request.messages[-1] if request.messages else None
+        if request.config.logprobs is None or last is None or last.role != "assistant":
+            return super().complete(request)
+        system, user = _prompt(request)
+        prompt, prefix = system + "\n" + user, last.text or ""
+        self.scored.append((prompt, prefix))
+        alternatives = sorted(self.scores(prompt, prefix).items(), key=lambda kv: -kv[1])
+        top = tuple(TopLogprob(tok, float(lp)) for tok, lp in alternatives[:request.config.logprobs])
+        token = top[0] if top else TopLogprob("", 0.0)
+        return Response(id=None, model=request.model, message=Message.assistant([TextPart(token.token)]),
+                        finish_reason="stop", usage=Usage(input_tokens=len(prompt) // 4, output_tokens=1),
+                        logprobs=(TokenLogprob(token.token, token.logprob, top=top),))
 
 
 class FaultyEngine(_Engine):

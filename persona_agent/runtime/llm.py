@@ -23,9 +23,10 @@ from typing import Annotated
 
 import dspy
 import pydantic
-from dspy.lm15 import Message, Response, ServerError, TextPart, Usage
+from dspy.lm15 import Message, Response, ServerError, TextPart, TokenLogprob, TopLogprob, Usage
 
 from persona_agent import overrides
+from persona_agent.pipelines.evidence import scoring_unsupported
 from persona_agent.runtime.lm_cache import ForgetsUnusableAnswers, install
 from persona_agent.runtime.settings import LMConfig
 
@@ -47,7 +48,10 @@ class LlamaCppEngine:
     """
 
     supports_response_schema = True
-    supported_params = frozenset({"response_format", "temperature", "max_tokens", "stop", "seed"})
+    supported_params = frozenset({"response_format", "temperature", "max_tokens", "stop", "seed", "logprobs"})
+    # A request whose last message is the assistant's continues that message (the prefix of an
+    # answer): with `logprobs`, the next token's alternatives score the labels that can follow.
+    continues_prefill = True
     # Small models fall into loops ("_1_1_1_..."); the DRY sampler penalises repeated sequences.
     sampling = {"dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "repeat_penalty": 1.1}
 
@@ -92,6 +96,8 @@ class LlamaCppEngine:
             body["stop"] = list(cfg.stop)
         if cfg.seed is not None:
             body["seed"] = cfg.seed
+        if cfg.logprobs is not None:  # llama.cpp's alternatives are the model's own softmax, before any sampler
+            body["n_probs"] = max(cfg.logprobs, 1)
         if cfg.response_format and cfg.response_format.get("type") == "json_schema":
             body["grammar"] = compact_json_grammar(cfg.response_format["schema"])
         elif cfg.response_format:
@@ -101,6 +107,8 @@ class LlamaCppEngine:
         # else is in the batch, and a rerun must give the same answers (so the cache serves it).
         # On 2 cores, concurrency buys next to nothing anyway.
         prompt = "\n\n".join(m["content"] for m in messages)
+        if len(messages) > 1 and messages[-1]["role"] == "assistant":  # a prefix to continue, as is
+            prompt = "\n\n".join(m["content"] for m in messages[:-1]) + messages[-1]["content"]
         with self._call_lock:
             body["id_slot"] = self._slot_for(prompt)
             if self.chat:
@@ -117,9 +125,10 @@ class LlamaCppEngine:
         log.debug("llama.cpp: %s prompt tokens (%s cached) in %.0f ms, %s generated in %.0f ms",
                   timings.get("prompt_n"), timings.get("cache_n"), timings.get("prompt_ms", 0),
                   timings.get("predicted_n"), timings.get("predicted_ms", 0))
-        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        # a scoring call asks for exactly its tokens: reaching them is no truncation
+        finish = "length" if choice.get("finish_reason") == "length" and cfg.logprobs is None else "stop"
         return Response(id=out.get("id"), model=request.model, message=Message.assistant([TextPart(text or "")]),
-                        finish_reason=finish,
+                        finish_reason=finish, logprobs=token_logprobs(choice) if cfg.logprobs is not None else None,
                         usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens")))
 
     def _slot_for(self, prompt: str) -> int:
@@ -253,6 +262,14 @@ class OpenAICompatibleEngine:
         return response_to_events(self.complete(request))
 
 
+def token_logprobs(choice: dict) -> tuple[TokenLogprob, ...]:
+    """An OpenAI-style choice's `logprobs.content` as DSPy's token log-probabilities."""
+    content = (choice.get("logprobs") or {}).get("content") or ()
+    return tuple(TokenLogprob(t["token"], float(t["logprob"]),
+                              top=tuple(TopLogprob(a["token"], float(a["logprob"])) for a in t.get("top_logprobs") or ()))
+                 for t in content)
+
+
 def chat_messages(request) -> list[dict]:
     """DSPy's canonical request as OpenAI-style chat messages (system first)."""
     messages = []
@@ -310,6 +327,11 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
 
 class JSONAdapter(ForgetsUnusableAnswers, dspy.JSONAdapter):
     """DSPy's JSONAdapter; an answer it cannot use leaves the cache."""
+
+    def answer_prefix(self, field: str) -> str:
+        """What an answer starts with up to the value of the string `field`, when it comes first:
+        the prefix a scoring call continues (see `pipelines.evidence`)."""
+        return '{"%s": "' % field
 
 
 class ChatAdapter(ForgetsUnusableAnswers, dspy.ChatAdapter):
@@ -393,6 +415,9 @@ class CompletionAdapter(SchemaJSONAdapter):
     grammar then makes the continuation a JSON object of the output fields.
     """
 
+    def answer_prefix(self, field: str) -> str:
+        return " " + super().answer_prefix(field)  # the prompt ends with "Output:"
+
     def format(self, signature, demos, inputs):
         demos = [d for d in demos if any(k in d for k in signature.output_fields)
                  and any(k in d for k in signature.input_fields)]
@@ -426,6 +451,14 @@ def _provider_message(body: str) -> str:
     except (ValueError, AttributeError):
         pass
     return " ".join(body.split())[:300]
+
+
+def answer_step_in_effect(settings, lm: dspy.LM) -> str:
+    """`settings.answer_step` as `lm` can run it: "prompt (<why>)" where it cannot score labels."""
+    if settings.answer_step != "evidence":
+        return settings.answer_step
+    why = scoring_unsupported(lm, adapter_for(lm))
+    return "evidence" if why is None else f"prompt ({why})"
 
 
 def adapter_for(lm: dspy.LM) -> dspy.Adapter:

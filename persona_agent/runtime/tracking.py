@@ -38,12 +38,16 @@ def setup(settings: Settings) -> str:
     return exp_id
 
 
-def run_params(settings: Settings, task_key: str, **extra) -> dict[str, object]:
+def run_params(settings: Settings, task_key: str, lm=None, **extra) -> dict[str, object]:
     """The parameters every run and child run carries, under the same names in every command,
-    so the MLflow UI compares runs of `eval`, `demo`, `sweep` and `nightly` side by side."""
+    so the MLflow UI compares runs of `eval`, `demo`, `sweep` and `nightly` side by side. With
+    the run's `lm`, `answer_step` is the one in effect: "prompt (why)" where the LM cannot score."""
+    from persona_agent.runtime.llm import answer_step_in_effect
+
     return {"task": task_key, "lm": settings.lm.model, "api_base": settings.lm.api_base or "",
             "temperature": settings.lm.temperature, "max_tokens": settings.lm.max_tokens, "top_k": settings.top_k,
             "batch_size": settings.batch_size, "iterations": settings.iterations, "max_iters": settings.max_iters,
+            "answer_step": answer_step_in_effect(settings, lm) if lm is not None else settings.answer_step, "prior_strength": settings.prior_strength,
             "loss": settings.loss, "guard": settings.guard, "holdout": settings.holdout,
             "profile_items": settings.profile_items, **extra}
 

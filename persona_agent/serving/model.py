@@ -56,7 +56,8 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
 def model_config(settings: Settings, task_key: str) -> dict:
     lm = {k: v for k, v in asdict(settings.lm).items()}
     return {"task": task_key, "store": str(settings.store.resolve()), "qdrant_url": settings.qdrant_url,
-            "lm": lm, "top_k": settings.top_k, "max_iters": settings.max_iters, "store_wait": settings.store_wait}
+            "lm": lm, "top_k": settings.top_k, "max_iters": settings.max_iters,
+            "answer_step": settings.answer_step, "prior_strength": settings.prior_strength, "store_wait": settings.store_wait}
 
 
 def log_model(settings: Settings, task_key: str, registered_name: str | None = None) -> str:

@@ -8,14 +8,14 @@ from persona_agent.pipelines.memory import MemoryItem, UserMemory
 from persona_agent.pipelines.persona import Persona, instruction, looks_degenerate
 
 
-def _agent(memory, user="alice", profile="Loves heists."):
+def _agent(memory, user="alice", profile="Loves heists.", **kwargs):
     memory.add("alice", [MemoryItem("1", "A film about an explosive heist.", "action")])
     memory.add("bob", [MemoryItem("1", "A film about an explosive heist and a wedding.", "comedy")])
-    return PersonaAgent(Persona(LAMP_2M, profile), UserMemory(memory, user, k=5), max_iters=2)
+    return PersonaAgent(Persona(LAMP_2M, profile), UserMemory(memory, user, k=5), max_iters=2, **kwargs)
 
 
 def test_persona_is_the_instruction_of_every_answering_predictor(memory):
-    agent = _agent(memory)
+    agent = _agent(memory, answer_step="prompt")  # the paper's agent
     preds = dict(agent.named_predictors())
     assert set(preds) == {"act.react", "act.extract"}
     assert all("Loves heists." in p.signature.instructions for p in preds.values())
@@ -66,10 +66,10 @@ def test_copies_share_memory_but_not_persona(memory):
 
 
 def test_save_and_load_keep_the_persona(memory, tmp_path):
-    agent = _agent(memory, profile="Prefers twist endings.")
+    agent = _agent(memory, profile="Prefers twist endings.", answer_step="prompt")
     agent.save(tmp_path / "agent.json")
     assert "Prefers twist endings." in json.loads((tmp_path / "agent.json").read_text())["persona_profile"]
-    fresh = _agent(memory, profile="blank")
+    fresh = _agent(memory, profile="blank", answer_step="prompt")
     fresh.load(tmp_path / "agent.json")
     assert fresh.persona.profile == "Prefers twist endings."
     assert all("Prefers twist endings." in p.signature.instructions for _, p in fresh.named_predictors())
@@ -139,7 +139,7 @@ def test_a_subclass_adds_tools_and_every_agent_calls_its_own(memory, fake_lm):
 
 
 def test_the_extract_step_is_dspys_own_extraction_without_a_second_reasoning_pass(memory):
-    agent = _agent(memory)
+    agent = _agent(memory, answer_step="prompt")  # the evidence step scores this same signature (test_evidence)
     ours = agent.act.extract.signature
     theirs = dspy.ReAct(agent.act.signature, tools=[]).extract.predict.signature.delete("reasoning")
     assert isinstance(agent.act.extract, dspy.Predict) and "reasoning" not in ours.output_fields

@@ -1,0 +1,175 @@
+"""The answer step in which the persona is evidence.
+
+The LM reads the request, the user's retrieved interactions and the agent's trajectory under the
+shared task instruction, and gives the log-probability of each label that can start its answer;
+the persona's typed preferences (`Task.prior`) add a prior, scaled by `strength`:
+
+    score(label) = log p_LM(label | item, history) + strength * prior(label | persona)
+
+The answer is the best score. The LM's part does not depend on the persona, so every candidate
+persona of an alignment is scored on the same LM calls (DSPy's cache serves them after the
+first), and an empty profile (prior {}) answers exactly as no persona does.
+
+The labels are scored in one call that continues the answer's prefix (`{"answer": "`) for one
+token and reads the alternatives the LM gives there; labels that share that token (`[1]`, `[2]`)
+are told apart by one more call each level down. An LM that cannot score (no log-probabilities,
+or no continuation of a prefix) answers by prompting, with the persona in the instruction: the
+paper's agent, and what `answer_step="prompt"` asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import dspy
+from dspy.lm15 import Config, Message, Request
+from dspy.utils.exceptions import AdapterParseError
+
+from persona_agent import overrides
+
+log = logging.getLogger(__name__)
+
+ANSWER_STEPS = ("evidence", "prompt")
+TOP = 100  # alternatives asked for per scored token: every label's first token is among them, or scores as the last
+
+
+def scoring_unsupported(lm, adapter) -> str | None:
+    """Why `lm` under `adapter` cannot score labels, or None when it can."""
+    engine = overrides.engine_of(lm) if lm is not None else None
+    if engine is None or "logprobs" not in getattr(engine, "supported_params", ()):
+        return "the LM gives no log-probabilities"
+    if not getattr(engine, "continues_prefill", False):
+        return "the LM does not continue an answer's prefix"
+    if not hasattr(adapter, "answer_prefix"):
+        return f"{type(adapter).__name__} has no answer prefix"
+    return None
+
+
+class EvidenceAnswer(dspy.Module):
+    """Answers `signature` (one string output field typed to the task's labels) by label scores
+    plus the prior `prior(inputs) -> {label: weight}`; falls back to `dspy.Predict(signature)`
+    where the LM cannot score (logged once per reason)."""
+
+    def __init__(self, signature: type[dspy.Signature], labels: tuple[str, ...],
+                 prior: Callable[[dict], dict[str, float]], strength: float,
+                 content_free: Callable[[str], str] | None = None):
+        """content_free: the query with its item blanked out (`Task.content_free`); given, each
+        label's log-probability is taken relative to its log-probability on that blanked request
+        (the LM's bias towards a label whatever the item, which a small model has plenty of)."""
+        super().__init__()
+        self.predict = dspy.Predict(signature)  # the prompt, its demos, and the fallback
+        self.labels, self.prior, self.strength, self.content_free = labels, prior, strength, content_free
+        self.exact = False  # True: score every label to its distinct token, not only until the winner is sure
+        self.field = next(iter(signature.output_fields))
+
+    def forward(self, **inputs) -> dspy.Prediction:
+        lm, adapter = dspy.settings.lm, dspy.settings.adapter
+        if (why := scoring_unsupported(lm, adapter)) is not None:
+            note_prompting(why)
+            return self.predict(**inputs)
+        demos = inputs.pop("demos", None)
+        demos = self.predict.demos if demos is None else demos
+        signature = self.predict.signature
+        prefix = adapter.answer_prefix(self.field)
+        prior = self.prior(inputs) if self.strength else {}
+        bonus = {label: self.strength * weight for label, weight in prior.items()}
+        bias = None
+        try:
+            if self.content_free is not None:
+                # one call: the bias is an estimate anyway, and labels sharing a token share it
+                blank = {**inputs, "query": self.content_free(inputs["query"])}
+                bias = label_logprobs(lm, adapter.format(signature, demos, blank), prefix, self.labels, expand="none")
+                bonus = {label: bonus.get(label, 0.0) - bias[label] for label in self.labels}
+            logp = label_logprobs(lm, adapter.format(signature, demos, inputs), prefix, self.labels, bonus,
+                                  "all" if self.exact else "winner")
+        except NoScores as err:  # an answer that arrived and cannot be read: a parse failure, never an LM error
+            raise AdapterParseError(type(self).__name__, signature, "", str(err)) from None
+        scores = {label: logp[label] + bonus.get(label, 0.0) for label in self.labels}
+        # ties: the LM's own preference, then the task's label order
+        answer = max(self.labels, key=lambda label: (scores[label], logp[label]))
+        return dspy.Prediction(**{self.field: answer}, scores=scores, logprobs=logp, bias=bias)
+
+
+def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple[str, ...],
+                   bonus: dict[str, float] | None = None, expand: str = "winner") -> dict[str, float]:
+    """log p(label | messages, prefix) for each label, to the token that tells it from the others.
+
+    Labels that share their next token are told apart by one more call: `expand="winner"` only
+    while one of them could still win with its `bonus` added (a label's log-probability only
+    falls as its tokens are scored), so the best label's score is exact and a loser's may be an
+    upper bound; "all": every label's is exact; "none": one call, and labels sharing a token
+    share its probability evenly."""
+    bonus = bonus or {}
+    out: dict[str, float] = {}
+    shared: dict[str, tuple[str, dict[str, str], float]] = {}  # label -> the group's (prefix, rests, log-prob)
+    _expand(lm, messages, prefix, {label: label for label in labels}, 0.0, out, shared)
+    while shared:
+        if expand == "none":
+            return {label: out[label] - (math.log(len(shared[label][1])) if label in shared else 0.0)
+                    for label in labels}
+        best = next(iter(shared)) if expand == "all" else \
+            max(labels, key=lambda label: (out[label] + bonus.get(label, 0.0), out[label]))
+        if best not in shared:
+            break
+        group_prefix, rests, lp = shared[best]
+        for label in rests:
+            del shared[label]
+        _expand(lm, messages, group_prefix, rests, lp, out, shared)
+    return out
+
+
+def _expand(lm, messages, prefix, rest: dict[str, str], base: float, out: dict, shared: dict) -> None:
+    """One call: score the labels in `rest` (label -> its text still to come after `prefix`) by
+    the next token's alternatives; labels left sharing one go to `shared`, at that token's score."""
+    alternatives = _next_token(lm, messages, prefix)
+    floor = min(alternatives.values(), default=0.0)  # a label no alternative starts: at most this
+    best: dict[str, tuple[str, float]] = {}
+    for label, text in rest.items():
+        fits = [(tok, lp) for tok, lp in alternatives.items() if tok and (text.startswith(tok) or tok.startswith(text))]
+        best[label] = max(fits, key=lambda t: t[1]) if fits else ("", floor)
+    groups: dict[str, list[str]] = {}
+    for label, (tok, _) in best.items():
+        groups.setdefault(tok, []).append(label)
+    for tok, members in groups.items():
+        lp = base + best[members[0]][1]
+        if tok and len(members) > 1 and all(len(tok) < len(rest[m]) for m in members):
+            for m in members:  # they share this token: the next one would tell them apart
+                out[m] = lp
+                shared[m] = (prefix + tok, {m2: rest[m2][len(tok):] for m2 in members}, lp)
+        else:  # a label's first distinct token decides; labels that end on a shared one split it
+            for m in members:
+                out[m] = lp - math.log(len(members)) if tok else lp
+
+
+def _next_token(lm: dspy.LM, messages: list[dict], prefix: str) -> dict[str, float]:
+    """The LM's next-token alternatives after `messages` and the answer's start `prefix`."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+    turns = [Message.user(m["content"]) if m["role"] == "user" else Message.assistant(m["content"])
+             for m in messages if m["role"] != "system"]
+    request = Request(model=lm.model, system=system, messages=(*turns, Message.assistant(prefix)),
+                      config=Config(max_tokens=1, temperature=0.0, logprobs=TOP))
+    response = lm(request)
+    steps = response.logprobs or ()
+    if not steps:
+        raise NoScores("the LM's reply carried no log-probabilities")
+    first = steps[0]
+    alternatives: dict[str, float] = {}
+    for alt in (*first.top, first):
+        alternatives[alt.token] = max(alt.logprob, alternatives.get(alt.token, -math.inf))
+    return alternatives
+
+
+class NoScores(ValueError):
+    """A reply arrived without the log-probabilities asked for."""
+
+
+_noted: set[str] = set()
+
+
+def note_prompting(why: str) -> None:
+    """Log, once per reason, that an evidence answer step prompts instead."""
+    if why not in _noted:
+        _noted.add(why)
+        log.warning("answer step: prompting as the paper's agent does, not scoring labels (%s)", why)
