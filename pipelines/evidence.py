@@ -32,7 +32,7 @@ from persona_agent import overrides
 log = logging.getLogger(__name__)
 
 ANSWER_STEPS = ("evidence", "prompt")
-TOP = 100  # alternatives asked for per scored token: every label's first token is among them, or scores as the last
+TOP = 1000  # alternatives asked for per scored token (llama.cpp: ~50 ms); a label none of them starts is implausible
 
 
 def scoring_unsupported(lm, adapter) -> str | None:
@@ -80,10 +80,15 @@ class EvidenceAnswer(dspy.Module):
             if self.content_free is not None:
                 # one call: the bias is an estimate anyway, and labels sharing a token share it
                 blank = {**inputs, "query": self.content_free(inputs["query"])}
+                # (a label no alternative starts counts at the last alternative's log-probability: an
+                # upper bound, so its bias is never overstated)
                 bias = label_logprobs(lm, adapter.format(signature, demos, blank), prefix, self.labels, expand="none")
                 bonus = {label: bonus.get(label, 0.0) - bias[label] for label in self.labels}
+            # for the item itself such a label is implausible: no prior may make it the answer
             logp = label_logprobs(lm, adapter.format(signature, demos, inputs), prefix, self.labels, bonus,
-                                  "all" if self.exact else "winner")
+                                  "all" if self.exact else "winner", missing=-math.inf)
+            if all(v == -math.inf for v in logp.values()):
+                raise NoScores("no label is among the LM's alternatives")
         except NoScores as err:  # an answer that arrived and cannot be read: a parse failure, never an LM error
             raise AdapterParseError(type(self).__name__, signature, "", str(err)) from None
         scores = {label: logp[label] + bonus.get(label, 0.0) for label in self.labels}
@@ -93,18 +98,20 @@ class EvidenceAnswer(dspy.Module):
 
 
 def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple[str, ...],
-                   bonus: dict[str, float] | None = None, expand: str = "winner") -> dict[str, float]:
+                   bonus: dict[str, float] | None = None, expand: str = "winner",
+                   missing: float | None = None) -> dict[str, float]:
     """log p(label | messages, prefix) for each label, to the token that tells it from the others.
 
     Labels that share their next token are told apart by one more call: `expand="winner"` only
     while one of them could still win with its `bonus` added (a label's log-probability only
     falls as its tokens are scored), so the best label's score is exact and a loser's may be an
     upper bound; "all": every label's is exact; "none": one call, and labels sharing a token
-    share its probability evenly."""
+    share its probability evenly. A label none of the alternatives starts scores `missing`, by
+    default the last alternative's log-probability (an upper bound on its own)."""
     bonus = bonus or {}
     out: dict[str, float] = {}
     shared: dict[str, tuple[str, dict[str, str], float]] = {}  # label -> the group's (prefix, rests, log-prob)
-    _expand(lm, messages, prefix, {label: label for label in labels}, 0.0, out, shared)
+    _expand(lm, messages, prefix, {label: label for label in labels}, 0.0, out, shared, missing)
     while shared:
         if expand == "none":
             return {label: out[label] - (math.log(len(shared[label][1])) if label in shared else 0.0)
@@ -116,15 +123,16 @@ def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple
         group_prefix, rests, lp = shared[best]
         for label in rests:
             del shared[label]
-        _expand(lm, messages, group_prefix, rests, lp, out, shared)
+        _expand(lm, messages, group_prefix, rests, lp, out, shared, missing)
     return out
 
 
-def _expand(lm, messages, prefix, rest: dict[str, str], base: float, out: dict, shared: dict) -> None:
+def _expand(lm, messages, prefix, rest: dict[str, str], base: float, out: dict, shared: dict,
+            missing: float | None) -> None:
     """One call: score the labels in `rest` (label -> its text still to come after `prefix`) by
     the next token's alternatives; labels left sharing one go to `shared`, at that token's score."""
     alternatives = _next_token(lm, messages, prefix)
-    floor = min(alternatives.values(), default=0.0)  # a label no alternative starts: at most this
+    floor = min(alternatives.values(), default=0.0) if missing is None else missing - base
     best: dict[str, tuple[str, float]] = {}
     for label, text in rest.items():
         fits = [(tok, lp) for tok, lp in alternatives.items() if tok and (text.startswith(tok) or tok.startswith(text))]

@@ -138,3 +138,19 @@ def test_the_run_parameters_say_which_answer_step_ran():
     scoring = dspy.LM("fake/scoring", engine=ScoringFakeEngine(item_scores), cache=False)
     # an engine DSPy knows nothing of gets DSPy's ChatAdapter, which has no answer prefix
     assert answer_step_in_effect(Settings(), scoring).startswith("prompt (ChatAdapter")
+
+
+def test_a_label_the_lm_does_not_offer_never_wins_and_no_label_at_all_is_unparseable(memory):
+    """A label none of the LM's alternatives starts is implausible for the item: the strongest
+    prior does not make it the answer. A reply that offers no label is an unusable answer (a
+    parse failure, counted where a caller falls back), never an LM error."""
+    offered = {"action": -1.0, "comedy": -2.0}
+    engine = ScoringFakeEngine(lambda prompt, prefix: dict(offered))
+    lm = dspy.LM("fake/few", engine=engine, cache=False, num_retries=0)
+    with dspy.context(lm=lm, adapter=JSONAdapter()):
+        agent = _agent(memory, "Tags this user gives most, strongest first: romance.", prior_strength=50.0)
+        assert agent(query=QUERIES[2]).answer == "action"
+        offered.clear()
+        offered["zebra"] = -0.1
+        with pytest.raises(dspy.utils.exceptions.AdapterParseError, match="no label"):
+            agent(query=QUERIES[2])
