@@ -77,8 +77,8 @@ class UserFlow:
     top_k: int
     max_iters: int
     profile_items: int
-    answer_step: str = "evidence"  # see PersonaAgent
-    prior_strength: float = 2.0
+    answer_step: str  # see PersonaAgent
+    prior_strength: float
     setup_cost: dict[str, Cost] = field(default_factory=dict)
     _profile: str | None = field(default=None, repr=False)
 
