@@ -22,7 +22,7 @@ from persona_agent.data.tasks import Task
 from persona_agent.overrides import ReAct
 from persona_agent.pipelines.evidence import ANSWER_STEPS, EvidenceAnswer, note_prompting, scoring_unsupported
 from persona_agent.pipelines.memory import UserMemory, format_recalls
-from persona_agent.pipelines.persona import Persona, instruction
+from persona_agent.pipelines.persona import NOTHING_KNOWN, Persona, instruction
 from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnswer, typed_to
 
 
@@ -69,7 +69,7 @@ class PersonaAgent(dspy.Module):
         # The steps read the shared task instruction, the answer step weighs the persona: every
         # persona of this user runs the same LM calls, and only the prior differs.
         self.act = _react(task, instruction(task), self.max_iters, self.tools(persona))
-        profile = persona.profile
+        profile = persona.known  # the placeholder's words ("nothing known") are no topics to weigh
         self.act.extract = EvidenceAnswer(self.act.extract.signature, task.labels,
                                           lambda inputs: task.prior(profile, inputs["query"]), self.prior_strength,
                                           content_free=task.content_free)
@@ -134,7 +134,7 @@ def memory_tools(memory: UserMemory | None, task: Task, semantic: str | None) ->
 
         tools.append(dspy.Tool(search_memory))
     if semantic is not None:
-        profile = semantic.strip() or "(nothing known yet)"
+        profile = semantic.strip() or NOTHING_KNOWN
 
         def user_profile() -> str:
             """This user's profile: their stable preferences."""

@@ -41,6 +41,7 @@ User profile:
 {profile}""",)
 
 PROFILE_BUDGET = 1200  # characters; keeps prompts short enough for small local models
+NOTHING_KNOWN = "(nothing known yet)"  # what the slot says of a user with no profile
 
 
 def instruction(task: Task) -> str:
@@ -55,11 +56,16 @@ class Persona:
     template: str = TEMPLATE
 
     def __post_init__(self):
-        object.__setattr__(self, "profile", clip(self.profile.strip() or "(nothing known yet)", PROFILE_BUDGET))
+        object.__setattr__(self, "profile", clip(self.profile.strip() or NOTHING_KNOWN, PROFILE_BUDGET))
 
     def render(self) -> str:
         profile = _DELIMITER.sub("", self.profile)  # the slot cannot end its quotation early
         return self.template.format(task_description=self.task.description, profile=profile)
+
+    @property
+    def known(self) -> str:
+        """What the profile says of the user: "" for a user with no profile (not the placeholder's words)."""
+        return "" if self.profile == NOTHING_KNOWN else self.profile
 
     def with_profile(self, profile: str) -> "Persona":
         return Persona(self.task, profile, self.template)

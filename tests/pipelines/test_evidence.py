@@ -124,6 +124,7 @@ def test_the_prior_reads_each_tasks_preferences():
     query = 'which reference? [1]: "Index structures for streams" [2]: "Protein docking at scale"'
     assert LAMP_1.prior("Research topics this author works on and cites: index structures.", query) == {
         "[1]": 1.0, "[2]": 0.0}
+    assert Persona(LAMP_1, "").known == Persona.neutral(LAMP_1).known == ""  # "(nothing known yet)" is no topic
 
 
 def test_the_run_parameters_say_which_answer_step_ran():
