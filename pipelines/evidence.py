@@ -2,9 +2,12 @@
 
 The LM reads the request, the user's retrieved interactions and the agent's trajectory under the
 shared task instruction, and gives the log-probability of each label that can start its answer;
-the persona's typed preferences (`Task.prior`) add a prior, scaled by `strength`:
+that is calibrated against the same request with its item blanked (the LM's bias towards a label
+whatever the item), and the persona's typed preferences (`Task.prior`) add a prior, scaled by
+`strength`:
 
-    score(label) = log p_LM(label | item, history) + strength * prior(label | persona)
+    score(label) = log p_LM(label | item, history) - log p_LM(label | blanked item, history)
+                   + strength * prior(label | persona)
 
 The answer is the best score. The LM's part does not depend on the persona, so every candidate
 persona of an alignment is scored on the same LM calls (DSPy's cache serves them after the

@@ -83,8 +83,8 @@ class FakeEngine(_Engine):
 class ScoringFakeEngine(FakeEngine):
     """A FakeEngine that also scores: a request with `logprobs` whose last message is the
     assistant's continues that prefix by one token, and `scores(prompt, prefix)` gives the
-    alternatives there ({token: log-probability}). The default scores whole labels found in the
-    request's item: what the answer step of `pipelines.evidence` reads."""
+    alternatives there ({token: log-probability}): what the answer step of `pipelines.evidence`
+    reads. Every other request is answered as FakeEngine answers it."""
 
     supported_params = frozenset({"response_format", "temperature", "max_tokens", "logprobs"})
     continues_prefill = True
