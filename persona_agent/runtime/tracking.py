@@ -53,12 +53,15 @@ def run_params(settings: Settings, task_key: str, lm=None, **extra) -> dict[str,
 
 
 def data_fingerprint(users) -> str:
-    """Changes exactly when the evaluated data does (users, histories, queries, golds)."""
+    """Changes exactly when the evaluated data does: the task, and each user's history, queries,
+    golds and planted rule. Content only, in a fixed order, so the same data gives the same
+    fingerprint in every process (a `Task` holds functions: their text would be their address)."""
     import hashlib
     import json
-    from dataclasses import asdict
 
-    rows = sorted(json.dumps(asdict(u), sort_keys=True, default=str) for u in users)
+    rows = sorted(json.dumps({"task": u.task.key, "labels": list(u.task.labels), "user": u.user_id, "unit": u.unit,
+                              "profile": u.profile, "queries": [[q.id, q.input, q.gold] for q in u.queries],
+                              "rule": u.rule}, sort_keys=True) for u in users)
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
