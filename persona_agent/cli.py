@@ -341,12 +341,16 @@ def report_command(settings: Settings, args) -> int:
 
 
 def log_model_command(settings: Settings, args) -> int:
+    from persona_agent.data.tasks import get_task
     from persona_agent.runtime.store import Store
-    from persona_agent.serving.model import log_model
+    from persona_agent.serving.model import log_model, serve_instructions
 
-    with Store.open(settings, memory=None):
-        uri = log_model(settings, args.task, args.register)
-    print(f"logged {uri}\nserve it: mlflow models serve -m {uri} --env-manager local --port 5001")
+    task = get_task(args.task)
+    with Store.open(settings, memory=None) as store:
+        uri = log_model(settings, task.key, args.register)
+        users = store.registry(task).users()
+    served = users.dropna(subset=["production"]).user_id
+    print(f"logged {uri}\n" + serve_instructions(settings, uri, task, served.iloc[0] if len(served) else None))
     return 0
 
 

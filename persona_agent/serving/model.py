@@ -11,6 +11,11 @@ environment, as for the CLI.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import shlex
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -22,6 +27,9 @@ from persona_agent.runtime.settings import LMConfig, Settings
 SIGNATURE = mlflow.models.ModelSignature(
     inputs=mlflow.types.Schema([mlflow.types.ColSpec("string", "user_id"), mlflow.types.ColSpec("string", "query")]),
     outputs=mlflow.types.Schema([mlflow.types.ColSpec("string", "answer", required=False)]))
+
+
+_log = logging.getLogger("persona_agent.serving")
 
 
 class PersonaModel(mlflow.pyfunc.PythonModel):
@@ -47,6 +55,7 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
 
             def one(user_id: str, query: str) -> str | None:
                 if registry.production_version(user_id) is None:
+                    _log.warning("%s user %r has no production persona: answered null", self.task.key, user_id)
                     return None
                 return or_fallback(lambda: answer(store, self.task, user_id, query, lm=self.lm), None,
                                    f"user {user_id}: served answer")
@@ -64,7 +73,7 @@ def log_model(settings: Settings, task_key: str, registered_name: str | None = N
     """Log the served model in a run of its own; returns its model URI."""
     from persona_agent.runtime import tracking
 
-    with mlflow.start_run(run_name=f"served-model-{task_key}", tags=tracking.owner_tags()):
+    with mlflow.start_run(run_name=f"served-model-{task_key}", tags=tracking.owner_tags()), _quiet_logging():
         # no input example: MLflow would run a prediction (the LLM, the store) while logging;
         # requirements listed, not inferred: inferring them loads the model in a subprocess
         info = mlflow.pyfunc.log_model(name="persona-agent", python_model=PersonaModel(), signature=SIGNATURE,
@@ -72,3 +81,35 @@ def log_model(settings: Settings, task_key: str, registered_name: str | None = N
                                        pip_requirements=["mlflow", "dspy", "qdrant-client", "pandas"],
                                        registered_model_name=registered_name)
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """MLflow warns that the model is pickled and has no input example: both are deliberate here
+    (see above), so the warnings would be noise on every `log-model`."""
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="An input example was not provided")
+            yield
+    finally:
+        pyfunc_log.setLevel(level)
+
+
+def serve_instructions(settings: Settings, model_uri: str, task, user_id: str | None, port: int = 5001) -> str:
+    """The commands that serve the logged model and ask it one question, to paste as printed from
+    any directory: `models:/<id>` is resolved through the tracking store, so the command names it
+    (without it, MLflow would look in a new `mlflow.db` in the current directory)."""
+    serve = (f"MLFLOW_TRACKING_URI={shlex.quote(settings.tracking_uri)} mlflow models serve -m {shlex.quote(model_uri)} "
+             f"--env-manager local --port {port}")
+    if user_id is None:
+        return f"serve it:\n  {serve}\nno {task.key} user has a production persona yet: run `persona-agent nightly` first"
+    from persona_agent.data.loaders import load_users
+    from persona_agent.data.synthetic import shipped_data_dir
+
+    example = load_users(shipped_data_dir(task), task)[0].queries[0].input  # a request in the task's format
+    body = json.dumps({"dataframe_records": [{"user_id": user_id, "query": example}]})
+    ask = (f"curl -s http://127.0.0.1:{port}/invocations -H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    return f"serve it:\n  {serve}\nthen ask it (another shell):\n  {ask}"

@@ -1,7 +1,10 @@
 """The served model (one pyfunc for every user) and a shared MLflow tracking server."""
 
+import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,3 +106,50 @@ def test_every_command_and_the_served_model_work_against_a_tracking_server(track
                              filter_string="tags.nightly_task = 'lamp2m'")[0]
     assert "users.csv" in {f.path for f in client.list_artifacts(run.info.run_id)}
     assert list(Path(server_root / "artifacts").rglob("users.csv")) and not (store / "artifacts").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the printed request uses curl, which is not installed")
+def test_the_serve_command_log_model_prints_works_as_printed_from_any_directory(tmp_path, capsys):
+    store = tmp_path / "store"
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=6, n_queries=1, seed=4)
+    assert main(["ingest", str(data), "--store", str(store)]) == 0
+    assert main(["nightly", "--store", str(store), "--lm", "scripted", "-n", "1", "-T", "1"]) == 0
+    capsys.readouterr()
+    assert main(["log-model", "--store", str(store), "--lm", "scripted"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    serve = next(line.strip() for line in printed if "mlflow models serve" in line)
+    ask = next(line.strip() for line in printed if line.strip().startswith("curl "))
+    port = _free_port()  # the one change: 5001 may be taken on this machine
+    serve, ask = serve.replace("--port 5001", f"--port {port}"), ask.replace(":5001/", f":{port}/")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # a fresh shell: nothing set
+    server = subprocess.Popen(serve, shell=True, cwd=elsewhere, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                assert time.time() < deadline, "the model server did not start"
+                time.sleep(0.5)
+        reply = subprocess.run(ask, shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+        assert json.loads(reply.stdout)["predictions"][0] in LAMP_2M.labels, reply
+        unknown = ask.replace('"u0000"', '"nobody"')
+        assert json.loads(subprocess.run(unknown, shell=True, env=env, capture_output=True, text=True,
+                                         timeout=120).stdout) == {"predictions": [None]}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert list(elsewhere.iterdir()) == []  # no stray mlflow.db where it was run
+    assert "no production persona" in server.stderr.read()
