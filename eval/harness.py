@@ -38,7 +38,7 @@ from persona_agent.pipelines.memory import EpisodicMemory, history_items
 from persona_agent.pipelines.metering import Cost, answer_or_none, is_lm_error, metered
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.progress import progress_bar
+from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.wiring import user_flow
 
@@ -70,6 +70,7 @@ class MethodResult:
     errors: dict[str, float] = field(default_factory=dict)  # query id -> official per-query loss
     deltas: dict[str, "Delta"] = field(default_factory=dict)  # baseline -> difference to it
     unaligned: int = 0  # users it answered in its unaligned form (nothing to learn from)
+    personas: dict[str, str] = field(default_factory=dict)  # user -> the profile it answered with, if a persona
 
     @property
     def seconds_per_sample(self) -> float:
@@ -109,7 +110,9 @@ class _UserRun:
     seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     outcomes: Counter = field(default_factory=Counter)  # alignment candidates by outcome
+    user_id: str = ""
     unaligned: dict[str, bool] = field(default_factory=dict)  # methods that answered unaligned (nothing to learn from)
+    personas: dict[str, str] = field(default_factory=dict)  # method -> the profile its persona holds
 
 
 def run_eval(settings: Settings, task: Task, users: list[UserData], methods: list[str], lm: dspy.LM,
@@ -160,7 +163,8 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
 
 
 def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress) -> _UserRun:
-    out = _UserRun()
+    """`user`'s answers, costs and personas for every method, in order."""
+    out = _UserRun(user_id=user.unit)
     for method in methods:
         answers, failures = {}, 0
         try:  # setup (profile, alignment) is metered apart, in the user's flow
@@ -171,6 +175,9 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress)
                 continue
             log.info("%s: %s; answering in its unaligned form", method, why)
             program, out.unaligned[method] = UNALIGNED[method](ctx), True
+        persona = getattr(program, "persona", None)
+        if persona is not None and persona.known:  # kept: the profile it answered with (what alignment wrote)
+            out.personas[method] = persona.known
         started = time.perf_counter()
         with metered() as cost:
             for q in user.queries:
@@ -204,6 +211,7 @@ def _pool(task: Task, method: str, runs: list[_UserRun], golds: dict[str, str | 
         result.seconds += r.seconds[method]
         result.failures += r.failures[method]
         result.unaligned += r.unaligned.get(method, False)
+    result.personas = {r.user_id: r.personas[method] for r in runs if method in r.personas}
     return result
 
 
@@ -312,16 +320,17 @@ def headroom(results: list[MethodResult], clusters: dict[str, str], resamples: i
 
 def evaluate(settings: Settings, task: Task, users: list[UserData], methods: list[str], out: Path,
              memory: EpisodicMemory, console: Console | None = None, keep_going: bool = False,
-             source: str = "shipped") -> pd.DataFrame:
-    """Run, write the outputs, log the MLflow runs, print the table. Raises `EvalStopped` (after
+             source: str = "shipped", wide: bool = False) -> pd.DataFrame:
+    """Run, write the outputs, log the MLflow runs, print the table (`wide`: every column). Raises `EvalStopped` (after
     writing the finished users' table) when the LLM failed and `keep_going` is off."""
-    console = console or Console()
+    console = console or output()
     lm = build_lm(settings.lm)
     started = time.perf_counter()
-    with mlflow.start_run(run_name=f"eval-{task.key}", tags=tracking.owner_tags()) as parent, \
-            progress_bar(console) as progress:
+    with mlflow.start_run(run_name=tracking.run_name("eval", task.key, settings, len(users)), tags=tracking.owner_tags("eval")) as parent, \
+            progress_bar() as progress:
         params = tracking.run_params(settings, task.key, lm=lm, data=source, data_fingerprint=tracking.data_fingerprint(users))
-        mlflow.log_params({**params, "users": len(users), "queries": sum(len(u.queries) for u in users),
+        mlflow.log_params({**params, "users": len(users), "queries": max((len(u.queries) for u in users), default=0),
+                           "queries_total": sum(len(u.queries) for u in users),
                            "methods": ",".join(methods), "workers": settings.workers, "cache": settings.lm.cache,
                            "keep_going": keep_going})
         bar = progress.add_task("eval", total=len(users) * len(methods))
@@ -333,14 +342,18 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
             with mlflow.start_run(run_name=r.method, nested=True):
                 mlflow.log_params({**params, "method": r.method})
                 mlflow.log_table(_predictions(task, users, r), "predictions.json")
+                if r.personas:  # the profiles this method answered with: what an alignment wrote, per user
+                    mlflow.log_table(pd.DataFrame({"user_id": list(r.personas), "profile": list(r.personas.values())}),
+                                     "personas.json")
                 mlflow.log_metrics({**r.metrics, **_delta_metrics(r), "lm_calls": r.lm_calls,
                                     "cache_hits": r.cache_hits,
                                     "tokens": r.tokens, "setup_lm_calls": r.setup_lm_calls,
                                     "setup_cache_hits": r.setup_cache_hits, "seconds_per_sample": r.seconds_per_sample,
                                     "failures": r.failures, "invalid": r.invalid, "samples": r.samples})
         cost = sum(h.get("cost") or 0.0 for h in lm.history)
-        mlflow.log_metrics({"wall_seconds": time.perf_counter() - started, "cost_usd": cost,
+        mlflow.log_metrics({"wall_seconds": wall_seconds(started), "cost_usd": cost,
                             "users_scored": len(run.finished), "users_dropped": len(run.dropped)})
+        mlflow.log_metrics(_method_metrics(run.results))
         mlflow.log_metrics({f"alignment_{_metric_name(k)}": v for k, v in run.outcomes.items()})
         if run.headroom is not None:
             h = run.headroom
@@ -352,15 +365,18 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                          **({"stopped": run.stopped[:500]} if run.stopped else {})})
         mlflow.log_artifacts(str(out), artifact_path="results")
         run_id = parent.info.run_id
-    console.print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    shown = table if wide else compact(task, table)
+    console.print(f"{task.name}, {len(run.finished)} users, {sum(len(u.queries) for u in users)} queries"
+                  + ("" if wide else " (--wide: every column)"))
+    console.print(shown.to_string(float_format=lambda v: f"{v:.3f}"))
     if run.headroom is not None:
         console.print(run.headroom.says())
     if run.outcomes:
         console.print("alignment candidates: " + ", ".join(f"{k} {v}" for k, v in run.outcomes.most_common()))
     for user_id, why in run.dropped.items():
         console.print(f"dropped: user {user_id} from every method ({why})")
-    console.print(f"{len(run.finished)} of {len(users)} users scored; wall time {time.perf_counter() - started:.0f} s; "
-                  f"results in {out}; MLflow run {run_id}")
+    console.print(f"{len(run.finished)} of {len(users)} users scored; wall time {wall_seconds(started):.0f} s; "
+                  f"results in {out}; MLflow run {run_id}; {tracking.ui_hint()}")
     if run.stopped:
         raise EvalStopped(f"{run.stopped}; the table of the "
                           f"{len(run.finished)} users that finished is in {out} "
@@ -379,6 +395,18 @@ def _predictions(task: Task, users: list[UserData], r: MethodResult) -> pd.DataF
 
 def _metric_name(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def _method_metrics(results: list[MethodResult]) -> dict[str, float]:
+    """Every method's quality on the parent run, `<metric>/<method>` (the UI charts each metric's
+    methods together, and compares two evals' parent runs side by side), with its differences
+    to the baselines and their intervals."""
+    out = {}
+    for r in results:
+        name = _metric_name(r.method)
+        out.update({f"{metric}/{name}": value for metric, value in r.metrics.items()})
+        out.update({f"{key}/{name}": value for key, value in _delta_metrics(r).items()})
+    return out
 
 
 def _delta_metrics(r: MethodResult) -> dict[str, float]:
@@ -412,6 +440,22 @@ def results_table(task: Task, results: list[MethodResult]) -> pd.DataFrame:
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "method"
     return table
+
+
+def compact(task: Task, table: pd.DataFrame) -> pd.DataFrame:
+    """The table for a terminal (under 80 columns): the task's metrics, the difference to `w/o
+    alignment` with its interval and n, and LM calls and seconds per answer."""
+    out = pd.DataFrame(index=table.index)
+    for m in task.metric_names:
+        out[SHORT[m]] = table[f"{task.name} {SHORT[m]}"]
+    base = "w/o alignment"
+    if f"Δ {base}" in table and table[f"Δ {base}"].notna().any():
+        out[f"Δ {base} [95% CI]"] = ["" if pd.isna(v) else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" for v, lo, hi in
+                                     table[[f"Δ {base}", f"Δ {base} low", f"Δ {base} high"]].itertuples(index=False)]
+    out["n"] = table["n"]
+    out["calls/ans"] = table["LM calls/sample"]
+    out["s/ans"] = table["s/sample"]
+    return out
 
 
 def write_outputs(out: Path, task: Task, table: pd.DataFrame, results: list[MethodResult],

@@ -18,6 +18,7 @@ from persona_agent.pipelines.agent import Direct, InContext, Lookup, PersonaAgen
 from persona_agent.pipelines.flow import UserFlow
 from persona_agent.pipelines.metering import lm_errors_raised, or_fallback
 from persona_agent.pipelines.persona import Persona
+from persona_agent.runtime.progress import library_prints
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.wiring import alignment
 from persona_agent.signatures import CritiqueResponse
@@ -93,7 +94,8 @@ class UserContext:
                               track_stats=False, seed=0)
         view.exclude = frozenset(hidden_ids(batch))  # replays must not find their own answers
         try:
-            with lm_errors_raised():  # DSPy's evaluator inside GEPA scores a failing call 0 and goes on
+            # DSPy's evaluator inside GEPA scores a failing call 0 and goes on; its bars print to stdout
+            with lm_errors_raised(), library_prints():
                 return self.flow.align(optimizer, student, trainset=batch, valset=batch, name="gepa")
         finally:
             view.exclude = frozenset()

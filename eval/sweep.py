@@ -37,7 +37,7 @@ def sweep(settings: Settings, store: Store, task: Task, users: list[UserData], m
         raise ValueError(f"unknown sweep parameter {param!r}; choose from {list(PARAMS)}")
     lm = build_lm(settings.lm)
     rows = []
-    with mlflow.start_run(run_name=f"sweep-{task.key}-{param}", tags=tracking.owner_tags()):
+    with mlflow.start_run(run_name=f"sweep-{task.key}-{param}-{time.strftime('%m%d-%H%M')}", tags=tracking.owner_tags("sweep")):
         mlflow.log_params(tracking.run_params(settings, task.key, lm=lm, param=param, values=",".join(map(str, values)),
                                               methods=",".join(methods), users=len(users),
                                               data_fingerprint=tracking.data_fingerprint(users)))

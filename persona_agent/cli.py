@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass, fields, replace
@@ -54,12 +55,25 @@ def _seconds(text: str) -> float:
 
 
 def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
-    g = p.add_argument_group("store and models")
+    g = p.add_argument_group("store")
     g.add_argument("--store", type=Path, default=s.store,
                    help=f"directory of the MLflow store and embedded Qdrant (default: {s.store})")
+    g.add_argument("--qdrant-url", default=s.qdrant_url, help="use a Qdrant server instead of the embedded store")
+    g.add_argument("--wait", dest="store_wait", type=_seconds, default=s.store_wait,
+                   help="seconds to wait while another process uses the embedded memory, then exit 5 "
+                        f"(default {s.store_wait:g})")
+    g.add_argument("--experiment", default=s.experiment, help=f"MLflow experiment name (default {s.experiment})")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="log at INFO level, and show DSPy's, GEPA's and MLflow's own progress and messages")
+
+
+def _lm_options(p: argparse.ArgumentParser, s: Settings) -> None:
+    """The LLM's options, on the commands that call one (and then the store's)."""
+    g = p.add_argument_group("LLM")
     g.add_argument("--lm", default=s.lm.model,
-                   help="'local' (in-process Gemma 3 270M), 'local:/path/model.gguf', or any LiteLLM model "
-                        f"such as openai/gpt-4o-mini (key from the environment; default {s.lm.model})")
+                   help="'local' (in-process Gemma 3 270M), 'local:/path/model.gguf', 'scripted' (a deterministic "
+                        "stand-in for tests: no model, no network), or any LiteLLM model such as "
+                        f"openai/gpt-4o-mini (key from the environment; default {s.lm.model})")
     g.add_argument("--api-base", default=s.lm.api_base,
                    help="endpoint for the LiteLLM model (vLLM, Ollama, llama.cpp server, ...)")
     g.add_argument("--max-tokens", type=_count(1), default=s.lm.max_tokens,
@@ -72,12 +86,7 @@ def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
                    help=f"seconds per remote LM request (default {s.lm.timeout:g})")
     g.add_argument("--no-cache", dest="cache", action="store_false", default=s.lm.cache,
                    help="ask the LLM every time instead of answering repeated requests from DSPy's cache (for timing)")
-    g.add_argument("--qdrant-url", default=s.qdrant_url, help="use a Qdrant server instead of the embedded store")
-    g.add_argument("--wait", dest="store_wait", type=_seconds, default=s.store_wait,
-                   help="seconds to wait while another process uses the embedded memory, then exit 5 "
-                        f"(default {s.store_wait:g})")
-    g.add_argument("--experiment", default=s.experiment, help=f"MLflow experiment name (default {s.experiment})")
-    g.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    _store_options(p, s)
 
 
 def _agent_options(g, s: Settings) -> None:
@@ -139,14 +148,19 @@ def _evaluation_options(p: argparse.ArgumentParser, s: Settings, methods: str, o
                         "(default: stop with exit code 4 and the table of the users that finished)")
     _skip_bad(p)
     _alignment_options(p, s)
-    _store_options(p, s)
+    _lm_options(p, s)
 
 
 def _settings(args: argparse.Namespace, base: Settings) -> Settings:
     """`base` with every Settings field the command's options set."""
     given = vars(args)
-    lm = replace(base.lm, model=args.lm, api_base=args.api_base, retries=args.retries, timeout=args.timeout,
-                 cache=args.cache, max_tokens=args.max_tokens)
+    lm = base.lm
+    if "lm" in given:  # a command that calls the LLM: refuse a model no call could reach, before any work
+        from persona_agent.runtime.llm import check_model
+
+        lm = replace(base.lm, model=args.lm, api_base=args.api_base, retries=args.retries, timeout=args.timeout,
+                     cache=args.cache, max_tokens=args.max_tokens)
+        check_model(lm)
     knobs = {f.name: given[f.name] for f in fields(Settings) if f.name in given and f.name != "lm"}
     return replace(base, lm=lm, **knobs)
 
@@ -215,7 +229,7 @@ def eval_command(settings: Settings, args) -> int:
         _trace_if_asked(args)
         memory = store.scoped(f"{args.data or 'shipped'}|{task.key}|{args.split or ''}")
         evaluate(settings, task, users, methods, args.out or default_out(settings, task), memory, keep_going=args.keep_going,
-            source=str(args.data or "shipped"))
+                 source=str(args.data or "shipped"), wide=args.wide)
     return 0
 
 
@@ -373,7 +387,14 @@ def _demo_args(p, s):
     p.add_argument("--queries", type=_count(1), default=3, help="held-out queries per user (default 3)")
     p.add_argument("--data", type=Path, help="LaMP/OPPU data instead of the shipped synthetic set")
     _alignment_options(p, s)
-    _store_options(p, s)
+    _lm_options(p, s)
+
+
+def _eval_args(p, s):
+    p.add_argument("--wide", action="store_true",
+                   help="print every column of the results table (default: the ones that fit a terminal; "
+                        "results.csv has them all)")
+    _evaluation_options(p, s, "all", "<store>/eval/<task>-<time>")
 
 
 def _sweep_args(p, s):
@@ -386,7 +407,7 @@ def _sweep_args(p, s):
 def _ingest_args(p, s):
     p.add_argument("path", type=Path, help="events .jsonl, a LaMP directory, or a LaMP/OPPU JSON file")
     _task_option(p)
-    p.add_argument("--split")
+    p.add_argument("--split", help="LaMP split name when the directory holds several (dev, test, ...)")
     _skip_bad(p)
     _store_options(p, s)
 
@@ -409,17 +430,17 @@ def _nightly_args(p, s):
     p.add_argument("--max-calls", type=_count(0), default=s.max_calls,
                    help="LM calls per night in all; users past it are deferred to the next night (0: no limit)")
     _alignment_options(p, s)
-    _store_options(p, s)
+    _lm_options(p, s)
 
 
 def _make_data_args(p, s):
     p.add_argument("out", type=Path, help="output directory")
     _task_option(p)
-    p.add_argument("--users", type=_count(1), default=20)
-    p.add_argument("--history", type=_count(1), default=40, help="history items per user")
-    p.add_argument("--queries", type=_count(1), default=6, help="queries per user")
-    p.add_argument("--split", default="dev")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=_count(1), default=20, help="users to generate (default 20)")
+    p.add_argument("--history", type=_count(1), default=40, help="history items per user (default 40)")
+    p.add_argument("--queries", type=_count(1), default=6, help="queries per user (default 6)")
+    p.add_argument("--split", default="dev", help="split name: the files are {split}_questions.json, ... (default dev)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same data (default 0)")
 
 
 def _personas_args(p, s):
@@ -448,7 +469,7 @@ def _answer_args(p, s):
     p.add_argument("query", help="the request, in the task's input format")
     _task_option(p)
     _agent_options(p.add_argument_group("agent"), s)
-    _store_options(p, s)
+    _lm_options(p, s)
 
 
 def _report_args(p, s):
@@ -462,12 +483,12 @@ def _log_model_args(p, s):
     _task_option(p)
     p.add_argument("--register", metavar="NAME", help="also register it in MLflow's model registry under NAME")
     _agent_options(p.add_argument_group("agent"), s)
-    _store_options(p, s)
+    _lm_options(p, s)
 
 
 def _compare_args(p, s):
-    p.add_argument("run_a")
-    p.add_argument("run_b")
+    p.add_argument("run_a", help="MLflow run id of the first run (A)")
+    p.add_argument("run_b", help="MLflow run id of the second run (B): deltas are B - A")
     _store_options(p, s)
 
 
@@ -484,7 +505,7 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(demo_command, _demo_args, "align a few users of a shipped task end to end and print the scores",
                     "Build memory, profile and persona for a few users, align them, and score before/after "
                     "alignment against a non-personalized baseline.", Settings.for_demo),
-    "eval": Command(eval_command, lambda p, s: _evaluation_options(p, s, "all", "<store>/eval/<task>-<time>"),
+    "eval": Command(eval_command, _eval_args,
                     "score every method (the paper's table) on LaMP-format data",
                     "Run the chosen methods on each user's queries and write the results table (CSV, markdown), "
                     "per-method predictions in LaMP's golds format, and MLflow runs."),
@@ -515,9 +536,19 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("persona-agent")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-agent",
                                      description="Per-user personas for DSPy agents, aligned at test time.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.description or command.help)
@@ -525,21 +556,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """DSPy's evaluation bars, GEPA's and MLflow's INFO lines would bury the command's own output
+    (and land in `command > file`): shown with --verbose only (tqdm's bars: `TQDM_DISABLE`, set
+    before it is imported). The loggers set their own level when imported, so this runs after.
+    GEPA's warnings are about its internals (no reflective examples for a predictor), not ours."""
+    for name in ("dspy", "mlflow", "LiteLLM", "httpx", "gepa"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("dspy.teleprompt.gepa").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from persona_agent.runtime.progress import command_clock
+
+    with command_clock():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     offline_environment()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    verbose = getattr(args, "verbose", False)
+    if not verbose:  # read by tqdm when it is imported
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from dspy.utils.exceptions import AdapterParseError, LMError, is_retryable_lm_error
     from mlflow.exceptions import MlflowException
+
+    if not verbose:
+        _quiet_libraries()
 
     from persona_agent.data.tasks import TaskDataError
     from persona_agent.eval.harness import EvalStopped
     from persona_agent.runtime.store import StoreBusy
 
     command = COMMANDS[args.command]
-    settings = _settings(args, command.defaults()) if hasattr(args, "store") else command.defaults()
+    settings = command.defaults()
     try:
+        settings = _settings(args, settings) if hasattr(args, "store") else settings
         return command.run(settings, args)
     except StoreBusy as err:
         print(f"persona-agent: {err}", file=sys.stderr)

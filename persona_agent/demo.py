@@ -28,7 +28,7 @@ from persona_agent.pipelines.memory import history_items
 from persona_agent.pipelines.metering import metered
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.progress import progress_bar
+from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import Store
 from persona_agent.runtime.wiring import alignment, user_flow
@@ -40,18 +40,18 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
              data: Path | None = None, console: Console | None = None, lm: dspy.LM | None = None) -> pd.DataFrame:
     """`store`: opened with persistent memory, which keeps the users' histories afterwards.
     `lm`: an LM object to use instead of building one from `settings.lm`."""
-    console = console or Console()
+    console = console or output()
     task = get_task(task_name)
     people = load_users(data or shipped_data_dir(task), task)[:users]
     lm = lm or build_lm(settings.lm)
     rows, started = [], time.perf_counter()
     steps_per_user = 4 + settings.iterations
     with dspy.context(lm=lm, adapter=adapter_for(lm)), \
-            mlflow.start_run(run_name=f"demo-{task.key}", tags=tracking.owner_tags()) as parent, \
-            progress_bar(console) as progress:
+            mlflow.start_run(run_name=tracking.run_name("demo", task.key, settings, len(people)), tags=tracking.owner_tags("demo")) as parent, \
+            progress_bar() as progress:
         params = tracking.run_params(settings, task.key, lm=lm, data=str(data or "shipped"),
                                      data_fingerprint=tracking.data_fingerprint(people))
-        mlflow.log_params({**params, "users": len(people), "queries_per_user": queries})
+        mlflow.log_params({**params, "users": len(people), "queries": queries})
         bar = progress.add_task("demo", total=len(people) * steps_per_user)
         profiles, steps = {}, []
         for user in people:
@@ -61,7 +61,7 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
         table = _table(rows, task)
         candidates = candidate_counts(steps)
         _log_table(table, parent.info.run_id)
-        mlflow.log_metrics({"wall_seconds": time.perf_counter() - started,
+        mlflow.log_metrics({"wall_seconds": wall_seconds(started),
                             **{f"candidates_{k}": v for k, v in candidates.items() if isinstance(v, int)}})
     console.print(_rich_table(table, f"{task.name}: {len(people)} users, {queries} held-out queries each"))
     console.print("[bold]production profiles[/bold]")
@@ -69,7 +69,7 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
         console.print(f"  {user_id}: {profile}", markup=False, highlight=False)
     console.print(f"alignment candidates: {candidates['written']} written, {candidates['valid']} passed the profile "
                   f"check, {candidates['accepted']} accepted; {candidates['why']}", markup=False, highlight=False)
-    console.print(f"wall time {time.perf_counter() - started:.0f} s; MLflow store: {settings.tracking_uri}")
+    console.print(f"wall time {wall_seconds(started):.0f} s; MLflow run {parent.info.run_id}; {tracking.ui_hint()}")
     return table
 
 

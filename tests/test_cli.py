@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -87,3 +88,62 @@ def test_bad_option_values_are_refused_at_parse_time(option, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["nightly", *option])
     assert exit_.value.code == 2 and option[0] in capsys.readouterr().err
+
+
+# -- what an engineer sees (issue: MLflow and the console) ----------------------------------------
+
+
+def test_version_is_printed(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("persona-agent 0.")
+
+
+@pytest.mark.parametrize("command", [["ingest", "x.jsonl"], ["report"], ["compare", "a", "b"], ["personas", "list"],
+                                     ["make-data", "out"]])
+def test_commands_that_call_no_llm_offer_no_llm_options(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--help"])
+    text = capsys.readouterr().out
+    assert "--lm" not in text and "--max-tokens" not in text and "--no-cache" not in text
+
+
+@pytest.mark.parametrize("command", [["make-data"], ["compare"]])
+def test_every_argument_has_help(command, capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command[0]]
+    for action in sub._actions:
+        assert action.help, (command, action.dest)
+
+
+def test_the_lm_help_names_the_scripted_stand_in(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nightly", "--help"])
+    assert "'scripted'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["bogus-model", "local:/no/such/model.gguf", "scripted:x"])
+def test_a_model_no_call_could_reach_is_refused_before_any_work(model, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["nightly", "--store", str(store), "--lm", model]) == 2  # nothing to align: still refused
+    assert "--lm" in capsys.readouterr().err or model.startswith("scripted")
+    assert not (store / "mlflow.db").exists()  # no run was logged with that model
+
+
+def test_eval_output_is_results_only_and_fits_a_terminal(tmp_path):
+    """stdout holds the table and the closing lines: no progress bar fragments, no library INFO;
+    the compact table fits in 100 columns, and `--wide` prints every column."""
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "persona_agent.cli", "eval", "--lm", "scripted", "--users", "2", "--queries", "1",
+           "--methods", "non-personalized,persona-agent,w/o alignment,gepa", "--store", str(tmp_path / "s"), "-T", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("LaMP-2M, 2 users") and "it/s" not in out.stdout and "INFO" not in out.stdout
+    assert "Average Metric" not in out.stdout + out.stderr  # DSPy's evaluator bars, inside GEPA
+    table = lines[1:lines.index(next(line for line in lines if line.startswith("gepa"))) + 1]
+    assert max(len(line) for line in table) <= 100, table
+    assert any(line.startswith("2 of 2 users scored") and "mlflow ui --backend-store-uri" in line for line in lines)
+    wide = subprocess.run([*cmd, "--wide"], capture_output=True, text=True, env=env, timeout=600)
+    assert "setup LM calls" in wide.stdout and "setup LM calls" not in out.stdout

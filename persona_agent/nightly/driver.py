@@ -29,7 +29,7 @@ from persona_agent.nightly.executors import ray_outcomes, thread_outcomes
 from persona_agent.nightly.jobs import NightlySummary, StateStore, UserOutcome, align_job, plan
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.progress import progress_bar
+from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import Store
 
@@ -102,14 +102,16 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
 
 def _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console, lm) -> None:
     """Commit each outcome as it arrives, and log the night to MLflow."""
-    summary.night = 1 + len(mlflow.search_runs(filter_string=f"tags.nightly_task = '{task.key}'",
-                                               output_format="list"))
-    with mlflow.start_run(run_name=f"nightly-{task.key}", tags={**tracking.owner_tags(), "nightly_task": task.key,
-                                                                 "night": str(summary.night)}) as run, \
+    nights = mlflow.search_runs(filter_string=f"tags.nightly_task = '{task.key}'", output_format="list")
+    summary.night = 1 + len(nights)
+    name = f"nightly-{task.key}-night{summary.night}-{time.strftime('%Y-%m-%d')}"
+    with mlflow.start_run(run_name=name, tags={**tracking.owner_tags("nightly"), "nightly_task": task.key,
+                                               "night": str(summary.night)}) as run, \
             progress_bar(console) as progress:
+        summary.run_id = run.info.run_id
         mlflow.log_params(tracking.run_params(
             settings, task.key, lm=lm, workers=workers, executor=executor, users_planned=len(jobs),
-            score_max=settings.score_max, rollback_after=settings.rollback_after,
+            score_max=settings.score_max, rollback_on_regression=settings.rollback_after,
             max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
         bar = progress.add_task("nightly", total=len(jobs))
         with Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night) as committer:
@@ -132,15 +134,26 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
         done = {row["user_id"] for row in rows}  # failed, deferred or committed
         summary.interrupted = [job.user_id for job in jobs if job.user_id not in done]
         rows += [{"user_id": user, "status": "interrupted"} for user in summary.interrupted]
-        summary.seconds = time.perf_counter() - started
+        summary.seconds = wall_seconds(started)
         mlflow.log_metrics(summary.counts())
-        mlflow.log_metrics(summary.quality(task), step=summary.night)
+        _log_series(nights, summary.quality(task), summary.night)
         if summary.scored:
             mlflow.log_table(_prequential_rows(summary, task), "prequential.json")
-        mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "tokens",
-                                                    "fallbacks", "error"]).to_csv(index=False), "users.csv")
+        mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "cached_calls",
+                                                    "tokens", "fallbacks", "error"]).to_csv(index=False), "users.csv")
         if summary.stopped_by:
             mlflow.set_tag("stopped_by", summary.stopped_by)
+
+
+def _log_series(nights: list, tonight: dict[str, float], night: int) -> None:
+    """Tonight's prequential scores at step `night`, and every earlier night's at theirs: each
+    night's run then draws the whole series as a line in the MLflow UI, not a lone dot."""
+    for earlier in nights:
+        step = int(earlier.data.tags.get("night", "0") or 0)
+        past = {k: v for k, v in earlier.data.metrics.items() if k.startswith("prequential_")}
+        if step and past:
+            mlflow.log_metrics(past, step=step)
+    mlflow.log_metrics(tonight, step=night)
 
 
 def _committed(committer: Committer, entry) -> tuple:
@@ -163,7 +176,8 @@ def _tally(summary: NightlySummary, outcome, version) -> dict:
     if outcome.prequential is not None and outcome.status != "failed":
         summary.scored[outcome.user_id] = outcome.prequential
     return {"user_id": outcome.user_id, "status": outcome.status, "version": version, "lm_calls": outcome.lm_calls,
-            "tokens": outcome.tokens, "fallbacks": outcome.fallbacks, "error": outcome.error}
+            "cached_calls": outcome.cache_hits, "tokens": outcome.tokens, "fallbacks": outcome.fallbacks,
+            "error": outcome.error}
 
 
 def _prequential_rows(summary: NightlySummary, task: Task) -> pd.DataFrame:
@@ -177,7 +191,7 @@ def _prequential_rows(summary: NightlySummary, task: Task) -> pd.DataFrame:
 
 
 def print_summary(summary: NightlySummary, console: Console | None = None, task: Task | None = None) -> None:
-    console = console or Console()
+    console = console or output()
     quality = summary.quality(task) if task is not None else {}
     if quality.get("prequential_items"):
         metric = task.metric_names[0]
@@ -195,5 +209,7 @@ def print_summary(summary: NightlySummary, console: Console | None = None, task:
         console.print(f"deferred to the next night (budget): {', '.join(summary.deferred)}")
     for user_id, (before, after) in summary.rolled_back.items():
         console.print(f"  rolled back: {user_id}: production v{before} scored below its recent nights; now v{after}")
+    if summary.run_id:
+        console.print(f"MLflow run {summary.run_id} (night {summary.night}); {tracking.ui_hint()}")
     if summary.stopped_by:
         console.print(f"stopped by {summary.stopped_by}: {len(summary.interrupted)} users left for the next run")

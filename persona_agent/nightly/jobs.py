@@ -83,6 +83,7 @@ class UserOutcome:
     fallbacks: int = 0  # unusable LM answers replaced by a default (counted, logged)
     error: str = ""
     item_ids: list[str] = field(default_factory=list)  # the history aligned on (tomorrow's `seen_ids`)
+    cache_hits: int = 0  # of lm_calls, answered from DSPy's cache (no tokens spent)
     prequential: Prequential | None = None
     rollback_to: int | None = None  # production regressed: the last version that scored better
 
@@ -151,7 +152,8 @@ def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
         status = "rolled back" if rollback is not None else "aligned" if accepted else "rejected"
         return UserOutcome(job.user_id, job.fingerprint, status, semantic,
                            student.persona.profile, steps, cost.lm_calls, cost.tokens, cost.fallbacks,
-                           item_ids=[it.item_id for it in job.items], prequential=scored, rollback_to=rollback)
+                           item_ids=[it.item_id for it in job.items], prequential=scored, rollback_to=rollback,
+                           cache_hits=cost.cache_hits)
     except Exception as err:  # one user's failure must not stop the others
         log.warning("user %s: alignment failed: %s", job.user_id, str(err)[:300])
         return UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
@@ -261,6 +263,7 @@ class NightlySummary:
     stopped_by: str | None = None  # "SIGINT" or "SIGTERM"
     scored: dict[str, Prequential] = field(default_factory=dict)  # user -> tonight's prequential scoring
     night: int = 0  # this task's nightly runs on the store so far, this one included (the metric step)
+    run_id: str = ""  # the night's MLflow run
     lm_calls: int = 0
     tokens: int = 0
     fallbacks: int = 0

@@ -8,6 +8,7 @@ nights into a CSV and a PNG, overall and per user, and names the users whose sco
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +80,9 @@ def write_report(task: Task, out: Path, k: int = 3) -> Report:
     csv, png = out / f"prequential-{task.key}.csv", out / f"prequential-{task.key}.png"
     table.to_csv(csv, index=False)
     _plot(table, task, png)
-    with mlflow.start_run(run_name=f"report-{task.key}", tags=tracking.owner_tags()):
-        mlflow.log_params({"task": task.key, "k": k, "nights": table.night.nunique()})
+    with mlflow.start_run(run_name=f"report-{task.key}-last{k}-{time.strftime('%m%d-%H%M')}",
+                          tags=tracking.owner_tags("report")):
+        mlflow.log_params({"task": task.key, "last": k, "nights": table.night.nunique()})
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(png))
         mlflow.log_metric("users_fell", len(fell))

@@ -296,6 +296,32 @@ def default_model_path() -> str:
     return str(weights.assemble())
 
 
+def check_model(cfg: LMConfig) -> None:
+    """Refuse, before any work, a model no call could reach: a missing GGUF file, or a LiteLLM
+    name without a provider LiteLLM knows (`bogus-model`; `openai/...`, `ollama/...` are fine).
+    With `--api-base` any name is the server's to judge. Nothing is contacted."""
+    if cfg.model == "scripted" or cfg.model.startswith("scripted:"):
+        float(cfg.model.partition(":")[2] or 0)  # ValueError: "scripted:x" is no delay
+        return
+    if cfg.model.startswith("local:"):
+        if not Path(cfg.model.partition(":")[2]).is_file():
+            raise ValueError(f"--lm {cfg.model}: no such GGUF file")
+        return
+    if cfg.model == "local" or cfg.api_base:
+        return
+    import contextlib
+    import io
+
+    import litellm
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # LiteLLM prints its provider list on a miss
+            litellm.get_llm_provider(cfg.model)
+    except Exception:
+        raise ValueError(f"--lm {cfg.model!r} names no model: use local, local:/path/model.gguf, scripted, or a "
+                         "LiteLLM provider/model such as openai/gpt-4o-mini (or give --api-base)") from None
+
+
 def build_lm(cfg: LMConfig) -> dspy.LM:
     """`local` (or `local:/path/model.gguf`) runs llama.cpp in-process; anything else is a LiteLLM
     model name, its key read by LiteLLM from the environment (e.g. OPENAI_API_KEY). Its answers are

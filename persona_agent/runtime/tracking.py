@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
+import time
 from pathlib import Path
 
 import mlflow
@@ -65,12 +67,33 @@ def data_fingerprint(users) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
-def owner_tags() -> dict[str, str]:
-    """Tags of every top-level run: which process on which host owns it while it is RUNNING."""
-    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())}
+def ui_hint() -> str:
+    """How to look at the runs, to paste as printed from any directory."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"see it: mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
 
 
-OWNER_HOST, OWNER_PID = "persona_agent.host", "persona_agent.pid"
+def run_name(command: str, task_key: str, settings: Settings | None = None, users: int | None = None) -> str:
+    """A top-level run's name, distinct in the runs list: the command, the task, the settings an
+    engineer varies between two runs (answer step, T, n, K, users), and the minute it started.
+    `tags.command` and `params.task` select runs; the name is for reading."""
+    parts = [command, task_key]
+    if settings is not None:
+        parts += [settings.answer_step, f"T{settings.iterations}", f"n{settings.batch_size}", f"k{settings.top_k}"]
+    if users is not None:
+        parts.append(f"{users}u")
+    return "-".join([*parts, time.strftime("%m%d-%H%M")])
+
+
+def owner_tags(command: str = "") -> dict[str, str]:
+    """Tags of every top-level run: which command made it, and which process on which host owns
+    it while it is RUNNING."""
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()), **({COMMAND: command} if command else {})}
+
+
+OWNER_HOST, OWNER_PID, COMMAND = "persona_agent.host", "persona_agent.pid", "command"
 
 
 def close_abandoned_runs(experiment_id: str) -> list[str]:

@@ -39,8 +39,10 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
 
         config = dict(context.model_config)
         self.task = get_task(config.pop("task"))
-        lm = LMConfig(**config.pop("lm"))
-        self.settings = replace(Settings(), lm=lm, store=Path(config.pop("store")), **config)
+        lm = LMConfig(model=config.pop("lm"), **{k: config.pop(k) for k in _LM_FIELDS if k in config})
+        lm = replace(lm, api_base=lm.api_base or None)
+        self.settings = replace(Settings(), lm=lm, store=Path(config.pop("store")),
+                                **{**config, "qdrant_url": config.get("qdrant_url") or None})
         self.lm = build_lm(lm)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str | None]:
@@ -62,18 +64,25 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
             return [one(str(u), str(q)) for u, q in zip(frame["user_id"], frame["query"])]
 
 
+_LM_FIELDS = ("api_base", "temperature", "max_tokens", "retries", "timeout", "cache")
+
+
 def model_config(settings: Settings, task_key: str) -> dict:
-    lm = {k: v for k, v in asdict(settings.lm).items()}
-    return {"task": task_key, "store": str(settings.store.resolve()), "qdrant_url": settings.qdrant_url,
-            "lm": lm, "top_k": settings.top_k, "max_iters": settings.max_iters,
-            "answer_step": settings.answer_step, "prior_strength": settings.prior_strength, "store_wait": settings.store_wait}
+    """Flat, under the parameter names every run uses (`lm`, `api_base`, `top_k`, ...): MLflow
+    logs a model's config as its run's parameters, so the served model's run compares with the
+    others; no value is None (it would read "None" beside other runs' "")."""
+    lm = asdict(settings.lm)
+    return {"task": task_key, "store": str(settings.store.resolve()), "qdrant_url": settings.qdrant_url or "",
+            "lm": lm["model"], **{k: lm[k] if lm[k] is not None else "" for k in _LM_FIELDS},
+            "top_k": settings.top_k, "max_iters": settings.max_iters, "answer_step": settings.answer_step,
+            "prior_strength": settings.prior_strength, "store_wait": settings.store_wait}
 
 
 def log_model(settings: Settings, task_key: str, registered_name: str | None = None) -> str:
     """Log the served model in a run of its own; returns its model URI."""
     from persona_agent.runtime import tracking
 
-    with mlflow.start_run(run_name=f"served-model-{task_key}", tags=tracking.owner_tags()), _quiet_logging():
+    with mlflow.start_run(run_name=f"served-model-{task_key}", tags=tracking.owner_tags("log-model")), _quiet_logging():
         # no input example: MLflow would run a prediction (the LLM, the store) while logging;
         # requirements listed, not inferred: inferring them loads the model in a subprocess
         info = mlflow.pyfunc.log_model(name="persona-agent", python_model=PersonaModel(), signature=SIGNATURE,

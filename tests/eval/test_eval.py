@@ -395,9 +395,21 @@ def test_eval_runs_carry_every_parameter_and_their_predictions(monkeypatch, tmp_
     assert code == 0
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
-    parent = runs[runs["tags.mlflow.runName"] == "eval-lamp2m"].iloc[0]
+    parent = runs[runs["tags.command"] == "eval"].iloc[0]
+    assert parent["tags.mlflow.runName"].startswith("eval-lamp2m-evidence-T1-n3-k5-2u-")  # what differs, readable
     children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id]
     assert sorted(children["params.method"]) == ["non-personalized", "pag"]
+    # quality per method on the parent run: two evals compare side by side without pairing children
+    for method, key in (("non-personalized", "non_personalized"), ("pag", "pag")):
+        assert parent[f"metrics.accuracy/{key}"] == pytest.approx(table.loc[method, "LaMP-2M Acc"])
+    assert parent["metrics.delta_vs_non_personalized/pag"] == pytest.approx(table.loc["pag", "Δ non-personalized"])
+    assert parent["params.queries"] == "1" and parent["params.queries_total"] == "2"  # per user, like --queries
+    # the profile each persona method answered with, per user (what an alignment wrote is kept)
+    pag = children[children["params.method"] == "pag"].iloc[0]
+    personas = mlflow.load_table("personas.json", run_ids=[pag.run_id])
+    assert sorted(personas.user_id) == ["alice", "bob"] and personas.profile.str.len().gt(0).all()
+    assert "personas.json" not in {a.path for a in mlflow.MlflowClient().list_artifacts(
+        children[children["params.method"] == "non-personalized"].iloc[0].run_id)}
     for name in ("task", "lm", "top_k", "batch_size", "iterations", "max_iters", "loss", "guard", "data",
                  "data_fingerprint"):
         assert set(children[f"params.{name}"]) == {parent[f"params.{name}"]}, name  # children carry them too

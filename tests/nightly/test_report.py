@@ -38,7 +38,8 @@ def test_the_report_has_each_night_overall_and_per_user_and_names_who_fell(mlflo
     assert u2.production_score.tolist() == [0.5, 0.0] and list(u2.n) == [2, 2]
     assert report.fell.user_id.tolist() == ["u2"]  # 0.0 on night 3 after 0.5; u1 never fell
     assert report.png.stat().st_size > 10_000
-    run = mlflow.search_runs(filter_string="attributes.run_name = 'report-lamp2m'").iloc[0]
-    assert run["metrics.users_fell"] == 1
+    run = mlflow.search_runs(filter_string="tags.command = 'report'").iloc[0]
+    assert run["metrics.users_fell"] == 1 and run["params.last"] == "2"  # named as the --last option
+    assert run["tags.mlflow.runName"].startswith("report-lamp2m-last2-")
     files = {f.path for f in mlflow.MlflowClient().list_artifacts(run.run_id)}
     assert files == {"prequential-lamp2m.csv", "prequential-lamp2m.png"}

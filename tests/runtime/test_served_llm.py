@@ -61,7 +61,7 @@ def _demo(store: Path, *lm_args: str) -> tuple[float, dict]:
     assert done.returncode == 0, done.stderr[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("persona-agent").experiment_id],
-                                "tags.mlflow.runName = 'demo-lamp2m'")
+                                "tags.command = 'demo'")
     return wall, run.data.metrics
 
 
