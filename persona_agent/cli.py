@@ -334,15 +334,14 @@ def answer_command(settings: Settings, args) -> int:
 
 
 def report_command(settings: Settings, args) -> int:
-    from rich.console import Console
-
     from persona_agent.data.tasks import get_task
     from persona_agent.nightly.report import write_report
+    from persona_agent.runtime.progress import output
     from persona_agent.runtime.store import Store
 
     with Store.open(settings, memory=None):
         result = write_report(get_task(args.task), args.out or settings.reports_path, args.last)
-    console = Console()
+    console = output()
     console.print(result.table[result.table.user_id == "all"].drop(columns="user_id").to_string(index=False,
                   float_format=lambda x: f"{x:.3f}"))
     if result.fell.empty:

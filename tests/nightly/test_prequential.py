@@ -57,11 +57,17 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     ingest_into(settings, write_events(tmp_path / "night2.jsonl", rows))
     capsys.readouterr()
     assert main(["nightly", "--store", str(settings.store), "--lm", "scripted", "-n", "2", "-T", "1"]) == 0
-    out = " ".join(capsys.readouterr().out.split())
-    assert "new interactions scored: 6; production persona accuracy 1.000, non-personalized 1.000" in out
+    printed = capsys.readouterr().out.splitlines()  # not a terminal: one line per sentence, never wrapped
+    assert "new interactions scored: 6; production persona accuracy 1.000, non-personalized 1.000 (" in printed[0]
+    assert printed[1].startswith("aligned ") and printed[1].endswith(" s")
     mlflow.set_tracking_uri(settings.tracking_uri)
     run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
     assert run["tags.night"] == "2" and run["metrics.prequential_items"] == 6
+    assert run["tags.mlflow.runName"].startswith("nightly-lamp2m-night2-") and run["tags.command"] == "nightly"
+    assert f"MLflow run {run.run_id} (night 2); see it: mlflow ui --backend-store-uri " in printed[-1]
+    assert run["params.rollback_on_regression"] == "0" and "params.rollback_after" not in run
+    users = mlflow.artifacts.load_text(f"runs:/{run.run_id}/users.csv").splitlines()
+    assert users[0] == "user_id,status,version,lm_calls,cached_calls,tokens,fallbacks,error"
     history = mlflow.MlflowClient().get_metric_history(run.run_id, "prequential_production_accuracy")
     assert [(m.step, m.value) for m in history] == [(2, 1.0)]
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.run_id}/prequential.json"))
@@ -73,3 +79,11 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     assert main(["report", "--store", str(settings.store)]) == 0
     csv = (settings.store / "reports" / "prequential-lamp2m.csv").read_text().splitlines()
     assert csv[0] == "night,user_id,n,production_score,non_personalized_score" and len(csv) == 1 + 3 + 1
+    # night 3: its run draws the whole series as a line, night 2's point included
+    ingest_into(settings, write_events(tmp_path / "night3.jsonl", [
+        {**r, "id": r["id"] + "-3", "timestamp": "2027-02-01", "response": "action"} for r in rows[::2]]))
+    assert main(["nightly", "--store", str(settings.store), "--lm", "scripted", "-n", "2", "-T", "1"]) == 0
+    third = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
+    history = mlflow.MlflowClient().get_metric_history(third.run_id, "prequential_production_accuracy")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [2, 3] and third["tags.night"] == "3"
+    assert {m.step: m.value for m in history}[2] == 1.0

@@ -42,6 +42,10 @@ def test_the_served_model_answers_each_user_with_their_current_production_person
     registry.register("u1", Persona(LAMP_2M, "Prefers action."), "v1", production=True)
     registry.register("u2", Persona(LAMP_2M, "Likes comedy."), "v1", production=True)
     uri = log_model(mlflow_store, "lamp2m")
+    params = mlflow.search_runs(search_all_experiments=True, filter_string="tags.command = 'log-model'").iloc[0]
+    names = {c[7:]: v for c, v in params.items() if c.startswith("params.")}
+    assert names["lm"] == mlflow_store.lm.model and "lm/model" not in names  # the names every run uses
+    assert "None" not in names.values() and names["api_base"] == ""
 
     model = mlflow.pyfunc.load_model(uri)
     model.unwrap_python_model().lm = dspy.LM("fake/persona", engine=FakeEngine(_follows_the_persona), cache=False)
