@@ -117,8 +117,9 @@ class _UserRun:
 
 def run_eval(settings: Settings, task: Task, users: list[UserData], methods: list[str], lm: dspy.LM,
              adapter: dspy.Adapter, memory: EpisodicMemory, on_progress: Callable[[str], None] | None = None,
-             keep_going: bool = False) -> EvalRun:
-    """Every method on every user. An LM that still fails after its retries, in any method's
+             keep_going: bool = False, method_runs: dict[str, str] | None = None) -> EvalRun:
+    """Every method on every user (`method_runs`: method -> the MLflow run its traces, with
+    `--trace`, belong to). An LM that still fails after its retries, in any method's
     setup or answer, is never scored as wrong answers: it stops the run (users still queued are
     not started; those that finish are scored), or with `keep_going` drops that user from every
     method."""
@@ -130,7 +131,8 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
 
     def one_user(user: UserData) -> _UserRun:
         with dspy.context(lm=lm, adapter=adapter):
-            return _run_user(user, UserContext(flows[user.unit], settings, user.rule), methods, on_progress)
+            return _run_user(user, UserContext(flows[user.unit], settings, user.rule), methods, on_progress,
+                             method_runs or {})
 
     runs: dict[str, _UserRun] = {}
     dropped, stopped = {}, None
@@ -162,13 +164,15 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
     return EvalRun(results, [u.unit for u in finished], dropped, stopped, outcomes, headroom(results, clusters))
 
 
-def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress) -> _UserRun:
+def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress, method_runs: dict[str, str]) -> _UserRun:
     """`user`'s answers, costs and personas for every method, in order."""
     out = _UserRun(user_id=user.unit)
     for method in methods:
         answers, failures = {}, 0
+        tags = {"user": user.unit, "method": method, "task": ctx.task.key, "run_id": method_runs.get(method)}
         try:  # setup (profile, alignment) is metered apart, in the user's flow
-            program = METHODS[method](ctx)
+            with tracking.trace(f"{method} setup", **tags):
+                program = METHODS[method](ctx)
         except NotApplicable as why:
             if method not in UNALIGNED:
                 log.info("%s: %s", method, why)
@@ -181,7 +185,8 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress)
         started = time.perf_counter()
         with metered() as cost:
             for q in user.queries:
-                answers[q.id] = answer_or_none(program, q.input, f"user {user.user_id}, {method}, query {q.id}")
+                with tracking.trace(f"{method} {q.id}", **tags, query=q.id):
+                    answers[q.id] = answer_or_none(program, q.input, f"user {user.user_id}, {method}, query {q.id}")
                 failures += answers[q.id] is None
         out.answers[method], out.cost[method], out.failures[method] = answers, cost, failures
         out.seconds[method] = time.perf_counter() - started
@@ -334,12 +339,16 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                            "methods": ",".join(methods), "workers": settings.workers, "cache": settings.lm.cache,
                            "keep_going": keep_going})
         bar = progress.add_task("eval", total=len(users) * len(methods))
+        client = mlflow.MlflowClient()  # each method's run exists before it answers: its traces hang there
+        method_runs = {m: client.create_run(parent.info.experiment_id, run_name=m, tags={
+            "mlflow.parentRunId": parent.info.run_id}).info.run_id for m in methods}
         run = run_eval(settings, task, users, methods, lm, adapter_for(lm), memory, keep_going=keep_going,
-                       on_progress=lambda what: progress.update(bar, advance=1, description=what))
+                       on_progress=lambda what: progress.update(bar, advance=1, description=what),
+                       method_runs=method_runs)
         table = results_table(task, run.results)
         write_outputs(out, task, table, run.results, run.headroom)
         for r in run.results:
-            with mlflow.start_run(run_name=r.method, nested=True):
+            with mlflow.start_run(run_id=method_runs[r.method], nested=True):
                 mlflow.log_params({**params, "method": r.method})
                 mlflow.log_table(_predictions(task, users, r), "predictions.json")
                 if r.personas:  # the profiles this method answered with: what an alignment wrote, per user

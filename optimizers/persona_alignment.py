@@ -39,6 +39,7 @@ from dspy.teleprompt import Teleprompter
 from persona_agent.pipelines.memory import UserMemory
 from persona_agent.pipelines.metering import answer_or_none, metered, or_fallback
 from persona_agent.pipelines.persona import PROFILE_BUDGET, Persona, compose_profile, profile_problem
+from persona_agent.pipelines.spans import span
 from persona_agent.signatures import CritiqueBatch, CritiqueResponse, UpdateProfile, typed_profile
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,9 @@ class PersonaAlignment(Teleprompter):
         for t in range(self.iterations if batch else 0):
             with metered() as cost:
                 if current is None:  # later iterations reuse the replay that scored the accepted persona
-                    current = replay(program, batch, metric)
-                    current_holdout = replay(program, heldout, metric) if heldout else None
+                    with span("replay", iteration=t, persona="current", interactions=len(batch)):
+                        current = replay(program, batch, metric)
+                        current_holdout = replay(program, heldout, metric) if heldout else None
                 step, program, current, current_holdout = self._step(program, batch, heldout, metric, current,
                                                                      current_holdout, t)
             step.lm_calls, step.tokens, step.fallbacks = cost.lm_calls, cost.tokens, cost.fallbacks
@@ -186,11 +188,13 @@ class PersonaAlignment(Teleprompter):
             return unchanged
         task = program.persona.task
         with dspy.context(lm=self.reflection_lm or dspy.settings.lm):
-            step.critiques = self._critique(profile, batch, current.answers)
+            with span("critique", iteration=t, loss=self.loss):
+                step.critiques = self._critique(profile, batch, current.answers)
             feedback = aggregate(batch, current.answers, step.critiques)
             # An unusable rewrite is no rewrite: the step ends with the persona unchanged.
-            update = or_fallback(lambda: self._updater(task)(current_profile=profile, feedback=feedback), None,
-                                 f"iteration {t}: profile update")
+            with span("update", iteration=t):
+                update = or_fallback(lambda: self._updater(task)(current_profile=profile, feedback=feedback), None,
+                                     f"iteration {t}: profile update")
         sources = [ex.query for ex in batch]
         if update is not None:
             step.profile_after, dropped = compose_profile(task, update.preferences, update.new_profile, sources)
@@ -207,8 +211,9 @@ class PersonaAlignment(Teleprompter):
         if not self.guard:
             step.accepted, step.reason = True, "accepted (unguarded)"
             return step, candidate, None, None  # the next iteration replays the new persona
-        scored = replay(candidate, batch, metric)
-        scored_holdout = replay(candidate, heldout, metric) if heldout else None
+        with span("replay", iteration=t, persona="candidate", interactions=len(batch)):
+            scored = replay(candidate, batch, metric)
+            scored_holdout = replay(candidate, heldout, metric) if heldout else None
         step.candidate_score = scored.score
         step.candidate_holdout_score = scored_holdout.score if scored_holdout else None
         if scored.score < current.score:

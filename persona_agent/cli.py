@@ -593,7 +593,12 @@ def _main(argv: list[str] | None) -> int:
     settings = command.defaults()
     try:
         settings = _settings(args, settings) if hasattr(args, "store") else settings
-        return command.run(settings, args)
+        code = command.run(settings, args)
+        if getattr(args, "trace", False):
+            from persona_agent.runtime import tracking
+
+            tracking.flush_traces()
+        return code
     except StoreBusy as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 5

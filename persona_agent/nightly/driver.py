@@ -82,8 +82,12 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
                                    error=f"the night's budget of {gate.per_night} LM calls was spent")
             token = user_calls.set([0])
             try:
-                with dspy.context(lm=lm, adapter=adapter):
-                    return align_job(job, task, settings)
+                with dspy.context(lm=lm, adapter=adapter), \
+                        tracking.trace(f"nightly {job.user_id}", user=job.user_id, task=task.key, method="persona-agent",
+                                       persona_version=job.version) as traced:
+                    outcome = align_job(job, task, settings)
+                outcome.trace_id = next(iter(traced), None)
+                return outcome
             except Deferred as why:  # cut off mid-way: nothing of it is committed
                 return UserOutcome(job.user_id, job.fingerprint, "deferred", error=str(why))
             finally:
@@ -131,6 +135,7 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
             rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
             rows += [{"user_id": user, "status": "deferred", "error": why} for user, why in summary.deferred.items()]
             rows += committed
+            _link_user_traces(committed, run.info.run_id)
         done = {row["user_id"] for row in rows}  # failed, deferred or committed
         summary.interrupted = [job.user_id for job in jobs if job.user_id not in done]
         rows += [{"user_id": user, "status": "interrupted"} for user in summary.interrupted]
@@ -177,7 +182,16 @@ def _tally(summary: NightlySummary, outcome, version) -> dict:
         summary.scored[outcome.user_id] = outcome.prequential
     return {"user_id": outcome.user_id, "status": outcome.status, "version": version, "lm_calls": outcome.lm_calls,
             "cached_calls": outcome.cache_hits, "tokens": outcome.tokens, "fallbacks": outcome.fallbacks,
-            "error": outcome.error}
+            "error": outcome.error, "trace_id": outcome.trace_id}
+
+
+def _link_user_traces(rows: list[dict], run_id: str) -> None:
+    """Each user's trace on the night's Traces tab, tagged with the version the night left in production."""
+    traced = [row for row in rows if row.get("trace_id")]
+    if traced:
+        tracking.link_traces([row["trace_id"] for row in traced], run_id)
+        for row in traced:
+            tracking.tag_trace(row["trace_id"], status=row["status"], production_version=row["version"])
 
 
 def _prequential_rows(summary: NightlySummary, task: Task) -> pd.DataFrame:

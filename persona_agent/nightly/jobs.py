@@ -84,6 +84,7 @@ class UserOutcome:
     error: str = ""
     item_ids: list[str] = field(default_factory=list)  # the history aligned on (tomorrow's `seen_ids`)
     cache_hits: int = 0  # of lm_calls, answered from DSPy's cache (no tokens spent)
+    trace_id: str | None = None  # the user's trace, when the night is traced (linked to its run on commit)
     prequential: Prequential | None = None
     rollback_to: int | None = None  # production regressed: the last version that scored better
 

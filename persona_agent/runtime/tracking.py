@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 from filelock import FileLock
+from mlflow.tracing.constant import TraceMetadataKey
 
 from persona_agent.runtime.settings import Settings
 
@@ -149,7 +152,58 @@ def _create_database(path: Path, artifacts: Path) -> None:
 
 
 def enable_traces() -> None:
-    """Trace every agent call (spans per module and LM call) into the active experiment."""
+    """Trace the command's units of work (`trace`), with a span per DSPy module and LM call inside."""
+    global _tracing
     import mlflow.dspy
 
-    mlflow.dspy.autolog(log_traces=True, log_compiles=False, log_evals=False, silent=True)
+    # our alignment is a DSPy `compile`: MLflow drops traces made inside one unless told otherwise
+    mlflow.dspy.autolog(log_traces=True, log_traces_from_compile=True, log_compiles=False, log_evals=False, silent=True)
+    _tracing = True
+
+
+_tracing = False
+
+
+@contextlib.contextmanager
+def trace(name: str, run_id: str | None = None, **tags) -> Iterator[list[str]]:
+    """One trace per unit of work (a user's night, one method's answer to one query, a served
+    answer), when the command was asked for traces: DSPy's module and LM-call spans and the
+    alignment's replay, critique and update spans hang under it, and `tags` (user, method, task,
+    persona version) say whose work it is. `run_id`: the run it belongs to (else the run active
+    in this process, if any); where that run does not exist yet, the list this yields holds the
+    trace's id, to link it once it does (`link_traces`)."""
+    ids: list[str] = []
+    if not _tracing:
+        yield ids
+        return
+    with mlflow.start_span(name=name) as root:
+        ids.append(root.trace_id)
+        mlflow.update_current_trace(tags={k: str(v) for k, v in tags.items() if v is not None},
+                                    metadata={TraceMetadataKey.SOURCE_RUN: run_id} if run_id else None)
+        yield ids
+
+
+def flush_traces() -> None:
+    """Write the traces still queued (MLflow logs them in the background): a command ends with
+    its traces in the store, where the next command or the UI looks."""
+    if _tracing:
+        mlflow.flush_trace_async_logging()
+
+
+def link_traces(trace_ids: list[str], run_id: str) -> None:
+    """Show the traces on the run's Traces tab (MLflow takes at most 100 per request). Traces are
+    written in the background: they are flushed first, or a link to one not yet written is lost."""
+    if not trace_ids:
+        return
+    mlflow.flush_trace_async_logging()
+    client = mlflow.MlflowClient()
+    for i in range(0, len(trace_ids), 100):
+        client.link_traces_to_run(trace_ids[i:i + 100], run_id)
+
+
+def tag_trace(trace_id: str, **tags) -> None:
+    """Tags known only after the trace ended (the persona version a commit registered)."""
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        if value is not None:
+            client.set_trace_tag(trace_id, key, str(value))

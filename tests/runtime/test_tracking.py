@@ -41,3 +41,80 @@ def test_the_data_fingerprint_changes_with_any_gold_query_or_history_item():
         users[:2],
     ]
     assert len({base, *(data_fingerprint(c) for c in changed)}) == 1 + len(changed)
+
+
+# -- traces: one per unit of work, on its run, tagged with whose work it is ----------------------
+
+
+def _traces(run_id: str):
+    import mlflow
+
+    return mlflow.search_traces(run_id=run_id, return_type="list")
+
+
+def _all_traces():
+    import mlflow
+
+    return mlflow.search_traces(locations=[mlflow.get_experiment_by_name("persona-agent").experiment_id],
+                                return_type="list")
+
+
+def test_traces_hang_on_their_runs_with_user_method_task_and_persona_version(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from persona_agent.cli import main
+    from persona_agent.data.synthetic import write_dataset
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "store"
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=6, n_queries=1, seed=4)
+    common = ["--store", str(store), "--lm", "scripted", "--no-cache", "-n", "2", "-T", "1"]
+    assert main(["ingest", str(data), "--store", str(store)]) == 0
+    assert main(["nightly", *common, "--trace"]) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    night = mlflow.search_runs(search_all_experiments=True, filter_string="tags.command = 'nightly'").iloc[0]
+    traces = _traces(night.run_id)
+    assert sorted(t.info.tags["user"] for t in traces) == ["u0000", "u0001"]  # one per user job, on the night
+    for t in traces:
+        assert t.info.tags["task"] == "lamp2m" and t.info.tags["method"] == "persona-agent"
+        assert t.info.tags["production_version"] == "1" and t.info.tags["status"] in ("aligned", "rejected")
+        names = {s.name for s in t.data.spans}
+        assert {"replay", "critique", "update"} <= names, names  # the alignment's phases, as spans
+        assert len(t.data.spans) > 10  # and DSPy's modules and LM calls inside them
+
+    assert main(["eval", "--data", str(data), "--methods", "non-personalized,persona-agent", *common, "--trace"]) == 0
+    parent = mlflow.search_runs(search_all_experiments=True, filter_string="tags.command = 'eval'").iloc[0]
+    children = mlflow.search_runs(search_all_experiments=True,
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    for _, child in children.iterrows():
+        traces = _traces(child.run_id)
+        method = child["params.method"]
+        assert {t.info.tags["method"] for t in traces} == {method}
+        answers = [t for t in traces if "query" in t.info.tags]
+        assert sorted(t.info.tags["user"] for t in answers) == ["u0000", "u0001"]  # one per method and query
+    assert _traces(parent.run_id) == []  # none hang on the parent: each is its method's
+
+    capsys.readouterr()
+    query = load_users(data, LAMP_2M)[0].queries[0].input
+    assert main(["answer", "u0001", query, "--store", str(store), "--lm", "scripted", "--trace"]) == 0
+    mlflow.flush_trace_async_logging()
+    (served,) = [t for t in _all_traces() if t.info.tags.get("user") == "u0001" and t.data.spans[0].name == "answer"]
+    assert served.info.tags["persona_version"] == "1" and len(served.data.spans) > 3
+
+
+def test_no_trace_is_recorded_unless_asked(tmp_path):
+    """In a process of its own, as a command runs (tracing, once on, stays on in a process)."""
+    import os
+
+    import mlflow
+
+    from persona_agent.data.synthetic import write_dataset
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    store = tmp_path / "store"
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=1, n_history=6, n_queries=1, seed=4)
+    for argv in (["ingest", str(data)], ["nightly", "--lm", "scripted", "-n", "2", "-T", "1"]):
+        subprocess.run([sys.executable, "-m", "persona_agent.cli", *argv, "--store", str(store)], env=env, check=True,
+                       capture_output=True)
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    assert _all_traces() == []
