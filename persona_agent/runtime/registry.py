@@ -22,6 +22,7 @@ from persona_agent.overrides import forget_cached_alias, registry_client
 from persona_agent.pipelines.persona import Persona, injection_problem
 
 PRODUCTION = "production"
+PRODUCTION_TAG = "production_version"
 HISTORY_COLUMNS = ["version", "production", "stage", "iteration", "accepted", "batch_score", "candidate_score",
                    "lm_calls", "tokens", "reason", "message"]
 
@@ -72,6 +73,8 @@ class PersonaRegistry:
                 raise
             version = self.client.register_prompt(name=name, template=template, commit_message=message,
                                                   tags=tags).version  # the first: creates the prompt
+        if tags.get("run_id"):  # the run page lists the versions it registered ("Registered prompts")
+            self._registry.link_prompt_version_to_run(name, str(version), tags["run_id"])
         if production:
             self.promote(user_id, version, check=False)
         return int(version)
@@ -84,10 +87,11 @@ class PersonaRegistry:
             if problem:
                 raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile {problem}")
             self.client.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
-            return
-        # Just registered, so known to exist: skip MlflowClient's re-read of the version.
-        self._registry.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
-        forget_cached_alias(self.client, self.name(user_id), PRODUCTION)
+        else:  # just registered, so known to exist: skip MlflowClient's re-read of the version
+            self._registry.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
+            forget_cached_alias(self.client, self.name(user_id), PRODUCTION)
+        # the prompt list shows a prompt's tags, not its aliases: there, production is this tag
+        self._registry.set_prompt_tag(self.name(user_id), PRODUCTION_TAG, str(version))
 
     def tag(self, user_id: str, version: int, key: str, value) -> None:
         self.client.set_prompt_version_tag(self.name(user_id), str(version), key, str(value))

@@ -30,6 +30,22 @@ def test_every_revision_is_a_version_and_production_follows_accepted_ones(mlflow
     assert users.loc["u1", "versions"] == 3 and users.loc["u2", "production"] == 1
 
 
+def test_the_prompt_list_shows_production_and_each_run_lists_the_versions_it_registered(mlflow_store):
+    registry = PersonaRegistry(LAMP_2M)
+    with mlflow.start_run() as run:
+        pass
+    v1 = registry.register("u1", Persona(LAMP_2M, "Profile 1."), "first", {"run_id": run.info.run_id}, production=True)
+    registry.register("u1", Persona(LAMP_2M, "Profile 2."), "second", {"run_id": run.info.run_id})
+    name = prompt_name("lamp2m", "u1")
+    (listed,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{name}'")
+    assert listed.tags["production_version"] == str(v1)  # the list shows the latest version; this says which serves
+    linked = mlflow.MlflowClient().get_run(run.info.run_id).data.tags["mlflow.linkedPrompts"]
+    assert f'"version": "1"' in linked and f'"version": "2"' in linked and name in linked
+    registry.rollback("u1", 2)
+    (listed,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{name}'")
+    assert listed.tags["production_version"] == "2"
+
+
 def test_rollback_moves_production_and_refuses_unknown_versions(mlflow_store):
     registry = PersonaRegistry(LAMP_2M)
     _store(registry)
