@@ -18,6 +18,14 @@ def compare_runs(run_a: str, run_b: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["scope", "metric", "a", "b", "delta"])
 
 
+def differing_params(run_a: str, run_b: str) -> pd.DataFrame:
+    """The parameters whose values differ between the two runs (one side missing counts)."""
+    client = mlflow.MlflowClient()
+    a, b = client.get_run(run_a).data.params, client.get_run(run_b).data.params
+    rows = [{"param": k, "a": a.get(k, "-"), "b": b.get(k, "-")} for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return pd.DataFrame(rows, columns=["param", "a", "b"])
+
+
 def _metrics(run_ids) -> dict[str, float]:
     client = mlflow.MlflowClient()
     return dict(client.get_run(run_ids[0]).data.metrics)

@@ -313,13 +313,26 @@ def personas_command(settings: Settings, args) -> int:
             table = registry.history(args.user)
             if table.empty:
                 raise LookupError(f"{task.key} user {args.user!r} has no persona in the registry")
-            print(table.to_string(index=False))
+            print(table.to_string(index=False) if args.wide else _fit(table.drop(columns=["iteration", "lm_calls",
+                                                                                        "tokens", "message"])))
         elif args.action == "diff":
             print(registry.diff(args.user, args.v1, args.v2) or "identical")
         elif args.action == "rollback":
             registry.rollback(args.user, args.to)
             print(f"{args.user}: production is now version {args.to}")
     return 0
+
+
+def _fit(table, last: str = "reason") -> str:
+    """`table` as text in the terminal's width (80 when not a terminal): the `last` column, free
+    text, is cut with an ellipsis where the line would run over."""
+    import shutil
+
+    width = shutil.get_terminal_size((80, 24)).columns
+    head = table.drop(columns=[last]).to_string(index=False).splitlines()
+    room = max(10, width - max(len(line) for line in head) - 2)
+    cut = [text if len(text) <= room else text[:room - 1] + "…" for text in table[last].fillna("").astype(str)]
+    return "\n".join(f"{h}  {c}" for h, c in zip(head, [last, *cut]))
 
 
 def answer_command(settings: Settings, args) -> int:
@@ -368,12 +381,24 @@ def log_model_command(settings: Settings, args) -> int:
 
 
 def compare_command(settings: Settings, args) -> int:
-    from persona_agent.eval.compare import compare_runs
+    from persona_agent.eval.compare import compare_runs, differing_params
     from persona_agent.runtime.store import Store
 
     with Store.open(settings, memory=None):
-        table = compare_runs(args.run_a, args.run_b)
-    print(table.to_string(index=False, float_format="%.3f") if len(table) else "no metrics in common")
+        table, params = compare_runs(args.run_a, args.run_b), differing_params(args.run_a, args.run_b)
+    print("parameters that differ (a -> b):\n" + params.to_string(index=False) if len(params)
+          else "the runs have the same parameters")
+    if table.empty:
+        print("no metrics in common")
+        return 0
+    overall, per_user = table[table.scope == "overall"], table[table.scope != "overall"]
+    print(overall.drop(columns="scope").to_string(index=False, float_format="%.3f"))
+    if args.per_user:
+        print(per_user.to_string(index=False, float_format="%.3f"))
+    elif len(per_user):
+        moved = per_user[per_user.delta != 0]
+        print(f"per user: {len(moved)} of {len(per_user)} metrics moved, in {moved.scope.nunique()} of "
+              f"{per_user.scope.nunique()} runs in common (--per-user lists them)")
     return 0
 
 
@@ -459,6 +484,9 @@ def _personas_args(p, s):
             a.add_argument("v2", type=_count(1))
         if name == "rollback":
             a.add_argument("--to", type=_count(1), required=True, help="version to serve")
+        if name == "history":
+            a.add_argument("--wide", action="store_true",
+                           help="every column, the whole reason and message (default: what fits the terminal)")
         a.add_argument("--task", default="lamp2m", help="task of the personas (default lamp2m)")
         _store_options(a, s)
 
@@ -488,6 +516,7 @@ def _log_model_args(p, s):
 def _compare_args(p, s):
     p.add_argument("run_a", help="MLflow run id of the first run (A)")
     p.add_argument("run_b", help="MLflow run id of the second run (B): deltas are B - A")
+    p.add_argument("--per-user", action="store_true", help="also list every per-user (child run) metric")
     _store_options(p, s)
 
 

@@ -73,6 +73,14 @@ def test_cli_history_diff_rollback_show_match_the_registry(mlflow_store, capsys)
     assert main(["personas", "history", "u1", *store]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["version", "production", "stage"] and len(out) == 4
+    assert max(len(line) for line in out) <= 80  # not a terminal: 80 columns, the reason cut to fit
+    registry.tag("u1", 1, "reason", "rejected: " + "a long reason " * 20)
+    assert main(["personas", "history", "u1", *store]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in out) <= 80 and out[1].endswith("…")
+    assert main(["personas", "history", "u1", "--wide", *store]) == 0
+    wide = capsys.readouterr().out
+    assert "a long reason " * 20 in wide and "message" in wide and "tokens" in wide
     assert main(["personas", "diff", "u1", "1", "3", *store]) == 0
     assert capsys.readouterr().out == registry.diff("u1", 1, 3) + "\n"
     assert main(["personas", "rollback", "u1", "--to", "2", *store]) == 0
