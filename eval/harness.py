@@ -331,7 +331,7 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
     console = console or output()
     lm = build_lm(settings.lm)
     started = time.perf_counter()
-    with mlflow.start_run(run_name=tracking.run_name("eval", task.key, settings, len(users)), tags=tracking.owner_tags("eval")) as parent, \
+    with mlflow.start_run(run_name=tracking.run_name("eval", task.key, settings, len(users), lm), tags=tracking.owner_tags("eval")) as parent, \
             progress_bar() as progress:
         params = tracking.run_params(settings, task.key, lm=lm, data=source, data_fingerprint=tracking.data_fingerprint(users))
         mlflow.log_params({**params, "users": len(users), "queries": max((len(u.queries) for u in users), default=0),

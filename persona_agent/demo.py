@@ -47,7 +47,7 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
     rows, started = [], time.perf_counter()
     steps_per_user = 4 + settings.iterations
     with dspy.context(lm=lm, adapter=adapter_for(lm)), \
-            mlflow.start_run(run_name=tracking.run_name("demo", task.key, settings, len(people)), tags=tracking.owner_tags("demo")) as parent, \
+            mlflow.start_run(run_name=tracking.run_name("demo", task.key, settings, len(people), lm), tags=tracking.owner_tags("demo")) as parent, \
             progress_bar() as progress:
         params = tracking.run_params(settings, task.key, lm=lm, data=str(data or "shipped"),
                                      data_fingerprint=tracking.data_fingerprint(people))

@@ -78,13 +78,17 @@ def ui_hint() -> str:
     return f"see it: mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
 
 
-def run_name(command: str, task_key: str, settings: Settings | None = None, users: int | None = None) -> str:
+def run_name(command: str, task_key: str, settings: Settings | None = None, users: int | None = None,
+             lm=None) -> str:
     """A top-level run's name, distinct in the runs list: the command, the task, the settings an
-    engineer varies between two runs (answer step, T, n, K, users), and the minute it started.
-    `tags.command` and `params.task` select runs; the name is for reading."""
+    engineer varies between two runs (the answer step in effect with `lm`, T, n, K, users), and
+    the minute it started. `tags.command` and `params.task` select runs; the name is for reading."""
+    from persona_agent.runtime.llm import answer_step_in_effect
+
     parts = [command, task_key]
     if settings is not None:
-        parts += [settings.answer_step, f"T{settings.iterations}", f"n{settings.batch_size}", f"k{settings.top_k}"]
+        step = answer_step_in_effect(settings, lm).split()[0] if lm is not None else settings.answer_step
+        parts += [step, f"T{settings.iterations}", f"n{settings.batch_size}", f"k{settings.top_k}"]
     if users is not None:
         parts.append(f"{users}u")
     return "-".join([*parts, time.strftime("%m%d-%H%M")])
@@ -178,6 +182,7 @@ def trace(name: str, run_id: str | None = None, **tags) -> Iterator[list[str]]:
         return
     with mlflow.start_span(name=name) as root:
         ids.append(root.trace_id)
+        root.set_inputs(tags)  # what the UI's trace list shows as the request
         mlflow.update_current_trace(tags={k: str(v) for k, v in tags.items() if v is not None},
                                     metadata={TraceMetadataKey.SOURCE_RUN: run_id} if run_id else None)
         yield ids

@@ -396,7 +396,7 @@ def test_eval_runs_carry_every_parameter_and_their_predictions(monkeypatch, tmp_
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
     parent = runs[runs["tags.command"] == "eval"].iloc[0]
-    assert parent["tags.mlflow.runName"].startswith("eval-lamp2m-evidence-T1-n3-k5-2u-")  # what differs, readable
+    assert parent["tags.mlflow.runName"].startswith("eval-lamp2m-prompt-T1-n3-k5-2u-")  # what differs, readable
     children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id]
     assert sorted(children["params.method"]) == ["non-personalized", "pag"]
     # quality per method on the parent run: two evals compare side by side without pairing children
