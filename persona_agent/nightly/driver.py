@@ -153,12 +153,15 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
 def _log_series(nights: list, tonight: dict[str, float], night: int) -> None:
     """Tonight's prequential scores at step `night`, and every earlier night's at theirs: each
     night's run then draws the whole series as a line in the MLflow UI, not a lone dot."""
-    for earlier in nights:
-        step = int(earlier.data.tags.get("night", "0") or 0)
-        past = {k: v for k, v in earlier.data.metrics.items() if k.startswith("prequential_")}
-        if step and past:
-            mlflow.log_metrics(past, step=step)
-    mlflow.log_metrics(tonight, step=night)
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    series = [Metric(k, v, now, int(earlier.data.tags.get("night", "0") or 0))
+              for earlier in nights for k, v in earlier.data.metrics.items() if k.startswith("prequential_")]
+    series = [m for m in series if m.step] + [Metric(k, v, now, night) for k, v in tonight.items()]
+    run_id, client = mlflow.active_run().info.run_id, mlflow.MlflowClient()
+    for i in range(0, len(series), 1000):  # one request per 1,000 points (MLflow's batch limit), not per night
+        client.log_batch(run_id, metrics=series[i:i + 1000])
 
 
 def _committed(committer: Committer, entry) -> tuple:

@@ -301,7 +301,10 @@ def check_model(cfg: LMConfig) -> None:
     name without a provider LiteLLM knows (`bogus-model`; `openai/...`, `ollama/...` are fine).
     With `--api-base` any name is the server's to judge. Nothing is contacted."""
     if cfg.model == "scripted" or cfg.model.startswith("scripted:"):
-        float(cfg.model.partition(":")[2] or 0)  # ValueError: "scripted:x" is no delay
+        try:
+            float(cfg.model.partition(":")[2] or 0)
+        except ValueError:
+            raise ValueError(f"--lm {cfg.model}: 'scripted:SECONDS' takes a delay per call, such as scripted:0.2") from None
         return
     if cfg.model.startswith("local:"):
         if not Path(cfg.model.partition(":")[2]).is_file():

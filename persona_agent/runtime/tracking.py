@@ -66,7 +66,8 @@ def data_fingerprint(users) -> str:
 
     rows = sorted(json.dumps({"task": u.task.key, "labels": list(u.task.labels), "user": u.user_id, "unit": u.unit,
                               "profile": u.profile, "queries": [[q.id, q.input, q.gold] for q in u.queries],
-                              "rule": u.rule}, sort_keys=True) for u in users)
+                              "rule": u.rule}, sort_keys=True, default=str) for u in users)  # str: a value
+    # a loader kept in a non-JSON type (a numpy number from a saved dataset) is its content
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 

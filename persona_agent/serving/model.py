@@ -39,6 +39,9 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
 
         config = dict(context.model_config)
         self.task = get_task(config.pop("task"))
+        if isinstance(config.get("lm"), dict):  # a model logged before the config was flat
+            nested = config.pop("lm")
+            config.update({k: v for k, v in nested.items() if k != "model"}, lm=nested["model"])
         lm = LMConfig(model=config.pop("lm"), **{k: config.pop(k) for k in _LM_FIELDS if k in config})
         lm = replace(lm, api_base=lm.api_base or None)
         self.settings = replace(Settings(), lm=lm, store=Path(config.pop("store")),

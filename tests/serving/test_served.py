@@ -157,3 +157,18 @@ def test_the_serve_command_log_model_prints_works_as_printed_from_any_directory(
         server.wait(timeout=60)
     assert list(elsewhere.iterdir()) == []  # no stray mlflow.db where it was run
     assert "no production persona" in server.stderr.read()
+
+
+def test_a_model_logged_with_the_earlier_nested_config_still_loads(tmp_path):
+    from types import SimpleNamespace
+
+    from persona_agent.serving.model import PersonaModel
+
+    old = {"task": "lamp2m", "store": str(tmp_path), "qdrant_url": None, "top_k": 3, "max_iters": 1,
+           "answer_step": "prompt", "prior_strength": 2.0, "store_wait": 5.0,
+           "lm": {"model": "scripted", "api_base": None, "max_tokens": 100, "temperature": 0.0, "cache": False,
+                  "retries": 1, "timeout": 9.0}}
+    model = PersonaModel()
+    model.load_context(SimpleNamespace(model_config=old))
+    assert model.settings.lm.model == "scripted" and model.settings.lm.max_tokens == 100
+    assert model.settings.top_k == 3 and model.settings.qdrant_url is None and model.settings.lm.api_base is None
