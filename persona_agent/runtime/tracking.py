@@ -166,6 +166,15 @@ def enable_traces() -> None:
     _tracing = True
 
 
+def disable_traces() -> None:
+    """Undo `enable_traces` (a process that runs several commands, such as a test session)."""
+    global _tracing
+    import mlflow.dspy
+
+    mlflow.dspy.autolog(disable=True)
+    _tracing = False
+
+
 _tracing = False
 
 

@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+
+import pytest
 from dataclasses import replace
 
 from persona_agent.data.loaders import Query, load_users
@@ -59,7 +61,17 @@ def _all_traces():
                                 return_type="list")
 
 
-def test_traces_hang_on_their_runs_with_user_method_task_and_persona_version(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def traced_commands():
+    """`--trace` turns tracing on for the process: off again after the test."""
+    from persona_agent.runtime import tracking
+
+    yield
+    tracking.disable_traces()
+
+
+def test_traces_hang_on_their_runs_with_user_method_task_and_persona_version(tmp_path, monkeypatch, capsys,
+                                                                             traced_commands):
     import mlflow
 
     from persona_agent.cli import main

@@ -59,6 +59,19 @@ def test_the_served_model_answers_each_user_with_their_current_production_person
         model.predict(pd.DataFrame({"user": ["u1"]}))
 
 
+def _wait_for(port: int, proc: subprocess.Popen, what: str, seconds: float) -> None:
+    """Until something listens on `port`; fails if `proc` exits or `seconds` pass first."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert proc.poll() is None, f"{what} exited: {proc.stderr.read() if proc.stderr else ''}"
+            assert time.time() < deadline, f"{what} did not start in {seconds:g} s"
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
     """`mlflow server` on a free local port: a sqlite backend, artifacts proxied to a folder."""
@@ -72,14 +85,7 @@ def tracking_server(tmp_path_factory):
                              str(root / "artifacts"), "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+    _wait_for(port, proc, "mlflow server", 120)
     yield url, root
     proc.terminate()
     proc.wait(timeout=30)
@@ -138,15 +144,7 @@ def test_the_serve_command_log_model_prints_works_as_printed_from_any_directory(
     server = subprocess.Popen(serve, shell=True, cwd=elsewhere, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()
-                assert time.time() < deadline, "the model server did not start"
-                time.sleep(0.5)
+        _wait_for(port, server, "the model server", 180)
         reply = subprocess.run(ask, shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
         assert json.loads(reply.stdout)["predictions"][0] in LAMP_2M.labels, reply
         unknown = ask.replace('"u0000"', '"nobody"')
