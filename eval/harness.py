@@ -340,8 +340,9 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                            "keep_going": keep_going})
         bar = progress.add_task("eval", total=len(users) * len(methods))
         client = mlflow.MlflowClient()  # each method's run exists before it answers: its traces hang there
-        method_runs = {m: client.create_run(parent.info.experiment_id, run_name=m, tags={
-            "mlflow.parentRunId": parent.info.run_id}).info.run_id for m in methods}
+        method_runs = {m: client.create_run(parent.info.experiment_id, run_name=m, tags={  # owned like the parent:
+            "mlflow.parentRunId": parent.info.run_id, **tracking.owner_tags()}).info.run_id  # closed if we die
+                       for m in methods}
         run = run_eval(settings, task, users, methods, lm, adapter_for(lm), memory, keep_going=keep_going,
                        on_progress=lambda what: progress.update(bar, advance=1, description=what),
                        method_runs=method_runs)

@@ -404,6 +404,8 @@ def test_eval_runs_carry_every_parameter_and_their_predictions(monkeypatch, tmp_
         assert parent[f"metrics.accuracy/{key}"] == pytest.approx(table.loc[method, "LaMP-2M Acc"])
     assert parent["metrics.delta_vs_non_personalized/pag"] == pytest.approx(table.loc["pag", "Δ non-personalized"])
     assert parent["params.queries"] == "1" and parent["params.queries_total"] == "2"  # per user, like --queries
+    assert "None" not in {v for c, v in parent.items() if c.startswith("params.")}  # unset is "", as everywhere
+    assert children["tags.persona_agent.pid"].notna().all()  # a killed eval's method runs are closed later too
     # the profile each persona method answered with, per user (what an alignment wrote is kept)
     pag = children[children["params.method"] == "pag"].iloc[0]
     personas = mlflow.load_table("personas.json", run_ids=[pag.run_id])
