@@ -377,7 +377,7 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
         run_id = parent.info.run_id
     shown = table if wide else compact(task, table)
     console.print(f"{task.name}, {len(run.finished)} users, {sum(len(u.queries) for u in users)} queries"
-                  + ("" if wide else " (--wide: every column)"))
+                  + ("" if wide else "; LM calls and seconds per answer (--wide: every column)"))
     console.print(shown.to_string(float_format=lambda v: f"{v:.3f}"))
     if run.headroom is not None:
         console.print(run.headroom.says())
@@ -453,18 +453,18 @@ def results_table(task: Task, results: list[MethodResult]) -> pd.DataFrame:
 
 
 def compact(task: Task, table: pd.DataFrame) -> pd.DataFrame:
-    """The table for a terminal (under 80 columns): the task's metrics, the difference to `w/o
-    alignment` with its interval and n, and LM calls and seconds per answer."""
+    """The table for an 80-column terminal: the task's primary metric, the difference to `w/o
+    alignment` with its interval, n, and LM calls and seconds per answer."""
     out = pd.DataFrame(index=table.index)
-    for m in task.metric_names:
-        out[SHORT[m]] = table[f"{task.name} {SHORT[m]}"]
+    primary = SHORT[task.metric_names[0]]
+    out[primary] = table[f"{task.name} {primary}"]
     base = "w/o alignment"
     if f"Δ {base}" in table and table[f"Δ {base}"].notna().any():
         out[f"Δ {base} [95% CI]"] = ["" if pd.isna(v) else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" for v, lo, hi in
                                      table[[f"Δ {base}", f"Δ {base} low", f"Δ {base} high"]].itertuples(index=False)]
     out["n"] = table["n"]
-    out["calls/ans"] = table["LM calls/sample"]
-    out["s/ans"] = table["s/sample"]
+    out["calls"] = table["LM calls/sample"]  # per answer
+    out["s"] = table["s/sample"]
     return out
 
 
