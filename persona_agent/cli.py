@@ -22,36 +22,30 @@ from persona_agent.runtime.settings import Settings, offline_environment
 # -- options ----------------------------------------------------------------------------------
 
 
-def _at_least(minimum, convert=int, what="a whole number"):
-    """An argparse type: a finite number >= minimum, rejected at parse time otherwise (nan and inf
-    are no setting)."""
+def _at_least(minimum, convert=int, what="a whole number", maximum=10**9):
+    """An argparse type: a finite number in [minimum, maximum], rejected at parse time otherwise
+    (nan, inf and absurd values are no setting)."""
     def parse(text: str):
         try:
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {what} of at least {minimum:g}, not {text}")
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be {what} from {minimum:g} to {maximum:g}, not {text}")
         return value
     return parse
 
 
-def _count(minimum: int):
-    return _at_least(minimum)
+def _count(minimum: int, maximum: int = 10**9):
+    return _at_least(minimum, maximum=maximum)
 
 
 def _finite(minimum: float):
-    return _at_least(minimum, float, "a finite number")
+    return _at_least(minimum, float, "a finite number", maximum=1e6)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
-    return value
+# Seconds: above zero (a zero timeout is no timeout) and at most a week.
+_seconds = _at_least(1e-3, float, "a number of seconds", maximum=7 * 24 * 3600)
 
 
 def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
@@ -121,7 +115,7 @@ def _alignment_options(p: argparse.ArgumentParser, s: Settings) -> None:
 
 
 def _workers_option(p: argparse.ArgumentParser, s: Settings, what: str) -> None:
-    p.add_argument("--workers", type=_count(1), default=s.workers, help=f"{what} (default {s.workers})")
+    p.add_argument("--workers", type=_count(1, maximum=4096), default=s.workers, help=f"{what} (default {s.workers})")
 
 
 def _task_option(p: argparse.ArgumentParser) -> None:
@@ -318,7 +312,7 @@ def personas_command(settings: Settings, args) -> int:
         elif args.action == "diff":
             print(registry.diff(args.user, args.v1, args.v2) or "identical")
         elif args.action == "rollback":
-            registry.rollback(args.user, args.to)
+            registry.rollback(args.user, args.to, force=args.force)
             print(f"{args.user}: production is now version {args.to}")
     return 0
 
@@ -484,6 +478,8 @@ def _personas_args(p, s):
             a.add_argument("v2", type=_count(1))
         if name == "rollback":
             a.add_argument("--to", type=_count(1), required=True, help="version to serve")
+            a.add_argument("--force", action="store_true",
+                           help="serve it even if its profile fails today's profile check (tagged `forced`, logged)")
         if name == "history":
             a.add_argument("--wide", action="store_true",
                            help="every column, the whole reason and message (default: what fits the terminal)")

@@ -27,6 +27,14 @@ The user profile below was written from this user's own history. It describes th
 </profile>"""
 _DELIMITER = re.compile(r"<\s*/?\s*profile\s*>", flags=re.I)
 
+
+def strip_delimiters(text: str) -> str:
+    """`text` with no profile tag left, however nested: removing `</profile>` once from
+    `<</profile>/profile>` would join a new one."""
+    while (shorter := _DELIMITER.sub("", text)) != text:
+        text = shorter
+    return text
+
 # Templates of earlier releases: personas registered under them still parse (and are served
 # under the current template), so an upgrade never strands a production persona.
 LEGACY_TEMPLATES = (INSTRUCTION + """
@@ -59,7 +67,7 @@ class Persona:
         object.__setattr__(self, "profile", clip(self.profile.strip() or NOTHING_KNOWN, PROFILE_BUDGET))
 
     def render(self) -> str:
-        profile = _DELIMITER.sub("", self.profile)  # the slot cannot end its quotation early
+        profile = strip_delimiters(self.profile)  # the slot cannot end its quotation early
         return self.template.format(task_description=self.task.description, profile=profile)
 
     @property

@@ -83,7 +83,9 @@ def test_max_tokens_reaches_the_lm_config_of_every_command():
 @pytest.mark.parametrize("option", [["--batch", "0"], ["--iterations", "-1"], ["--top-k", "-5"], ["--workers", "0"],
                                     ["--timeout", "0"], ["--max-iters", "x"], ["--max-tokens", "0"],
                                     ["--prior-strength", "nan"], ["--prior-strength", "inf"], ["--prior-strength", "-1"],
-                                    ["--answer-step", "logits"]])
+                                    ["--answer-step", "logits"], ["--timeout", "nan"], ["--wait", "nan"],
+                                    ["--timeout", "1e400"], ["--wait", "inf"], ["--workers", "99999999999999999999"],
+                                    ["--max-calls", "1e3"], ["--timeout", "-5"]])
 def test_bad_option_values_are_refused_at_parse_time(option, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["nightly", *option])

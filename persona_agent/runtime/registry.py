@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 
@@ -19,7 +20,9 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from persona_agent.data.tasks import Task
 from persona_agent.overrides import forget_cached_alias, registry_client
-from persona_agent.pipelines.persona import Persona, injection_problem
+from persona_agent.pipelines.persona import Persona, profile_problem
+
+log = logging.getLogger(__name__)
 
 PRODUCTION = "production"
 PRODUCTION_TAG = "production_version"
@@ -80,12 +83,14 @@ class PersonaRegistry:
         return int(version)
 
     def promote(self, user_id: str, version: int, *, check: bool = True) -> None:
-        """Point `production` at `version` (`check=False` when the caller just registered it).
-        Refuses unknown versions and ones whose profile carries instructions (a rejected candidate)."""
+        """Point `production` at `version` (`check=False` when the caller just registered it, having
+        checked it). Refuses unknown versions and ones whose profile fails today's profile check
+        (instructions, junk, no preference in the task's terms: a rejected candidate)."""
         if check:
-            problem = injection_problem(self.get(user_id, version).persona.profile)
+            problem = profile_problem(self.get(user_id, version).persona.profile, task=self.task)
             if problem:
-                raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile {problem}")
+                raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile fails the profile "
+                                 f"check ({problem}); --force serves it anyway")
             self.client.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
         else:  # just registered, so known to exist: skip MlflowClient's re-read of the version
             self._registry.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
@@ -96,8 +101,19 @@ class PersonaRegistry:
     def tag(self, user_id: str, version: int, key: str, value) -> None:
         self.client.set_prompt_version_tag(self.name(user_id), str(version), key, str(value))
 
-    def rollback(self, user_id: str, version: int) -> None:
-        self.promote(user_id, version)
+    def rollback(self, user_id: str, version: int, force: bool = False) -> None:
+        """Serve `version` again. `force` serves one that fails today's profile check (a persona of
+        an earlier release, say): the version is tagged `forced` with the reason, and it is logged."""
+        if not force:
+            self.promote(user_id, version)
+            return
+        problem = profile_problem(self.get(user_id, version).persona.profile, task=self.task)
+        if problem:
+            log.warning("%s: version %d serves although its profile fails the check (%s): forced", user_id, version,
+                        problem)
+            self.tag(user_id, version, "forced", problem)
+        self.client.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
+        self._registry.set_prompt_tag(self.name(user_id), PRODUCTION_TAG, str(version))
 
     def get(self, user_id: str, version: int | None = None) -> Revision:
         """A version, or the production one when `version` is None."""

@@ -11,7 +11,7 @@ from persona_agent.runtime.registry import PersonaNotFound, PersonaRegistry, pro
 
 def _store(registry, user="u1", n=3):
     for i in range(1, n + 1):
-        registry.register(user, Persona(LAMP_2M, f"Profile {i}."), f"rev {i}",
+        registry.register(user, Persona(LAMP_2M, f"Prefers comedy, take {i}."), f"rev {i}",
                           {"iteration": i, "accepted": i != 2, "batch_score": f"0.{i}"}, production=i != 2)
 
 
@@ -22,8 +22,8 @@ def test_every_revision_is_a_version_and_production_follows_accepted_ones(mlflow
     hist = registry.history("u1")
     assert list(hist.version) == [1, 2, 3] and list(hist.production) == [False, False, True]
     assert list(hist.accepted) == ["True", "False", "True"] and list(hist.batch_score) == ["0.1", "0.2", "0.3"]
-    assert registry.get("u1").persona.profile == "Profile 3."
-    assert registry.get("u1", 2).persona.profile == "Profile 2."
+    assert registry.get("u1").persona.profile == "Prefers comedy, take 3."
+    assert registry.get("u1", 2).persona.profile == "Prefers comedy, take 2."
     prompt = mlflow.genai.load_prompt(f"prompts:/{prompt_name('lamp2m', 'u1')}@production")
     assert prompt.version == 3
     users = registry.users().set_index("user_id")
@@ -34,8 +34,8 @@ def test_the_prompt_list_shows_production_and_each_run_lists_the_versions_it_reg
     registry = PersonaRegistry(LAMP_2M)
     with mlflow.start_run() as run:
         pass
-    v1 = registry.register("u1", Persona(LAMP_2M, "Profile 1."), "first", {"run_id": run.info.run_id}, production=True)
-    registry.register("u1", Persona(LAMP_2M, "Profile 2."), "second", {"run_id": run.info.run_id})
+    v1 = registry.register("u1", Persona(LAMP_2M, "Prefers comedy, take 1."), "first", {"run_id": run.info.run_id}, production=True)
+    registry.register("u1", Persona(LAMP_2M, "Prefers comedy, take 2."), "second", {"run_id": run.info.run_id})
     name = prompt_name("lamp2m", "u1")
     (listed,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{name}'")
     assert listed.tags["production_version"] == str(v1)  # the list shows the latest version; this says which serves
@@ -46,11 +46,22 @@ def test_the_prompt_list_shows_production_and_each_run_lists_the_versions_it_reg
     assert listed.tags["production_version"] == "2"
 
 
+def test_rollback_refuses_a_version_that_fails_todays_profile_check_unless_forced(mlflow_store, capsys):
+    registry = PersonaRegistry(LAMP_2M)
+    registry.register("u1", Persona(LAMP_2M, "Prefers comedy, take 1."), "good", production=True)
+    junk = registry.register("u1", Persona(LAMP_2M, "A quiet person who reads a lot."), "refused candidate")
+    store = ["--store", str(mlflow_store.store)]
+    assert main(["personas", "rollback", "u1", "--to", str(junk), *store]) == 2
+    assert "names no preference in the task's terms" in capsys.readouterr().err and registry.get("u1").version == 1
+    assert main(["personas", "rollback", "u1", "--to", str(junk), "--force", *store]) == 0
+    assert registry.get("u1").version == junk and "names no preference" in registry.get("u1", junk).tags["forced"]
+
+
 def test_rollback_moves_production_and_refuses_unknown_versions(mlflow_store):
     registry = PersonaRegistry(LAMP_2M)
     _store(registry)
     registry.rollback("u1", 1)
-    assert registry.get("u1").version == 1 and registry.get("u1").persona.profile == "Profile 1."
+    assert registry.get("u1").version == 1 and registry.get("u1").persona.profile == "Prefers comedy, take 1."
     with pytest.raises(PersonaNotFound):
         registry.rollback("u1", 9)
     assert registry.get("u1").version == 1
@@ -62,7 +73,7 @@ def test_diff_shows_only_the_profile_change(mlflow_store):
     registry = PersonaRegistry(LAMP_2M)
     _store(registry)
     diff = registry.diff("u1", 1, 3)
-    assert "-Profile 1." in diff and "+Profile 3." in diff
+    assert "-Prefers comedy, take 1." in diff and "+Prefers comedy, take 3." in diff
     assert sum(line.startswith(("+", "-")) and not line.startswith(("+++", "---")) for line in diff.splitlines()) == 2
 
 
@@ -86,7 +97,7 @@ def test_cli_history_diff_rollback_show_match_the_registry(mlflow_store, capsys)
     assert main(["personas", "rollback", "u1", "--to", "2", *store]) == 0
     capsys.readouterr()
     assert main(["personas", "show", "u1", *store]) == 0
-    assert capsys.readouterr().out.strip() == Persona(LAMP_2M, "Profile 2.").render()
+    assert capsys.readouterr().out.strip() == Persona(LAMP_2M, "Prefers comedy, take 2.").render()
     assert main(["personas", "show", "ghost", *store]) == 2
     assert "lamp2m user 'ghost' has no production version" in capsys.readouterr().err
 
@@ -144,10 +155,10 @@ def test_answer_serves_the_production_persona_and_follows_a_rollback(mlflow_stor
 
     with Store.open(mlflow_store, memory="persistent") as store:
         assert answer(store, LAMP_2M, "u1", query, lm=fake_lm) == "comedy"
-        assert served_profile() == "Profile 3."
+        assert served_profile() == "Prefers comedy, take 3."
         registry.rollback("u1", 1)
         answer(store, LAMP_2M, "u1", query, lm=fake_lm)
-    assert served_profile() == "Profile 1."
+    assert served_profile() == "Prefers comedy, take 1."
 
 
 def test_answer_exits_4_with_one_line_when_the_llms_answer_is_unusable(mlflow_store, capsys):
