@@ -26,7 +26,7 @@ class Deferred(Stopped):
     aligned), keeps their persona, and is aligned on a later night."""
 
 
-# LM calls of the user a worker thread is aligning (a one-item list, set per job)
+# LM calls the user a worker thread is aligning has made (a one-item list, set per job)
 user_calls: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("user_calls", default=None)
 
 
@@ -49,9 +49,9 @@ class Gate(BaseCallback):
             self.calls += 1
         user = user_calls.get()
         if user is not None:
-            user[0] += 1
-            if self.per_user and user[0] > self.per_user:
+            if self.per_user and user[0] >= self.per_user:
                 raise Deferred(f"needs more than the {self.per_user} LM calls a user may use per night")
+            user[0] += 1  # counted once allowed: the calls this user made, deferred or not
 
 
 @contextlib.contextmanager

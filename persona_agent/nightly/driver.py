@@ -88,8 +88,9 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
                     outcome = align_job(job, task, settings)
                 outcome.trace_id = next(iter(traced), None)
                 return outcome
-            except Deferred as why:  # cut off mid-way: nothing of it is committed
-                return UserOutcome(job.user_id, job.fingerprint, "deferred", error=str(why))
+            except Deferred as why:  # cut off mid-way: nothing of it is committed, its calls are counted
+                return UserOutcome(job.user_id, job.fingerprint, "deferred", error=str(why),
+                                   lm_calls=user_calls.get()[0])
             finally:
                 user_calls.reset(token)
 
@@ -121,11 +122,13 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
         with Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night) as committer:
             # Tallied as commits finish (they finish in order), so a run holds the outcomes in
             # flight, not every user's: memory grows with workers, not users (bench/nightly_memory.py).
-            pending, committed = collections.deque(), []
+            pending, committed, deferred_calls = collections.deque(), [], {}
             for outcome in outcomes:
                 progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
-                if outcome.status == "deferred":
+                if outcome.status == "deferred":  # not committed; its LM calls were made, and count
                     summary.deferred[outcome.user_id] = outcome.error
+                    summary.lm_calls += outcome.lm_calls
+                    deferred_calls[outcome.user_id] = outcome.lm_calls
                     continue
                 pending.append((outcome, committer.submit(outcome)))
                 while pending and pending[0][1][1].done():
@@ -133,7 +136,8 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
             while pending:
                 committed.append(_tally(summary, *_committed(committer, pending.popleft())))
             rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
-            rows += [{"user_id": user, "status": "deferred", "error": why} for user, why in summary.deferred.items()]
+            rows += [{"user_id": user, "status": "deferred", "lm_calls": deferred_calls.get(user, 0), "error": why}
+                     for user, why in summary.deferred.items()]
             rows += committed
             _link_user_traces(committed, run.info.run_id)
         done = {row["user_id"] for row in rows}  # failed, deferred or committed
