@@ -58,13 +58,16 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
         with Store.open(self.settings, memory="persistent", tracking=False) as store:
             registry = store.registry(self.task)
 
-            def one(user_id: str, query: str) -> str | None:
+            def one(user_id: str, query) -> str | None:
+                if query is None or pd.isna(query) or not str(query).strip():  # no question: no answer
+                    _log.warning("%s user %r: empty query: answered null", self.task.key, user_id)
+                    return None
                 if registry.production_version(user_id) is None:
                     _log.warning("%s user %r has no production persona: answered null", self.task.key, user_id)
                     return None
-                return or_fallback(lambda: answer(store, self.task, user_id, query, lm=self.lm), None,
+                return or_fallback(lambda: answer(store, self.task, user_id, str(query), lm=self.lm), None,
                                    f"user {user_id}: served answer")
-            return [one(str(u), str(q)) for u, q in zip(frame["user_id"], frame["query"])]
+            return [one(str(u), q) for u, q in zip(frame["user_id"], frame["query"])]
 
 
 _LM_FIELDS = ("api_base", "temperature", "max_tokens", "retries", "timeout", "cache")

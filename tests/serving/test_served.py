@@ -52,6 +52,8 @@ def test_the_served_model_answers_each_user_with_their_current_production_person
     query = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
     frame = pd.DataFrame({"user_id": ["u1", "u2", "nobody"], "query": [query] * 3})
     assert list(model.predict(frame)) == ["action", "comedy", None]
+    blank = pd.DataFrame({"user_id": ["u1", "u1", "u1"], "query": ["", "   ", None]})
+    assert list(model.predict(blank)) == [None, None, None]  # no question is answered with a label
     # tonight's alignment promotes a new version for u2: served at once, nothing logged again
     registry.register("u2", Persona(LAMP_2M, "Prefers action."), "aligned", production=True)
     assert list(model.predict(frame)) == ["action", "action", None]
