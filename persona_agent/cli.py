@@ -334,6 +334,14 @@ def answer_command(settings: Settings, args) -> int:
     from persona_agent.runtime.store import Store
     from persona_agent.serving.answer import answer
 
+    try:  # the shell hands undecodable bytes over as surrogates: refused here, not deep in the LM client
+        args.query.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(err.object[err.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise ValueError(f"the query is not UTF-8 text ({what} at position {err.start})") from None
+    if not args.query.strip():
+        raise ValueError("the query is empty")
     with Store.open(settings, memory="persistent") as store:
         _trace_if_asked(args)
         print(answer(store, get_task(args.task), args.user, args.query))
