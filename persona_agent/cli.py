@@ -648,6 +648,12 @@ def _main(argv: list[str] | None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"persona-agent: {where}{err.strerror or err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (nightly: the second one): one line, the shell's code, no waiting
+        print("persona-agent: aborted; nothing half done was committed (nightly: the next run does the rest)",
+              file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # not sys.exit: the interpreter would wait for worker threads still in an LM call
     except LMError as err:  # a wrong --lm/--api-base/key or quota (not retried), or an outage after the retries
         after = f" after {settings.lm.retries} retries" if is_retryable_lm_error(err) else ""
         print(f"persona-agent: the LLM failed{after}: {' '.join(str(err).split())[:500]}", file=sys.stderr)

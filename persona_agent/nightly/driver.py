@@ -12,6 +12,7 @@ it, the users that finished are committed, the others are left for the next run.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -98,10 +99,14 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
         # importing MLflow) are set up while they work.
         outcomes, shutdown = (ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
                               else thread_outcomes(jobs, work, workers))
+        aborted = False
         try:
             _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console, lm)
+        except KeyboardInterrupt:  # a second Ctrl-C: no waiting for the users in flight
+            aborted = True
+            raise
         finally:
-            shutdown()
+            shutdown(wait=not aborted)
     return summary
 
 
@@ -112,7 +117,7 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
     name = f"nightly-{task.key}-night{summary.night}-{time.strftime('%Y-%m-%d')}"
     with mlflow.start_run(run_name=name, tags={**tracking.owner_tags("nightly"), "nightly_task": task.key,
                                                "night": str(summary.night)}) as run, \
-            progress_bar(console) as progress:
+            _killed_if_aborted(), progress_bar(console) as progress:
         summary.run_id = run.info.run_id
         mlflow.log_params(tracking.run_params(
             settings, task.key, lm=lm, workers=workers, executor=executor, users_planned=len(jobs),
@@ -152,6 +157,18 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
                                                     "tokens", "fallbacks", "error"]).to_csv(index=False), "users.csv")
         if summary.stopped_by:
             mlflow.set_tag("stopped_by", summary.stopped_by)
+
+
+@contextlib.contextmanager
+def _killed_if_aborted():
+    """A second Ctrl-C ends the night's run KILLED (what happened), not FAILED (MLflow's default for
+    an exception): the users it committed stand, the others are left for the next run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.set_tag("stopped_by", "SIGINT twice (aborted)")
+        mlflow.end_run("KILLED")
+        raise
 
 
 def _log_series(nights: list, tonight: dict[str, float], night: int) -> None:

@@ -18,7 +18,8 @@ from persona_agent.runtime.settings import Settings
 
 def thread_outcomes(jobs, work, workers):
     """Starts every job now; returns (outcomes as they finish, shutdown). Shutdown cancels the
-    jobs not started and waits for those running (an error on the way leaves no LM calls behind)."""
+    jobs not started and waits for those running (an error on the way leaves no LM calls behind),
+    unless told not to (an abort)."""
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     futures = [pool.submit(work, job) for job in jobs]
 
@@ -31,7 +32,7 @@ def thread_outcomes(jobs, work, workers):
             except Stopped:  # not started, or stopped at an LM call: left for the next run
                 pass
 
-    return outcomes(), lambda: pool.shutdown(wait=True, cancel_futures=True)
+    return outcomes(), lambda wait=True: pool.shutdown(wait=wait, cancel_futures=True)
 
 
 class _RayAligner:
@@ -90,4 +91,4 @@ def ray_outcomes(jobs, task: Task, settings: Settings, workers: int, stop: threa
                 yield UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
 
     submit()
-    return outcomes(), lambda: [ray.kill(actor) for actor in pool]
+    return outcomes(), lambda wait=True: [ray.kill(actor) for actor in pool]

@@ -112,6 +112,40 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
     assert _done(settings) == USERS and f"unchanged {committed}" in rerun.stdout
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once_in_one_line_and_the_night_reads_killed(tmp_path, monkeypatch,
+                                                                              fake_llm_server):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = Settings(store=tmp_path / "mlruns")
+    ingest_into(settings, write_dataset(tmp_path / "data", LAMP_2M, n_users=USERS, n_history=8, n_queries=1, seed=5))
+    server, url = fake_llm_server.serve_in_background(latency=0.0)
+    server.handler.hold = _from_the_second_users_profile()  # the second user's calls never return: in flight
+    env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache"), "OPENAI_API_KEY": "sk-fake"}
+    command = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--workers", "1",
+               "--lm", "openai/gpt-4o-mini", "--api-base", url, "-n", "2", "-T", "2"]
+    try:
+        proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        err_lines, stopping = [], threading.Event()
+        reader = _read_lines(proc.stderr, err_lines, stopping, "stopping")
+        _wait_for(lambda: (server.handler.held >= 1 and _done(settings) >= 1) or proc.poll() is not None)
+        assert proc.poll() is None, "the run finished before it could be stopped"
+        os.killpg(proc.pid, signal.SIGINT)
+        _wait_for(lambda: stopping.is_set() or proc.poll() is not None)
+        os.killpg(proc.pid, signal.SIGINT)  # again, with a call still held: no waiting for it
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        server.handler.released.set()
+        server.shutdown()
+    err = "".join(err_lines)
+    assert proc.returncode == 130 and "Traceback" not in err and "persona-agent: aborted" in err, err[-2000:]
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
+    assert run["status"] == "KILLED" and "twice" in run["tags.stopped_by"]
+    assert _done(settings) == 1  # what was committed before stands
+
+
 @pytest.mark.parametrize("restarts", [3, 0])
 @pytest.mark.slow
 def test_a_killed_commit_process_is_replaced_or_the_rest_fail_named(restarts, tmp_path, monkeypatch):
