@@ -181,21 +181,45 @@ class StateStore:
             log.warning("state of user %s is unreadable; they will be re-aligned", user_id)
             return None
 
+    def user_ids(self) -> set[str]:
+        """Every user with a state (one read per user)."""
+        ids = set()
+        for path in self.root.glob("*.json") if self.root.exists() else ():
+            try:
+                ids.add(json.loads(path.read_text(encoding="utf-8"))["user_id"])
+            except (OSError, ValueError, KeyError):
+                continue  # unreadable: `get` says so for its user
+        return ids
+
     def put(self, user_id: str, state: dict) -> None:
         atomic_write_text(self._path(user_id), json.dumps({"user_id": user_id, **state}))
+
+
+DAMAGED = ("history shrank: {missing} of {had} items aligned on are missing from memory; the store may be "
+           "damaged (restore it from a backup); {user} keeps their persona and is not re-aligned")
 
 
 def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[UserJob], list[str], dict[str, str]]:
     """Jobs for users whose history changed since their last completed alignment; the users
     unchanged; and those that could not be planned (user id -> error), who are left as they are."""
     jobs, unchanged, failed = [], [], {}
-    for user_id in memory.user_ids():
+    in_memory = set(memory.user_ids())
+    for user_id in sorted(states.user_ids() - in_memory):  # aligned before, and now no memory at all
+        failed[user_id] = DAMAGED.format(missing="all", had="the", user=user_id)
+    for user_id in in_memory:
         try:
             items = memory.items(user_id)
             fp = fingerprint(items)
             state = states.get(user_id)
             if state and state.get("fingerprint") == fp:
                 unchanged.append(user_id)
+                continue
+            # Nothing deletes a memory (ingest adds or replaces by id): an item aligned on that is
+            # gone means a damaged store, and aligning on what is left would write a wrong persona.
+            missing = set((state or {}).get("item_ids", ())) - {it.item_id for it in items}
+            if missing:
+                failed[user_id] = DAMAGED.format(missing=len(missing), had=len(state["item_ids"]), user=user_id)
+                log.warning("user %s: %s", user_id, failed[user_id])
                 continue
             current = registry.production_version(user_id)
             profile = registry.get(user_id, current).persona.profile if current is not None else None

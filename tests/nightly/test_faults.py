@@ -111,3 +111,20 @@ def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
     runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])
     users_csv = mlflow.artifacts.load_text(f"runs:/{runs.run_id[0]}/users.csv")
     assert "u0001,failed" in users_csv and "planning failed" in users_csv
+
+
+def test_a_history_that_shrank_is_a_damaged_store_named_and_nobody_is_aligned_on_it(night, monkeypatch):
+    """Nothing deletes a memory, so items aligned on that are gone mean damage (a truncated id
+    tracker lost 14 of 18 memories without a word): the user fails, named, and keeps their persona."""
+    from persona_agent.pipelines.memory import EpisodicMemory
+
+    run_nightly(night, LAMP_2M, lm=build_lm(night.lm))
+    before = _production(night)
+    items, user_ids = EpisodicMemory.items, EpisodicMemory.user_ids
+    monkeypatch.setattr(EpisodicMemory, "items", lambda self, u: items(self, u)[:3] if u == "u0001" else items(self, u))
+    monkeypatch.setattr(EpisodicMemory, "user_ids", lambda self: [u for u in user_ids(self) if u != "u0002"])
+    summary = run_nightly(night, LAMP_2M, lm=build_lm(night.lm))
+    assert sorted(summary.failed) == ["u0001", "u0002"] and summary.unchanged == ["u0000"]
+    assert "5 of 8 items aligned on are missing" in summary.failed["u0001"]
+    assert "all of the items" in summary.failed["u0002"] and "damaged" in summary.failed["u0002"]
+    assert not summary.aligned and not summary.rejected and _production(night) == before
