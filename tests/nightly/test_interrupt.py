@@ -57,21 +57,26 @@ def _read_lines(stream, lines: list, seen: threading.Event, marker: str) -> thre
     return reader
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finishes(
-        sig, tmp_path, monkeypatch, fake_llm_server):
+def _a_night_held_at_the_second_user(tmp_path, monkeypatch, fake_llm_server):
+    """(settings, server, env, command) of a `nightly` over USERS users, one at a time, against a
+    fake LLM server that holds every request from the second user's first call (its profile) on:
+    the first user has finished and no other can, however slow or loaded the machine is."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = Settings(store=tmp_path / "mlruns")
-    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=USERS, n_history=8, n_queries=1, seed=5)
-    ingest_into(settings, data)
+    ingest_into(settings, write_dataset(tmp_path / "data", LAMP_2M, n_users=USERS, n_history=8, n_queries=1, seed=5))
     server, url = fake_llm_server.serve_in_background(latency=0.0)
-    # One user at a time; from the second user's first call (its profile), every LM request is
-    # held: the first user has finished, and no other can, however slow or loaded the machine is.
     server.handler.hold = _from_the_second_users_profile()
     env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache"), "OPENAI_API_KEY": "sk-fake"}
     command = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--workers", "1",
                "--lm", "openai/gpt-4o-mini", "--api-base", url, "-n", "2", "-T", "2"]
+    return settings, server, env, command
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finishes(
+        sig, tmp_path, monkeypatch, fake_llm_server):
+    settings, server, env, command = _a_night_held_at_the_second_user(tmp_path, monkeypatch, fake_llm_server)
     try:
         # its own process group, signalled as a terminal signals one (Ctrl-C reaches the commit process too)
         proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -115,14 +120,7 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
 @pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once_in_one_line_and_the_night_reads_killed(tmp_path, monkeypatch,
                                                                               fake_llm_server):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    settings = Settings(store=tmp_path / "mlruns")
-    ingest_into(settings, write_dataset(tmp_path / "data", LAMP_2M, n_users=USERS, n_history=8, n_queries=1, seed=5))
-    server, url = fake_llm_server.serve_in_background(latency=0.0)
-    server.handler.hold = _from_the_second_users_profile()  # the second user's calls never return: in flight
-    env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache"), "OPENAI_API_KEY": "sk-fake"}
-    command = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--workers", "1",
-               "--lm", "openai/gpt-4o-mini", "--api-base", url, "-n", "2", "-T", "2"]
+    settings, server, env, command = _a_night_held_at_the_second_user(tmp_path, monkeypatch, fake_llm_server)
     try:
         proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
