@@ -12,6 +12,7 @@ import pytest
 from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
+from persona_agent.runtime import tracking
 
 
 @pytest.mark.slow
@@ -34,13 +35,14 @@ def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatc
     lm = ["--lm", "openai/gpt-4o-mini", "--api-base", url, "--store", str(tmp_path / "mlruns")]
     caplog.set_level(logging.DEBUG)
     try:
-        assert main(["ingest", str(data), *lm]) == 0
+        assert main(["ingest", str(data), "--store", str(tmp_path / "mlruns")]) == 0  # ingest calls no LLM
         assert main(["nightly", "--iterations", "1", "--batch", "2", "--trace", *lm]) == 0
         assert main(["eval", "--data", str(data), "--methods", "persona-agent,rag", "--iterations", "1",
                      "--batch", "2", "--trace", "--out", str(tmp_path / "mlruns" / "eval"), *lm]) == 0
         assert main(["answer", "u0000", LAMP_2M.make_input("A heist film.", LAMP_2M.labels), "--trace", *lm]) == 0
     finally:
         server.shutdown()
+        tracking.disable_traces()  # --trace turned tracing on for this process: off for the tests after
     assert seen_keys and all(k == f"Bearer {key}" for k in seen_keys)  # the endpoint got it: the test is live
     out, err = capsys.readouterr()
     assert key not in out + err and key not in caplog.text
