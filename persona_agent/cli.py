@@ -376,9 +376,8 @@ def log_model_command(settings: Settings, args) -> int:
     task = get_task(args.task)
     with Store.open(settings, memory=None) as store:
         uri = log_model(settings, task.key, args.register)
-        users = store.registry(task).users()
-    served = users.dropna(subset=["production"]).user_id
-    print(f"logged {uri}\n" + serve_instructions(settings, uri, task, served.iloc[0] if len(served) else None))
+        served = store.registry(task).first_served()  # the printed request asks for a user it serves
+    print(f"logged {uri}\n" + serve_instructions(settings, uri, task, served))
     return 0
 
 

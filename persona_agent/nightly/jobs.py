@@ -269,7 +269,7 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
             registry.tag(outcome.user_id, outcome.rollback_to, key, value)
         production = outcome.rollback_to
     if production != serving:
-        registry.promote(outcome.user_id, production, check=False)
+        registry.promote(outcome.user_id, production)
     states.put(outcome.user_id, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
                                  "semantic_profile": outcome.semantic_profile, "item_ids": outcome.item_ids,
                                  "scores": scores, "at": time.time()})

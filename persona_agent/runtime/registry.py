@@ -79,22 +79,14 @@ class PersonaRegistry:
         if tags.get("run_id"):  # the run page lists the versions it registered ("Registered prompts")
             self._registry.link_prompt_version_to_run(name, str(version), tags["run_id"])
         if production:
-            self.promote(user_id, version, check=False)
+            self.promote(user_id, version)
         return int(version)
 
-    def promote(self, user_id: str, version: int, *, check: bool = True) -> None:
-        """Point `production` at `version` (`check=False` when the caller just registered it, having
-        checked it). Refuses unknown versions and ones whose profile fails today's profile check
-        (instructions, junk, no preference in the task's terms: a rejected candidate)."""
-        if check:
-            problem = profile_problem(self.get(user_id, version).persona.profile, task=self.task)
-            if problem:
-                raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile fails the profile "
-                                 f"check ({problem}); --force serves it anyway")
-            self.client.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
-        else:  # just registered, so known to exist: skip MlflowClient's re-read of the version
-            self._registry.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
-            forget_cached_alias(self.client, self.name(user_id), PRODUCTION)
+    def promote(self, user_id: str, version: int) -> None:
+        """Point `production` at `version`, a version known to exist and to pass the profile check
+        (just registered by the caller, or checked by `rollback`): no re-read of the version."""
+        self._registry.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
+        forget_cached_alias(self.client, self.name(user_id), PRODUCTION)
         # the prompt list shows a prompt's tags, not its aliases: there, production is this tag
         self._registry.set_prompt_tag(self.name(user_id), PRODUCTION_TAG, str(version))
 
@@ -102,18 +94,19 @@ class PersonaRegistry:
         self.client.set_prompt_version_tag(self.name(user_id), str(version), key, str(value))
 
     def rollback(self, user_id: str, version: int, force: bool = False) -> None:
-        """Serve `version` again. `force` serves one that fails today's profile check (a persona of
-        an earlier release, say): the version is tagged `forced` with the reason, and it is logged."""
-        if not force:
-            self.promote(user_id, version)
-            return
+        """Serve `version` again. Refuses unknown versions and ones whose profile fails today's
+        profile check (instructions, junk, no preference in the task's terms: a rejected candidate);
+        `force` serves one anyway (a persona of an earlier release, say), tagged `forced` with the
+        reason, and logged."""
         problem = profile_problem(self.get(user_id, version).persona.profile, task=self.task)
+        if problem and not force:
+            raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile fails the profile "
+                             f"check ({problem}); --force serves it anyway")
         if problem:
             log.warning("%s: version %d serves although its profile fails the check (%s): forced", user_id, version,
                         problem)
             self.tag(user_id, version, "forced", problem)
-        self.client.set_prompt_alias(self.name(user_id), PRODUCTION, int(version))
-        self._registry.set_prompt_tag(self.name(user_id), PRODUCTION_TAG, str(version))
+        self.promote(user_id, version)
 
     def get(self, user_id: str, version: int | None = None) -> Revision:
         """A version, or the production one when `version` is None."""
@@ -155,6 +148,15 @@ class PersonaRegistry:
     def diff(self, user_id: str, v1: int, v2: int) -> str:
         a, b = self.get(user_id, v1).persona.render(), self.get(user_id, v2).persona.render()
         return "\n".join(difflib.unified_diff(a.splitlines(), b.splitlines(), f"v{v1}", f"v{v2}", lineterm=""))
+
+    def first_served(self) -> str | None:
+        """A user with a production persona, or None: reads prompts only until it finds one."""
+        for prompt in _pages(self.client.search_prompts, filter_string=f"name LIKE 'persona.{self.task.key}.%'"):
+            versions = list(_pages(self.client.search_prompt_versions, prompt.name))
+            user = versions[0].tags.get("user_id") if versions else None
+            if user is not None and self.production_version(user) is not None:
+                return user
+        return None
 
     def users(self) -> pd.DataFrame:
         """One row per user: prompt name, versions, production version."""
