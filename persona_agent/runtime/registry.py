@@ -98,7 +98,9 @@ class PersonaRegistry:
         profile check (instructions, junk, no preference in the task's terms: a rejected candidate);
         `force` serves one anyway (a persona of an earlier release, say), tagged `forced` with the
         reason, and logged."""
-        problem = profile_problem(self.get(user_id, version).persona.profile, task=self.task)
+        persona = self.get(user_id, version).persona
+        # the empty profile (a refused first profile's placeholder) is what a new user is served: safe
+        problem = profile_problem(persona.known, task=self.task) if persona.known else None
         if problem and not force:
             raise ValueError(f"version {version} of {user_id!r} cannot serve: its profile fails the profile "
                              f"check ({problem}); --force serves it anyway")

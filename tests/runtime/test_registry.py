@@ -55,6 +55,10 @@ def test_rollback_refuses_a_version_that_fails_todays_profile_check_unless_force
     assert "names no preference in the task's terms" in capsys.readouterr().err and registry.get("u1").version == 1
     assert main(["personas", "rollback", "u1", "--to", str(junk), "--force", *store]) == 0
     assert registry.get("u1").version == junk and "names no preference" in registry.get("u1", junk).tags["forced"]
+    # the empty profile (a refused first profile's placeholder) is no junk: it may serve again
+    empty = registry.register("u1", Persona(LAMP_2M, "(nothing known yet)"), "first profile refused")
+    registry.rollback("u1", empty)
+    assert registry.get("u1").version == empty and "forced" not in registry.get("u1", empty).tags
 
 
 def test_rollback_moves_production_and_refuses_unknown_versions(mlflow_store):
