@@ -3,9 +3,11 @@
     python bench/injection.py [--show]
 
 Runs `profile_problem` (the check every summary and every rewrite passes before it can enter a
-persona) over bench/injection_corpus.json: paraphrased attacks and ordinary profiles in three sets
-(its `about` says how each was used): `dev` (60 + 60) and `round2` (40 + 40) shaped the check;
-`held-out` (40 + 40) never did, so its row is the estimate to quote. Prints refusal and
+persona) over bench/injection_corpus.json: paraphrased attacks and ordinary profiles in five sets
+(its `about` says how each was used): `dev` (60 + 60), `round2` (40 + 40), `held-out` (40 + 40,
+measured untouched once, then used) and `round3` (40 + 80, profiles in the second person and in
+French and German) shaped the check; `held-out-2` (40 + 40) never did, so its row is the
+estimate to quote. Prints refusal and
 false-alarm rates with Wilson 95% intervals; `--show` lists the attacks let through and the false
 alarms.
 """

@@ -38,6 +38,7 @@ from persona_agent.pipelines.memory import EpisodicMemory, history_items
 from persona_agent.pipelines.metering import Cost, answer_or_none, is_lm_error, metered
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.runtime.lm_cache import owned_by
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.wiring import user_flow
@@ -130,7 +131,7 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
         flow.remember()
 
     def one_user(user: UserData) -> _UserRun:
-        with dspy.context(lm=lm, adapter=adapter):
+        with dspy.context(lm=lm, adapter=adapter), owned_by(user.user_id):  # its cached answers are the user's
             return _run_user(user, UserContext(flows[user.unit], settings, user.rule), methods, on_progress,
                              method_runs or {})
 
@@ -347,7 +348,7 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                        on_progress=lambda what: progress.update(bar, advance=1, description=what),
                        method_runs=method_runs)
         table = results_table(task, run.results)
-        write_outputs(out, task, table, run.results, run.headroom)
+        write_outputs(out, task, table, run.results, run.headroom, {q.id: u.user_id for u in users for q in u.queries})
         for r in run.results:
             with mlflow.start_run(run_id=method_runs[r.method], nested=True):
                 mlflow.log_params({**params, "method": r.method})
@@ -469,13 +470,16 @@ def compact(task: Task, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_outputs(out: Path, task: Task, table: pd.DataFrame, results: list[MethodResult],
-                  room: Headroom | None = None) -> None:
+                  room: Headroom | None = None, owners: dict[str, str] | None = None) -> None:
     """results.csv, results.md and predictions/<method>.json (LaMP `golds` format, the answers as
-    LaMP's scorer will read them), atomically."""
+    LaMP's scorer will read them; each row also names its user, from `owners`, which LaMP's
+    scorer ignores and `forget` needs), atomically."""
     atomic_write_text(out / "results.csv", table.to_csv())
     atomic_write_text(out / "results.md", to_markdown(table) + (f"\n{room.says()}\n" if room else ""))
+    owners = owners or {}
     for r in results:
-        golds = [{"id": qid, "output": (a or "").strip()} for qid, a in r.predictions.items()]
+        golds = [{"id": qid, "output": (a or "").strip(), **({"user_id": owners[qid]} if qid in owners else {})}
+                 for qid, a in r.predictions.items()]
         atomic_write_text(out / "predictions" / f"{r.method.replace('/', '_').replace(' ', '_')}.json",
                           json.dumps({"task": task.name.replace("-", "_"), "golds": golds}, indent=1))
 

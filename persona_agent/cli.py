@@ -11,13 +11,14 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
-from persona_agent.runtime.settings import Settings, offline_environment
+from persona_agent.runtime.settings import Settings, offline_environment, sqlite_file
 
 # -- options ----------------------------------------------------------------------------------
 
@@ -56,6 +57,9 @@ def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
     g.add_argument("--wait", dest="store_wait", type=_seconds, default=s.store_wait,
                    help="seconds to wait while another process uses the embedded memory, then exit 5 "
                         f"(default {s.store_wait:g})")
+    g.add_argument("--min-free-mb", type=_count(0, maximum=10**9), default=s.min_free_mb,
+                   help="commands that write the store (ingest, nightly, demo) refuse to start, and a nightly "
+                        f"commit to go on, with less free disk space than this (default {s.min_free_mb})")
     g.add_argument("--experiment", default=s.experiment, help=f"MLflow experiment name (default {s.experiment})")
     g.add_argument("-v", "--verbose", action="store_true",
                    help="log at INFO level, and show DSPy's, GEPA's and MLflow's own progress and messages")
@@ -205,7 +209,7 @@ def demo_command(settings: Settings, args) -> int:
     from persona_agent.demo import run_demo
     from persona_agent.runtime.store import Store
 
-    with Store.open(settings, memory="persistent") as store:
+    with Store.open(settings, memory="persistent", writes=True) as store:
         _trace_if_asked(args)
         run_demo(settings, store, args.task, args.users, args.queries, args.data)
     return 0
@@ -252,7 +256,7 @@ def ingest_command(settings: Settings, args) -> int:
 
     bad = _on_bad(args)
     source = read_source(args.path, get_task(args.task), args.split, bad)  # all validated before the store opens
-    with Store.open(settings, memory="persistent", tracking=False) as store:
+    with Store.open(settings, memory="persistent", tracking=False, writes=True) as store:
         report = remember_new(store.memory, source)
     print(f"read {report.read} interactions of {report.users} users: {report.added} new, {report.updated} updated, "
           f"{report.already_known} already in memory" + (f", {len(bad)} bad records skipped" if bad else ""))
@@ -314,6 +318,41 @@ def personas_command(settings: Settings, args) -> int:
         elif args.action == "rollback":
             registry.rollback(args.user, args.to, force=args.force)
             print(f"{args.user}: production is now version {args.to}")
+    return 0
+
+
+def doctor_command(settings: Settings, args) -> int:
+    from persona_agent.runtime.doctor import doctor, print_findings
+
+    findings = doctor(settings)
+    print_findings(findings)
+    return 6 if any(f.status == "damaged" for f in findings) else 0
+
+
+def backup_command(settings: Settings, args) -> int:
+    from persona_agent.runtime.doctor import backup, print_findings
+
+    findings = backup(settings, args.dest)
+    print(f"backed up {settings.store} to {args.dest}; the copy, checked:")
+    print_findings(findings)
+    if sqlite_file(settings.tracking_uri) is None:
+        print(f"the tracking server's database ({settings.tracking_uri}) is not in it: back it up with its own tools")
+    print(f"restore: mv {shlex.quote(str(settings.store))} {shlex.quote(str(settings.store) + '.damaged')} && "
+          f"cp -a {shlex.quote(str(args.dest))} {shlex.quote(str(settings.store))}")
+    return 6 if any(f.status == "damaged" for f in findings) else 0
+
+
+def forget_command(settings: Settings, args) -> int:
+    from persona_agent.runtime.forget import forget
+    from persona_agent.runtime.store import Store
+
+    with Store.open(settings, memory=None):  # memory is opened by `forget` itself, under the store's locks
+        removed = forget(settings, args.user)
+    if not removed:
+        print(f"nothing of {args.user} is left in {settings.store}; recorded in {settings.store / 'forgotten.jsonl'}")
+        return 0
+    print(f"forgot {args.user}: " + ", ".join(f"{n} {kind}" for kind, n in removed.items())
+          + f"; recorded (without their id) in {settings.store / 'forgotten.jsonl'}")
     return 0
 
 
@@ -509,6 +548,20 @@ def _report_args(p, s):
     _store_options(p, s)
 
 
+def _doctor_args(p, s):
+    _store_options(p, s)
+
+
+def _backup_args(p, s):
+    p.add_argument("dest", type=Path, help="a new directory for the copy (must not exist)")
+    _store_options(p, s)
+
+
+def _forget_args(p, s):
+    p.add_argument("user", help="the user id, as in their events")
+    _store_options(p, s)
+
+
 def _log_model_args(p, s):
     _task_option(p)
     p.add_argument("--register", metavar="NAME", help="also register it in MLflow's model registry under NAME")
@@ -562,6 +615,14 @@ COMMANDS: dict[str, Command] = {
     "log-model": Command(log_model_command, _log_model_args, "log every user's persona agent as one MLflow model (pyfunc)",
                          "A model that answers user_id + query with that user's production persona, read at "
                          "predict time: serve it with `mlflow models serve`."),
+    "doctor": Command(doctor_command, _doctor_args, "check a store: memory, each user's history, MLflow's database, leftovers",
+                      "Read every part of the store back, change nothing, and say what to do about what is wrong "
+                      "(exit 6 when something is damaged)."),
+    "backup": Command(backup_command, _backup_args, "copy the store consistently (memory, MLflow database, state)",
+                      "Copy the store to DEST while no nightly and no memory writer runs, then check the copy."),
+    "forget": Command(forget_command, _forget_args, "erase a user: memories, personas, state, their rows in runs, "
+                      "traces, cached LM answers", "Remove every byte the store, the tracking store and the LM cache "
+                      "hold of USER, and record the erasure without their id. Idempotent."),
     "compare": Command(compare_command, _compare_args, "metric deltas between two runs, per user and overall",
                        "B - A for every metric both runs (and their per-user runs) logged."),
 }
@@ -594,7 +655,23 @@ def _quiet_libraries() -> None:
     GEPA's warnings are about its internals (no reflective examples for a predictor), not ours."""
     for name in ("dspy", "mlflow", "LiteLLM", "httpx", "gepa"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # logs every database error with its traceback before raising it, which we then report in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("dspy.teleprompt.gepa").setLevel(logging.ERROR)
+
+
+def _tracking_error(err, settings: Settings) -> str:
+    """MLflow's database errors carry the SQL and its parameters over several lines: one line
+    instead, saying what the user can act on."""
+    text = str(err)
+    if "readonly database" in text or "Read-only file system" in text:
+        return f"{settings.tracking_uri}: the tracking database is read-only; nothing was changed"
+    if "database disk image is malformed" in text or "file is not a database" in text:
+        return (f"{settings.tracking_uri}: the tracking database is damaged; `persona-agent doctor --store "
+                f"{shlex.quote(str(settings.store))}` checks it, and a store is restored from a `persona-agent backup`")
+    if "database or disk is full" in text:
+        return f"{settings.tracking_uri}: the disk is full; nothing was changed: free some space and run it again"
+    return text.split("\n[SQL:")[0].strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -613,13 +690,15 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from dspy.utils.exceptions import AdapterParseError, LMError, is_retryable_lm_error
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     if not verbose:
         _quiet_libraries()
 
     from persona_agent.data.tasks import TaskDataError
     from persona_agent.eval.harness import EvalStopped
-    from persona_agent.runtime.store import StoreBusy
+    from persona_agent.pipelines.points import StoreDamaged
+    from persona_agent.runtime.store import StoreBusy, StoreFull
 
     command = COMMANDS[args.command]
     settings = command.defaults()
@@ -634,7 +713,17 @@ def _main(argv: list[str] | None) -> int:
     except StoreBusy as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 5
-    except (TaskDataError, LookupError, ValueError, MlflowException) as err:
+    except StoreFull as err:
+        print(f"persona-agent: {err}", file=sys.stderr)
+        return 7
+    except StoreDamaged as err:
+        print(f"persona-agent: {err}; `persona-agent doctor --store {shlex.quote(str(settings.store))}` checks "
+              "the whole store, and a store is restored from a `persona-agent backup`", file=sys.stderr)
+        return 6
+    except (MlflowException, SQLAlchemyError) as err:
+        print(f"persona-agent: {_tracking_error(err, settings)}", file=sys.stderr)
+        return 2
+    except (TaskDataError, LookupError, ValueError) as err:
         print(f"persona-agent: {err}", file=sys.stderr)
         return 2
     except EvalStopped as err:

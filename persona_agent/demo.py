@@ -28,6 +28,7 @@ from persona_agent.pipelines.memory import history_items
 from persona_agent.pipelines.metering import metered
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.runtime.lm_cache import owned_by
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import Store
@@ -91,7 +92,7 @@ def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int,
 
     with mlflow.start_run(run_name=user.user_id, nested=True) as run:
         mlflow.log_params({**params, "user_id": user.user_id})
-        with metered() as cost:
+        with metered() as cost, owned_by(user.user_id):  # its cached answers are the user's
             aligned, version, scores = _personalize(settings, store, user, held_out, run.info.run_id, advance)
         row = {"user": user.user_id}
         for name, scored in zip(COLUMNS, scores):

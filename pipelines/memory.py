@@ -137,6 +137,10 @@ class EpisodicMemory:
     def count(self, user_id: str | None = None) -> int:
         return self.points.count(user_id)
 
+    def forget(self, user_id: str) -> int:
+        """Remove every memory of the user (`persona-agent forget`); returns how many there were."""
+        return self.points.delete_user(user_id)
+
 
 def history_items(task: Task, profile: list[dict]) -> list[MemoryItem]:
     """A LaMP/OPPU profile as memory items, in the profile's (time) order: the text the task

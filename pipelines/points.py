@@ -10,9 +10,12 @@ every point in Python (183 ms at 10,000); `ClientPoints` still runs on it for re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,9 @@ class PointStore(Protocol):
 
     def user_ids(self) -> list[str]: ...
 
+    def delete_user(self, user_id: str) -> int:
+        """Remove every point of the user; returns how many there were."""
+
     def close(self) -> None: ...
 
 
@@ -62,6 +68,29 @@ def scratch_dir() -> str | None:
 
 class StoreLocked(RuntimeError):
     """Another process has this embedded memory open."""
+
+
+class StoreDamaged(RuntimeError):
+    """The files of a memory store cannot be read as one: truncated, garbled or missing parts."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = str(path), " ".join(str(reason).split())[:300]
+        super().__init__(f"the memory store {self.path} is damaged: {self.reason}")
+
+
+@contextlib.contextmanager
+def _damage_named(root: Path) -> Iterator[None]:
+    """Qdrant Edge raises a bare `Exception` for what it reads wrong (a truncated page, a garbled
+    WAL or config, a missing index), at open or at the first read that touches it: that is the
+    store's damage, said once with its path. Any other exception type is ours and passes."""
+    try:
+        yield
+    except Exception as err:
+        if type(err) is not Exception:
+            raise
+        if "WouldBlock" in str(err):  # Edge locks its write-ahead log: one process at a time
+            raise StoreLocked(f"{root} is open in another process") from None
+        raise StoreDamaged(root, str(err).removeprefix("Service runtime error: ")) from None
 
 
 class EdgePoints:
@@ -77,16 +106,19 @@ class EdgePoints:
             vectors={"dense": edge.EdgeVectorParams(size=dense_size, distance=edge.Distance.Cosine)} if dense_size else {},
             sparse_vectors={"lexical": edge.EdgeSparseVectorParams(modifier=edge.Modifier.Idf)},
             wal_enabled=self._tmp is None)
-        try:
+        self.root, self._config, self._dense_size = root, config, dense_size
+        if self._tmp is None:
+            _finish_swap(root)
+        if root.exists() and not root.is_dir():
+            raise StoreDamaged(root, "a file where the memory's folder should be")
+        with _damage_named(root):
             if (root / "edge_config.json").exists():
+                if not (root / "segments").is_dir():  # Edge would open it as an empty store
+                    raise StoreDamaged(root, "its segments folder is missing")
                 self.shard = edge.EdgeShard.load(str(root), config)
             else:
                 self.shard = edge.EdgeShard.create(str(root), config)
                 self.shard.update(edge.UpdateOperation.create_field_index("user_id", edge.PayloadSchemaType.Keyword))
-        except Exception as err:
-            if "WouldBlock" in str(err):  # Edge locks its write-ahead log: one process at a time
-                raise StoreLocked(f"{root} is open in another process") from None
-            raise
 
     @staticmethod
     def _user(user_id: str, exclude: list[str] = ()) -> edge.Filter:
@@ -98,7 +130,8 @@ class EdgePoints:
             out = {"lexical": edge.SparseVector(*p.lexical)}
             return out | {"dense": p.dense} if p.dense is not None else out
 
-        self.shard.update(edge.UpdateOperation.upsert_points([edge.Point(p.id, vectors(p), p.payload) for p in points]))
+        with _damage_named(self.root):
+            self.shard.update(edge.UpdateOperation.upsert_points([edge.Point(p.id, vectors(p), p.payload) for p in points]))
 
     def search(self, user_id, lexical, dense, limit, exclude):
         flt = self._user(user_id, exclude)
@@ -110,30 +143,95 @@ class EdgePoints:
                 limit=limit, with_payload=True, filter=flt, query=edge.Fusion.Rrf(k=2),
                 prefetches=[edge.Prefetch(limit=2 * limit, query=lexical_query, filter=flt),
                             edge.Prefetch(limit=2 * limit, query=edge.Query.Nearest(dense, using="dense"), filter=flt)])
-        return [(h.score, h.payload) for h in self.shard.query(request)]
+        with _damage_named(self.root):
+            return [(h.score, h.payload) for h in self.shard.query(request)]
 
     def payloads(self, user_id, ids=None):
-        if ids is not None:
-            found = self.shard.retrieve(list(ids), with_payload=True, with_vector=False)
-            return [r.payload for r in found if r.payload.get("user_id") == user_id]
-        out, offset = [], None
-        while True:
-            records, offset = self.shard.scroll(edge.ScrollRequest(offset=offset, limit=1024, filter=self._user(user_id),
-                                                                   with_payload=True))
-            out.extend(r.payload for r in records)
-            if offset is None:
-                return out
+        with _damage_named(self.root):
+            if ids is not None:
+                found = self.shard.retrieve(list(ids), with_payload=True, with_vector=False)
+                return [r.payload for r in found if r.payload.get("user_id") == user_id]
+            out, offset = [], None
+            while True:
+                records, offset = self.shard.scroll(edge.ScrollRequest(offset=offset, limit=1024,
+                                                                       filter=self._user(user_id), with_payload=True))
+                out.extend(r.payload for r in records)
+                if offset is None:
+                    return out
 
     def count(self, user_id=None):
-        return self.shard.count(edge.CountRequest(exact=True, filter=None if user_id is None else self._user(user_id)))
+        with _damage_named(self.root):
+            return self.shard.count(edge.CountRequest(exact=True, filter=None if user_id is None else self._user(user_id)))
 
     def user_ids(self):
-        return sorted(hit.value for hit in self.shard.facet(edge.FacetRequest("user_id", limit=_ALL, exact=True)).hits)
+        with _damage_named(self.root):
+            return sorted(hit.value for hit in self.shard.facet(edge.FacetRequest("user_id", limit=_ALL, exact=True)).hits)
+
+    def delete_user(self, user_id: str) -> int:
+        """Remove the user's points, and every byte of them: Edge only marks a deleted point and
+        keeps its pages (and the write-ahead log its upsert) until it optimises, so the shard is
+        rebuilt from the other users' points beside it and swapped in. Returns the points removed."""
+        gone = self.count(user_id)
+        if not gone:
+            return 0
+        partial = self.root.with_name(self.root.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        target, offset = None, None
+        others = edge.Filter(must_not=[edge.FieldCondition("user_id", match=edge.MatchValue(user_id))])
+        with _damage_named(self.root):
+            while True:
+                records, offset = self.shard.scroll(edge.ScrollRequest(offset=offset, limit=1024, filter=others,
+                                                                       with_payload=True, with_vector=True))
+                points = [Point(str(r.id), (r.vector["lexical"].indices, r.vector["lexical"].values),
+                                r.vector.get("dense"), r.payload) for r in records]
+                if target is None:
+                    dense = next((len(p.dense) for p in points if p.dense is not None), None)
+                    target = EdgePoints(partial, dense_size=dense if dense is not None else self._dense_size)
+                if points:
+                    target.upsert(points)
+                if offset is None:
+                    break
+        target.shard.flush()
+        target.close()
+        self.shard.close()
+        _swap(partial, self.root)
+        self.shard = edge.EdgeShard.load(str(self.root), self._config)
+        return gone
 
     def close(self) -> None:
         self.shard.close()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _swap(new: Path, root: Path) -> None:
+    """Put the shard at `new` in the place of `root`, crash-safely: a marker says the swap is
+    under way, and whoever opens `root` next finishes it (`_finish_swap`)."""
+    marker = root.with_name(root.name + ".swap")
+    marker.touch()
+    _fsync_dir(root.parent)
+    _finish_swap(root)
+
+
+def _finish_swap(root: Path) -> None:
+    marker, new, old = (root.with_name(root.name + suffix) for suffix in (".swap", ".partial", ".replaced"))
+    if not marker.exists():
+        return
+    if new.exists():
+        if root.exists():
+            os.replace(root, old)
+        os.replace(new, root)
+        _fsync_dir(root.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    marker.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ClientPoints:
@@ -218,6 +316,13 @@ class ClientPoints:
             return []
         return sorted({p.payload["user_id"] for p in self._scroll(None)})
 
+    def delete_user(self, user_id: str) -> int:
+        """Remove the user's points (the server reclaims their space as it optimises)."""
+        gone = self.count(user_id)
+        if gone:
+            self.client.delete(self.collection, points_selector=models.FilterSelector(filter=self._user(user_id)), wait=True)
+        return gone
+
     def close(self) -> None:
         if self.owns_client:
             self.client.close()
@@ -229,7 +334,14 @@ def import_legacy(old: Path, new: Path) -> int:
     renamed into place, so a crash leaves either no shard or a whole one; `old` is kept."""
     partial = new.with_name(new.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    client = QdrantClient(path=str(old))  # qdrant-client's embedded mode reads the old files
+    try:
+        client = QdrantClient(path=str(old))  # qdrant-client's embedded mode reads the old files
+    except RuntimeError as err:
+        if "already accessed" in str(err):
+            raise StoreLocked(f"{old} is open in another process") from None
+        raise StoreDamaged(old, str(err)) from None
+    except (ValueError, OSError, sqlite3.Error) as err:  # a garbled meta.json or collection file
+        raise StoreDamaged(old, f"{type(err).__name__}: {err}") from None
     copied, target = 0, None
     try:
         for collection in (c.name for c in client.get_collections().collections):
@@ -245,6 +357,11 @@ def import_legacy(old: Path, new: Path) -> int:
             if batch:
                 target.upsert(batch)
                 copied += len(batch)
+    except (ValueError, sqlite3.Error, pickle.UnpicklingError, EOFError) as err:
+        if target is not None:
+            target.close()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise StoreDamaged(old, f"{type(err).__name__}: {err}") from None
     finally:
         client.close()
     target = target or EdgePoints(partial)

@@ -42,10 +42,21 @@ _PLACES = (r"(above|earlier|before|preceding|previous|prior|hidden|initial|origi
            r"at the (top|start|beginning)|you (started|began) with|you (were|are) given|you follow|you operate under)")
 
 _SHAPES = [
-    (re.compile(r"\byou('re|'ve| are| were| must| should| will| can| have| need| may)\b|\byourself\b|"
-                r"\b(told|gave|given|showed|asked) you\b|\byou (reply|answer|respond|say|output|tag|give|include|"
-                r"reveal|print|write)\b|\byou to\b", re.I),
+    # A profile may describe the user in the second person ("You are drawn to sci-fi", "you tag
+    # Westerns 'classic'", "You will often pick ..."), as strong LLMs write them: what gives an
+    # order is a "you" under obligation, or one that answers, reveals or obeys.
+    (re.compile(r"\byou(('re| are) (to|now|required|instructed|supposed|obliged|expected to (answer|reply|respond|say|"
+                r"output|tag|label))|('ll| will) now|('re| are| were) (configured|following|set up|programmed|running|"
+                r"operating)| must| shall| need to| have to| should (now|always|only|never|answer|reply|"
+                r"respond|output|say|ignore|tag|label))\b|\b(told|gave|given|showed|asked) you\b|"
+                r"\byou (reply|answer|respond|output|include|reveal|print|obey|disclose)\b|\b(wants?|want|asks?|needs?|"
+                r"expects?|requires?|tells?|orders?|instructs?) you to\b", re.I),
      "addresses the agent"),
+    # the same, in the two other languages profiles come in most here
+    (re.compile(r"\b(vous devez|tu dois|il faut (répondre|toujours)|veuillez|ignorez|ignore[rz]?\b|oubliez|répondez|"
+                r"réponds|affichez|révélez|du musst|sie müssen|ignorieren sie|ignoriere|antworte|antworten sie|"
+                r"vergiss|vergessen sie|gib (immer|nur)|geben sie (immer|nur))\b", re.I),
+     "gives the agent an order"),
     (re.compile(r"\byour (own )?(real |true |full |complete |hidden |earlier |previous |original )?"
                 r"(instructions?|rules|prompt|context|guidance|guidelines|directions|directives|setup|configuration|"
                 r"answers?|repl(y|ies)|responses?|output|task|system|model|keys?|tools?|memory|database)\b", re.I),
@@ -66,10 +77,11 @@ _SHAPES = [
     (re.compile(r"#{2,}\s*system|\[/?INST\]|<</?SYS>>|<\|?(system|im_start|im_end)\|?>|\[\[ ## \w+ ## \]\]|"
                 r"^\s*(system|assistant)\s*:|\bend of (the )?(profile|instructions|prompt)\b", re.I | re.M),
      "carries chat-format markup"),
-    (re.compile(r"\b(the|an?) (correct|only|right|expected|required|valid) (answer|reply|response|tag|label|output)\b|"
+    (re.compile(r"\b(the|an?) (correct|only|right|expected|required|valid) (answer|reply|response|tag|label|output)\b"
+                r"(?!\s+(you|they|he|she|the user|this user|it) )|"
                 r"\b(answer|reply|response|tag|label|output) to give\b|\b(only|every|all|any) (answers?|repl(y|ies)|"
                 r"responses?|outputs?) (is|are|must|should)\b|\b(always|only|must)\s+(answer|respond|reply|output|say|"
-                r"print)\b|\bregardless of (the|what)\b|\bno matter (what|the|which)\b|\bwhatever (the|film|movie|"
+                r"print)\b|\bwhatever (the|film|movie|"
                 r"item|request|is)\b[^.]{0,40}\b(answer|reply|respond|tag|say|give|output)\b|"
                 r"\b(from now on|henceforth|from this point|for all (future|later|subsequent))\b", re.I),
      "dictates the agent's output"),

@@ -149,6 +149,7 @@ def test_eval_output_is_results_only_and_fits_a_terminal(tmp_path):
     assert max(len(line) for line in table) <= 80, table
     assert any(line.startswith("2 of 2 users scored") and "mlflow ui --backend-store-uri" in line for line in lines)
     wide = subprocess.run([*cmd, "--wide"], capture_output=True, text=True, env=env, timeout=600)
+    assert wide.returncode == 0, wide.stderr[-2000:]
     assert "setup LM calls" in wide.stdout and "setup LM calls" not in out.stdout
 
 

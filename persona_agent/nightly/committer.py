@@ -13,8 +13,10 @@ from concurrent.futures.process import BrokenProcessPool
 
 import mlflow
 
-from persona_agent.nightly.jobs import StateStore, commit
+from persona_agent.nightly.jobs import commit
+from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.store import require_free_space
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,9 @@ class Committer:
 
     RESTARTS = 3
 
-    def __init__(self, tracking_uri: str, task_key: str, state_dir, run_id: str, night: int):
-        self.args, self.restarts, self.tracking_uri = (task_key, str(state_dir), run_id, night), self.RESTARTS, tracking_uri
+    def __init__(self, tracking_uri: str, task_key: str, state_dir, run_id: str, night: int, min_free_mb: int = 0):
+        self.args = (task_key, str(state_dir), run_id, night, min_free_mb)
+        self.restarts, self.tracking_uri = self.RESTARTS, tracking_uri
         self.pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -91,10 +94,11 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)
 
 
-def _commit_in_child(outcome, task_key: str, state_dir: str, run_id: str, night: int):
+def _commit_in_child(outcome, task_key: str, state_dir: str, run_id: str, night: int, min_free_mb: int):
     from pathlib import Path
 
     from persona_agent.data.tasks import get_task
 
+    require_free_space(Path(state_dir), min_free_mb)  # the user fails, named, and keeps their persona
     task = get_task(task_key)
     return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_dir)), run_id, night)

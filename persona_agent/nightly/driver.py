@@ -27,7 +27,8 @@ from persona_agent.data.tasks import Task
 from persona_agent.nightly.committer import Committer
 from persona_agent.nightly.control import Deferred, Gate, Stopped, first_callback_of, stop_on_signals, user_calls
 from persona_agent.nightly.executors import ray_outcomes, thread_outcomes
-from persona_agent.nightly.jobs import NightlySummary, StateStore, UserOutcome, align_job, plan
+from persona_agent.nightly.jobs import NightlySummary, UserOutcome, align_job, plan
+from persona_agent.runtime.state import StateStore
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
@@ -71,7 +72,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     states, summary, stop = StateStore(settings.nightly_state(task.key)), NightlySummary(), threading.Event()
     gate = Gate(stop, settings.max_calls_per_user, settings.max_calls)
     with stop_on_signals(stop, summary, console), first_callback_of(lm, gate):
-        with Store.open(settings, memory="persistent") as store:
+        with Store.open(settings, memory="persistent", writes=True) as store:
             jobs, summary.unchanged, summary.failed = plan(store.memory, states, store.registry(task))
         # workers get each user's items in the job; the memory is free again for other processes
 
@@ -124,7 +125,8 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
             score_max=settings.score_max, rollback_on_regression=settings.rollback_after,
             max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
         bar = progress.add_task("nightly", total=len(jobs))
-        with Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night) as committer:
+        with Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night,
+                       settings.min_free_mb) as committer:
             # Tallied as commits finish (they finish in order), so a run holds the outcomes in
             # flight, not every user's: memory grows with workers, not users (bench/nightly_memory.py).
             pending, committed, deferred_calls = collections.deque(), [], {}

@@ -19,9 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from persona_agent.data.atomic import atomic_write_text
 from persona_agent.data.loaders import Query
 from persona_agent.data.tasks import Task
 from persona_agent.optimizers import AlignmentStep
@@ -30,7 +28,10 @@ from persona_agent.pipelines.flow import examples, score
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
 from persona_agent.pipelines.metering import metered
 from persona_agent.pipelines.persona import Persona
+from persona_agent.pipelines.points import StoreDamaged
+from persona_agent.runtime.lm_cache import owned_by
 from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.wiring import alignment, user_flow
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
     `dspy.settings`). Never raises: a failure is an outcome, and the user keeps their persona."""
     memory = EpisodicMemory.open(":memory:")  # the job's own copy: workers never open the store
     try:
-        with metered() as cost:
+        with metered() as cost, owned_by(job.user_id):  # its cached answers are the user's
             scored = prequential(job, task, settings)
             flow = user_flow(settings, task, job.user_id, job.items, memory)
             flow.remember()
@@ -160,39 +161,6 @@ def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
         return UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
     finally:
         memory.close()
-
-
-class StateStore:
-    """One small JSON file per user: what the last completed nightly aligned them on."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def _path(self, user_id: str) -> Path:
-        return self.root / (hashlib.sha256(user_id.encode()).hexdigest()[:32] + ".json")
-
-    def get(self, user_id: str) -> dict | None:
-        path = self._path(user_id)
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:  # cannot happen with atomic writes; treat as not done
-            log.warning("state of user %s is unreadable; they will be re-aligned", user_id)
-            return None
-
-    def user_ids(self) -> set[str]:
-        """Every user with a state (one read per user)."""
-        ids = set()
-        for path in self.root.glob("*.json") if self.root.exists() else ():
-            try:
-                ids.add(json.loads(path.read_text(encoding="utf-8"))["user_id"])
-            except (OSError, ValueError, KeyError):
-                continue  # unreadable: `get` says so for its user
-        return ids
-
-    def put(self, user_id: str, state: dict) -> None:
-        atomic_write_text(self._path(user_id), json.dumps({"user_id": user_id, **state}))
 
 
 DAMAGED = ("history shrank: {missing} of {had} items aligned on are missing from memory; the store may be "
@@ -225,6 +193,8 @@ def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[Use
             profile = registry.get(user_id, current).persona.profile if current is not None else None
             seen = frozenset(state["item_ids"]) if state and "item_ids" in state and current is not None else None
             jobs.append(UserJob(user_id, items, fp, profile, seen, current, (state or {}).get("scores", [])))
+        except StoreDamaged:  # the shard, not this user: nobody aligns on a store known to be damaged
+            raise
         except Exception as err:  # e.g. a production persona that no longer parses: skip this user only
             log.warning("user %s: cannot plan: %s", user_id, str(err)[:300])
             failed[user_id] = f"planning failed: {type(err).__name__}: {str(err)[:300]}"

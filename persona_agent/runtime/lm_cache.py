@@ -14,8 +14,12 @@ answers read or written between its start and its parse are the ones it failed t
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import hashlib
 import logging
+import sqlite3
+from pathlib import Path
 
 import dspy
 
@@ -26,6 +30,41 @@ log = logging.getLogger(__name__)
 
 # Cache keys of the answers the current prediction (in this thread) read or wrote.
 _touched: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("lm_cache_touched", default=None)
+# Whose work the LM calls in this context do: their answers are tagged with it on disk, so that
+# `forget` can evict exactly them (the cache keeps answers, not requests, so nothing else would tell).
+_owner: contextvars.ContextVar[str | None] = contextvars.ContextVar("lm_cache_owner", default=None)
+
+
+def owner_tag(user_id: str) -> str:
+    """The tag a user's cached answers carry: a hash, so the cache holds no user id."""
+    return "user-" + hashlib.sha256(user_id.encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def owned_by(user_id: str):
+    """The LM answers cached inside are the user's (one user's alignment, eval or answer)."""
+    token = _owner.set(owner_tag(user_id))
+    try:
+        yield
+    finally:
+        _owner.reset(token)
+
+
+def evict(user_id: str) -> int:
+    """Delete the user's cached answers from DSPy's disk cache and from its memory, and compact
+    the cache's databases so the deleted answers leave no bytes behind; returns how many."""
+    cache = dspy.cache.inner if isinstance(dspy.cache, EndpointCache) else dspy.cache
+    disk = getattr(cache, "disk_cache", None)
+    if disk is None or not hasattr(disk, "evict"):
+        return 0
+    gone = disk.evict(owner_tag(user_id))
+    cache.reset_memory_cache()
+    if gone:
+        for shard in getattr(disk, "_shards", [disk]):
+            with contextlib.closing(sqlite3.connect(Path(shard.directory) / "cache.db", timeout=60)) as db:
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # diskcache writes ahead: the log held them too
+    return gone
 
 
 class EndpointCache:
@@ -55,7 +94,18 @@ class EndpointCache:
     def put(self, request: dict, value, ignored_args_for_cache_key: list[str] | None = None,
             enable_memory_cache: bool = True) -> None:
         ignored = self._ignored(ignored_args_for_cache_key)
-        self.inner.put(request, value, ignored, enable_memory_cache)
+        owner = _owner.get()
+        if owner is None or not getattr(self.inner, "enable_disk_cache", False):
+            self.inner.put(request, value, ignored, enable_memory_cache)
+        else:  # DSPy's own put, with the owner's tag on the disk entry (DSPy's takes no tag)
+            key = self.inner.cache_key(request, ignored)
+            if self.inner.enable_memory_cache and enable_memory_cache:
+                with self.inner._lock:
+                    self.inner.memory_cache[key] = value
+            try:
+                self.inner.disk_cache.set(key, value, tag=owner)
+            except Exception as err:  # as DSPy: a cache that cannot write is no failed LM call
+                log.debug("could not cache an LM answer: %s", err)
         self._touch(request, ignored)
 
     def forget(self, keys: list[str]) -> None:

@@ -7,6 +7,7 @@ back is moving the alias: nothing is ever deleted or rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import logging
@@ -150,6 +151,16 @@ class PersonaRegistry:
     def diff(self, user_id: str, v1: int, v2: int) -> str:
         a, b = self.get(user_id, v1).persona.render(), self.get(user_id, v2).persona.render()
         return "\n".join(difflib.unified_diff(a.splitlines(), b.splitlines(), f"v{v1}", f"v{v2}", lineterm=""))
+
+    def delete(self, user_id: str) -> int:
+        """Delete the user's prompt and every version of it (`forget`); returns the versions deleted."""
+        name, versions = self.name(user_id), self.versions(user_id)
+        for pv in versions:
+            self.client.delete_prompt_version(name, str(pv.version))
+        with contextlib.suppress(MlflowException):  # none: already forgotten
+            self.client.delete_prompt(name)
+        forget_cached_alias(self.client, name, PRODUCTION)
+        return len(versions)
 
     def first_served(self) -> str | None:
         """A user with a production persona, or None: reads prompts only until it finds one."""

@@ -42,6 +42,7 @@ class Settings:
     rollback_after: int = 0  # nightly: K > 0 rolls production back when it scores below its last K nights
     score_max: int = 5  # nightly: newest unseen interactions per user the production persona is scored on
     store_wait: float = 60.0  # seconds a command waits for another process to release the embedded memory
+    min_free_mb: int = 200  # a command that writes the store refuses to start (a commit, to go on) with less free
 
     @classmethod
     def for_demo(cls, **overrides) -> "Settings":
@@ -108,6 +109,15 @@ class Settings:
     def legacy_qdrant_path(self) -> Path:
         """Where versions before Qdrant Edge kept memory (qdrant-client's embedded files)."""
         return self.store / "qdrant"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local tracking URI: `sqlite:///PATH`, or SQLite's URI form
+    `sqlite:///file:PATH?mode=ro&uri=true` (a store opened read-only); None for a tracking server."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///")
+    return Path(path.removeprefix("file:").split("?")[0] if path.startswith("file:") else path)
 
 
 def offline_environment() -> None:

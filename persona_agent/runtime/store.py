@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ from filelock import FileLock, Timeout
 from qdrant_client import QdrantClient
 
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.pipelines.points import ClientPoints, EdgePoints, PointStore, StoreLocked, import_legacy, scratch_dir
+from persona_agent.pipelines.points import (ClientPoints, EdgePoints, PointStore, StoreDamaged, StoreLocked,
+                                           import_legacy, scratch_dir)
 from persona_agent.runtime.settings import Settings
 
 if TYPE_CHECKING:
@@ -45,6 +47,23 @@ log = logging.getLogger(__name__)
 
 class StoreBusy(RuntimeError):
     """Another process held the store's embedded memory for longer than we could wait."""
+
+
+class StoreFull(OSError):
+    """The store's disk has less free space than the margin a write needs."""
+
+
+def require_free_space(path: Path, min_free_mb: int) -> None:
+    """Refuse a write up front rather than die in it: Edge writes through memory-mapped pages,
+    and a page that cannot be backed on a full disk kills the process (SIGBUS, no message)
+    half-way through an ingest; SQLite on a full disk fails mid-transaction."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < min_free_mb * 2**20:
+        raise StoreFull(f"{path}: only {free / 2**20:.0f} MB free on its disk, under the {min_free_mb} MB margin a write "
+                        "needs (--min-free-mb); nothing was written: free some space and run it again")
 
 
 @contextlib.contextmanager
@@ -62,8 +81,7 @@ def _embedded_memory(settings: Settings) -> Iterator[EpisodicMemory]:
             raise StoreBusy(f"another process kept the memory of {settings.store} for over {settings.store_wait:g} s; "
                             "try again later or raise --wait") from None
     try:
-        if settings.legacy_qdrant_path.exists() and not settings.qdrant_path.exists():
-            import_legacy(settings.legacy_qdrant_path, settings.qdrant_path)
+        _import_legacy(settings)
         memory = _open_when_free(settings, deadline)
         try:
             yield memory
@@ -71,6 +89,42 @@ def _embedded_memory(settings: Settings) -> Iterator[EpisodicMemory]:
             memory.close()
     finally:
         lock.release()
+
+
+def _import_legacy(settings: Settings) -> None:
+    """A store written by an earlier version (`<store>/qdrant`) is copied into Edge once: when
+    there is no Edge shard yet, or only an empty folder for one (a shard that holds no config
+    was never written; read as is, it would hide every legacy memory behind an empty store)."""
+    old, new = settings.legacy_qdrant_path, settings.qdrant_path
+    if not old.exists() or (new / "edge_config.json").exists():
+        return
+    if new.is_dir() and not any(new.iterdir()):
+        new.rmdir()
+    elif new.exists():
+        raise StoreDamaged(new, f"it has no edge_config.json, and an earlier version's store is beside it at {old}; "
+                                f"move {new} aside to copy {old} in again")
+    try:
+        import_legacy(old, new)
+    except StoreLocked:
+        raise StoreBusy(f"the memory of {settings.store} (an earlier version's, at {old}) is open in another "
+                        "process; close it there first") from None
+
+
+@contextlib.contextmanager
+def exclusive(settings: Settings) -> Iterator[None]:
+    """The store's nightly and memory locks, waited for up to `--wait` seconds each: no nightly
+    commits and no memory writer runs while the store is read or copied."""
+    settings.store.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        for path, who in ((settings.nightly_lock, "a nightly run"), (settings.memory_lock, "another command")):
+            lock = FileLock(str(path))
+            try:
+                lock.acquire(timeout=settings.store_wait)
+            except Timeout:
+                raise StoreBusy(f"{who} kept {path} for over {settings.store_wait:g} s; try again later or raise "
+                                "--wait") from None
+            stack.callback(lock.release)
+        yield
 
 
 def _open_when_free(settings: Settings, deadline: float) -> EpisodicMemory:
@@ -97,7 +151,11 @@ class Store:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, settings: Settings, *, memory: MemoryScope, tracking: bool = True) -> Iterator["Store"]:
+    def open(cls, settings: Settings, *, memory: MemoryScope, tracking: bool = True,
+             writes: bool = False) -> Iterator["Store"]:
+        """writes: the command writes the store (ingest, nightly, demo): checked for free space first."""
+        if writes:
+            require_free_space(settings.store, settings.min_free_mb)
         if tracking:
             from persona_agent.runtime import tracking as mlflow_tracking
 

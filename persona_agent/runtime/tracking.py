@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shlex
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import mlflow
 from filelock import FileLock
 from mlflow.tracing.constant import TraceMetadataKey
 
-from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.settings import Settings, sqlite_file
 
 
 def setup(settings: Settings) -> str:
@@ -25,10 +27,10 @@ def setup(settings: Settings) -> str:
     keeps them where it was told to (`--artifacts-destination`), so every client can read them.
     """
     settings.store.mkdir(parents=True, exist_ok=True)
-    if settings.tracking_uri.startswith("sqlite:///"):
-        if settings.database_path.parent != settings.store.resolve():
-            _link(settings.database_path.parent, settings.store.resolve())
-        _create_database(Path(settings.tracking_uri.removeprefix("sqlite:///")), settings.artifacts_path)
+    link_store(settings)
+    if (database := sqlite_file(settings.tracking_uri)) is not None:
+        if "mode=ro" not in settings.tracking_uri:  # a store opened read-only is never created
+            _create_database(database, settings.artifacts_path)
     mlflow.set_tracking_uri(settings.tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment)
     if exp is None:
@@ -128,10 +130,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def link_store(settings: Settings) -> None:
+    """A store whose path holds `%`, `?` or `#` is reached through a plain-named link in the
+    user's cache (`Settings.database_path`): made here, by every process that opens the
+    registry (a command, a served model), before anything reads the tracking URI."""
+    if settings.database_path.parent != settings.store.resolve():
+        _link(settings.database_path.parent, settings.store.resolve())
+
+
 def _link(alias: Path, target: Path) -> None:
     """`alias` -> `target`, made or repointed atomically (two commands may do it at once)."""
     if alias.is_symlink() and alias.resolve() == target:
         return
+    if alias.is_dir() and not alias.is_symlink():  # an earlier release's served model made a database here
+        if any(p.stat().st_size for p in alias.rglob("*") if p.is_file()):
+            raise IsADirectoryError(errno.EISDIR, f"a folder with data where the link to {target} belongs; move it "
+                                    "aside", str(alias))
+        shutil.rmtree(alias)
     alias.parent.mkdir(parents=True, exist_ok=True)
     tmp = alias.with_name(f".{alias.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
@@ -143,6 +158,8 @@ def _create_database(path: Path, artifacts: Path) -> None:
     """Create MLflow's database atomically: its schema takes ~50 migrations, and a process
     killed half-way through them would leave a database no later run can open. So the schema
     is built in a temporary file, which replaces the real path only once complete."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder where MLflow's database should be", str(path))
     if path.exists():
         return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -152,8 +169,11 @@ def _create_database(path: Path, artifacts: Path) -> None:
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
-        SqlAlchemyStore(f"sqlite:///{tmp}", artifacts.as_uri()).engine.dispose()
-        os.replace(tmp, path)
+        try:
+            SqlAlchemyStore(f"sqlite:///{tmp}", artifacts.as_uri()).engine.dispose()
+            os.replace(tmp, path)
+        finally:  # a full disk or a kill half-way: no half-built database left beside the store
+            tmp.unlink(missing_ok=True)
 
 
 def enable_traces() -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dspy
 
 from persona_agent.data.tasks import Task
+from persona_agent.pipelines.points import StoreDamaged
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.runtime.lm_cache import owned_by
+from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.store import Store
 from persona_agent.runtime.wiring import user_flow
 
@@ -14,9 +17,13 @@ from persona_agent.runtime.wiring import user_flow
 def answer(store: Store, task: Task, user_id: str, query: str, lm: dspy.LM | None = None) -> str:
     """`store`: opened with persistent memory (the user's history, as `ingest` wrote it)."""
     version = store.registry(task).get(user_id)  # raises PersonaNotFound for unknown users
+    aligned_on = len((StateStore(store.settings.nightly_state(task.key)).get(user_id) or {}).get("item_ids", ()))
+    if store.memory.count(user_id) < aligned_on:  # nothing deletes a memory but `forget`, which drops the state too
+        raise StoreDamaged(store.settings.qdrant_path, f"{user_id}'s history shrank below the {aligned_on} items "
+                                                        "their persona was aligned on")
     persona = version.persona
     agent = user_flow(store.settings, task, user_id, [], store.memory).agent(persona, semantic=persona.profile)
     lm = lm or build_lm(store.settings.lm)
-    with dspy.context(lm=lm, adapter=dspy.settings.adapter or adapter_for(lm)), \
+    with dspy.context(lm=lm, adapter=dspy.settings.adapter or adapter_for(lm)), owned_by(user_id), \
             tracking.trace("answer", user=user_id, task=task.key, method="persona-agent", persona_version=version.version):
         return agent(query=query).answer

@@ -47,6 +47,9 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
         self.settings = replace(Settings(), lm=lm, store=Path(config.pop("store")),
                                 **{**config, "qdrant_url": config.get("qdrant_url") or None})
         self.lm = build_lm(lm)
+        from persona_agent.runtime.tracking import link_store
+
+        link_store(self.settings)  # a store whose path holds `%`, `?` or `#`: its registry is read through a link
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str | None]:
         """One answer per row; None for a row whose user has no persona or whose answer was unusable."""

@@ -10,7 +10,7 @@ import pytest
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.nightly.jobs import StateStore
+from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.fakes import FakeEngine
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings

@@ -19,7 +19,8 @@ import pytest
 
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
-from persona_agent.nightly.jobs import StateStore, fingerprint
+from persona_agent.nightly.jobs import fingerprint
+from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import Store

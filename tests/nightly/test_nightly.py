@@ -14,7 +14,8 @@ from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M, TaskDataError
 from persona_agent.nightly.driver import NightlyLocked, run_nightly
-from persona_agent.nightly.jobs import StateStore, fingerprint
+from persona_agent.nightly.jobs import fingerprint
+from persona_agent.runtime.state import StateStore
 from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings

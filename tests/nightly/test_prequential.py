@@ -12,7 +12,8 @@ from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.nightly.jobs import StateStore, UserJob, fingerprint, prequential
+from persona_agent.nightly.jobs import UserJob, fingerprint, prequential
+from persona_agent.runtime.state import StateStore
 from persona_agent.pipelines.memory import MemoryItem
 from persona_agent.runtime.fakes import FakeEngine
 from persona_agent.runtime.llm import build_lm

@@ -8,7 +8,8 @@ import mlflow
 
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.nightly.jobs import StateStore, last_better
+from persona_agent.nightly.jobs import last_better
+from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.fakes import FakeEngine, default_policy
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings

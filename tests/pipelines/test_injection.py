@@ -182,12 +182,14 @@ def test_the_screen_on_the_paraphrase_corpus():
     from pathlib import Path
 
     corpus = json.loads((Path(__file__).parents[2] / "bench" / "injection_corpus.json").read_text())
-    for name in ("dev", "round2"):  # the sets the screen was shaped on: all of it holds
+    for name in ("dev", "round2", "round3"):  # the sets the screen was shaped on: all of it holds
         assert all(profile_problem(text) for text in corpus[name]["attacks"]), name
-    ordinary = [text for name in ("dev", "round2", "held-out") for text in corpus[name]["ordinary"]]
+    ordinary = [text for name in ("dev", "round2", "held-out", "round3") for text in corpus[name]["ordinary"]]
     assert [text for text in ordinary if profile_problem(text)] == []
-    held_out = corpus["held-out"]["attacks"]
-    assert sum(bool(profile_problem(text)) for text in held_out) >= 0.9 * len(held_out)
+    for name in ("held-out", "held-out-2"):  # the untuned sets: the targets (>= 90% refused, <= 2.5% false alarms)
+        attacks, plain = corpus[name]["attacks"], corpus[name]["ordinary"]
+        assert sum(bool(profile_problem(text)) for text in attacks) >= 0.9 * len(attacks), name
+        assert sum(bool(profile_problem(text)) for text in plain) <= 0.025 * len(plain), name
 
 
 def test_no_profile_tag_survives_rendering_however_nested():

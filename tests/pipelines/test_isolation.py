@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.nightly.jobs import StateStore
+from persona_agent.runtime.state import StateStore
 from persona_agent.pipelines.memory import MemoryItem, UserMemory, point_id
 from persona_agent.runtime.fakes import FakeEngine, default_policy
 from persona_agent.runtime.registry import PersonaRegistry, prompt_name

@@ -118,6 +118,17 @@ def test_every_command_and_the_served_model_work_against_a_tracking_server(track
                              filter_string="tags.nightly_task = 'lamp2m'")[0]
     assert "users.csv" in {f.path for f in client.list_artifacts(run.info.run_id)}
     assert list(Path(server_root / "artifacts").rglob("users.csv")) and not (store / "artifacts").exists()
+    # forgetting a user reaches the server: their prompt, their rows in the night's artifacts
+    capsys.readouterr()
+    assert main(["forget", "u0001", "--store", str(store)]) == 0
+    assert "forgot u0001: " in capsys.readouterr().out
+    assert list(PersonaRegistry(LAMP_2M, url).users()["user_id"]) == ["u0000"]
+    users_csv = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="users.csv",
+                                                    dst_path=str(tmp_path / "down"))
+    assert "u0000" in Path(users_csv).read_text() and "u0001" not in Path(users_csv).read_text()
+    assert not [p for p in Path(server_root / "artifacts").rglob("*") if p.is_file() and b"u0001" in p.read_bytes()]
+    answers = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"user_id": ["u0000", "u0001"], "query": [query] * 2}))
+    assert answers[0] in LAMP_2M.labels and answers[1] is None
 
 
 def _free_port() -> int:
@@ -172,3 +183,34 @@ def test_a_model_logged_with_the_earlier_nested_config_still_loads(tmp_path):
     model.load_context(SimpleNamespace(model_config=old))
     assert model.settings.lm.model == "scripted" and model.settings.lm.max_tokens == 100
     assert model.settings.top_k == 3 and model.settings.qdrant_url is None and model.settings.lm.api_base is None
+
+
+def test_a_store_path_with_url_characters_is_served_from_a_fresh_cache(tmp_path, monkeypatch):
+    """`%`, `?` and `#` in the store's path: the served process (another user's cache, say) makes
+    the link to the store's database itself, instead of answering None from an empty database it
+    created; a folder such a database left in the cache is replaced by the link."""
+    from types import SimpleNamespace
+
+    from persona_agent.runtime import tracking
+    from persona_agent.runtime.settings import LMConfig, Settings
+    from persona_agent.serving.model import PersonaModel, model_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-of-the-command"))
+    settings = Settings(store=tmp_path / "odd 50% ?#store", lm=LMConfig("scripted", cache=False))
+    tracking.setup(settings)
+    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+    memory.add("u1", [MemoryItem("a", "A car chase film.", "action")])
+    memory.close()
+    PersonaRegistry(LAMP_2M, settings.tracking_uri).register("u1", Persona(LAMP_2M, "Prefers action."), "v1",
+                                                               production=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-of-the-server"))
+    stale = settings.store_alias / "mlflow.db"  # what the earlier release's served model left
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")
+    model = PersonaModel()
+    model.load_context(SimpleNamespace(model_config=model_config(settings, "lamp2m")))
+    model.lm = dspy.LM("fake/persona", engine=FakeEngine(_follows_the_persona), cache=False)
+    query = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
+    assert model.predict(None, pd.DataFrame({"user_id": ["u1"], "query": [query]})) == ["action"]
+    assert settings.store_alias.is_symlink() and settings.store_alias.resolve() == settings.store.resolve()

@@ -1,0 +1,238 @@
+"""A damaged, full or read-only store: one line and a code, never a traceback, never a silent
+loss; `doctor` finds the damage and a `backup` restores the store."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from persona_agent.cli import main
+from persona_agent.data.synthetic import write_dataset
+from persona_agent.data.tasks import LAMP_2M
+from persona_agent.nightly.driver import run_nightly
+from persona_agent.pipelines.memory import EpisodicMemory
+from persona_agent.pipelines.points import EdgePoints
+from persona_agent.runtime.llm import build_lm
+from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.runtime.store import StoreFull
+
+from ..helpers import ingest_into
+
+QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """A store of 3 users aligned by one nightly (scripted LM): copied by each test that damages it."""
+    root = tmp_path_factory.mktemp("aligned")
+    settings = Settings(store=root / "store", lm=LMConfig("scripted", cache=False), batch_size=2, iterations=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ingest_into(settings, write_dataset(root / "data", LAMP_2M, n_users=3, n_history=4, n_queries=1, seed=3))
+        run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm))
+    return settings.store
+
+
+@pytest.fixture
+def store(aligned, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    copy = tmp_path / "store"
+    shutil.copytree(aligned, copy)
+    return copy
+
+
+def _segment(store: Path, name: str) -> Path:
+    return next((store / "qdrant-edge" / "segments").glob(f"*/{name}"))
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+DAMAGE = {
+    "empty segment.json": lambda s: _segment(s, "segment.json").write_text(""),
+    "truncated lexical page": lambda s: _truncate(_segment(s, "vector_storage-lexical/store/page_0.dat"), 100),
+    "truncated payload page": lambda s: _truncate(_segment(s, "payload_storage/page_0.dat"), 100),
+    "invalid edge_config.json": lambda s: (s / "qdrant-edge" / "edge_config.json").write_text("{nope"),
+    "garbage write-ahead log": lambda s: (s / "qdrant-edge" / "wal" / "open-1").write_bytes(b"\xff" * 4096),
+    "segments folder deleted": lambda s: shutil.rmtree(s / "qdrant-edge" / "segments"),
+    "a file for the shard": lambda s: (shutil.rmtree(s / "qdrant-edge"), (s / "qdrant-edge").write_text("")),
+}
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("persona-agent:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_shard_stops_every_command_with_one_line_and_exit_6(damage, store, capsys):
+    DAMAGE[damage](store)
+    for command in (["nightly", "--lm", "scripted"], ["doctor"]):
+        assert main([*command, "--store", str(store)]) == 6
+        if command[0] == "nightly":
+            line = _one_line(capsys)
+            assert "qdrant-edge is damaged" in line and f"persona-agent doctor --store {store}" in line
+        else:
+            out = capsys.readouterr().out
+            assert out.startswith("damaged   memory"), out
+
+
+def test_answer_refuses_a_history_that_shrank(store, capsys):
+    """Nothing but `forget` deletes a memory: fewer items than the persona was aligned on is damage
+    (here: the shard replaced by one that lost all but one of u0000's items)."""
+    memory = EpisodicMemory(EdgePoints(store / "qdrant-edge"))
+    kept = memory.items("u0000")[:1]
+    others = {u: memory.items(u) for u in memory.user_ids() if u != "u0000"}
+    memory.close()
+    shutil.rmtree(store / "qdrant-edge")
+    memory = EpisodicMemory(EdgePoints(store / "qdrant-edge"))
+    memory.add("u0000", kept)
+    for user, items in others.items():
+        memory.add(user, items)
+    memory.close()
+    assert main(["answer", "u0000", QUERY, "--lm", "scripted", "--store", str(store)]) == 6
+    assert "u0000's history shrank below the 4 items" in _one_line(capsys)
+    assert main(["answer", "u0001", QUERY, "--lm", "scripted", "--store", str(store)]) == 0  # the others answer
+    assert main(["doctor", "--store", str(store)]) == 6
+    assert "history shrank for 1 users: u0000 (3 of 4 missing)" in capsys.readouterr().out
+
+
+def test_a_backup_restores_a_damaged_store(store, tmp_path, capsys):
+    assert main(["backup", str(tmp_path / "copy"), "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "\ndamaged " not in out and "3 users' nightly state, checked against memory" in out
+    restore = next(line.strip() for line in out.splitlines() if line.startswith("restore: "))
+    DAMAGE["truncated payload page"](store)
+    assert main(["nightly", "--lm", "scripted", "--store", str(store)]) == 6
+    capsys.readouterr()
+    subprocess.run(restore.removeprefix("restore: "), shell=True, check=True, cwd="/")  # as printed
+    assert main(["doctor", "--store", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["answer", "u0000", QUERY, "--lm", "scripted", "--store", str(store)]) == 0
+    assert capsys.readouterr().out.strip() in LAMP_2M.labels
+    assert main(["backup", str(tmp_path / "copy"), "--store", str(store)]) == 2  # never over an earlier one
+    assert "already exists" in _one_line(capsys)
+
+
+def test_doctor_finds_a_damaged_tracking_database_and_leftovers(store, capsys):
+    (store / ".mlflow.db.123.tmp").write_text("")
+    assert main(["doctor", "--store", str(store)]) == 0
+    assert "leftover  leftovers  1 left by interrupted writes" in capsys.readouterr().out
+    db = store / "mlflow.db"
+    data = bytearray(db.read_bytes())
+    data[4096 * 3: 4096 * 3 + 512] = b"\x5a" * 512  # garble a page of the database
+    db.write_bytes(bytes(data))
+    assert main(["doctor", "--store", str(store)]) == 6
+    assert "damaged   tracking" in capsys.readouterr().out
+
+
+def test_an_earlier_versions_store_beside_an_empty_edge_folder_is_copied_in(tmp_path, monkeypatch, capsys):
+    from qdrant_client import QdrantClient
+
+    from persona_agent.pipelines.points import ClientPoints, Point
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = Settings(store=tmp_path / "store")
+    client = QdrantClient(path=str(settings.legacy_qdrant_path))
+    ClientPoints(client).upsert([Point(f"00000000-0000-0000-0000-{i:012d}", ([1], [1.0]), None,
+                                       {"user_id": "u0", "item_id": str(i), "text": "x"}) for i in range(5)])
+    client.close()
+    settings.qdrant_path.mkdir()  # an empty folder: read as is, it would hide the 5 memories
+    assert main(["answer", "u0", QUERY, "--lm", "scripted", "--store", str(settings.store)]) == 2  # no persona yet
+    capsys.readouterr()
+    points = EdgePoints(settings.qdrant_path)
+    assert points.count() == 5
+    points.close()
+
+
+def test_a_corrupt_or_held_earlier_store_is_one_line(tmp_path, monkeypatch, capsys):
+    from qdrant_client import QdrantClient
+
+    from persona_agent.pipelines.points import ClientPoints, Point
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "store"
+    client = QdrantClient(path=str(store / "qdrant"))
+    ClientPoints(client).upsert([Point("00000000-0000-0000-0000-000000000001", ([1], [1.0]), None, {"user_id": "u0"})])
+    client.close()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qdrant_client import QdrantClient\n"
+                               f"c = QdrantClient(path={str(store / 'qdrant')!r}); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["answer", "u0", QUERY, "--lm", "scripted", "--store", str(store), "--wait", "0.5"]) == 5
+        assert "an earlier version's" in _one_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    collection = next((store / "qdrant").rglob("storage.sqlite"))
+    collection.write_bytes(collection.read_bytes()[:300])
+    assert main(["answer", "u0", QUERY, "--lm", "scripted", "--store", str(store)]) == 6
+    assert f"{store / 'qdrant'} is damaged" in _one_line(capsys)
+    assert not (store / "qdrant-edge").exists() and not (store / "qdrant-edge.partial").exists()
+
+
+def test_a_read_only_tracking_database_is_one_line(store, monkeypatch, capsys):
+    """SQLite's own read-only mode: what a read-only mount or file gives, for root too."""
+    from persona_agent.runtime.registry import PersonaRegistry
+
+    registry = PersonaRegistry(LAMP_2M, f"sqlite:///{store / 'mlflow.db'}")
+    other = next(int(v.version) for v in registry.versions("u0000") if int(v.version) != registry.production_version("u0000"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///file:{store / 'mlflow.db'}?mode=ro&uri=true")
+    for command in (["personas", "rollback", "u0000", "--to", str(other), "--force"], ["log-model"]):
+        assert main([*command, "--store", str(store)]) == 2
+        assert "the tracking database is read-only; nothing was changed" in _one_line(capsys)
+
+
+def test_a_folder_for_the_tracking_database_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "store" / "mlflow.db").mkdir(parents=True)
+    assert main(["personas", "list", "--store", str(tmp_path / "store")]) == 2
+    assert "mlflow.db: a folder where MLflow's database should be" in _one_line(capsys)
+
+
+def test_too_little_free_space_refuses_before_writing(store, tmp_path, capsys):
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps({"user_id": "u9", "input": "a heist", "response": "action", "id": "e1"}) + "\n")
+    for command in (["ingest", str(events)], ["nightly", "--lm", "scripted"]):
+        assert main([*command, "--store", str(store), "--min-free-mb", "1000000000"]) == 7
+        assert "under the 1000000000 MB margin a write needs" in _one_line(capsys)
+    points = EdgePoints(store / "qdrant-edge")
+    assert "u9" not in points.user_ids()
+    points.close()
+
+
+def test_a_commit_refuses_on_a_full_disk(store):
+    from persona_agent.nightly.committer import _commit_in_child
+
+    with pytest.raises(StoreFull):  # before any write: the user fails, named, and keeps their persona
+        _commit_in_child(None, "lamp2m", str(store / "nightly" / "lamp2m"), "run", 1, 10**9)
+
+
+def test_a_database_that_cannot_be_created_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from mlflow.store.tracking import sqlalchemy_store
+
+    from persona_agent.runtime import tracking
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sqlalchemy_store, "SqlAlchemyStore", full)
+    with pytest.raises(OSError):
+        tracking._create_database(tmp_path / "mlflow.db", tmp_path / "artifacts")
+    assert list(tmp_path.iterdir()) == [tmp_path / "mlflow.db.lock"]
+
+
+def test_edge_errors_of_ours_are_not_called_damage(tmp_path):
+    points = EdgePoints(tmp_path / "shard")
+    with pytest.raises(TypeError):  # a bug of ours is no damaged store
+        points.search("u0", None, None, 3, [])
+    points.close()
