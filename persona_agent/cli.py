@@ -257,7 +257,7 @@ def ingest_command(settings: Settings, args) -> int:
     bad = _on_bad(args)
     source = read_source(args.path, get_task(args.task), args.split, bad)  # all validated before the store opens
     with Store.open(settings, memory="persistent", tracking=False, writes=True) as store:
-        report = remember_new(store.memory, source)
+        report = remember_new(store.memory, source, settings.states(args.task).mark_changed)
     print(f"read {report.read} interactions of {report.users} users: {report.added} new, {report.updated} updated, "
           f"{report.already_known} already in memory" + (f", {len(bad)} bad records skipped" if bad else ""))
     if bad:
@@ -493,6 +493,9 @@ def _nightly_args(p, s):
                         "aligned (0: no limit)")
     p.add_argument("--max-calls", type=_count(0), default=s.max_calls,
                    help="LM calls per night in all; users past it are deferred to the next night (0: no limit)")
+    p.add_argument("--all-users", dest="plan_all", action="store_true",
+                   help="read every user's memory to plan (default: only the users `ingest` marked changed, and "
+                        "those a failed, deferred or interrupted run left; for memory written by other means)")
     _alignment_options(p, s)
     _lm_options(p, s)
 

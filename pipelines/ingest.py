@@ -12,6 +12,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from persona_agent.data.loaders import Dates, OnBad, check_labels, check_text, load_users, not_utf8, per_record
 from persona_agent.data.tasks import Task, TaskDataError
@@ -81,16 +82,18 @@ def read_source(path: Path, task: Task, split: str | None = None, on_bad: OnBad 
 
 
 def ingest(memory: EpisodicMemory, path: Path, task: Task, split: str | None = None,
-           on_bad: OnBad | None = None) -> IngestReport:
+           on_bad: OnBad | None = None, mark_changed: Callable[[list[str]], object] | None = None) -> IngestReport:
     """Validate the whole source first (a bad record writes nothing, or is skipped with
     `on_bad`), then add what is new."""
-    return remember_new(memory, read_source(path, task, split, on_bad))
+    return remember_new(memory, read_source(path, task, split, on_bad), mark_changed)
 
 
-def remember_new(memory: EpisodicMemory, source: dict[str, list[MemoryItem]]) -> IngestReport:
+def remember_new(memory: EpisodicMemory, source: dict[str, list[MemoryItem]],
+                 mark_changed: Callable[[list[str]], object] | None = None) -> IngestReport:
     """Add the items memory does not hold yet (by id), and replace those whose content changed
-    (a corrected event: the newer wins, never silently stale); count each kind."""
-    report = IngestReport(users=len(source))
+    (a corrected event: the newer wins, never silently stale); count each kind. `mark_changed`
+    is told which users get anything, before any of it is written (what `nightly` plans from)."""
+    report, writes = IngestReport(users=len(source)), {}
     for user_id, items in source.items():
         stored = memory.stored(user_id, [it.item_id for it in items])
         new = [it for it in items if it.item_id not in stored]
@@ -98,5 +101,10 @@ def remember_new(memory: EpisodicMemory, source: dict[str, list[MemoryItem]]) ->
         report.read += len(items)
         report.added += len(new)
         report.updated += len(changed)
-        memory.add(user_id, new + changed)
+        if new or changed:
+            writes[user_id] = new + changed
+    if mark_changed is not None and writes:
+        mark_changed(list(writes))
+    for user_id, items in writes.items():
+        memory.add(user_id, items)
     return report

@@ -17,7 +17,7 @@ def ingest_into(settings: Settings, path: Path, task: Task = LAMP_2M) -> IngestR
     settings.store.mkdir(parents=True, exist_ok=True)
     memory = EpisodicMemory.open(path=str(settings.qdrant_path))
     try:
-        return ingest(memory, path, task)
+        return ingest(memory, path, task, mark_changed=settings.states(task.key).mark_changed)
     finally:
         memory.close()
 

@@ -31,8 +31,8 @@ class Committer:
 
     RESTARTS = 3
 
-    def __init__(self, tracking_uri: str, task_key: str, state_dir, run_id: str, night: int, min_free_mb: int = 0):
-        self.args = (task_key, str(state_dir), run_id, night, min_free_mb)
+    def __init__(self, tracking_uri: str, task_key: str, state_db, run_id: str, night: int, min_free_mb: int = 0):
+        self.args = (task_key, str(state_db), run_id, night, min_free_mb)
         self.restarts, self.tracking_uri = self.RESTARTS, tracking_uri
         self.pool = self._start()
 
@@ -94,11 +94,11 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)
 
 
-def _commit_in_child(outcome, task_key: str, state_dir: str, run_id: str, night: int, min_free_mb: int):
+def _commit_in_child(outcome, task_key: str, state_db: str, run_id: str, night: int, min_free_mb: int):
     from pathlib import Path
 
     from persona_agent.data.tasks import get_task
 
-    require_free_space(Path(state_dir), min_free_mb)  # the user fails, named, and keeps their persona
+    require_free_space(Path(state_db), min_free_mb)  # the user fails, named, and keeps their persona
     task = get_task(task_key)
-    return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_dir)), run_id, night)
+    return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_db), task_key), run_id, night)

@@ -28,7 +28,6 @@ from persona_agent.nightly.committer import Committer
 from persona_agent.nightly.control import Deferred, Gate, Stopped, first_callback_of, stop_on_signals, user_calls
 from persona_agent.nightly.executors import ray_outcomes, thread_outcomes
 from persona_agent.nightly.jobs import NightlySummary, UserOutcome, align_job, plan
-from persona_agent.runtime.state import StateStore
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
@@ -69,11 +68,14 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     started = time.perf_counter()
     lm = lm or build_lm(settings.lm)
     adapter = dspy.settings.adapter or adapter_for(lm)
-    states, summary, stop = StateStore(settings.nightly_state(task.key)), NightlySummary(), threading.Event()
+    states, summary, stop = settings.states(task.key), NightlySummary(), threading.Event()
     gate = Gate(stop, settings.max_calls_per_user, settings.max_calls)
     with stop_on_signals(stop, summary, console), first_callback_of(lm, gate):
         with Store.open(settings, memory="persistent", writes=True) as store:
-            jobs, summary.unchanged, summary.failed = plan(store.memory, states, store.registry(task))
+            planning = time.perf_counter()
+            jobs, summary.unchanged, summary.failed, summary.untouched = plan(
+                store.memory, states, store.registry(task), full=settings.plan_all)
+            summary.driver_seconds += time.perf_counter() - planning
         # workers get each user's items in the job; the memory is free again for other processes
 
         def work(job):
@@ -125,21 +127,25 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
             score_max=settings.score_max, rollback_on_regression=settings.rollback_after,
             max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
         bar = progress.add_task("nightly", total=len(jobs))
-        with Committer(settings.tracking_uri, task.key, states.root, run.info.run_id, summary.night,
+        with Committer(settings.tracking_uri, task.key, states.path, run.info.run_id, summary.night,
                        settings.min_free_mb) as committer:
             # Tallied as commits finish (they finish in order), so a run holds the outcomes in
             # flight, not every user's: memory grows with workers, not users (bench/nightly_memory.py).
             pending, committed, deferred_calls = collections.deque(), [], {}
+            marks = {job.user_id: job.mark for job in jobs}
             for outcome in outcomes:
+                tallying = time.perf_counter()  # the driver's own time: not the wait for the outcome
                 progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
                 if outcome.status == "deferred":  # not committed; its LM calls were made, and count
                     summary.deferred[outcome.user_id] = outcome.error
                     summary.lm_calls += outcome.lm_calls
                     deferred_calls[outcome.user_id] = outcome.lm_calls
                     continue
+                outcome.mark = marks[outcome.user_id]  # the change it consumes, recorded with its state
                 pending.append((outcome, committer.submit(outcome)))
                 while pending and pending[0][1][1].done():
                     committed.append(_tally(summary, *_committed(committer, pending.popleft())))
+                summary.driver_seconds += time.perf_counter() - tallying
             while pending:
                 committed.append(_tally(summary, *_committed(committer, pending.popleft())))
             rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]

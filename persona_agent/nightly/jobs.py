@@ -52,6 +52,7 @@ class UserJob:
     seen_ids: frozenset[str] | None = None  # the items production was aligned on; None: not known
     version: int | None = None  # the production version (the one prequential scoring tests)
     scores: list[dict] = field(default_factory=list)  # earlier nights' scores: {night, version, score, n}
+    mark: int = 0  # the change to the user's memory this job consumes (`StateStore.pending`)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class UserOutcome:
     trace_id: str | None = None  # the user's trace, when the night is traced (linked to its run on commit)
     prequential: Prequential | None = None
     rollback_to: int | None = None  # production regressed: the last version that scored better
+    mark: int = 0  # the change the job consumed: recorded as `seen` when it is committed
 
 
 def fell(score: float, before: list[float]) -> bool:
@@ -167,20 +169,40 @@ DAMAGED = ("history shrank: {missing} of {had} items aligned on are missing from
            "damaged (restore it from a backup); {user} keeps their persona and is not re-aligned")
 
 
-def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[UserJob], list[str], dict[str, str]]:
+def plan(memory: EpisodicMemory, states: StateStore, registry,
+         full: bool = False) -> tuple[list[UserJob], list[str], dict[str, str], int]:
     """Jobs for users whose history changed since their last completed alignment; the users
-    unchanged; and those that could not be planned (user id -> error), who are left as they are."""
-    jobs, unchanged, failed = [], [], {}
-    in_memory = set(memory.user_ids())
-    for user_id in sorted(states.user_ids() - in_memory):  # aligned before, and now no memory at all
-        failed[user_id] = DAMAGED.format(missing="all", had="the", user=user_id)
-    for user_id in in_memory:
+    read and found unchanged; those that could not be planned (user id -> error), who are left
+    as they are; and how many users aligned before were not read at all (nothing changed).
+
+    Only users with a change this task has not committed are read (`StateStore.pending`: marked
+    by `ingest`, or left by a failed, deferred or interrupted run); `full` reads every user in
+    memory instead (memory written by something other than `ingest`)."""
+    jobs, unchanged, failed, seen = [], [], {}, {}
+    states.ready(memory.user_ids)
+    if full:  # every user in memory; and one aligned before with no memory at all is damage
+        in_memory = set(memory.user_ids())
+        for user_id in sorted(states.user_ids() - in_memory):
+            failed[user_id] = DAMAGED.format(missing="all", had="the", user=user_id)
+        pending = dict.fromkeys(in_memory, states.latest())
+    else:
+        pending = states.pending()
+    known = 0  # of the pending users, those aligned before
+    for user_id, mark in sorted(pending.items()):
         try:
             items = memory.items(user_id)
-            fp = fingerprint(items)
             state = states.get(user_id)
+            known += state is not None
+            if not items:  # marked, but no memory: aligned before means the store lost it
+                if state and state.get("item_ids"):
+                    failed[user_id] = DAMAGED.format(missing="all", had=len(state["item_ids"]), user=user_id)
+                elif state:
+                    seen[user_id] = mark
+                continue
+            fp = fingerprint(items)
             if state and state.get("fingerprint") == fp:
                 unchanged.append(user_id)
+                seen[user_id] = mark
                 continue
             # Nothing deletes a memory (ingest adds or replaces by id): an item aligned on that is
             # gone means a damaged store, and aligning on what is left would write a wrong persona.
@@ -191,14 +213,15 @@ def plan(memory: EpisodicMemory, states: StateStore, registry) -> tuple[list[Use
                 continue
             current = registry.production_version(user_id)
             profile = registry.get(user_id, current).persona.profile if current is not None else None
-            seen = frozenset(state["item_ids"]) if state and "item_ids" in state and current is not None else None
-            jobs.append(UserJob(user_id, items, fp, profile, seen, current, (state or {}).get("scores", [])))
+            seen_ids = frozenset(state["item_ids"]) if state and "item_ids" in state and current is not None else None
+            jobs.append(UserJob(user_id, items, fp, profile, seen_ids, current, (state or {}).get("scores", []), mark))
         except StoreDamaged:  # the shard, not this user: nobody aligns on a store known to be damaged
             raise
         except Exception as err:  # e.g. a production persona that no longer parses: skip this user only
             log.warning("user %s: cannot plan: %s", user_id, str(err)[:300])
             failed[user_id] = f"planning failed: {type(err).__name__}: {str(err)[:300]}"
-    return jobs, unchanged, failed
+    states.saw(seen)
+    return jobs, unchanged, failed, states.count() - known
 
 
 def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_id: str | None = None,
@@ -242,7 +265,7 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
         registry.promote(outcome.user_id, production)
     states.put(outcome.user_id, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
                                  "semantic_profile": outcome.semantic_profile, "item_ids": outcome.item_ids,
-                                 "scores": scores, "at": time.time()})
+                                 "scores": scores, "at": time.time()}, seen=outcome.mark)
     return production
 
 
@@ -250,7 +273,8 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
 class NightlySummary:
     aligned: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # read tonight, and found unchanged
+    untouched: int = 0  # aligned before, and not read tonight: no change was marked for them
     failed: dict[str, str] = field(default_factory=dict)
     interrupted: list[str] = field(default_factory=list)  # planned, not finished: a stop came first
     deferred: dict[str, str] = field(default_factory=dict)  # user -> which budget: aligned on a later night
@@ -263,10 +287,11 @@ class NightlySummary:
     tokens: int = 0
     fallbacks: int = 0
     seconds: float = 0.0
+    driver_seconds: float = 0.0  # planning and tallying: the driver's own work, not the users' or the commits'
 
     def counts(self) -> dict[str, float]:
         return {"users_aligned": len(self.aligned), "users_rejected": len(self.rejected),
-                "users_unchanged": len(self.unchanged), "users_failed": len(self.failed),
+                "users_unchanged": len(self.unchanged) + self.untouched, "users_failed": len(self.failed),
                 "users_interrupted": len(self.interrupted), "users_deferred": len(self.deferred),
                 "users_rolled_back": len(self.rolled_back),
                 "lm_calls": self.lm_calls, "tokens": self.tokens, "lm_fallbacks": self.fallbacks,

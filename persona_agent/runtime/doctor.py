@@ -15,7 +15,6 @@ written beside DEST and renamed into place, and `doctor` checks the copy before 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import sqlite3
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from persona_agent.pipelines.points import EdgePoints, StoreDamaged, StoreLocked
 from persona_agent.runtime.settings import Settings, sqlite_file
+from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.store import StoreBusy, exclusive
 
 
@@ -82,29 +82,28 @@ def _memory(settings: Settings) -> tuple[list[Finding], dict[str, set[str]] | No
 
 def _history(settings: Settings, memory_ids: dict[str, set[str]] | None) -> list[Finding]:
     """Each user's memory against what their last nightly aligned on, per task."""
-    root, found = settings.store / "nightly", []
-    for task_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else ():
-        shrank, unreadable, users = [], [], 0
-        for path in sorted(task_dir.glob("*.json")):
-            try:
-                state = json.loads(path.read_text(encoding="utf-8"))
-                user, aligned_on = state["user_id"], set(state.get("item_ids", ()))
-            except (OSError, ValueError, KeyError, TypeError):
-                unreadable.append(path.name)
-                continue
-            users += 1
-            if memory_ids is not None and (missing := aligned_on - memory_ids.get(user, set())):
-                shrank.append(f"{user} ({len(missing)} of {len(aligned_on)} missing)")
-        if shrank:
-            found.append(Finding("history", "damaged", f"{task_dir.name}: history shrank for {len(shrank)} users: "
-                                 + ", ".join(shrank[:5]) + (" ..." if len(shrank) > 5 else ""), _RESTORE))
-        if unreadable:
-            found.append(Finding("state", "damaged", f"{task_dir.name}: {len(unreadable)} unreadable state files "
-                                 f"({', '.join(unreadable[:3])})", f"remove them from {task_dir}: those users are "
-                                 "re-aligned by the next nightly"))
-        if not shrank and not unreadable:
-            checked = "checked against memory" if memory_ids is not None else "memory not checked"
-            found.append(Finding("history", "ok", f"{task_dir.name}: {users} users' nightly state, {checked}"))
+    if not settings.state_db.exists():
+        return []
+    found = []
+    try:
+        states = StateStore(settings.state_db, "")
+        tasks = states.tasks()
+        for task in tasks:
+            shrank, users = [], 0
+            for user, state in StateStore(settings.state_db, task).items():
+                users += 1
+                aligned_on = set(state.get("item_ids", ()))
+                if memory_ids is not None and (missing := aligned_on - memory_ids.get(user, set())):
+                    shrank.append(f"{user} ({len(missing)} of {len(aligned_on)} missing)")
+            if shrank:
+                found.append(Finding("history", "damaged", f"{task}: history shrank for {len(shrank)} users: "
+                                     + ", ".join(shrank[:5]) + (" ..." if len(shrank) > 5 else ""), _RESTORE))
+            else:
+                checked = "checked against memory" if memory_ids is not None else "memory not checked"
+                found.append(Finding("history", "ok", f"{task}: {users} users' nightly state, {checked}"))
+        states.close()
+    except sqlite3.DatabaseError as err:
+        found.append(Finding("state", "damaged", f"{settings.state_db}: {err}", _RESTORE))
     return found
 
 
@@ -148,7 +147,8 @@ def backup(settings: Settings, dest: Path) -> list[Finding]:
     shutil.rmtree(partial, ignore_errors=True)
     try:
         with exclusive(settings):
-            skip = {settings.qdrant_path.name, "mlflow.db", "memory.lock", "nightly.lock", "mlflow.db.lock"}
+            skip = {settings.qdrant_path.name, "mlflow.db", "memory.lock", "nightly.lock", "mlflow.db.lock",
+                    "state.db", "state.db-wal", "state.db-shm"}
             shutil.copytree(settings.store, partial, symlinks=True,
                             ignore=lambda d, names: [n for n in names if Path(d) == settings.store and n in skip
                                                      or n.endswith((".partial", ".tmp"))])
@@ -159,17 +159,23 @@ def backup(settings: Settings, dest: Path) -> list[Finding]:
                     shutil.copytree(settings.qdrant_path, partial / settings.qdrant_path.name)
                 finally:
                     points.close()
+            if settings.state_db.exists():  # SQLite's online backup: the write-ahead log's rows included
+                _sqlite_copy(settings.state_db, partial / settings.state_db.name)
             database = sqlite_file(settings.tracking_uri)
             if local := database is not None and database.exists():
-                with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as src, \
-                        contextlib.closing(sqlite3.connect(partial / "mlflow.db")) as out:
-                    src.backup(out)
+                _sqlite_copy(database, partial / "mlflow.db")
         partial.rename(dest)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     copy = replace(settings, store=dest, store_wait=0.0)
     return doctor(copy, f"sqlite:///{dest.resolve() / 'mlflow.db'}" if local else settings.tracking_uri)
+
+
+def _sqlite_copy(source: Path, target: Path) -> None:
+    with contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src, \
+            contextlib.closing(sqlite3.connect(target)) as out:
+        src.backup(out)
 
 
 def print_findings(findings: list[Finding]) -> None:

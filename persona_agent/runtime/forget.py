@@ -59,7 +59,7 @@ def forget(settings: Settings, user_id: str) -> Counter:
     removed = Counter()
     with exclusive(settings):  # no nightly commits them again meanwhile, no ingest adds to them
         removed["memories"] = _forget_memory(settings, user_id)
-        removed["nightly states"] = sum(StateStore(d).delete(user_id) for d in _task_dirs(settings))
+        removed["nightly states"] = StateStore(settings.state_db, "").delete(user_id) + _forget_state_files(settings, user_id)
         removed["persona versions"] = sum(PersonaRegistry(task, settings.tracking_uri).delete(user_id)
                                           for task in TASKS.values())
         removed += _forget_runs(settings, user_id)
@@ -72,9 +72,13 @@ def forget(settings: Settings, user_id: str) -> Counter:
     return +removed
 
 
-def _task_dirs(settings: Settings) -> list[Path]:
-    root = settings.store / "nightly"
-    return [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+def _forget_state_files(settings: Settings, user_id: str) -> int:
+    """An earlier version's state file of the user (a store not yet migrated into `state.db`)."""
+    name = hashlib.sha256(user_id.encode()).hexdigest()[:32] + ".json"
+    files = list((settings.store / "nightly").glob(f"*/{name}"))
+    for path in files:
+        path.unlink()
+    return len(files)
 
 
 def _forget_memory(settings: Settings, user_id: str) -> int:
@@ -172,7 +176,10 @@ def _redact_tags(client, run, user_id: str) -> int:
     changed = 0
     for key, value in run.data.tags.items():
         if key == "mlflow.linkedPrompts":
-            links = json.loads(value)
+            try:
+                links = json.loads(value)
+            except ValueError:  # cut by MLflow's tag limit (a night of an earlier release): rewritten whole
+                links = [{"name": n, "version": v} for n, v in re.findall(r'"name": "([^"]+)", "version": "(\d+)"', value)]
             kept = [link for link in links if link.get("name") not in names]
             if len(kept) != len(links):
                 client.set_tag(run.info.run_id, key, json.dumps(kept))

@@ -26,6 +26,7 @@ from persona_agent.pipelines.persona import Persona, profile_problem
 log = logging.getLogger(__name__)
 
 PRODUCTION = "production"
+LINKED_PROMPTS, MAX_TAG = "mlflow.linkedPrompts", 8000  # the run tag of a run's prompt links, and MLflow's limit
 PRODUCTION_TAG = "production_version"
 HISTORY_COLUMNS = ["version", "production", "stage", "iteration", "accepted", "batch_score", "candidate_score",
                    "lm_calls", "tokens", "reason", "message"]
@@ -78,10 +79,20 @@ class PersonaRegistry:
             version = self.client.register_prompt(name=name, template=template, commit_message=message,
                                                   tags=tags).version  # the first: creates the prompt
         if tags.get("run_id"):  # the run page lists the versions it registered ("Registered prompts")
-            self._registry.link_prompt_version_to_run(name, str(version), tags["run_id"])
+            self._link(name, version, tags["run_id"])
         if production:
             self.promote(user_id, version)
         return int(version)
+
+    def _link(self, name: str, version, run_id: str) -> None:
+        """MLflow keeps a run's prompt links in one tag, cut at 8,000 characters (about 60 links),
+        after which every further link fails to parse it: a night of many users links the first
+        ones only (its users.csv lists every user's version)."""
+        linked = self.client.get_run(run_id).data.tags.get(LINKED_PROMPTS, "")
+        if len(linked) + len(name) + 40 > MAX_TAG:
+            log.info("run %s: not linking %s v%s: the run's prompt links are full", run_id, name, version)
+            return
+        self._registry.link_prompt_version_to_run(name, str(version), run_id)
 
     def promote(self, user_id: str, version: int) -> None:
         """Point `production` at `version`, a version known to exist and to pass the profile check

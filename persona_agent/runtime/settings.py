@@ -42,6 +42,7 @@ class Settings:
     rollback_after: int = 0  # nightly: K > 0 rolls production back when it scores below its last K nights
     score_max: int = 5  # nightly: newest unseen interactions per user the production persona is scored on
     store_wait: float = 60.0  # seconds a command waits for another process to release the embedded memory
+    plan_all: bool = False  # nightly: read every user's memory to plan, not only the users `ingest` marked changed
     min_free_mb: int = 200  # a command that writes the store refuses to start (a commit, to go on) with less free
 
     @classmethod
@@ -84,9 +85,20 @@ class Settings:
         """Held by the one nightly run a store allows at a time."""
         return self.store / "nightly.lock"
 
+    @property
+    def state_db(self) -> Path:
+        """Nightly state and which users changed (`runtime/state.py`)."""
+        return self.store / "state.db"
+
     def nightly_state(self, task_key: str) -> Path:
-        """Per-user state of the nightly runs of one task."""
+        """An earlier version's per-user state files of one task (migrated into `state_db` once)."""
         return self.store / "nightly" / task_key
+
+    def states(self, task_key: str):
+        """The nightly state of one task's users."""
+        from persona_agent.runtime.state import StateStore
+
+        return StateStore(self.state_db, task_key, legacy=self.nightly_state(task_key))
 
     def eval_out(self, task_key: str, stamp: str) -> Path:
         """Where one `eval` writes its tables and predictions by default."""

@@ -1,54 +1,167 @@
-"""What the last completed nightly aligned each user on, per task: read by `nightly` to plan,
-by `answer` to notice a history that shrank, and removed by `forget`."""
+"""Per-user nightly state, and which users changed: one SQLite database in the store (`state.db`).
+
+Two tables:
+- `state (task, user_id, body)`: what the last completed nightly aligned the user on (fingerprint,
+  item ids, production version, prequential scores) and the change it consumed (`seen`);
+- `changed (user_id, mark)`: the latest change to the user's memory, a number that only grows.
+  `ingest` marks a user *before* it writes their memory (a crash in between leaves a mark whose
+  memory did not change: the nightly finds the fingerprint unchanged, which is cheap; the other
+  order could lose a change).
+
+So a night plans exactly the users whose mark is newer than what their state saw: users with new
+interactions, and users whose last run failed, was deferred or was interrupted (never committed,
+so their mark is still unseen). Planning reads two indexed tables, not every user's memory.
+
+A store written by an earlier version (one JSON file per user under `nightly/<task>/`, no marks)
+is migrated once, in one transaction: its states are read in, and every user in memory is marked,
+so the first night after it re-checks everyone by fingerprint, as before. Read by `nightly` to
+plan, by the commit process to record, by `answer` and `doctor` to notice a history that shrank,
+and cleared by `forget`.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
+import sqlite3
+import threading
 from pathlib import Path
-
-from persona_agent.data.atomic import atomic_write_text
+from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS state (task TEXT NOT NULL, user_id TEXT NOT NULL, body TEXT NOT NULL,
+                                  PRIMARY KEY (task, user_id));
+CREATE TABLE IF NOT EXISTS changed (user_id TEXT PRIMARY KEY, mark INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
 
 class StateStore:
-    """One small JSON file per user: what the last completed nightly aligned them on."""
+    """The state of one task's users, and the store's change marks, in `<store>/state.db`."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, path: Path, task: str, legacy: Path | None = None):
+        """`legacy`: where an earlier version kept this task's state files (`ready` reads them in)."""
+        self.path, self.task, self.legacy = Path(path), task, legacy
+        self._local = threading.local()  # a connection per thread (SQLite's rule)
 
-    def _path(self, user_id: str) -> Path:
-        return self.root / (hashlib.sha256(user_id.encode()).hexdigest()[:32] + ".json")
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A transaction: committed on exit, rolled back on an exception."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")  # the commit process writes while ingest marks
+            db.executescript(_SCHEMA)
+            self._local.db = db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- per-user state ---------------------------------------------------------------------------
 
     def get(self, user_id: str) -> dict | None:
-        path = self._path(user_id)
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:  # cannot happen with atomic writes; treat as not done
-            log.warning("state of user %s is unreadable; they will be re-aligned", user_id)
-            return None
+        with self._db() as db:
+            row = db.execute("SELECT body FROM state WHERE task = ? AND user_id = ?", (self.task, user_id)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, user_id: str, state: dict, seen: int | None = None) -> None:
+        """Record the user's state; `seen`: the change mark the night planned them at (a change
+        marked while they were being aligned stays unseen, for the next night)."""
+        body = json.dumps({"user_id": user_id, **state, **({"seen": seen} if seen is not None else {})})
+        with self._db() as db:
+            db.execute("INSERT INTO state (task, user_id, body) VALUES (?, ?, ?) ON CONFLICT (task, user_id) "
+                       "DO UPDATE SET body = excluded.body", (self.task, user_id, body))
+
+    def count(self) -> int:
+        """Users with a state in this task."""
+        with self._db() as db:
+            return db.execute("SELECT count(*) FROM state WHERE task = ?", (self.task,)).fetchone()[0]
 
     def user_ids(self) -> set[str]:
-        """Every user with a state (one read per user)."""
-        ids = set()
-        for path in self.root.glob("*.json") if self.root.exists() else ():
-            try:
-                ids.add(json.loads(path.read_text(encoding="utf-8"))["user_id"])
-            except (OSError, ValueError, KeyError):
-                continue  # unreadable: `get` says so for its user
-        return ids
+        with self._db() as db:
+            return {r[0] for r in db.execute("SELECT user_id FROM state WHERE task = ?", (self.task,))}
 
-    def put(self, user_id: str, state: dict) -> None:
-        atomic_write_text(self._path(user_id), json.dumps({"user_id": user_id, **state}))
+    def items(self) -> Iterator[tuple[str, dict]]:
+        """Every user's state in this task (doctor)."""
+        with self._db() as db:
+            rows = db.execute("SELECT user_id, body FROM state WHERE task = ?", (self.task,)).fetchall()
+        return ((user, json.loads(body)) for user, body in rows)
 
-    def delete(self, user_id: str) -> bool:
-        """Forget the user's state; False when there was none."""
-        try:
-            self._path(user_id).unlink()
-            return True
-        except FileNotFoundError:
-            return False
+    def tasks(self) -> list[str]:
+        with self._db() as db:
+            return [r[0] for r in db.execute("SELECT DISTINCT task FROM state ORDER BY task")]
+
+    def delete(self, user_id: str) -> int:
+        """Forget the user in every task, and their change mark; returns the rows removed."""
+        with self._db() as db:
+            gone = db.execute("DELETE FROM state WHERE user_id = ?", (user_id,)).rowcount
+            return gone + db.execute("DELETE FROM changed WHERE user_id = ?", (user_id,)).rowcount
+
+    # -- what changed -----------------------------------------------------------------------------
+
+    def mark_changed(self, user_ids: Iterable[str]) -> int:
+        """Mark the users' memory as changed (before it is written); returns the new mark."""
+        with self._db() as db:
+            mark = 1 + (db.execute("SELECT coalesce(max(mark), 0) FROM changed").fetchone()[0])
+            db.executemany("INSERT INTO changed (user_id, mark) VALUES (?, ?) ON CONFLICT (user_id) "
+                           "DO UPDATE SET mark = excluded.mark", ((u, mark) for u in user_ids))
+        return mark
+
+    def pending(self) -> dict[str, int]:
+        """Users whose latest change this task has not committed: user -> the change's mark."""
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT c.user_id, c.mark FROM changed c LEFT JOIN state s ON s.task = ? AND s.user_id = c.user_id "
+                "WHERE s.user_id IS NULL OR c.mark > coalesce(json_extract(s.body, '$.seen'), -1)",
+                (self.task,)).fetchall()
+        return dict(rows)
+
+    def saw(self, marks: dict[str, int]) -> None:
+        """The users' changes are consumed without a commit (their history was unchanged)."""
+        with self._db() as db:
+            db.executemany("UPDATE state SET body = json_set(body, '$.seen', ?) WHERE task = ? AND user_id = ?",
+                           ((mark, self.task, user) for user, mark in marks.items()))
+
+    def latest(self) -> int:
+        with self._db() as db:
+            return db.execute("SELECT coalesce(max(mark), 0) FROM changed").fetchone()[0]
+
+    def ready(self, memory_users: Callable[[], Iterable[str]]) -> None:
+        """Once per store and task: read an earlier version's state files (`legacy`) and mark
+        every user in memory, in one transaction (a crash leaves the store as it was)."""
+        key, legacy = f"initialized:{self.task}", self.legacy
+        with self._db() as db:
+            if db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone():
+                return
+            migrated = 0
+            for path in sorted(legacy.glob("*.json")) if legacy is not None and legacy.is_dir() else ():
+                try:
+                    body = json.loads(path.read_text(encoding="utf-8"))
+                    user_id = body["user_id"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    log.warning("state file %s is unreadable; that user is re-aligned", path)
+                    continue
+                db.execute("INSERT OR IGNORE INTO state (task, user_id, body) VALUES (?, ?, ?)",
+                           (self.task, user_id, json.dumps({**body, "seen": 0})))
+                migrated += 1
+            users = list(memory_users())
+            mark = 1 + db.execute("SELECT coalesce(max(mark), 0) FROM changed").fetchone()[0]
+            db.executemany("INSERT OR IGNORE INTO changed (user_id, mark) VALUES (?, ?)", ((u, mark) for u in users))
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, str(mark)))
+        if migrated:
+            log.warning("moved %d users' nightly state from %s into %s (once); the old files can be removed",
+                        migrated, legacy, self.path)

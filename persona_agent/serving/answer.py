@@ -9,7 +9,6 @@ from persona_agent.pipelines.points import StoreDamaged
 from persona_agent.runtime import tracking
 from persona_agent.runtime.llm import adapter_for, build_lm
 from persona_agent.runtime.lm_cache import owned_by
-from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.store import Store
 from persona_agent.runtime.wiring import user_flow
 
@@ -17,7 +16,7 @@ from persona_agent.runtime.wiring import user_flow
 def answer(store: Store, task: Task, user_id: str, query: str, lm: dspy.LM | None = None) -> str:
     """`store`: opened with persistent memory (the user's history, as `ingest` wrote it)."""
     version = store.registry(task).get(user_id)  # raises PersonaNotFound for unknown users
-    aligned_on = len((StateStore(store.settings.nightly_state(task.key)).get(user_id) or {}).get("item_ids", ()))
+    aligned_on = len((store.settings.states(task.key).get(user_id) or {}).get("item_ids", ()))
     if store.memory.count(user_id) < aligned_on:  # nothing deletes a memory but `forget`, which drops the state too
         raise StoreDamaged(store.settings.qdrant_path, f"{user_id}'s history shrank below the {aligned_on} items "
                                                         "their persona was aligned on")

@@ -10,7 +10,6 @@ import pytest
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.fakes import FakeEngine
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
@@ -33,7 +32,7 @@ def _lm():
 
 
 def _committed(settings) -> set[str]:
-    states = StateStore(settings.nightly_state(LAMP_2M.key))
+    states = settings.states(LAMP_2M.key)
     mlflow.set_tracking_uri(settings.tracking_uri)
     versions = {u for u in PersonaRegistry(LAMP_2M).users()["user_id"]}
     done = {u for u in ("u0000", "u0001", "u0002") if states.get(u)}

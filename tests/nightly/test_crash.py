@@ -20,7 +20,6 @@ import pytest
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.jobs import fingerprint
-from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import Store
@@ -58,7 +57,7 @@ def _check_store(settings: Settings) -> dict:
             assert len(ids) == len(set(ids)) == memory.count(user), f"duplicate memories for {user}"
             sizes[user], fingerprints[user] = len(ids), fingerprint(memory.items(user))
     mlflow.set_tracking_uri(settings.tracking_uri)
-    registry, states = PersonaRegistry(LAMP_2M), StateStore(settings.nightly_state(LAMP_2M.key))
+    registry, states = PersonaRegistry(LAMP_2M), settings.states(LAMP_2M.key)
     for user in sizes:
         versions = registry.versions(user)
         tags = Counter((v.tags.get("fingerprint"), v.tags.get("iteration")) for v in versions)
@@ -96,7 +95,7 @@ def test_random_kills_never_corrupt_the_store_and_a_rerun_finishes(tmp_path, mon
             killed += 1
         proc.wait()
         sizes = _check_store(settings)
-        landed.append((sum(sizes.values()), len(list(settings.nightly_state(LAMP_2M.key).glob("*.json")))))
+        landed.append((sum(sizes.values()), len(settings.states(LAMP_2M.key).user_ids()) if settings.state_db.exists() else 0))
     print(f"{killed} kills; memories and users done after each:", landed)
     assert killed >= KILLS // 2, "most runs should have been killed mid-way"
     for path in events:  # the rerun: whatever the kills interrupted gets finished
@@ -104,7 +103,7 @@ def test_random_kills_never_corrupt_the_store_and_a_rerun_finishes(tmp_path, mon
     assert subprocess.run(nightly, env=env, capture_output=True).returncode == 0
     sizes = _check_store(settings)
     assert sum(sizes.values()) == USERS * 8 + 2 * KILLS  # every memory once: nothing lost, nothing doubled
-    states = StateStore(settings.nightly_state(LAMP_2M.key))
+    states = settings.states(LAMP_2M.key)
     with _memory(settings) as memory:
         for user in sizes:  # every user aligned on their whole, final history
             assert states.get(user)["fingerprint"] == fingerprint(memory.items(user))

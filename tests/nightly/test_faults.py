@@ -65,7 +65,7 @@ def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_o
     lm, engine = _faulty_lm(rate=0.0, poison=POISON)
     summary = run_nightly(replace(night, workers=2), LAMP_2M, lm=lm)
     assert list(summary.failed) == ["u0001"] and "ServerError" in summary.failed["u0001"]
-    assert summary.aligned + summary.rejected == ["u0002"] and summary.unchanged == ["u0000"]
+    assert summary.aligned + summary.rejected == ["u0002"] and summary.counts()["users_unchanged"] == 1  # u0000
     after = _production(night)
     assert after["u0001"] == before["u0001"]  # kept, intact
     PersonaRegistry(LAMP_2M).get("u0001")
@@ -113,9 +113,10 @@ def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
     assert "u0001,failed" in users_csv and "planning failed" in users_csv
 
 
-def test_a_history_that_shrank_is_a_damaged_store_named_and_nobody_is_aligned_on_it(night, monkeypatch):
-    """Nothing deletes a memory, so items aligned on that are gone mean damage (a truncated id
-    tracker lost 14 of 18 memories without a word): the user fails, named, and keeps their persona."""
+def test_a_history_that_shrank_is_a_damaged_store_named_and_nobody_is_aligned_on_it(night, monkeypatch, tmp_path):
+    """Nothing deletes a memory but `forget`, so items aligned on that are gone mean damage (a
+    truncated id tracker lost 14 of 18 memories without a word): the user fails, named, and keeps
+    their persona. Noticed for a user with a change to plan, and for every user with --all-users."""
     from persona_agent.pipelines.memory import EpisodicMemory
 
     run_nightly(night, LAMP_2M, lm=build_lm(night.lm))
@@ -123,7 +124,10 @@ def test_a_history_that_shrank_is_a_damaged_store_named_and_nobody_is_aligned_on
     items, user_ids = EpisodicMemory.items, EpisodicMemory.user_ids
     monkeypatch.setattr(EpisodicMemory, "items", lambda self, u: items(self, u)[:3] if u == "u0001" else items(self, u))
     monkeypatch.setattr(EpisodicMemory, "user_ids", lambda self: [u for u in user_ids(self) if u != "u0002"])
+    night.states(LAMP_2M.key).mark_changed(["u0001"])  # an ingest for u0001
     summary = run_nightly(night, LAMP_2M, lm=build_lm(night.lm))
+    assert list(summary.failed) == ["u0001"] and "5 of 8 items aligned on are missing" in summary.failed["u0001"]
+    summary = run_nightly(replace(night, plan_all=True), LAMP_2M, lm=build_lm(night.lm))
     assert sorted(summary.failed) == ["u0001", "u0002"] and summary.unchanged == ["u0000"]
     assert "5 of 8 items aligned on are missing" in summary.failed["u0001"]
     assert "all of the items" in summary.failed["u0002"] and "damaged" in summary.failed["u0002"]

@@ -15,7 +15,6 @@ import pytest
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.llm import build_lm
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
@@ -26,7 +25,7 @@ USERS = 6
 
 
 def _done(settings) -> int:
-    return len(list(settings.nightly_state(LAMP_2M.key).glob("*.json")))
+    return len(settings.states(LAMP_2M.key).user_ids()) if settings.state_db.exists() else 0
 
 
 def _wait_for(condition, seconds=120.0):
@@ -101,7 +100,7 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
         assert calls_after <= 1  # at most the call already in flight (1 worker): nothing new started
         assert committed == 1  # the user that finished before the signal, and no other
         mlflow.set_tracking_uri(settings.tracking_uri)
-        registry, states = PersonaRegistry(LAMP_2M), StateStore(settings.nightly_state(LAMP_2M.key))
+        registry, states = PersonaRegistry(LAMP_2M), settings.states(LAMP_2M.key)
         served = {u for u in registry.users()["user_id"] if registry.production_version(u) is not None}
         assert {u for u in served if states.get(u)} == {u for u in served if states.get(u)} and len(served) >= committed
         run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]

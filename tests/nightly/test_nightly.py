@@ -15,8 +15,7 @@ from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M, TaskDataError
 from persona_agent.nightly.driver import NightlyLocked, run_nightly
 from persona_agent.nightly.jobs import fingerprint
-from persona_agent.runtime.state import StateStore
-from persona_agent.pipelines.memory import EpisodicMemory
+from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
 
@@ -64,10 +63,49 @@ def test_only_users_with_new_interactions_are_realigned(store, tmp_path):
     first = run_nightly(settings, LAMP_2M)
     assert sorted(first.aligned + first.rejected) == ["u0000", "u0001", "u0002", "u0003"] and first.lm_calls > 0
     second = run_nightly(settings, LAMP_2M)
-    assert second.lm_calls == 0 and sorted(second.unchanged) == ["u0000", "u0001", "u0002", "u0003"]
+    assert second.lm_calls == 0 and second.counts()["users_unchanged"] == 4
+    assert second.unchanged == []  # no change was marked: no user's memory was even read
     ingest_into(settings, _event(tmp_path, "u0002", 1))
     third = run_nightly(settings, LAMP_2M)
-    assert third.aligned + third.rejected == ["u0002"] and len(third.unchanged) == 3
+    assert third.aligned + third.rejected == ["u0002"] and third.counts()["users_unchanged"] == 3
+
+
+def test_memory_written_outside_ingest_is_planned_with_all_users(store, tmp_path):
+    """Planning reads only the users `ingest` marked: memory added by other means waits for
+    `--all-users`, which reads every user's memory as before."""
+    settings, data = store
+    ingest_into(settings, data)
+    run_nightly(settings, LAMP_2M)
+    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+    memory.add("u0003", [MemoryItem("outside-1", LAMP_2M.make_input("A quiet heist film.", LAMP_2M.labels), "action")])
+    memory.close()
+    assert run_nightly(settings, LAMP_2M).lm_calls == 0
+    summary = run_nightly(replace(settings, plan_all=True), LAMP_2M)
+    assert summary.aligned + summary.rejected == ["u0003"] and sorted(summary.unchanged) == ["u0000", "u0001", "u0002"]
+
+
+def test_a_store_of_the_earlier_version_is_migrated_once(store, tmp_path):
+    """State files of the earlier version (one per user) move into state.db on the first night;
+    the users whose history did not change since are not aligned again."""
+    import hashlib
+
+    settings, data = store
+    ingest_into(settings, data)
+    run_nightly(settings, LAMP_2M)
+    states = settings.states(LAMP_2M.key)
+    legacy = settings.nightly_state(LAMP_2M.key)
+    legacy.mkdir(parents=True)
+    for user, body in states.items():  # what the earlier version left: a file per user, no marks
+        body.pop("seen", None)
+        (legacy / (hashlib.sha256(user.encode()).hexdigest()[:32] + ".json")).write_text(json.dumps(body))
+    states.close()
+    settings.state_db.unlink()
+    ingest_into(settings, _event(tmp_path, "u0002", 1))  # marks u0002 only: the others come from the migration
+    summary = run_nightly(settings, LAMP_2M)
+    assert summary.aligned + summary.rejected == ["u0002"] and sorted(summary.unchanged) == ["u0000", "u0001", "u0003"]
+    assert settings.states(LAMP_2M.key).count() == 4
+    again = run_nightly(settings, LAMP_2M)  # once: the next night reads nobody
+    assert again.lm_calls == 0 and again.unchanged == [] and again.counts()["users_unchanged"] == 4
 
 
 def test_a_second_concurrent_run_refuses_to_start(store, capsys):
@@ -98,7 +136,7 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
     cmd = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--lm", "scripted:0.01",
            "--workers", "2", "-n", "2", "-T", "2"]
     env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache")}
-    states = StateStore(settings.nightly_state(LAMP_2M.key))
+    states = settings.states(LAMP_2M.key)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not any(states.root.glob("*.json")) and time.time() < deadline and proc.poll() is None:

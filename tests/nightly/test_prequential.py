@@ -13,7 +13,6 @@ from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
 from persona_agent.nightly.jobs import UserJob, fingerprint, prequential
-from persona_agent.runtime.state import StateStore
 from persona_agent.pipelines.memory import MemoryItem
 from persona_agent.runtime.fakes import FakeEngine
 from persona_agent.runtime.llm import build_lm
@@ -50,7 +49,7 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     ingest_into(settings, write_dataset(tmp_path / "data", LAMP_2M, n_users=3, n_history=6, n_queries=1, seed=8))
     first = run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm))
     assert first.night == 1 and not first.scored  # new users: no production persona to score yet
-    states = StateStore(settings.nightly_state(LAMP_2M.key))
+    states = settings.states(LAMP_2M.key)
     assert len(states.get("u0001")["item_ids"]) == 6
     rows = [{"user_id": f"u{u:04d}", "id": f"new-{u}-{d}", "response": "comedy", "timestamp": f"2027-01-0{d + 1}",
              "input": LAMP_2M.make_input(f"A night-two film {u}-{d}.", LAMP_2M.labels)}

@@ -9,7 +9,6 @@ import mlflow
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
 from persona_agent.nightly.jobs import last_better
-from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.fakes import FakeEngine, default_policy
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import LMConfig, Settings
@@ -61,7 +60,7 @@ def test_a_regressed_production_persona_is_rolled_back(tmp_path, monkeypatch):
     assert third.rolled_back == {"u1": (3, 2)} and registry.production_version("u1") == 2
     assert registry.get("u1", 2).tags["rolled_back_from"] == "3" and registry.get("u1", 2).tags["rolled_back_at_night"] == "3"
     assert len(registry.versions("u1")) >= 3  # nothing deleted
-    state = StateStore(settings.nightly_state(LAMP_2M.key)).get("u1")
+    state = settings.states(LAMP_2M.key).get("u1")
     assert [(s["night"], s["version"], s["score"]) for s in state["scores"]] == [(2, 2, 1.0), (3, 3, 0.0)]
     run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
     assert run["metrics.users_rolled_back"] == 1

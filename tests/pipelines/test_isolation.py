@@ -4,7 +4,6 @@ like: filter syntax, paths, prompt text, separators, near-duplicates of other id
 import json
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import dspy
 import mlflow
@@ -14,7 +13,6 @@ from hypothesis import strategies as st
 
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.runtime.state import StateStore
 from persona_agent.pipelines.memory import MemoryItem, UserMemory, point_id
 from persona_agent.runtime.fakes import FakeEngine, default_policy
 from persona_agent.runtime.registry import PersonaRegistry, prompt_name
@@ -55,9 +53,8 @@ def test_memory_reads_only_the_users_own_items(ids, kind):
 @settings(max_examples=200, deadline=None)
 @given(ids=st.lists(user_ids, min_size=2, max_size=8, unique=True), item=st.text(max_size=20))
 def test_every_per_user_key_is_distinct(ids, item):
-    """Prompt names, point ids and state files never coincide for two users."""
-    states = StateStore(Path("/s"))
-    for key in (lambda u: prompt_name("lamp2m", u), lambda u: point_id(u, item), states._path):
+    """Prompt names and point ids never coincide for two users (state is keyed by the id itself)."""
+    for key in (lambda u: prompt_name("lamp2m", u), lambda u: point_id(u, item)):
         assert len({key(u) for u in ids}) == len(ids)
     assert all(prompt_name("lamp2m", u).replace("persona.lamp2m.", "").replace("-", "").replace("_", "")
                .replace(".", "").isalnum() for u in ids)

@@ -46,6 +46,20 @@ def test_the_prompt_list_shows_production_and_each_run_lists_the_versions_it_reg
     assert listed.tags["production_version"] == "2"
 
 
+def test_a_night_of_many_users_keeps_committing_past_the_runs_prompt_link_limit(mlflow_store):
+    """MLflow cuts a run's prompt-link tag at 8,000 characters (about 60 links) and then fails
+    every further link: the first ones are linked, every version is still registered."""
+    import json
+
+    run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(mlflow_store.experiment).experiment_id)
+    registry = PersonaRegistry(LAMP_2M)
+    for i in range(130):
+        registry.register(f"user-{i:04d}", Persona(LAMP_2M, "Likes comedy."), "v1", {"run_id": run.info.run_id},
+                          production=True)
+    links = json.loads(mlflow.MlflowClient().get_run(run.info.run_id).data.tags["mlflow.linkedPrompts"])
+    assert 60 <= len(links) < 130 and registry.production_version("user-0129") == 1
+
+
 def test_rollback_refuses_a_version_that_fails_todays_profile_check_unless_forced(mlflow_store, capsys):
     registry = PersonaRegistry(LAMP_2M)
     registry.register("u1", Persona(LAMP_2M, "Prefers comedy, take 1."), "good", production=True)
