@@ -6,8 +6,10 @@ On a fresh store of N synthetic users (4 interactions each, ingested as `persona
 does): the first night (users per second); the driver's own milliseconds per aligned user
 (planning and tallying; the users' alignment and the commits, done by workers and the commit
 process, excluded); a night with nothing new (seconds); a night after 1% of the users got one
-new interaction each (seconds); commit throughput (users per second through the one commit
-process, on the store's SQLite: `commit_users_per_s` maps committers to it). `--json` prints
+new interaction each (seconds); commit throughput: users per second through `jobs.commit` on the
+store's SQLite (one writer), and through 1, 2 and 4 commit processes (`Committer`) against an
+`mlflow server` on PostgreSQL, which the bench starts (`commit_users_per_s` maps committers to
+it; `--skip-postgres` leaves it out). `--json` prints
 one object last with the keys `users`, `first_night_users_per_s`, `driver_ms_per_user`,
 `no_change_night_s`, `one_percent_night_s`, `commit_users_per_s`.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import mlflow  # noqa: E402
 
 from persona_agent.data.synthetic import write_dataset  # noqa: E402
 from persona_agent.data.tasks import LAMP_2M  # noqa: E402
@@ -57,20 +62,60 @@ def _night(settings: Settings):
 def _commit_rate(settings: Settings, n: int = 100) -> float:
     """Users per second through `jobs.commit`, what the commit process runs per user: a new user's
     initial persona, one accepted revision, `production`, the state row."""
-    from persona_agent.nightly.jobs import UserOutcome, commit
-    from persona_agent.optimizers import AlignmentStep
+    from persona_agent.nightly.jobs import commit
     from persona_agent.runtime import tracking
     from persona_agent.runtime.registry import PersonaRegistry
 
     tracking.setup(settings)
     registry, states = PersonaRegistry(LAMP_2M, settings.tracking_uri), settings.states(LAMP_2M.key)
-    before, after = "Tags this user gives most, strongest first: comedy.", "Tags this user gives most: action, comedy."
-    outcomes = [UserOutcome(f"c{i:05d}", f"fp{i}", "aligned", start_profile=before, item_ids=["1", "2"],
-                            steps=[AlignmentStep(0, 0.5, before, after, accepted=True, reason="better")]) for i in range(n)]
+    outcomes = [_outcome(f"c{i:05d}") for i in range(n)]
     started = time.perf_counter()
     for outcome in outcomes:
         commit(outcome, LAMP_2M, registry, states, run_id=None, night=1)
     return n / (time.perf_counter() - started)
+
+
+def _parallel_commit_rates(root: Path, counts=(1, 2, 4), n: int = 48) -> tuple[dict[str, float], str]:
+    """Users per second through the nightly's commit processes (`Committer`), 1, 2 and 4 of them,
+    against `mlflow server` on PostgreSQL (bench/pg_server.py starts both); ({}, why) where it cannot run."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pg_server import missing, mlflow_server, postgres
+
+    from persona_agent.nightly.committer import Committer
+    from persona_agent.runtime import tracking
+
+    if why := missing():
+        return {}, why
+    rates = {}
+    with postgres() as backend, mlflow_server(backend, root / "pg-artifacts") as url:
+        os.environ["MLFLOW_TRACKING_URI"] = url
+        try:
+            for k in counts:
+                settings = Settings(store=root / f"pg-{k}")
+                experiment = tracking.setup(settings)
+                run = mlflow.MlflowClient().create_run(experiment).info.run_id
+                users = [_outcome(f"k{k}-{i:04d}") for i in range(k + n)]
+                with Committer(url, LAMP_2M.key, settings.state_db, run, 1, 0, processes=k) as committer:
+                    warm = [(o, committer.submit(o)) for o in users[:k]]  # the processes start, import MLflow
+                    assert not any(isinstance(committer.result(o, f), BaseException) for o, f in warm)
+                    started = time.perf_counter()
+                    timed = [(o, committer.submit(o)) for o in users[k:]]
+                    results = [committer.result(o, f) for o, f in timed]
+                    rates[str(k)] = round(n / (time.perf_counter() - started), 2)
+                failed = [r for r in results if isinstance(r, BaseException)]
+                assert not failed, failed[:1]
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return rates, "mlflow server on PostgreSQL"
+
+
+def _outcome(user: str):
+    from persona_agent.nightly.jobs import UserOutcome
+    from persona_agent.optimizers import AlignmentStep
+
+    before, after = "Tags this user gives most, strongest first: comedy.", "Tags this user gives most: action, comedy."
+    return UserOutcome(user, f"fp-{user}", "aligned", start_profile=before, item_ids=["1", "2"],
+                       steps=[AlignmentStep(0, 0.5, before, after, accepted=True, reason="better")])
 
 
 def main() -> None:
@@ -78,6 +123,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument("--skip-postgres", action="store_true",
+                    help="no commit throughput against PostgreSQL (it starts a cluster and an mlflow server)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="night-scale-") as tmp:
         root = Path(tmp)
@@ -96,6 +143,7 @@ def main() -> None:
         _ingest(settings, {u: [MemoryItem(f"new-{u}", query, "action", "2030-01-01")] for u in some})
         one, one_s = _night(settings)
         commits = _commit_rate(settings)
+        parallel, backend = ({}, "skipped") if a.skip_postgres else _parallel_commit_rates(root)
 
     result = {
         "users": a.users,
@@ -104,8 +152,9 @@ def main() -> None:
         "no_change_night_s": round(none_s, 2),
         "one_percent_night_s": round(one_s, 2),
         "one_percent_users": len(one.aligned) + len(one.rejected),
-        "commit_users_per_s": {"1": round(commits, 2)},
-        "commit_backend": "the store's SQLite, one committer (parallel committers on PostgreSQL: not built yet)",
+        "commit_users_per_s": parallel,
+        "commit_backend": backend,
+        "sqlite_commit_users_per_s": round(commits, 2),
         "first_night_s": round(first_s, 2),
         "workers": a.workers,
     }
@@ -114,7 +163,10 @@ def main() -> None:
     print(f"  driver per user:       {result['driver_ms_per_user']:8.2f} ms (planning and tallying)")
     print(f"  nothing new:           {none_s:8.1f} s")
     print(f"  1% with one new item:  {one_s:8.1f} s  ({result['one_percent_users']} users aligned)")
-    print(f"  commits, 1 committer:  {commits:8.1f} users/s (a new user: initial persona, one revision, production)")
+    print(f"  commits, SQLite:       {commits:8.1f} users/s (one process; a new user: initial persona, one "
+          "revision, production, state)")
+    print(f"  commits, {backend}: " + (", ".join(f"{k} committers {v} users/s" for k, v in parallel.items())
+                                       or "not measured"))
     if a.json:
         print(json.dumps(result))
 

@@ -493,6 +493,9 @@ def _nightly_args(p, s):
                         "aligned (0: no limit)")
     p.add_argument("--max-calls", type=_count(0), default=s.max_calls,
                    help="LM calls per night in all; users past it are deferred to the next night (0: no limit)")
+    p.add_argument("--committers", type=_count(1, maximum=64), default=s.committers,
+                   help="processes committing users in parallel against a tracking server (MLFLOW_TRACKING_URI="
+                        f"http://...); a local SQLite store takes one (default {s.committers})")
     p.add_argument("--all-users", dest="plan_all", action="store_true",
                    help="read every user's memory to plan (default: only the users `ingest` marked changed, and "
                         "those a failed, deferred or interrupted run left; for memory written by other means)")

@@ -1,4 +1,7 @@
-"""The nightly's commit process: one child process does every registry and state write."""
+"""The nightly's commit processes: child processes do every registry and state write.
+
+Against a tracking server (`mlflow server`, on PostgreSQL in a team) several commit at once, each
+its own users; on a local SQLite database, which takes one writer at a time, one does."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import mlflow
 from persona_agent.nightly.jobs import commit
 from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.registry import PersonaRegistry
+from persona_agent.runtime.settings import sqlite_file
 from persona_agent.runtime.store import require_free_space
 
 log = logging.getLogger(__name__)
@@ -31,13 +35,17 @@ class Committer:
 
     RESTARTS = 3
 
-    def __init__(self, tracking_uri: str, task_key: str, state_db, run_id: str, night: int, min_free_mb: int = 0):
+    def __init__(self, tracking_uri: str, task_key: str, state_db, run_id: str, night: int, min_free_mb: int = 0,
+                 processes: int = 1):
         self.args = (task_key, str(state_db), run_id, night, min_free_mb)
         self.restarts, self.tracking_uri = self.RESTARTS, tracking_uri
+        # a user is committed by one process, once: commits of different users touch different
+        # prompts and state rows, so they run in parallel where the tracking store takes writers
+        self.processes = 1 if sqlite_file(tracking_uri) is not None else max(1, processes)
         self.pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+        return ProcessPoolExecutor(max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init, initargs=(self.tracking_uri, os.getpid()))
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:

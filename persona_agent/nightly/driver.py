@@ -128,7 +128,7 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
             max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
         bar = progress.add_task("nightly", total=len(jobs))
         with Committer(settings.tracking_uri, task.key, states.path, run.info.run_id, summary.night,
-                       settings.min_free_mb) as committer:
+                       settings.min_free_mb, settings.committers) as committer:
             # Tallied as commits finish (they finish in order), so a run holds the outcomes in
             # flight, not every user's: memory grows with workers, not users (bench/nightly_memory.py).
             pending, committed, deferred_calls = collections.deque(), [], {}

@@ -42,6 +42,7 @@ class Settings:
     rollback_after: int = 0  # nightly: K > 0 rolls production back when it scores below its last K nights
     score_max: int = 5  # nightly: newest unseen interactions per user the production persona is scored on
     store_wait: float = 60.0  # seconds a command waits for another process to release the embedded memory
+    committers: int = 4  # nightly: commit processes against a tracking server (a local SQLite store: 1)
     plan_all: bool = False  # nightly: read every user's memory to plan, not only the users `ingest` marked changed
     min_free_mb: int = 200  # a command that writes the store refuses to start (a commit, to go on) with less free
 

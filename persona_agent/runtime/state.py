@@ -48,8 +48,9 @@ class StateStore:
         self._local = threading.local()  # a connection per thread (SQLite's rule)
 
     @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """A transaction: committed on exit, rolled back on an exception."""
+    def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """A transaction: committed on exit, rolled back on an exception. A write takes the
+        database's write lock at once (no upgrade deadlock between two writers); a read does not."""
         db = getattr(self._local, "db", None)
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ class StateStore:
             db.execute("PRAGMA journal_mode=WAL")  # the commit process writes while ingest marks
             db.executescript(_SCHEMA)
             self._local.db = db
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield db
         except BaseException:
@@ -74,7 +75,7 @@ class StateStore:
     # -- per-user state ---------------------------------------------------------------------------
 
     def get(self, user_id: str) -> dict | None:
-        with self._db() as db:
+        with self._db(write=False) as db:
             row = db.execute("SELECT body FROM state WHERE task = ? AND user_id = ?", (self.task, user_id)).fetchone()
         return json.loads(row[0]) if row else None
 
@@ -88,21 +89,21 @@ class StateStore:
 
     def count(self) -> int:
         """Users with a state in this task."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             return db.execute("SELECT count(*) FROM state WHERE task = ?", (self.task,)).fetchone()[0]
 
     def user_ids(self) -> set[str]:
-        with self._db() as db:
+        with self._db(write=False) as db:
             return {r[0] for r in db.execute("SELECT user_id FROM state WHERE task = ?", (self.task,))}
 
     def items(self) -> Iterator[tuple[str, dict]]:
         """Every user's state in this task (doctor)."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             rows = db.execute("SELECT user_id, body FROM state WHERE task = ?", (self.task,)).fetchall()
         return ((user, json.loads(body)) for user, body in rows)
 
     def tasks(self) -> list[str]:
-        with self._db() as db:
+        with self._db(write=False) as db:
             return [r[0] for r in db.execute("SELECT DISTINCT task FROM state ORDER BY task")]
 
     def delete(self, user_id: str) -> int:
@@ -123,7 +124,7 @@ class StateStore:
 
     def pending(self) -> dict[str, int]:
         """Users whose latest change this task has not committed: user -> the change's mark."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             rows = db.execute(
                 "SELECT c.user_id, c.mark FROM changed c LEFT JOIN state s ON s.task = ? AND s.user_id = c.user_id "
                 "WHERE s.user_id IS NULL OR c.mark > coalesce(json_extract(s.body, '$.seen'), -1)",
@@ -137,7 +138,7 @@ class StateStore:
                            ((mark, self.task, user) for user, mark in marks.items()))
 
     def latest(self) -> int:
-        with self._db() as db:
+        with self._db(write=False) as db:
             return db.execute("SELECT coalesce(max(mark), 0) FROM changed").fetchone()[0]
 
     def ready(self, memory_users: Callable[[], Iterable[str]]) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+
 import dspy
 
 from persona_agent.data.tasks import Task
@@ -16,7 +19,7 @@ from persona_agent.runtime.wiring import user_flow
 def answer(store: Store, task: Task, user_id: str, query: str, lm: dspy.LM | None = None) -> str:
     """`store`: opened with persistent memory (the user's history, as `ingest` wrote it)."""
     version = store.registry(task).get(user_id)  # raises PersonaNotFound for unknown users
-    aligned_on = len((store.settings.states(task.key).get(user_id) or {}).get("item_ids", ()))
+    aligned_on = _aligned_on(store, task, user_id)
     if store.memory.count(user_id) < aligned_on:  # nothing deletes a memory but `forget`, which drops the state too
         raise StoreDamaged(store.settings.qdrant_path, f"{user_id}'s history shrank below the {aligned_on} items "
                                                         "their persona was aligned on")
@@ -26,3 +29,16 @@ def answer(store: Store, task: Task, user_id: str, query: str, lm: dspy.LM | Non
     with dspy.context(lm=lm, adapter=dspy.settings.adapter or adapter_for(lm)), owned_by(user_id), \
             tracking.trace("answer", user=user_id, task=task.key, method="persona-agent", persona_version=version.version):
         return agent(query=query).answer
+
+
+def _aligned_on(store: Store, task: Task, user_id: str) -> int:
+    """How many items the user's persona was aligned on (0 when no nightly ran, or its state
+    cannot be read here: a read-only store, say; answering never writes it)."""
+    if not store.settings.state_db.exists():
+        return 0
+    try:
+        return len((store.settings.states(task.key).get(user_id) or {}).get("item_ids", ()))
+    except sqlite3.Error as err:
+        logging.getLogger(__name__).warning("cannot read %s (%s): the history check is skipped",
+                                            store.settings.state_db, err)
+        return 0
