@@ -689,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     offline_environment()
+    from persona_agent.overrides import tolerate_tqdm_thread_races
+
+    tolerate_tqdm_thread_races()
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     if not verbose:  # read by tqdm when it is imported

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -149,6 +150,55 @@ def forget_cached(cache, keys: list[str]) -> None:
             cache.disk_cache.delete(key)
 
 
+def put_cached_tagged(cache, key: str, value, tag: str, memory: bool = True) -> None:
+    """DSPy's `Cache.put` for a key already computed, with a tag on the disk entry (diskcache
+    takes one; DSPy's put passes none), so `evict_cached_tag` can later delete exactly these."""
+    if cache.enable_memory_cache and memory:
+        with cache._lock:
+            cache.memory_cache[key] = value
+    if cache.enable_disk_cache:
+        cache.disk_cache.set(key, value, tag=tag)
+
+
+def evict_cached_tag(cache, tag: str) -> tuple[int, list[str]]:
+    """Delete every disk entry with `tag` from DSPy's cache and clear its memory; returns how
+    many, and the SQLite files of the disk cache's shards (to compact: deleted rows keep bytes)."""
+    if not cache.enable_disk_cache:
+        return 0, []
+    disk = cache.disk_cache
+    gone = disk.evict(tag)
+    cache.reset_memory_cache()
+    return gone, [str(Path(shard.directory) / "cache.db") for shard in getattr(disk, "_shards", [disk])]
+
+
+# -- tqdm: bars made and dropped on several threads ----------------------------------------------
+
+
+def tolerate_tqdm_thread_races() -> None:
+    """tqdm keeps its live bars in a class-level WeakSet and removes a bar from it on two paths; with
+    bars made on many threads at once (DSPy's evaluators inside GEPA), a removal can find the bar
+    gone and raise `KeyError: <weakref ...>`, which ended an `eval` with exit 2. A bar that is
+    already gone is what removing it wants."""
+    import tqdm.std
+
+    bars = tqdm.std.tqdm._instances
+    if getattr(bars, "tolerant", False):
+        return
+
+    class TolerantBars(type(bars)):
+        tolerant = True
+
+        def remove(self, item):
+            try:
+                super().remove(item)
+            except KeyError:
+                pass
+
+    tolerant = TolerantBars()
+    tolerant.update(bars)
+    tqdm.std.tqdm._instances = tolerant
+
+
 # -- MLflow: the prompt registry ------------------------------------------------------------------
 
 
@@ -168,6 +218,21 @@ def forget_cached_alias(client, name: str, alias: str) -> None:
 
 
 # -- Qdrant ---------------------------------------------------------------------------------------
+
+
+def purge_run(tracking_uri: str, run_id: str) -> None:
+    """Delete a deleted run for good, with its artifacts, on a local (SQLAlchemy) tracking store:
+    what `mlflow gc` does, for one run; MLflow has no public call for it."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    store = _get_store(tracking_uri)
+    run = store.get_run(run_id)
+    try:
+        get_artifact_repository(run.info.artifact_uri).delete_artifacts()
+    except Exception:  # none were logged
+        pass
+    store._hard_delete_run(run_id)
 
 
 def is_embedded_qdrant(client) -> bool:

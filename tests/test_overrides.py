@@ -221,3 +221,38 @@ def test_is_embedded_qdrant_tells_the_in_process_engine_from_a_server_client():
 
     assert fast_paths.is_embedded_qdrant(QdrantClient(location=":memory:"))
     assert not fast_paths.is_embedded_qdrant(QdrantClient(url="http://127.0.0.1:1"))  # no connection is made
+
+
+def test_a_tqdm_bar_removed_twice_is_no_error():
+    """tqdm's live-bar set raised KeyError when two threads dropped bars at once (an `eval` with
+    GEPA ended with exit 2, `<weakref ... to 'tqdm'>`): removing a bar already gone is a no-op."""
+    import tqdm.std
+
+    fast_paths.tolerate_tqdm_thread_races()
+    fast_paths.tolerate_tqdm_thread_races()  # once
+    bar = tqdm.std.tqdm(total=1, disable=True)
+    tqdm.std.tqdm._instances.remove(bar)  # already removed by `disable`: raised KeyError before
+    assert type(tqdm.std.tqdm._instances).__name__ == "TolerantBars"
+
+
+def test_a_tagged_cache_entry_is_evicted_by_its_tag_alone(tmp_path):
+    from dspy.clients.cache import Cache
+
+    cache = Cache(enable_disk_cache=True, enable_memory_cache=True, disk_cache_dir=str(tmp_path))
+    fast_paths.put_cached_tagged(cache, "k1", "mine", "user-a")
+    fast_paths.put_cached_tagged(cache, "k2", "theirs", "user-b")
+    gone, shards = fast_paths.evict_cached_tag(cache, "user-a")
+    assert gone == 1 and shards and cache.disk_cache.get("k1") is None and cache.disk_cache.get("k2") == "theirs"
+
+
+def test_purge_run_deletes_a_run_and_its_artifacts_for_good(mlflow_store):
+    import mlflow
+
+    with mlflow.start_run() as run:
+        mlflow.log_text("secret", "a.txt")
+    client = mlflow.MlflowClient()
+    client.delete_run(run.info.run_id)
+    fast_paths.purge_run(mlflow_store.tracking_uri, run.info.run_id)
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_run(run.info.run_id)
+    assert not list(mlflow_store.artifacts_path.rglob("a.txt"))

@@ -42,6 +42,7 @@ from qdrant_client import QdrantClient
 
 from persona_agent.data.atomic import atomic_write_text
 from persona_agent.data.tasks import TASKS
+from persona_agent.overrides import purge_run
 from persona_agent.pipelines.points import ClientPoints, EdgePoints
 from persona_agent.runtime import lm_cache
 from persona_agent.runtime.registry import PersonaRegistry, prompt_name
@@ -106,7 +107,7 @@ def _forget_runs(settings: Settings, user_id: str) -> Counter:
         if tags.get("user_id") == user_id or (run.info.run_name == user_id and "mlflow.parentRunId" in tags):
             client.delete_run(run.info.run_id)
             if local:  # a local store deletes for good; a server keeps it in its trash until `mlflow gc`
-                _purge_run(settings, run.info.run_id)
+                purge_run(settings.tracking_uri, run.info.run_id)
             removed["runs"] += 1
             continue
         for path in _artifact_files(client, run.info.run_id):
@@ -134,17 +135,6 @@ def _every_run(client, experiments):
         token = page.token
         if not token:
             return
-
-
-def _purge_run(settings: Settings, run_id: str) -> None:
-    """Delete a deleted run for good, with its artifacts (what `mlflow gc` does, for one run)."""
-    from mlflow.tracking._tracking_service.utils import _get_store
-
-    store = _get_store(settings.tracking_uri)
-    run = store.get_run(run_id)
-    with contextlib.suppress(Exception):  # none logged
-        get_artifact_repository(run.info.artifact_uri).delete_artifacts()
-    store._hard_delete_run(run_id)
 
 
 def _artifact_files(client, run_id: str, path: str | None = None) -> list[str]:

@@ -19,11 +19,10 @@ import contextvars
 import hashlib
 import logging
 import sqlite3
-from pathlib import Path
 
 import dspy
 
-from persona_agent.overrides import AdapterHooks, forget_cached
+from persona_agent.overrides import AdapterHooks, evict_cached_tag, forget_cached, put_cached_tagged
 from persona_agent.pipelines.metering import count_cache_hit
 
 log = logging.getLogger(__name__)
@@ -54,16 +53,11 @@ def evict(user_id: str) -> int:
     """Delete the user's cached answers from DSPy's disk cache and from its memory, and compact
     the cache's databases so the deleted answers leave no bytes behind; returns how many."""
     cache = dspy.cache.inner if isinstance(dspy.cache, EndpointCache) else dspy.cache
-    disk = getattr(cache, "disk_cache", None)
-    if disk is None or not hasattr(disk, "evict"):
-        return 0
-    gone = disk.evict(owner_tag(user_id))
-    cache.reset_memory_cache()
-    if gone:
-        for shard in getattr(disk, "_shards", [disk]):
-            with contextlib.closing(sqlite3.connect(Path(shard.directory) / "cache.db", timeout=60)) as db:
-                db.execute("VACUUM")
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # diskcache writes ahead: the log held them too
+    gone, shards = evict_cached_tag(cache, owner_tag(user_id))
+    for path in shards if gone else ():
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # diskcache writes ahead: the log held them too
     return gone
 
 
@@ -98,12 +92,8 @@ class EndpointCache:
         if owner is None or not getattr(self.inner, "enable_disk_cache", False):
             self.inner.put(request, value, ignored, enable_memory_cache)
         else:  # DSPy's own put, with the owner's tag on the disk entry (DSPy's takes no tag)
-            key = self.inner.cache_key(request, ignored)
-            if self.inner.enable_memory_cache and enable_memory_cache:
-                with self.inner._lock:
-                    self.inner.memory_cache[key] = value
             try:
-                self.inner.disk_cache.set(key, value, tag=owner)
+                put_cached_tagged(self.inner, self.inner.cache_key(request, ignored), value, owner, enable_memory_cache)
             except Exception as err:  # as DSPy: a cache that cannot write is no failed LM call
                 log.debug("could not cache an LM answer: %s", err)
         self._touch(request, ignored)

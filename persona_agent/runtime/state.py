@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -45,32 +44,35 @@ class StateStore:
     def __init__(self, path: Path, task: str, legacy: Path | None = None):
         """`legacy`: where an earlier version kept this task's state files (`ready` reads them in)."""
         self.path, self.task, self.legacy = Path(path), task, legacy
-        self._local = threading.local()  # a connection per thread (SQLite's rule)
+        self._ready = False  # the schema is made once per instance, on its first transaction
 
     @contextlib.contextmanager
     def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """A transaction: committed on exit, rolled back on an exception. A write takes the
-        database's write lock at once (no upgrade deadlock between two writers); a read does not."""
-        db = getattr(self._local, "db", None)
-        if db is None:
+        """A transaction on a connection of its own, closed after it: committed on exit, rolled
+        back on an exception. A write takes the database's write lock at once (no upgrade
+        deadlock between two writers); a read does not. The rollback journal, not a write-ahead
+        log: a WAL's shared-memory file is mapped into the process, and a store on a read-only or
+        full disk turns a touch of that mapping into SIGBUS at a random later moment."""
+        if not self._ready:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")  # the commit process writes while ingest marks
-            db.executescript(_SCHEMA)
-            self._local.db = db
-        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            if not self._ready:
+                db.execute("PRAGMA journal_mode=DELETE")
+                db.executescript(_SCHEMA)
+                self._ready = True
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        """Nothing stays open between calls (kept for callers that close what they open)."""
 
     # -- per-user state ---------------------------------------------------------------------------
 

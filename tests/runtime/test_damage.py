@@ -75,9 +75,8 @@ def _one_line(capsys) -> str:
 @pytest.mark.slow  # each command in a process of its own, as a user runs it (see below)
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_shard_stops_every_command_with_one_line_and_exit_6(damage, store):
-    """Run as commands, not in this process: Edge maps a shard's pages into memory, and a page
-    truncated under a mapping it keeps can fault later (SIGBUS) in whatever code runs next. A
-    command exits right after its one line; a test process would go on to other tests."""
+    """Run as commands, as a user runs them, each in a process of its own: the process that met a
+    damaged shard has mapped (Edge maps a shard's pages) files cut short under it, and ends."""
     DAMAGE[damage](store)
     for command in (["nightly", "--lm", "scripted", "--all-users"], ["doctor"]):  # every user's memory read
         done = subprocess.run([sys.executable, "-m", "persona_agent.cli", *command, "--store", str(store)],
@@ -116,7 +115,7 @@ def test_a_backup_restores_a_damaged_store(store, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "\ndamaged " not in out and "3 users' nightly state, checked against memory" in out
     restore = next(line.strip() for line in out.splitlines() if line.startswith("restore: "))
-    DAMAGE["segments folder deleted"](store)  # found before anything is mapped (truncations: the slow test above)
+    DAMAGE["segments folder deleted"](store)  # found before any page is mapped (truncations: the slow test above)
     assert main(["doctor", "--store", str(store)]) == 6
     capsys.readouterr()
     subprocess.run(restore.removeprefix("restore: "), shell=True, check=True, cwd="/")  # as printed
