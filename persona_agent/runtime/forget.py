@@ -60,7 +60,9 @@ def forget(settings: Settings, user_id: str) -> Counter:
     removed = Counter()
     with exclusive(settings):  # no nightly commits them again meanwhile, no ingest adds to them
         removed["memories"] = _forget_memory(settings, user_id)
-        removed["nightly states"] = StateStore(settings.state_db, "").delete(user_id) + _forget_state_files(settings, user_id)
+        states = StateStore(settings.state_db, "")
+        removed["nightly states"] = states.delete(user_id) + _forget_state_files(settings, user_id)
+        states.compact()
         removed["persona versions"] = sum(PersonaRegistry(task, settings.tracking_uri).delete(user_id)
                                           for task in TASKS.values())
         removed += _forget_runs(settings, user_id)

@@ -114,6 +114,11 @@ class StateStore:
             gone = db.execute("DELETE FROM state WHERE user_id = ?", (user_id,)).rowcount
             return gone + db.execute("DELETE FROM changed WHERE user_id = ?", (user_id,)).rowcount
 
+    def compact(self) -> None:
+        """Rewrite the database without its free pages (`forget`: a deleted row keeps its bytes)."""
+        with contextlib.closing(sqlite3.connect(self.path, timeout=60)) as db:
+            db.execute("VACUUM")
+
     # -- what changed -----------------------------------------------------------------------------
 
     def mark_changed(self, user_ids: Iterable[str]) -> int:

@@ -139,7 +139,7 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
     states = settings.states(LAMP_2M.key)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not any(states.root.glob("*.json")) and time.time() < deadline and proc.poll() is None:
+    while not (settings.state_db.exists() and states.count()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     children = [pid for pid in os.listdir("/proc") if pid.isdigit() and _parent(pid) == proc.pid]
     proc.send_signal(signal.SIGKILL)
@@ -148,7 +148,7 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
     while any(_parent(pid) is not None for pid in children) and time.time() < deadline:
         time.sleep(0.1)
     assert children and all(_parent(pid) is None for pid in children)
-    done_before = len(list(states.root.glob("*.json")))
+    done_before = states.count()
     assert 0 < done_before < 8, "the kill should land mid-run"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
 

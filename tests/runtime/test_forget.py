@@ -70,10 +70,10 @@ def test_forget_leaves_no_byte_of_the_user(tmp_path, monkeypatch, capsys):
     cache = Path(os.environ["DSPY_CACHEDIR"])
     before = _holding(store, MARKER.encode()) + _holding(cache, MARKER.encode())
     kinds = {p.relative_to(store).parts[0] for p in before if p.is_relative_to(store)}
-    assert {"qdrant-edge", "mlflow.db", "artifacts", "nightly"} <= kinds, kinds  # the test plants where forgetting must reach
+    assert {"qdrant-edge", "mlflow.db", "artifacts", "state.db"} <= kinds, kinds  # the test plants where forgetting must reach
     assert any(p.is_relative_to(cache) for p in before)
     named = {p.relative_to(store).parts[0] for p in _holding(store, b"u0001")}
-    assert {"qdrant-edge", "mlflow.db", "eval", "artifacts", "nightly"} <= named, named
+    assert {"qdrant-edge", "mlflow.db", "eval", "artifacts", "state.db"} <= named, named
     others = EdgePoints(store / "qdrant-edge")
     count_before = {u: others.count(u) for u in ("u0000", "u0002")}
     others.close()
