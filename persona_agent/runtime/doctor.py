@@ -101,7 +101,6 @@ def _history(settings: Settings, memory_ids: dict[str, set[str]] | None) -> list
             else:
                 checked = "checked against memory" if memory_ids is not None else "memory not checked"
                 found.append(Finding("history", "ok", f"{task}: {users} users' nightly state, {checked}"))
-        states.close()
     except sqlite3.DatabaseError as err:
         found.append(Finding("state", "damaged", f"{settings.state_db}: {err}", _RESTORE))
     return found

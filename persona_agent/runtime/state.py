@@ -71,9 +71,6 @@ class StateStore:
         finally:
             db.close()
 
-    def close(self) -> None:
-        """Nothing stays open between calls (kept for callers that close what they open)."""
-
     # -- per-user state ---------------------------------------------------------------------------
 
     def get(self, user_id: str) -> dict | None:

@@ -98,7 +98,6 @@ def test_a_store_of_the_earlier_version_is_migrated_once(store, tmp_path):
     for user, body in states.items():  # what the earlier version left: a file per user, no marks
         body.pop("seen", None)
         (legacy / (hashlib.sha256(user.encode()).hexdigest()[:32] + ".json")).write_text(json.dumps(body))
-    states.close()
     settings.state_db.unlink()
     ingest_into(settings, _event(tmp_path, "u0002", 1))  # marks u0002 only: the others come from the migration
     summary = run_nightly(settings, LAMP_2M)
