@@ -11,6 +11,8 @@ LM writes (semantic memory), and the user's planted rule written out (what an or
   instruction: they do not depend on the persona), calibrated against the same request with
   the item blanked out, then each profile's prior is added at each strength; so one pass
   measures every strength. "evidence, uncalibrated" leaves the blanked request out.
+  Each prior is combined both ways: added as log-odds ("add") and as an order of choice ("first
+  fit": the first label in the profile's order that fits the item; the default for labels).
 - prompt: the paper's agent, the profile in the instruction, one pass per profile.
 
 Printed: accuracy (or MAE) per (answer step, strength, profile), oracle - empty, and LM calls and
@@ -35,6 +37,7 @@ from persona_agent.data.loaders import load_users  # noqa: E402
 from persona_agent.data.synthetic import rule_profile, shipped_data_dir  # noqa: E402
 from persona_agent.data.tasks import get_task  # noqa: E402
 from persona_agent.pipelines.memory import history_items  # noqa: E402
+from persona_agent.pipelines.evidence import add_prior, first_fit  # noqa: E402
 from persona_agent.pipelines.metering import metered  # noqa: E402
 from persona_agent.pipelines.persona import Persona  # noqa: E402
 from persona_agent.runtime.llm import adapter_for, build_lm  # noqa: E402
@@ -53,6 +56,7 @@ def main():
     p.add_argument("--strengths", default="0,1,2,4,8")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     p.add_argument("--save", help="write the LM's label scores and every answer to this JSON file")
+    p.add_argument("--no-prompt", action="store_true", help="measure the evidence step only")
     a = p.parse_args()
     strengths = [float(s) for s in a.strengths.split(",")]
     task = get_task(a.task)
@@ -79,7 +83,7 @@ def main():
                 cost["evidence"][1] += time.perf_counter() - started
                 cost["evidence"][2] += 1
                 logps.append((user.user_id, q, pred.logprobs, pred.bias, profiles))
-            for name, text in profiles.items():
+            for name, text in profiles.items() if not a.no_prompt else ():
                 agent = flow.agent(Persona(task, text), answer_step="prompt")
                 for q in queries:
                     with metered() as c:
@@ -91,14 +95,16 @@ def main():
                     rows.append({"step": "prompt", "strength": None, "profile": name, "user": user.user_id,
                                  "gold": q.gold, "answer": answer})
             progress.update(bar, advance=1, description=user.user_id)
+    combines = {"add": add_prior, "first fit": first_fit}
     for user_id, q, logp, bias, profiles in logps:
         for name, text in profiles.items():
             prior = task.prior(text, q.input)
             for step, base in (("evidence", {k: logp[k] - bias[k] for k in logp}), ("evidence, uncalibrated", logp)):
-                for s in strengths:
-                    answer = max(task.labels, key=lambda label: (base[label] + s * prior.get(label, 0.0), logp[label]))
-                    rows.append({"step": step, "strength": s, "profile": name, "user": user_id, "gold": q.gold,
-                                 "answer": answer})
+                for rule, combine in combines.items():
+                    for s in strengths:
+                        answer = max(task.labels, key=lambda label, sc=combine(base, prior, s): (sc[label], logp[label]))
+                        rows.append({"step": f"{step}, {rule}", "strength": s, "profile": name, "user": user_id,
+                                     "gold": q.gold, "answer": answer})
     if a.save:  # the LM's scores and the prompt answers, to re-read without the LM
         Path(a.save).write_text(json.dumps({"rows": rows, "scores": [
             {"user": u, "query": q.id, "gold": q.gold, "logprobs": lp, "bias": b, "profiles": pr}

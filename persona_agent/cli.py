@@ -97,8 +97,9 @@ def _agent_options(g, s: Settings) -> None:
                         "that gives none answers by prompting, logged); prompt: the paper's agent, the persona as "
                         f"the instruction (default {s.answer_step})")
     g.add_argument("--prior-strength", type=_finite(0), default=s.prior_strength,
-                   help="evidence: log-probability the persona's first preference adds to its label "
-                        f"(default {s.prior_strength:g})")
+                   help="evidence: how much the persona weighs: for a list of labels, about how many labels an "
+                        "item supports (the user takes the first of theirs that fits); for a rating tendency or "
+                        f"topics, nats at most added to a label (default {s.prior_strength:g}; 0: no persona)")
     g.add_argument("--trace", action="store_true", help="record MLflow traces of every agent call")
 
 

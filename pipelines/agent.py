@@ -20,7 +20,8 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 from persona_agent.data.calibration import lookup
 from persona_agent.data.tasks import Task
 from persona_agent.overrides import ReAct
-from persona_agent.pipelines.evidence import ANSWER_STEPS, EvidenceAnswer, note_prompting, scoring_unsupported
+from persona_agent.pipelines.evidence import (ANSWER_STEPS, EvidenceAnswer, add_prior, first_fit, note_prompting,
+                                              scoring_unsupported)
 from persona_agent.pipelines.memory import UserMemory, format_recalls
 from persona_agent.pipelines.persona import NOTHING_KNOWN, Persona, instruction
 from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnswer, typed_to
@@ -70,9 +71,12 @@ class PersonaAgent(dspy.Module):
         # persona of this user runs the same LM calls, and only the prior differs.
         self.act = _react(task, instruction(task), self.max_iters, self.tools(persona))
         profile = persona.known  # the placeholder's words ("nothing known") are no topics to weigh
+        # a list of labels is an order of choice (the first that fits the item); a tendency or
+        # topics are degrees, added to the item's evidence
         self.act.extract = EvidenceAnswer(self.act.extract.signature, task.labels,
                                           lambda inputs: task.prior(profile, inputs["query"]), self.prior_strength,
-                                          content_free=task.content_free)
+                                          content_free=task.content_free,
+                                          combine=first_fit if task.preference_kind == "labels" else add_prior)
 
     def tools(self, persona: Persona) -> list[dspy.Tool]:
         """The agent's tools, over this user's data only. Override to add your own."""

@@ -57,13 +57,15 @@ class EvidenceAnswer(dspy.Module):
 
     def __init__(self, signature: type[dspy.Signature], labels: tuple[str, ...],
                  prior: Callable[[dict], dict[str, float]], strength: float,
-                 content_free: Callable[[str], str] | None = None):
+                 content_free: Callable[[str], str] | None = None,
+                 combine: Callable[[dict, dict, float], dict[str, float]] | None = None):
         """content_free: the query with its item blanked out (`Task.content_free`); given, each
         label's log-probability is taken relative to its log-probability on that blanked request
         (the LM's bias towards a label whatever the item, which a small model has plenty of)."""
         super().__init__()
         self.predict = dspy.Predict(signature)  # the prompt, its demos, and the fallback
         self.labels, self.prior, self.strength, self.content_free = labels, prior, strength, content_free
+        self.combine = combine or add_prior
         self.exact = False  # True: score every label to its distinct token, not only until the winner is sure
         self.field = next(iter(signature.output_fields))
 
@@ -77,41 +79,88 @@ class EvidenceAnswer(dspy.Module):
         signature = self.predict.signature
         prefix = adapter.answer_prefix(self.field)
         prior = self.prior(inputs) if self.strength else {}
-        bonus = {label: self.strength * weight for label, weight in prior.items()}
         bias = None
         try:
             if self.content_free is not None:
                 # one call: the bias is an estimate anyway, and labels sharing a token share it
                 blank = {**inputs, "query": self.content_free(inputs["query"])}
-                # (a label no alternative starts counts at the last alternative's log-probability: an
-                # upper bound, so its bias is never overstated)
                 bias = label_logprobs(lm, adapter.format(signature, demos, blank), prefix, self.labels, expand="none")
-                bonus = {label: bonus.get(label, 0.0) - bias[label] for label in self.labels}
-            # for the item itself such a label is implausible: no prior may make it the answer
-            logp = label_logprobs(lm, adapter.format(signature, demos, inputs), prefix, self.labels, bonus,
-                                  "all" if self.exact else "winner", missing=-math.inf)
+
+            def scores(logp: dict[str, float]) -> dict[str, float]:
+                item = {label: logp[label] - (bias[label] if bias else 0.0) for label in self.labels}
+                return self.combine(item, prior, self.strength)
+
+            # for the item itself a label no alternative starts is implausible: no prior may make it the answer
+            logp = label_logprobs(lm, adapter.format(signature, demos, inputs), prefix, self.labels,
+                                  lambda logp: _best(scores(logp), logp), "all" if self.exact else "winner",
+                                  missing=-math.inf)
             if all(v == -math.inf for v in logp.values()):
                 raise NoScores("no label is among the LM's alternatives")
         except NoScores as err:  # an answer that arrived and cannot be read: a parse failure, never an LM error
             raise AdapterParseError(type(self).__name__, signature, "", str(err)) from None
-        scores = {label: logp[label] + bonus.get(label, 0.0) for label in self.labels}
-        # ties: the LM's own preference, then the task's label order
-        answer = max(self.labels, key=lambda label: (scores[label], logp[label]))
-        return dspy.Prediction(**{self.field: answer}, scores=scores, logprobs=logp, bias=bias)
+        final = scores(logp)
+        return dspy.Prediction(**{self.field: _best(final, logp)}, scores=final, logprobs=logp, bias=bias)
+
+
+def _best(scores: dict[str, float], logp: dict[str, float]) -> str:
+    """The best score; ties go to the LM's own preference, then to the task's label order."""
+    return max(scores, key=lambda label: (scores[label], logp[label]))
+
+
+def add_prior(item: dict[str, float], prior: dict[str, float], strength: float) -> dict[str, float]:
+    """The prior as log-odds: `strength` nats at most added to the item's evidence. For a
+    tendency (ratings) or topics (references), where every label is a matter of degree."""
+    return {label: lp + strength * prior.get(label, 0.0) for label, lp in item.items()}
+
+
+def first_fit(item: dict[str, float], prior: dict[str, float], strength: float) -> dict[str, float]:
+    """The prior as a ranking: the user takes the first label in their order that fits the item.
+
+    The LM's (calibrated) label distribution p says how well each label fits; a label fits with
+    probability q = min(1, strength * p) (`strength`: about how many labels an item supports),
+    and the user's answer is `l` when `l` fits and no label ranked above it does:
+
+        log P(l) = log q(l) + sum over m ranked above l of log(1 - q(m))
+
+    Labels the profile does not rank come after those it does, in the LM's order. Where the item
+    supports a preferred label it wins; where it does not, preferences cost nothing: a profile
+    naming the user's frequent labels cannot push them onto an item about something else, as an
+    additive prior does (docs/evaluation.md measures both). No ranking: the LM's own order."""
+    ranking = sorted(prior, key=lambda label: -prior[label])
+    if not ranking or strength <= 0:
+        return dict(item)
+    top = max(item.values())
+    if top == -math.inf:
+        return dict(item)
+    weights = {label: math.exp(lp - top) for label, lp in item.items()}
+    total = sum(weights.values())
+    q = {label: min(1 - 1e-6, strength * w / total) for label, w in weights.items()}
+    out, above = {}, 0.0
+    for label in ranking:
+        out[label] = _log(q[label]) + above
+        above += _log(1 - q[label])
+    for label in item:
+        if label not in out:
+            out[label] = _log(q[label]) + above
+    return out
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
 
 
 def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple[str, ...],
-                   bonus: dict[str, float] | None = None, expand: str = "winner",
+                   winner: Callable[[dict[str, float]], str] | None = None, expand: str = "winner",
                    missing: float | None = None) -> dict[str, float]:
     """log p(label | messages, prefix) for each label, to the token that tells it from the others.
 
     Labels that share their next token are told apart by one more call: `expand="winner"` only
-    while one of them could still win with its `bonus` added (a label's log-probability only
-    falls as its tokens are scored), so the best label's score is exact and a loser's may be an
-    upper bound; "all": every label's is exact; "none": one call, and labels sharing a token
+    while one of them is what `winner` (default: the most probable) picks from the scores so far
+    (a label's log-probability only falls as its tokens are scored), so the answer's score is
+    exact and a loser's may be an upper bound; "all": every label's is exact; "none": one call, and labels sharing a token
     share its probability evenly. A label none of the alternatives starts scores `missing`, by
     default the last alternative's log-probability (an upper bound on its own)."""
-    bonus = bonus or {}
+    winner = winner or (lambda logp: max(labels, key=logp.get))
     out: dict[str, float] = {}
     shared: dict[str, tuple[str, dict[str, str], float]] = {}  # label -> the group's (prefix, rests, log-prob)
     _expand(lm, messages, prefix, {label: label for label in labels}, 0.0, out, shared, missing)
@@ -119,8 +168,7 @@ def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple
         if expand == "none":
             return {label: out[label] - (math.log(len(shared[label][1])) if label in shared else 0.0)
                     for label in labels}
-        best = next(iter(shared)) if expand == "all" else \
-            max(labels, key=lambda label: (out[label] + bonus.get(label, 0.0), out[label]))
+        best = next(iter(shared)) if expand == "all" else winner(out)
         if best not in shared:
             break
         group_prefix, rests, lp = shared[best]
@@ -138,8 +186,12 @@ def _expand(lm, messages, prefix, rest: dict[str, str], base: float, out: dict, 
     floor = min(alternatives.values(), default=0.0) if missing is None else missing - base
     best: dict[str, tuple[str, float]] = {}
     for label, text in rest.items():
-        fits = [(tok, lp) for tok, lp in alternatives.items() if tok and (text.startswith(tok) or tok.startswith(text))]
-        best[label] = max(fits, key=lambda t: t[1]) if fits else ("", floor)
+        # the longest alternative that starts the label (or ends it and closes the answer): the
+        # way the LM itself would spell it; a shorter one ("c" for "comedy") is a different path
+        # whose probability belongs to every word it starts ("1" for "10" is no spelling of "1")
+        fits = [(tok, lp) for tok, lp in alternatives.items()
+                if tok and (text.startswith(tok) or (tok.startswith(text) and not tok[len(text)].isalnum()))]
+        best[label] = max(fits, key=lambda t: (min(len(t[0]), len(text)), t[1])) if fits else ("", floor)
     groups: dict[str, list[str]] = {}
     for label, (tok, _) in best.items():
         groups.setdefault(tok, []).append(label)

@@ -31,7 +31,7 @@ class Settings:
     iterations: int = 3  # T: alignment iterations
     max_iters: int = 1  # ReAct steps per answer
     answer_step: str = "evidence"  # or "prompt": the paper's prompt-only agent (pipelines.evidence)
-    prior_strength: float = 2.0  # evidence: nats the persona's first preference adds to a label's log-probability
+    prior_strength: float = 2.0  # evidence: how much the persona weighs (pipelines.evidence: first_fit, add_prior)
     loss: str = "per_interaction"  # or "batch": one critique call for the whole batch
     guard: bool = True  # reject rewrites that score worse on the batch
     holdout: int = 0  # older interactions a rewrite must not score worse on either

@@ -114,6 +114,36 @@ def test_labels_sharing_a_token_are_told_apart_by_the_next_one():
     assert max(logp, key=logp.get) == "[2]"
 
 
+def test_a_label_is_spelled_by_its_longest_token_not_by_a_letter_it_shares():
+    """"c" starts both "comedy" and "classic" but is how the LM starts neither: each is scored by
+    its own word (no second call); "10" is no spelling of the label "1"."""
+    def scores(prompt, prefix):
+        return {"c": -0.5, "comedy": -4.0, "class": -2.0, "10": -0.1, "1": -3.0, "x": -9.0}
+
+    engine = ScoringFakeEngine(scores)
+    lm = dspy.LM("fake/tokens", engine=engine, cache=False, num_retries=0)
+    messages = [{"role": "user", "content": "which?"}]
+    assert label_logprobs(lm, messages, '{"answer": "', ("comedy", "classic")) == {"comedy": -4.0, "classic": -2.0}
+    assert label_logprobs(lm, messages, '{"answer": "', ("1", "2")) == {"1": -3.0, "2": -9.0}
+    assert len(engine.scored) == 2  # one call each: nothing shared
+
+
+def test_a_ranking_is_an_order_of_choice_not_a_push():
+    """`first_fit`: the first ranked label the item supports wins; a ranked label the item does
+    not support costs its rivals nothing, however high it ranks; no ranking is the LM's order."""
+    from persona_agent.pipelines.evidence import add_prior, first_fit
+
+    item = {"romance": -0.9, "action": -0.6, "comedy": -4.0, "dystopia": -5.0}  # an action romance
+    best = lambda scores: max(scores, key=scores.get)  # noqa: E731
+    assert best(first_fit(item, {}, 2.0)) == "action"
+    assert best(first_fit(item, {"romance": 1.0, "action": 0.5}, 2.0)) == "romance"
+    assert best(first_fit(item, {"action": 1.0, "romance": 0.5}, 2.0)) == "action"
+    # the user's favourite is not in this item: the next preference it does support decides
+    assert best(first_fit(item, {"dystopia": 1.0, "romance": 0.5}, 2.0)) == "romance"
+    # an additive prior strong enough to matter pushes the favourite onto the item anyway
+    assert best(add_prior(item, {"dystopia": 1.0, "romance": 0.5}, 16.0)) == "dystopia"
+
+
 def test_the_prior_reads_each_tasks_preferences():
     assert LAMP_2M.prior("Tags this user gives most, strongest first: dark comedy, sci-fi.", "") == {
         "dark comedy": 1.0, "sci-fi": 0.5}  # "comedy" inside "dark comedy" is not named
