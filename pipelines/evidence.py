@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Callable
 
 import dspy
@@ -163,7 +164,12 @@ def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple
     winner = winner or (lambda logp: max(labels, key=logp.get))
     out: dict[str, float] = {}
     shared: dict[str, tuple[str, dict[str, str], float]] = {}  # label -> the group's (prefix, rests, log-prob)
-    _expand(lm, messages, prefix, {label: label for label in labels}, 0.0, out, shared, missing)
+    # what every label starts with ("[" of "[1]", "[2]") is part of any answer: it goes into the
+    # prefix, and one call tells the labels apart (its probability, the same for all, is left out)
+    common = os.path.commonprefix(list(labels)) if len(labels) > 1 else ""
+    if any(len(label) == len(common) for label in labels):
+        common = ""
+    _expand(lm, messages, prefix + common, {label: label[len(common):] for label in labels}, 0.0, out, shared, missing)
     while shared:
         if expand == "none":
             return {label: out[label] - (math.log(len(shared[label][1])) if label in shared else 0.0)

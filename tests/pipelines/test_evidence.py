@@ -107,11 +107,19 @@ def test_labels_sharing_a_token_are_told_apart_by_the_next_one():
 
     engine = ScoringFakeEngine(scores)
     lm = dspy.LM("fake/tokens", engine=engine, cache=False, num_retries=0)
-    logp = label_logprobs(lm, [{"role": "user", "content": "which?"}], '{"answer": "', ("[1]", "[2]"))
-    assert logp == pytest.approx({"[1]": -2.1, "[2]": -0.3})
+    logp = label_logprobs(lm, [{"role": "user", "content": "which?"}], '{"answer": "', ("[1]", "[2]", "x"))
+    assert logp == pytest.approx({"[1]": -2.1, "[2]": -0.3, "x": -3.0})
     assert [prefix for _, prefix in engine.scored] == ['{"answer": "', '{"answer": "[']
-    # a bonus big enough for the loser of the first token does not change it: both share it
     assert max(logp, key=logp.get) == "[2]"
+
+
+def test_what_every_label_starts_with_is_part_of_the_prefix():
+    """LaMP-1's "[1]" and "[2]": one call, after the "[" every answer starts with."""
+    engine = ScoringFakeEngine(lambda prompt, prefix: {"[": -0.1} if prefix.endswith('"') else {"1]": -2.0, "2]": -0.2})
+    lm = dspy.LM("fake/tokens", engine=engine, cache=False, num_retries=0)
+    logp = label_logprobs(lm, [{"role": "user", "content": "which?"}], '{"answer": "', ("[1]", "[2]"))
+    assert logp == pytest.approx({"[1]": -2.0, "[2]": -0.2})
+    assert [prefix for _, prefix in engine.scored] == ['{"answer": "[']
 
 
 def test_a_label_is_spelled_by_its_longest_token_not_by_a_letter_it_shares():
@@ -123,7 +131,8 @@ def test_a_label_is_spelled_by_its_longest_token_not_by_a_letter_it_shares():
     engine = ScoringFakeEngine(scores)
     lm = dspy.LM("fake/tokens", engine=engine, cache=False, num_retries=0)
     messages = [{"role": "user", "content": "which?"}]
-    assert label_logprobs(lm, messages, '{"answer": "', ("comedy", "classic")) == {"comedy": -4.0, "classic": -2.0}
+    assert label_logprobs(lm, messages, '{"answer": "', ("comedy", "classic", "x")) == {
+        "comedy": -4.0, "classic": -2.0, "x": -9.0}
     assert label_logprobs(lm, messages, '{"answer": "', ("1", "2")) == {"1": -3.0, "2": -9.0}
     assert len(engine.scored) == 2  # one call each: nothing shared
 
