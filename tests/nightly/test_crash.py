@@ -75,9 +75,16 @@ def _check_store(settings: Settings) -> dict:
 @pytest.mark.slow
 def test_random_kills_never_corrupt_the_store_and_a_rerun_finishes(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    kill_again_and_again(tmp_path)
+
+
+def kill_again_and_again(tmp_path, *nightly_args: str, min_killed: int = KILLS // 2) -> None:
+    """The kills, their checks and the rerun, on the tracking store MLFLOW_TRACKING_URI names (the
+    store's own SQLite by default); `nightly_args`: more options for every night; at least
+    `min_killed` runs must be killed before they end, or the test proves nothing."""
     settings = Settings(store=tmp_path / "mlruns")
     store = ["--store", str(settings.store)]
-    nightly = _cli("nightly", *store, "--lm", "scripted:0.01", "--workers", "2", "-n", "2", "-T", "2")
+    nightly = _cli("nightly", *store, "--lm", "scripted:0.01", "--workers", "2", "-n", "2", "-T", "2", *nightly_args)
     env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache")}
     data = write_dataset(tmp_path / "data", LAMP_2M, n_users=USERS, n_history=8, n_queries=1, seed=9)
     started = time.perf_counter()
@@ -97,7 +104,7 @@ def test_random_kills_never_corrupt_the_store_and_a_rerun_finishes(tmp_path, mon
         sizes = _check_store(settings)
         landed.append((sum(sizes.values()), len(settings.states(LAMP_2M.key).user_ids()) if settings.state_db.exists() else 0))
     print(f"{killed} kills; memories and users done after each:", landed)
-    assert killed >= KILLS // 2, "most runs should have been killed mid-way"
+    assert killed >= min_killed, f"only {killed} of {KILLS} runs were killed mid-way"
     for path in events:  # the rerun: whatever the kills interrupted gets finished
         subprocess.run(_cli("ingest", str(path), *store), env=env, check=True, capture_output=True)
     assert subprocess.run(nightly, env=env, capture_output=True).returncode == 0
