@@ -3,21 +3,23 @@
 The LM reads the request, the user's retrieved interactions and the agent's trajectory under the
 shared task instruction, and gives the log-probability of each label that can start its answer;
 that is calibrated against the same request with its item blanked (the LM's bias towards a label
-whatever the item), and the persona's typed preferences (`Task.prior`) add a prior, scaled by
+whatever the item), and the persona's typed preferences (`Task.prior`) weigh in, scaled by
 `strength`:
 
-    score(label) = log p_LM(label | item, history) - log p_LM(label | blanked item, history)
-                   + strength * prior(label | persona)
+    evidence(label) = log p_LM(label | item, history) - log p_LM(label | blanked item, history)
+    score = first_fit(evidence, ranking)       a list of preferred labels: the first that fits
+          | evidence + strength * prior        a tendency or topics (`add_prior`)
 
 The answer is the best score. The LM's part does not depend on the persona, so every candidate
 persona of an alignment is scored on the same LM calls (DSPy's cache serves them after the
 first), and an empty profile (prior {}) answers exactly as no persona does.
 
-The labels are scored in one call that continues the answer's prefix (`{"answer": "`) for one
-token and reads the alternatives the LM gives there; labels that share that token (`[1]`, `[2]`)
-are told apart by one more call each level down. An LM that cannot score (no log-probabilities,
-or no continuation of a prefix) answers by prompting, with the persona in the instruction: the
-paper's agent, and what `answer_step="prompt"` asks for.
+The labels are scored in one call that continues the answer's prefix (`{"answer": "`, plus what
+every label starts with) for one token and reads the alternatives the LM gives there, each label
+by the longest that starts it; labels that still share that token are told apart by one more
+call each level down. An LM that cannot score (no log-probabilities, or no continuation of a
+prefix) answers by prompting, with the persona in the instruction: the paper's agent, and what
+`answer_step="prompt"` asks for.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class EvidenceAnswer(dspy.Module):
                  combine: Callable[[dict, dict, float], dict[str, float]] | None = None):
         """content_free: the query with its item blanked out (`Task.content_free`); given, each
         label's log-probability is taken relative to its log-probability on that blanked request
-        (the LM's bias towards a label whatever the item, which a small model has plenty of)."""
+        (the LM's bias towards a label whatever the item, which a small model has plenty of).
+        combine(evidence, prior, strength) -> scores: how the prior weighs in (`add_prior`, the
+        default, or `first_fit`)."""
         super().__init__()
         self.predict = dspy.Predict(signature)  # the prompt, its demos, and the fallback
         self.labels, self.prior, self.strength, self.content_free = labels, prior, strength, content_free
@@ -85,6 +89,8 @@ class EvidenceAnswer(dspy.Module):
             if self.content_free is not None:
                 # one call: the bias is an estimate anyway, and labels sharing a token share it
                 blank = {**inputs, "query": self.content_free(inputs["query"])}
+                # (a label no alternative starts counts at the last alternative's log-probability: an
+                # upper bound, so its bias is never overstated)
                 bias = label_logprobs(lm, adapter.format(signature, demos, blank), prefix, self.labels, expand="none")
 
             def scores(logp: dict[str, float]) -> dict[str, float]:
@@ -93,19 +99,19 @@ class EvidenceAnswer(dspy.Module):
 
             # for the item itself a label no alternative starts is implausible: no prior may make it the answer
             logp = label_logprobs(lm, adapter.format(signature, demos, inputs), prefix, self.labels,
-                                  lambda logp: _best(scores(logp), logp), "all" if self.exact else "winner",
-                                  missing=-math.inf)
+                                  lambda logp: _best(self.labels, scores(logp), logp),
+                                  "all" if self.exact else "winner", missing=-math.inf)
             if all(v == -math.inf for v in logp.values()):
                 raise NoScores("no label is among the LM's alternatives")
         except NoScores as err:  # an answer that arrived and cannot be read: a parse failure, never an LM error
             raise AdapterParseError(type(self).__name__, signature, "", str(err)) from None
         final = scores(logp)
-        return dspy.Prediction(**{self.field: _best(final, logp)}, scores=final, logprobs=logp, bias=bias)
+        return dspy.Prediction(**{self.field: _best(self.labels, final, logp)}, scores=final, logprobs=logp, bias=bias)
 
 
-def _best(scores: dict[str, float], logp: dict[str, float]) -> str:
+def _best(labels: tuple[str, ...], scores: dict[str, float], logp: dict[str, float]) -> str:
     """The best score; ties go to the LM's own preference, then to the task's label order."""
-    return max(scores, key=lambda label: (scores[label], logp[label]))
+    return max(labels, key=lambda label: (scores[label], logp[label]))
 
 
 def add_prior(item: dict[str, float], prior: dict[str, float], strength: float) -> dict[str, float]:
@@ -158,9 +164,10 @@ def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple
     Labels that share their next token are told apart by one more call: `expand="winner"` only
     while one of them is what `winner` (default: the most probable) picks from the scores so far
     (a label's log-probability only falls as its tokens are scored), so the answer's score is
-    exact and a loser's may be an upper bound; "all": every label's is exact; "none": one call, and labels sharing a token
-    share its probability evenly. A label none of the alternatives starts scores `missing`, by
-    default the last alternative's log-probability (an upper bound on its own)."""
+    exact and a loser's may be an upper bound; "all": every label's is exact; "none": one call,
+    and labels sharing a token share its probability evenly. A label none of the alternatives
+    starts scores `missing`, by default the last alternative's log-probability (an upper bound
+    on its own)."""
     winner = winner or (lambda logp: max(labels, key=logp.get))
     out: dict[str, float] = {}
     shared: dict[str, tuple[str, dict[str, str], float]] = {}  # label -> the group's (prefix, rests, log-prob)
