@@ -92,7 +92,15 @@ class PersonaRegistry:
         if len(linked) + len(name) + 40 > MAX_TAG:
             log.info("run %s: not linking %s v%s: the run's prompt links are full", run_id, name, version)
             return
-        self._registry.link_prompt_version_to_run(name, str(version), run_id)
+        try:
+            self._registry.link_prompt_version_to_run(name, str(version), run_id)
+        except MlflowException as err:
+            # MLflow links by reading, extending and writing back that one tag, locked only inside
+            # a process: parallel committers can collide on it (on PostgreSQL, two first writes of
+            # the tag: a unique violation). The link is the run page's list, not the commit: the
+            # version is registered, `production` and the state still follow, users.csv lists it.
+            log.warning("run %s: %s v%s registered but not linked on the run page (%s)", run_id, name, version,
+                        str(err)[:200])
 
     def promote(self, user_id: str, version: int) -> None:
         """Point `production` at `version`, a version known to exist and to pass the profile check

@@ -60,6 +60,25 @@ def test_a_night_of_many_users_keeps_committing_past_the_runs_prompt_link_limit(
     assert 60 <= len(links) < 130 and registry.production_version("user-0129") == 1
 
 
+def test_a_link_that_collides_does_not_fail_the_commit(mlflow_store, monkeypatch, caplog):
+    """Parallel committers on PostgreSQL collided on the run's prompt-link tag (MLflow reads,
+    extends and writes it back, locked only within a process): "UniqueViolation ... tag_pk"
+    failed a user's commit. The link is the run page's list: the version and `production` stand."""
+    from mlflow.exceptions import RestException
+
+    run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(mlflow_store.experiment).experiment_id)
+    registry = PersonaRegistry(LAMP_2M)
+
+    def collide(*args, **kwargs):
+        raise RestException({"error_code": "BAD_REQUEST", "message": "(psycopg2.errors.UniqueViolation) tag_pk"})
+
+    monkeypatch.setattr(registry._registry, "link_prompt_version_to_run", collide)
+    version = registry.register("u1", Persona(LAMP_2M, "Likes comedy."), "v1", {"run_id": run.info.run_id},
+                                production=True)
+    assert registry.production_version("u1") == version == 1
+    assert "registered but not linked" in caplog.text
+
+
 def test_rollback_refuses_a_version_that_fails_todays_profile_check_unless_forced(mlflow_store, capsys):
     registry = PersonaRegistry(LAMP_2M)
     registry.register("u1", Persona(LAMP_2M, "Prefers comedy, take 1."), "good", production=True)
