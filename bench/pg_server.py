@@ -3,6 +3,8 @@ benches and the tests that commit to a tracking server.
 
     with postgres() as backend, mlflow_server(backend, artifacts) as url: ...
 
+`backend.stop()` and `backend.start()` stop and start the cluster (a restart under a night).
+
 `postgres()` runs `initdb` and `pg_ctl` in a temporary directory on a free local port (as the
 `postgres` user when run as root: PostgreSQL refuses root) and removes it afterwards.
 `missing()` says why it cannot run here (no PostgreSQL 15+ binaries, no psycopg2), or None.
@@ -49,23 +51,41 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+class Postgres(str):
+    """A running cluster's URI, which can also stop and start the cluster (a restart mid-night)."""
+
+    def __new__(cls, uri: str, pg_ctl):
+        self = super().__new__(cls, uri)
+        self.pg_ctl = pg_ctl
+        return self
+
+    def stop(self) -> None:
+        self.pg_ctl("-m", "fast", "stop")
+
+    def start(self) -> None:
+        self.pg_ctl("start")
+
+
 @contextlib.contextmanager
-def postgres(database: str = "mlflow") -> Iterator[str]:
+def postgres(database: str = "mlflow") -> Iterator[Postgres]:
     """A PostgreSQL cluster with one database; yields its URI."""
     bin_, root, port = _bin(), Path(tempfile.mkdtemp(prefix="persona-agent-pg-")), free_port()
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
     run = lambda *cmd: subprocess.run(_as_postgres([str(bin_ / cmd[0]), *cmd[1:]]), check=True,  # noqa: E731
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pg_ctl = lambda *args: run("pg_ctl", "-D", str(root / "data"), "-o",  # noqa: E731
+                               f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "-l", str(root / "log"), "-w",
+                               *args)
     try:
         run("initdb", "-D", str(root / "data"), "-A", "trust", "-U", "postgres")
-        run("pg_ctl", "-D", str(root / "data"), "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
-            "-l", str(root / "log"), "-w", "start")
+        pg_ctl("start")
         run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database)
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}"  # SQLAlchemy 2.1 defaults to psycopg 3
+        # SQLAlchemy 2.1 defaults to psycopg 3: the driver is named
+        yield Postgres(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}", pg_ctl)
     finally:
         with contextlib.suppress(Exception):
-            run("pg_ctl", "-D", str(root / "data"), "-m", "fast", "stop")
+            pg_ctl("-m", "fast", "stop")
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -41,11 +41,17 @@ class NightlyLocked(RuntimeError):
     pass
 
 
+class PublishFailed(RuntimeError):
+    """A worker's registry writes failed (its message names the error it met there)."""
+
+
 def run_nightly(settings: Settings, task: Task, lm: dspy.LM | None = None, console: Console | None = None,
                 executor: str = "thread") -> NightlySummary:
     """executor: "thread" (this process) or "ray" (a Ray cluster: RAY_ADDRESS, or a local one).
-    Either way at most `settings.workers` users are in flight, and this process does every write.
-    The persistent store is opened only under the lock, and its memory only while planning."""
+    Either way at most `settings.workers` users are in flight. This process writes the state rows;
+    the registry is written by its commit processes, or by the Ray workers where the tracking
+    store takes many writers (a tracking server). The persistent store is opened only under the
+    lock, and its memory only while planning."""
     if executor not in ("thread", "ray"):
         raise ValueError(f"executor must be 'thread' or 'ray', not {executor!r}")
     if executor == "ray" and (settings.max_calls or settings.max_calls_per_user):
@@ -98,8 +104,8 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             finally:
                 user_calls.reset(token)
 
-        # The users start now; the MLflow run and the commit process (seconds: a spawned Python
-        # importing MLflow) are set up while they work.
+        # The users (threads) or the actors (Ray: each builds its LM) start now; the MLflow run and
+        # the commit process (seconds: a spawned Python importing MLflow) are set up meanwhile.
         outcomes, shutdown = (ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
                               else thread_outcomes(jobs, work, workers))
         aborted = False
@@ -133,7 +139,7 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
             # flight, not every user's: memory grows with workers, not users (bench/nightly_memory.py).
             pending, committed, deferred_calls = collections.deque(), [], {}
             marks = {job.user_id: job.mark for job in jobs}
-            for outcome in outcomes:
+            for outcome in outcomes(run.info.run_id, summary.night):
                 tallying = time.perf_counter()  # the driver's own time: not the wait for the outcome
                 progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
                 if outcome.status == "deferred":  # not committed; its LM calls were made, and count
@@ -142,6 +148,10 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
                     deferred_calls[outcome.user_id] = outcome.lm_calls
                     continue
                 outcome.mark = marks[outcome.user_id]  # the change it consumes, recorded with its state
+                if outcome.published is not None:  # its worker wrote the registry: the state row is ours
+                    committed.append(_tally(summary, outcome, _record_state(states, outcome)))
+                    summary.driver_seconds += time.perf_counter() - tallying
+                    continue
                 pending.append((outcome, committer.submit(outcome)))
                 while pending and pending[0][1][1].done():
                     committed.append(_tally(summary, *_committed(committer, pending.popleft())))
@@ -162,7 +172,7 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
         if summary.scored:
             mlflow.log_table(_prequential_rows(summary, task), "prequential.json")
         mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "cached_calls",
-                                                    "tokens", "fallbacks", "error"]).to_csv(index=False), "users.csv")
+                                                    "tokens", "fallbacks", "error", "worker"]).to_csv(index=False), "users.csv")
         if summary.stopped_by:
             mlflow.set_tag("stopped_by", summary.stopped_by)
 
@@ -193,6 +203,19 @@ def _log_series(nights: list, tonight: dict[str, float], night: int) -> None:
         client.log_batch(run_id, metrics=series[i:i + 1000])
 
 
+def _record_state(states, outcome):
+    """Marks a user whose worker published them done; their production version, or the error."""
+    version, state, error = outcome.published
+    if error:
+        return PublishFailed(error)
+    try:
+        if state is not None:
+            states.put(outcome.user_id, state, seen=outcome.mark)
+    except Exception as err:  # e.g. a full disk: the user is redone next night, deduplicated
+        return err
+    return version
+
+
 def _committed(committer: Committer, entry) -> tuple:
     outcome, submitted = entry
     return outcome, committer.result(outcome, submitted)
@@ -200,7 +223,8 @@ def _committed(committer: Committer, entry) -> tuple:
 
 def _tally(summary: NightlySummary, outcome, version) -> dict:
     if isinstance(version, BaseException):  # the user keeps their persona and is retried next run
-        outcome.status, outcome.error = "failed", f"commit failed: {type(version).__name__}: {str(version)[:300]}"
+        why = str(version) if isinstance(version, PublishFailed) else f"{type(version).__name__}: {str(version)[:300]}"
+        outcome.status, outcome.error = "failed", f"commit failed: {why}"
         version = None
     {"aligned": summary.aligned, "rejected": summary.rejected}.get(outcome.status, []).append(outcome.user_id)
     if outcome.status == "rolled back":
@@ -214,7 +238,7 @@ def _tally(summary: NightlySummary, outcome, version) -> dict:
         summary.scored[outcome.user_id] = outcome.prequential
     return {"user_id": outcome.user_id, "status": outcome.status, "version": version, "lm_calls": outcome.lm_calls,
             "cached_calls": outcome.cache_hits, "tokens": outcome.tokens, "fallbacks": outcome.fallbacks,
-            "error": outcome.error, "trace_id": outcome.trace_id}
+            "error": outcome.error, "worker": outcome.worker, "trace_id": outcome.trace_id}
 
 
 def _link_user_traces(rows: list[dict], run_id: str) -> None:

@@ -1,12 +1,14 @@
 """The nightly job's units: plan the users whose history changed, align one (anywhere), commit one.
 
 The work for one user is a pure function (`align_job`: memory items + current persona in,
-candidate revisions out), so it runs the same in a thread or on a remote worker; every write
-(registry versions, the production alias, the per-user state file) happens in the driver.
+candidate revisions out), so it runs the same in a thread or on a remote worker. Committing is
+two writes: the registry's (`publish`: versions, the production alias), done by the commit
+processes or, on a Ray cluster with a tracking server, by the worker that aligned the user; and
+the user's state row, written last by whoever holds the store (`commit`, or the driver).
 
-Crash safety, without a transaction spanning MLflow and the state files:
-- a user is done when their state file (written atomically, last) holds the fingerprint of the
-  history they were aligned on; until then a rerun redoes them;
+Crash safety, without a transaction spanning MLflow and the state rows:
+- a user is done when their state row (one SQLite transaction, written last) holds the
+  fingerprint of the history they were aligned on; until then a rerun redoes them;
 - redoing is cheap and exact: DSPy's disk cache answers the replayed LM calls, and revisions are
   registered only if no version with the same (fingerprint, iteration) tags exists, so a rerun
   adds no duplicate versions and moves `production` to the same version.
@@ -30,6 +32,7 @@ from persona_agent.pipelines.metering import metered
 from persona_agent.pipelines.persona import Persona
 from persona_agent.pipelines.points import StoreDamaged
 from persona_agent.runtime.lm_cache import owned_by
+from persona_agent.runtime.registry import PersonaNotFound
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.wiring import alignment, user_flow
@@ -90,6 +93,9 @@ class UserOutcome:
     prequential: Prequential | None = None
     rollback_to: int | None = None  # production regressed: the last version that scored better
     mark: int = 0  # the change the job consumed: recorded as `seen` when it is committed
+    worker: str = ""  # where it was aligned (a Ray node and process), when not in the driver
+    # published by the worker (`publish`): (production version, state row or None, error or "")
+    published: tuple[int | None, dict | None, str] | None = None
 
 
 def fell(score: float, before: list[float]) -> bool:
@@ -211,8 +217,11 @@ def plan(memory: EpisodicMemory, states: StateStore, registry,
                 failed[user_id] = DAMAGED.format(missing=len(missing), had=len(state["item_ids"]), user=user_id)
                 log.warning("user %s: %s", user_id, failed[user_id])
                 continue
-            current = registry.production_version(user_id)
-            profile = registry.get(user_id, current).persona.profile if current is not None else None
+            try:  # one read of the registry: the production version with its persona
+                production = registry.get(user_id)
+            except PersonaNotFound:
+                production = None
+            current, profile = (production.version, production.persona.profile) if production else (None, None)
             seen_ids = frozenset(state["item_ids"]) if state and "item_ids" in state and current is not None else None
             jobs.append(UserJob(user_id, items, fp, profile, seen_ids, current, (state or {}).get("scores", []), mark))
         except StoreDamaged:  # the shard, not this user: nobody aligns on a store known to be damaged
@@ -226,11 +235,24 @@ def plan(memory: EpisodicMemory, states: StateStore, registry,
 
 def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_id: str | None = None,
            night: int = 0) -> int | None:
+    """Publish the outcome (`publish`), then mark the user done: their state row, written last.
+    Returns the production version."""
+    production, state = publish(outcome, task, registry, run_id, night,
+                                (states.get(outcome.user_id) or {}).get("scores", []))
+    if state is not None:
+        states.put(outcome.user_id, state, seen=outcome.mark)
+    return production
+
+
+def publish(outcome: UserOutcome, task: Task, registry, run_id: str | None, night: int,
+            scores: list[dict]) -> tuple[int | None, dict | None]:
     """Register the outcome's revisions (skipping any a crashed run already registered), move
     `production` (back to `rollback_to` when production regressed: tonight's candidates stay
-    registered, unpromoted), then mark the user done. Returns the production version."""
+    registered, unpromoted). Returns (the production version, the state row that marks the
+    user done, or None for a failed outcome). Registry writes only: it runs wherever the
+    tracking store is reachable (a Ray worker), and whoever holds the state writes the row."""
     if outcome.status == "failed":
-        return registry.production_version(outcome.user_id)  # kept; retried next run
+        return registry.production_version(outcome.user_id), None  # kept; retried next run
     versions = registry.versions(outcome.user_id)
     existing = {(v.tags.get("fingerprint"), v.tags.get("iteration")): int(v.version) for v in versions}
     base = {"fingerprint": outcome.fingerprint, "run_id": run_id or "", "stage": "nightly"}
@@ -252,7 +274,6 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
              "batch_score": f"{step.batch_score:.3f}", "lm_calls": step.lm_calls, "tokens": step.tokens})
         if step.accepted:
             production = version
-    scores = (states.get(outcome.user_id) or {}).get("scores", [])
     if outcome.prequential is not None:  # (a rerun of the same night replaces its entry)
         scores = [s for s in scores if s["night"] != night] + [
             {"night": night, "version": outcome.prequential.version, "score": outcome.prequential.mean(task),
@@ -263,10 +284,9 @@ def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_i
         production = outcome.rollback_to
     if production != serving:
         registry.promote(outcome.user_id, production)
-    states.put(outcome.user_id, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
-                                 "semantic_profile": outcome.semantic_profile, "item_ids": outcome.item_ids,
-                                 "scores": scores, "at": time.time()}, seen=outcome.mark)
-    return production
+    return production, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
+                        "semantic_profile": outcome.semantic_profile, "item_ids": outcome.item_ids,
+                        "scores": scores, "at": time.time()}
 
 
 @dataclass

@@ -67,7 +67,7 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     assert f"MLflow run {run.run_id} (night 2); see it: mlflow ui --backend-store-uri " in printed[-1]
     assert run["params.rollback_on_regression"] == "0" and "params.rollback_after" not in run
     users = mlflow.artifacts.load_text(f"runs:/{run.run_id}/users.csv").splitlines()
-    assert users[0] == "user_id,status,version,lm_calls,cached_calls,tokens,fallbacks,error"
+    assert users[0] == "user_id,status,version,lm_calls,cached_calls,tokens,fallbacks,error,worker"
     history = mlflow.MlflowClient().get_metric_history(run.run_id, "prequential_production_accuracy")
     assert [(m.step, m.value) for m in history] == [(2, 1.0)]
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.run_id}/prequential.json"))
