@@ -262,7 +262,7 @@ def publish(outcome: UserOutcome, task: Task, registry, run_id: str | None, nigh
         # served at once: if the rest of this commit is interrupted, the user has this one
         production = existing.get(key) or registry.register(
             outcome.user_id, Persona(task, outcome.start_profile), "initial persona from the profile",
-            {**base, "iteration": 0, "accepted": True}, production=True)
+            {**base, "iteration": 0, "accepted": True}, production=True, new=not versions)
         serving = production if key not in existing else None
     for step in outcome.steps:
         if not step.wrote_candidate:

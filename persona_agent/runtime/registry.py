@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from persona_agent.data.tasks import Task
 from persona_agent.overrides import forget_cached_alias, registry_client
@@ -64,25 +64,37 @@ class PersonaRegistry:
         return prompt_name(self.task.key, user_id)
 
     def register(self, user_id: str, persona: Persona, message: str, tags: dict | None = None,
-                 production: bool = False) -> int:
-        """Add a revision; with `production`, also make it the one that serves."""
+                 production: bool = False, new: bool = False) -> int:
+        """Add a revision; with `production`, also make it the one that serves. `new`: the caller
+        found the user has no versions, so the prompt is created first, not looked for."""
         tags = {"user_id": user_id, "task": self.task.key, **{k: str(v) for k, v in (tags or {}).items()}}
         name, template = self.name(user_id), persona.render()
+        if new:
+            self._create_prompt(name, user_id)
         try:
-            # A new version of an existing prompt, through the registry's own prompt-version call:
-            # `register_prompt` would also copy each of the ~11 version tags onto the prompt, a
-            # database write apiece (most of a nightly commit's CPU: bench/nightly_throughput.py).
+            # A new version through the registry's own prompt-version call: `register_prompt`
+            # would also look the prompt up twice and copy each of the ~11 version tags onto the
+            # prompt, a database write apiece (most of a nightly commit's CPU: bench/nightly_throughput.py).
             version = self._registry.create_prompt_version(name, template, description=message, tags=tags).version
         except MlflowException as err:
             if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
                 raise
-            version = self.client.register_prompt(name=name, template=template, commit_message=message,
-                                                  tags=tags).version  # the first: creates the prompt
+            self._create_prompt(name, user_id)
+            version = self._registry.create_prompt_version(name, template, description=message, tags=tags).version
         if tags.get("run_id"):  # the run page lists the versions it registered ("Registered prompts")
             self._link(name, version, tags["run_id"])
         if production:
             self.promote(user_id, version)
         return int(version)
+
+    def _create_prompt(self, name: str, user_id: str) -> None:
+        """The user's prompt, tagged with whose it is (the prompt list shows these tags); one that
+        exists already (a crashed commit made it) is fine."""
+        try:
+            self._registry.create_prompt(name, tags={"user_id": user_id, "task": self.task.key})
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
 
     def _link(self, name: str, version, run_id: str) -> None:
         """MLflow keeps a run's prompt links in one tag, cut at 8,000 characters (about 60 links),

@@ -46,6 +46,21 @@ def test_the_prompt_list_shows_production_and_each_run_lists_the_versions_it_reg
     assert listed.tags["production_version"] == "2"
 
 
+def test_a_new_users_prompt_is_created_once_and_a_crashed_commits_prompt_is_reused(mlflow_store, monkeypatch):
+    """`new`: the prompt is created, tagged with its user, and versioned without first being looked
+    for; a prompt a crashed commit already created (same call again) gets the next version."""
+    registry = PersonaRegistry(LAMP_2M)
+    looked_up = []
+    monkeypatch.setattr(mlflow.MlflowClient, "register_prompt", lambda *a, **k: looked_up.append(a))
+    assert registry.register("u1", Persona(LAMP_2M, "Prefers comedy."), "first", production=True, new=True) == 1
+    assert registry.register("u1", Persona(LAMP_2M, "Prefers drama."), "again", production=True, new=True) == 2
+    assert registry.register("u2", Persona(LAMP_2M, "Prefers action."), "not told it is new") == 1
+    assert not looked_up  # MLflow's register_prompt (two lookups, a write per tag) is never used
+    (prompt,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{prompt_name('lamp2m', 'u1')}'")
+    assert prompt.tags["user_id"] == "u1" and prompt.tags["task"] == "lamp2m"
+    assert registry.get("u1").persona.profile == "Prefers drama." and registry.users().shape[0] == 2
+
+
 def test_a_night_of_many_users_keeps_committing_past_the_runs_prompt_link_limit(mlflow_store):
     """MLflow cuts a run's prompt-link tag at 8,000 characters (about 60 links) and then fails
     every further link: the first ones are linked, every version is still registered."""
