@@ -166,8 +166,12 @@ class PersonaRegistry:
         """The user's prompt versions (empty when they have none)."""
         try:
             return list(_pages(self.client.search_prompt_versions, self.name(user_id)))
-        except Exception:  # MLflow raises when the prompt does not exist yet
-            return []
+        except MlflowException as err:  # MLflow raises when the prompt does not exist yet
+            # and only then: "none" read from a failed request would make an existing user new
+            # (a commit would register and serve an initial persona over their production)
+            if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                return []
+            raise
 
     def history(self, user_id: str) -> pd.DataFrame:
         """Every version of the user's persona with its scores and cost, oldest first."""

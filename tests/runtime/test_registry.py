@@ -75,6 +75,28 @@ def test_a_night_of_many_users_keeps_committing_past_the_runs_prompt_link_limit(
     assert 60 <= len(links) < 130 and registry.production_version("user-0129") == 1
 
 
+def test_a_failed_read_of_a_users_versions_fails_the_commit_and_never_makes_them_new(mlflow_store, monkeypatch):
+    """Only "no such prompt" means no versions: a request that failed (a server restarting) must
+    not make an existing user look new, which would register an initial persona and serve it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from persona_agent.nightly.jobs import UserOutcome, publish
+
+    registry = PersonaRegistry(LAMP_2M)
+    registry.register("u1", Persona(LAMP_2M, "Prefers comedy."), "first", production=True)
+
+    def unavailable(*args, **kwargs):
+        raise MlflowException("the server is restarting", error_code=TEMPORARILY_UNAVAILABLE)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry.client, "search_prompt_versions", unavailable)
+        with pytest.raises(MlflowException, match="restarting"):
+            publish(UserOutcome("u1", "f1", "rejected", start_profile="Prefers drama."), LAMP_2M, registry, None, 1, [])
+    assert len(registry.versions("u1")) == 1 and registry.get("u1").persona.profile == "Prefers comedy."
+    assert registry.versions("nobody") == []
+
+
 def test_a_link_that_collides_does_not_fail_the_commit(mlflow_store, monkeypatch, caplog):
     """Parallel committers on PostgreSQL collided on the run's prompt-link tag (MLflow reads,
     extends and writes it back, locked only within a process): "UniqueViolation ... tag_pk"
