@@ -171,8 +171,8 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
         _log_series(nights, summary.quality(task), summary.night)
         if summary.scored:
             mlflow.log_table(_prequential_rows(summary, task), "prequential.json")
-        mlflow.log_text(pd.DataFrame(rows, columns=["user_id", "status", "version", "lm_calls", "cached_calls",
-                                                    "tokens", "fallbacks", "error", "worker"]).to_csv(index=False), "users.csv")
+        columns = ["user_id", "status", "version", "lm_calls", "cached_calls", "tokens", "fallbacks", "error", "worker"]
+        mlflow.log_text(pd.DataFrame(rows, columns=columns).to_csv(index=False), "users.csv")
         if summary.stopped_by:
             mlflow.set_tag("stopped_by", summary.stopped_by)
 

@@ -113,7 +113,8 @@ def ray_outcomes(jobs, task: Task, settings: Settings, workers: int, stop: threa
             try:
                 yield ray.get(ready[0])
             except Exception as err:  # a lost worker or actor: this user is retried next run
-                yield UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}",
+                why = f"{type(err).__name__}: {str(err)[:300]}"
+                yield UserOutcome(job.user_id, job.fingerprint, "failed", error=why,
                                   published=(job.version, None, "") if publishes else None)
 
     return outcomes, lambda wait=True: [ray.kill(actor) for actor in pool]

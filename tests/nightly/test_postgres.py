@@ -88,7 +88,8 @@ def test_postgres_restarted_mid_night_fails_the_users_it_hit_named_and_the_next_
     assert not second.failed and sorted(second.aligned + second.rejected) == sorted(first.failed)
     registry = PersonaRegistry(LAMP_2M, server)
     for user in users:
-        keys = collections.Counter((v.tags.get("fingerprint"), v.tags.get("iteration")) for v in registry.versions(user))
+        keys = collections.Counter((v.tags.get("fingerprint"), v.tags.get("iteration"))
+                                   for v in registry.versions(user))
         assert keys and max(keys.values()) == 1, (user, keys)  # no version registered twice
         assert registry.get(user).version == states.get(user)["version"]
     assert states.pending() == {}

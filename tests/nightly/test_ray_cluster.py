@@ -47,9 +47,10 @@ def _kill_a_working_actor(nodes: set, stop: threading.Event, killed: list) -> No
     while not stop.is_set() and len(nodes) < 2:
         time.sleep(0.05)
     while not stop.is_set():
-        pids = subprocess.run(["pgrep", "-f", "ray::_RayAligner.align"], capture_output=True, text=True).stdout.split()
+        busy = subprocess.run(["pgrep", "-f", "ray::_RayAligner.align"], capture_output=True, text=True, check=False)
+        pids = busy.stdout.split()
         if pids:
-            subprocess.run(["kill", f"-{signal.SIGKILL.value}", pids[0]])
+            subprocess.run(["kill", f"-{signal.SIGKILL.value}", pids[0]], check=False)  # it may have just exited
             killed.append(pids[0])
             return
         time.sleep(0.05)
