@@ -5,13 +5,15 @@
 On a fresh store of N synthetic users (4 interactions each, ingested as `persona-agent ingest`
 does): the first night (users per second); the driver's own milliseconds per aligned user
 (planning and tallying; the users' alignment and the commits, done by workers and the commit
-process, excluded); a night with nothing new (seconds); a night after 1% of the users got one
-new interaction each (seconds); commit throughput: users per second through `jobs.commit` on the
-store's SQLite (one writer), and through 1, 2 and 4 commit processes (`Committer`) against an
-`mlflow server` on PostgreSQL, which the bench starts (`commit_users_per_s` maps committers to
-it; `--skip-postgres` leaves it out). `--json` prints
-one object last with the keys `users`, `first_night_users_per_s`, `driver_ms_per_user`,
-`no_change_night_s`, `one_percent_night_s`, `commit_users_per_s`.
+process, excluded), in wall time and in its thread's CPU time (with threads as workers, the
+wall time also holds the driver's waits for the interpreter lock they hold); a night with
+nothing new (seconds); a night after 1% of the users got one new interaction each (seconds);
+commit throughput: users per second through `jobs.commit` on the store's SQLite (one writer),
+and through 1, 2 and 4 commit processes (`Committer`) against an `mlflow server` on PostgreSQL,
+which the bench starts (`commit_users_per_s` maps committers to it; `--skip-postgres` leaves it
+out). `--json` prints one object last with the keys `users`, `first_night_users_per_s`,
+`driver_ms_per_user`, `no_change_night_s`, `one_percent_night_s`, `commit_users_per_s` (and
+`driver_cpu_ms_per_user` and a few more).
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ def main() -> None:
         "users": a.users,
         "first_night_users_per_s": round(aligned / first_s, 2),
         "driver_ms_per_user": round(1000 * first.driver_seconds / max(aligned, 1), 2),
+        "driver_cpu_ms_per_user": round(1000 * first.driver_cpu_seconds / max(aligned, 1), 2),
         "no_change_night_s": round(none_s, 2),
         "one_percent_night_s": round(one_s, 2),
         "one_percent_users": len(one.aligned) + len(one.rejected),
@@ -160,7 +163,8 @@ def main() -> None:
     }
     print(f"{a.users} users, {a.workers} workers, scripted LLM")
     print(f"  first night:           {first_s:8.1f} s  ({result['first_night_users_per_s']} users/s)")
-    print(f"  driver per user:       {result['driver_ms_per_user']:8.2f} ms (planning and tallying)")
+    print(f"  driver per user:       {result['driver_ms_per_user']:8.2f} ms (planning and tallying; of it, "
+          f"{result['driver_cpu_ms_per_user']:.2f} ms its own CPU, the rest waits: I/O, the GIL held by workers)")
     print(f"  nothing new:           {none_s:8.1f} s")
     print(f"  1% with one new item:  {one_s:8.1f} s  ({result['one_percent_users']} users aligned)")
     print(f"  commits, SQLite:       {commits:8.1f} users/s (one process; a new user: initial persona, one "

@@ -78,10 +78,11 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     gate = Gate(stop, settings.max_calls_per_user, settings.max_calls)
     with stop_on_signals(stop, summary, console), first_callback_of(lm, gate):
         with Store.open(settings, memory="persistent", writes=True) as store:
-            planning = time.perf_counter()
+            planning, planning_cpu = time.perf_counter(), time.thread_time()
             jobs, summary.unchanged, summary.failed, summary.untouched = plan(
                 store.memory, states, store.registry(task), full=settings.plan_all)
             summary.driver_seconds += time.perf_counter() - planning
+            summary.driver_cpu_seconds += time.thread_time() - planning_cpu
         # workers get each user's items in the job; the memory is free again for other processes
 
         def work(job):
@@ -141,6 +142,7 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
             marks = {job.user_id: job.mark for job in jobs}
             for outcome in outcomes(run.info.run_id, summary.night):
                 tallying = time.perf_counter()  # the driver's own time: not the wait for the outcome
+                tallying_cpu = time.thread_time()  # and its CPU: not the GIL waits for worker threads
                 progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
                 if outcome.status == "deferred":  # not committed; its LM calls were made, and count
                     summary.deferred[outcome.user_id] = outcome.error
@@ -151,11 +153,13 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
                 if outcome.published is not None:  # its worker wrote the registry: the state row is ours
                     committed.append(_tally(summary, outcome, _record_state(states, outcome)))
                     summary.driver_seconds += time.perf_counter() - tallying
+                    summary.driver_cpu_seconds += time.thread_time() - tallying_cpu
                     continue
                 pending.append((outcome, committer.submit(outcome)))
                 while pending and pending[0][1][1].done():
                     committed.append(_tally(summary, *_committed(committer, pending.popleft())))
                 summary.driver_seconds += time.perf_counter() - tallying
+                summary.driver_cpu_seconds += time.thread_time() - tallying_cpu
             while pending:
                 committed.append(_tally(summary, *_committed(committer, pending.popleft())))
             rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]

@@ -308,6 +308,7 @@ class NightlySummary:
     fallbacks: int = 0
     seconds: float = 0.0
     driver_seconds: float = 0.0  # planning and tallying: the driver's own work, not the users' or the commits'
+    driver_cpu_seconds: float = 0.0  # the same spans' CPU time of the driver's thread (no waits for the GIL)
 
     def counts(self) -> dict[str, float]:
         return {"users_aligned": len(self.aligned), "users_rejected": len(self.rejected),
