@@ -167,8 +167,9 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
 
 
 @pytest.mark.slow
-def test_ray_executor_gives_the_same_personas_as_threads(tmp_path, monkeypatch):
-    pytest.importorskip("ray")
+def test_ray_executor_gives_the_same_personas_as_threads(tmp_path, monkeypatch, request):
+    ray = pytest.importorskip("ray")
+    request.addfinalizer(ray.shutdown)  # the local instance the night starts: not left to later tests
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "cache"))
     data = write_dataset(tmp_path / "data", LAMP_2M, n_users=3, n_history=8, n_queries=1, seed=4)
