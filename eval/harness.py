@@ -71,7 +71,7 @@ class MethodResult:
     errors: dict[str, float] = field(default_factory=dict)  # query id -> official per-query loss
     deltas: dict[str, "Delta"] = field(default_factory=dict)  # baseline -> difference to it
     unaligned: int = 0  # users it answered in its unaligned form (nothing to learn from)
-    personas: dict[str, str] = field(default_factory=dict)  # user -> the profile it answered with, if a persona
+    personas: dict[str, str] = field(default_factory=dict)  # unit -> the profile it answered with, if a persona
 
     @property
     def seconds_per_sample(self) -> float:
@@ -99,6 +99,7 @@ class EvalRun:
     stopped: str | None = None  # why the run stopped early, if it did
     outcomes: Counter = field(default_factory=Counter)  # every alignment's candidates, by outcome
     headroom: "Headroom | None" = None  # the share of the w/o alignment -> oracle gap alignment closes
+    stopped_by: str | None = None  # the user whose LM error stopped it (`forget` finds its tag by this)
 
 
 @dataclass
@@ -111,7 +112,7 @@ class _UserRun:
     seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     outcomes: Counter = field(default_factory=Counter)  # alignment candidates by outcome
-    user_id: str = ""
+    unit: str = ""  # the history it ran on (`UserData.unit`)
     unaligned: dict[str, bool] = field(default_factory=dict)  # methods that answered unaligned (nothing to learn from)
     personas: dict[str, str] = field(default_factory=dict)  # method -> the profile its persona holds
 
@@ -136,7 +137,7 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
                              method_runs or {})
 
     runs: dict[str, _UserRun] = {}
-    dropped, stopped = {}, None
+    dropped, stopped, stopped_by = {}, None, None
     with ThreadPoolExecutor(max_workers=max(1, settings.workers)) as pool:
         futures = {pool.submit(one_user, u): u for u in users}
         for future in as_completed(futures):
@@ -153,7 +154,7 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
                 dropped[user.unit] = why
                 if not keep_going and stopped is None:
                     after = f" after {settings.lm.retries} retries" if is_retryable_lm_error(err) else ""
-                    stopped = f"the LLM failed{after} (user {user.unit}: {why})"
+                    stopped, stopped_by = f"the LLM failed{after} (user {user.unit}: {why})", user.user_id
                     for f in futures:
                         f.cancel()
     finished = [u for u in users if u.unit in runs]
@@ -162,15 +163,17 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
     clusters = {q.id: u.user_id for u in finished for q in u.queries}
     compare_to_baselines(results, clusters)
     outcomes = sum((runs[u.unit].outcomes for u in finished), Counter())
-    return EvalRun(results, [u.unit for u in finished], dropped, stopped, outcomes, headroom(results, clusters))
+    return EvalRun(results, [u.unit for u in finished], dropped, stopped, outcomes, headroom(results, clusters),
+                   stopped_by)
 
 
 def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress, method_runs: dict[str, str]) -> _UserRun:
     """`user`'s answers, costs and personas for every method, in order."""
-    out = _UserRun(user_id=user.unit)
+    out = _UserRun(unit=user.unit)
     for method in methods:
         answers, failures = {}, 0
-        tags = {"user": user.unit, "method": method, "task": ctx.task.key, "run_id": method_runs.get(method)}
+        tags = {"user": user.user_id, "unit": user.unit, "method": method, "task": ctx.task.key,  # user: the person
+                "run_id": method_runs.get(method)}
         try:  # setup (profile, alignment) is metered apart, in the user's flow
             with tracking.trace(f"{method} setup", **tags):
                 program = METHODS[method](ctx)
@@ -217,7 +220,7 @@ def _pool(task: Task, method: str, runs: list[_UserRun], golds: dict[str, str | 
         result.seconds += r.seconds[method]
         result.failures += r.failures[method]
         result.unaligned += r.unaligned.get(method, False)
-    result.personas = {r.user_id: r.personas[method] for r in runs if method in r.personas}
+    result.personas = {r.unit: r.personas[method] for r in runs if method in r.personas}
     return result
 
 
@@ -349,12 +352,14 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                        method_runs=method_runs)
         table = results_table(task, run.results)
         write_outputs(out, task, table, run.results, run.headroom, {q.id: u.user_id for u in users for q in u.queries})
+        owner = {u.unit: u.user_id for u in users}
         for r in run.results:
             with mlflow.start_run(run_id=method_runs[r.method], nested=True):
                 mlflow.log_params({**params, "method": r.method})
                 mlflow.log_table(_predictions(task, users, r), "predictions.json")
-                if r.personas:  # the profiles this method answered with: what an alignment wrote, per user
-                    mlflow.log_table(pd.DataFrame({"user_id": list(r.personas), "profile": list(r.personas.values())}),
+                if r.personas:  # the profiles this method answered with: what an alignment wrote, per history
+                    mlflow.log_table(pd.DataFrame({"user_id": [owner[unit] for unit in r.personas],
+                                                   "unit": list(r.personas), "profile": list(r.personas.values())}),
                                      "personas.json")
                 mlflow.log_metrics({**r.metrics, **_delta_metrics(r), "lm_calls": r.lm_calls,
                                     "cache_hits": r.cache_hits,
@@ -373,7 +378,7 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                                 **({"gap_closed_low": h.low, "gap_closed_high": h.high} if h.low is not None else {})})
         mlflow.log_dict(dict(run.outcomes), "alignment_outcomes.json")
         mlflow.set_tags({"partial": str(run.stopped is not None).lower(),
-                         **({"stopped": run.stopped[:500]} if run.stopped else {})})
+                         **({"stopped": run.stopped[:500], "stopped_user": run.stopped_by} if run.stopped else {})})
         mlflow.log_artifacts(str(out), artifact_path="results")
         run_id = parent.info.run_id
     shown = table if wide else compact(task, table)

@@ -350,7 +350,7 @@ def forget_command(settings: Settings, args) -> int:
     with Store.open(settings, memory=None):  # memory is opened by `forget` itself, under the store's locks
         removed = forget(settings, args.user)
     if not removed:
-        print(f"nothing of {args.user} is left in {settings.store}; recorded in {settings.store / 'forgotten.jsonl'}")
+        print(f"nothing of {args.user} is stored in {settings.store}: no user has that id; nothing was changed")
         return 0
     print(f"forgot {args.user}: " + ", ".join(f"{n} {kind}" for kind, n in removed.items())
           + f"; recorded (without their id) in {settings.store / 'forgotten.jsonl'}")

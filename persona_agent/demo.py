@@ -90,7 +90,8 @@ def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int,
     def advance(what: str, steps: int = 1) -> None:
         progress.update(bar, advance=steps, description=f"{user.user_id}: {what}")
 
-    with mlflow.start_run(run_name=user.user_id, nested=True) as run:
+    # tagged as theirs when it starts: a demo killed mid-user leaves a run `forget` still finds
+    with mlflow.start_run(run_name=user.user_id, nested=True, tags={"user_id": user.user_id}) as run:
         mlflow.log_params({**params, "user_id": user.user_id})
         with metered() as cost, owned_by(user.user_id):  # its cached answers are the user's
             aligned, version, scores = _personalize(settings, store, user, held_out, run.info.run_id, advance)
@@ -100,7 +101,6 @@ def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int,
         row.update(answers=len(held_out) * 3, parsed=sum(s.parsed for s in scores),
                    failures=sum(s.failures for s in scores), lm_calls=cost.lm_calls, tokens=cost.tokens,
                    persona_version=version)
-        mlflow.set_tag("user_id", user.user_id)
         mlflow.log_metrics({k.replace(" ", "_"): float(v) for k, v in row.items() if isinstance(v, (int, float))})
         mlflow.log_text(aligned.persona.render(), "persona.txt")
         mlflow.set_tag("production_profile", aligned.persona.profile[:5000])

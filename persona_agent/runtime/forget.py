@@ -13,7 +13,12 @@ What a user leaves behind, and how each is removed:
 - the files eval, report and sweep keep in the store, rows dropped as in artifacts.
 Then SQLite's free pages are compacted (`VACUUM`), so deleted rows leave no bytes, and the
 erasure is recorded in `<store>/forgotten.jsonl`: a salted hash of the id, the time and the
-counts, never the user's id or text. Running it again finds nothing and records that.
+counts, never the user's id or text. Running it again finds nothing, changes nothing and says so.
+
+Everything is found by identity: a row is the user's when its user column (`user_id`, the demo's
+`user`) is their id, a run when its `user_id` tag or parameter is, a trace when its `user` tag
+is. A value equal to their id anywhere else (a label, a count, a method's or task's name, another
+run's tag) belongs to someone else and is never touched.
 
 Runs against a tracking server are deleted through its API; the server keeps them in its
 trash until its operator runs `mlflow gc` (said in the result).
@@ -51,28 +56,36 @@ from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.store import exclusive
 
 log = logging.getLogger(__name__)
-TABLES = (".json", ".csv", ".jsonl", ".md", ".txt")  # the artifact and output files rows are dropped from
+TABLES = (".json", ".csv", ".jsonl")  # the artifact and output files whose rows can be a user's
 OUTPUTS = ("eval", "reports", "sweeps")  # folders of the store where commands write their tables
 
 
 def forget(settings: Settings, user_id: str) -> Counter:
-    """Remove everything of `user_id`; returns what was removed, by kind."""
+    """Remove everything of `user_id`; returns what was removed, by kind (empty: nothing of theirs
+    was stored, and nothing was changed). Every part is found by identity (their id in a user
+    column, key or tag), never by a value that happens to equal it."""
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ValueError(f"forget needs a user id; {user_id!r} names no user")
     removed = Counter()
     with exclusive(settings):  # no nightly commits them again meanwhile, no ingest adds to them
         removed["memories"] = _forget_memory(settings, user_id)
         states = StateStore(settings.state_db, "")
         removed["nightly states"] = states.delete(user_id) + _forget_state_files(settings, user_id)
-        states.compact()
+        if removed["nightly states"]:
+            states.compact()
         removed["persona versions"] = sum(PersonaRegistry(task, settings.tracking_uri).delete(user_id)
                                           for task in TASKS.values())
         removed += _forget_runs(settings, user_id)
         removed["output rows"] = sum(_drop_rows(p, user_id) for d in OUTPUTS for p in _tables(settings.store / d))
         removed["cached LM answers"] = lm_cache.evict(user_id)
+        removed = +removed
+        if not removed:  # nothing of theirs: nothing is written, not even a record
+            return removed
         if (database := sqlite_file(settings.tracking_uri)) is not None and database.exists():
             with contextlib.closing(sqlite3.connect(database, timeout=60)) as db:  # deleted rows leave no bytes
                 db.execute("VACUUM")
         _record(settings.store, user_id, removed)
-    return +removed
+    return removed
 
 
 def _forget_state_files(settings: Settings, user_id: str) -> int:
@@ -105,8 +118,7 @@ def _forget_runs(settings: Settings, user_id: str) -> Counter:
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     local = sqlite_file(settings.tracking_uri) is not None
     for run in _every_run(client, experiments):
-        tags = run.data.tags
-        if tags.get("user_id") == user_id or (run.info.run_name == user_id and "mlflow.parentRunId" in tags):
+        if _users_run(run, user_id):
             client.delete_run(run.info.run_id)
             if local:  # a local store deletes for good; a server keeps it in its trash until `mlflow gc`
                 purge_run(settings.tracking_uri, run.info.run_id)
@@ -127,6 +139,12 @@ def _forget_runs(settings: Settings, user_id: str) -> Counter:
     if removed["runs"] and not local:
         removed["runs left in the server's trash (`mlflow gc` there)"] = removed["runs"]
     return removed
+
+
+def _users_run(run, user_id: str) -> bool:
+    """A run of the user's own (the demo's per-user runs): its `user_id` tag or parameter is their
+    id. Never by its name: a child run's name is also a method's (`rag`) or a task's."""
+    return user_id in (run.data.tags.get("user_id"), run.data.params.get("user_id"))
 
 
 def _every_run(client, experiments):
@@ -161,33 +179,40 @@ def _drop_artifact_rows(tracking_uri: str, run_id: str, path: str, user_id: str)
 
 
 def _redact_tags(client, run, user_id: str) -> int:
-    """The run's tags that name the user: the prompt-run links to their (deleted) prompts are
-    dropped from `mlflow.linkedPrompts`; in any other tag the id is replaced. (MLflow's params
-    cannot change: none of ours holds a user id outside the user's own runs, deleted above.)"""
+    """The run's tags that are the user's, known by what they are, never by a word they contain:
+    the prompt-run links to their (deleted) prompts, dropped from `mlflow.linkedPrompts`; an eval
+    stopped by their LM error (`stopped_user` is their id), whose message is replaced. (MLflow's
+    params cannot change: none of ours holds a user id outside the user's own runs, deleted above.)"""
     names = {prompt_name(task.key, user_id) for task in TASKS.values()}
-    changed = 0
-    for key, value in run.data.tags.items():
-        if key == "mlflow.linkedPrompts":
-            try:
-                links = json.loads(value)
-            except ValueError:  # cut by MLflow's tag limit (a night of an earlier release): rewritten whole
-                links = [{"name": n, "version": v} for n, v in re.findall(r'"name": "([^"]+)", "version": "(\d+)"', value)]
-            kept = [link for link in links if link.get("name") not in names]
-            if len(kept) != len(links):
-                client.set_tag(run.info.run_id, key, json.dumps(kept))
-                changed += 1
-        elif not key.startswith("mlflow.") and _names_word(value, user_id):
-            client.set_tag(run.info.run_id, key, re.sub(rf"(?<![\w-]){re.escape(user_id)}(?![\w-])",
-                                                        "[a forgotten user]", value))
+    tags, changed = run.data.tags, 0
+    if value := tags.get("mlflow.linkedPrompts"):
+        try:
+            links = json.loads(value)
+        except ValueError:  # cut by MLflow's tag limit (a night of an earlier release): rewritten whole
+            links = [{"name": n, "version": v} for n, v in re.findall(r'"name": "([^"]+)", "version": "(\d+)"', value)]
+        kept = [link for link in links if link.get("name") not in names]
+        if len(kept) != len(links):
+            client.set_tag(run.info.run_id, "mlflow.linkedPrompts", json.dumps(kept))
             changed += 1
+    if tags.get(STOPPED_USER) == user_id:
+        client.set_tag(run.info.run_id, "stopped", "the LLM failed (on a user since forgotten)")
+        client.delete_tag(run.info.run_id, STOPPED_USER)
+        changed += 1
     return changed
 
 
+STOPPED_USER = "stopped_user"  # eval: whose LM error stopped the run (its `stopped` tag quotes it)
+
+
 def _traces(experiment_id: str, user_id: str) -> list:
-    quoted = user_id.replace("'", "\\'")
-    found = mlflow.search_traces(locations=[experiment_id], filter_string=f"tags.user = '{quoted}'",
-                                 return_type="list", include_spans=False)
-    return [t.info for t in found]
+    """The traces whose `user` tag is the user's id. MLflow's filter grammar has no escape inside a
+    quoted value: an id is quoted with a quote it does not hold, and one that holds both kinds is
+    matched by reading every trace's tags. Either way, only an exact match is theirs."""
+    quote = next((q for q in "'\"" if q not in user_id), None)
+    condition = f"tags.user = {quote}{user_id}{quote}" if quote else None
+    found = mlflow.search_traces(locations=[experiment_id], filter_string=condition, return_type="list",
+                                 include_spans=False)
+    return [t.info for t in found if t.info.tags.get("user") == user_id]
 
 
 def _tables(root: Path) -> list[Path]:
@@ -195,12 +220,16 @@ def _tables(root: Path) -> list[Path]:
 
 
 def _drop_rows(path: Path, user_id: str) -> int:
-    """Drop the rows of one table file that name the user (a cell, a key or a row label equal to
-    their id; in text, a line that holds it as a word); rewritten atomically. Returns the rows."""
+    """Drop the rows of one table file that are the user's: a row whose user column (`user_id`, or
+    `user` in the demo's table) is their id, nothing else; rewritten atomically only if one was.
+    Returns the rows dropped. A value equal to the id in any other column (a label, a count, a
+    method's name) is someone else's data and stays."""
     text = path.read_text(encoding="utf-8", errors="replace")
-    if user_id not in text:
+    try:
+        kept, dropped = _without(path.suffix, text, user_id)
+    except ValueError:  # not a table of ours (a user's own file in an output folder): left as it is
+        log.warning("forget: %s is not a table it can read; left unchanged", path)
         return 0
-    kept, dropped = _without(path.suffix, text, user_id)
     if dropped:
         atomic_write_text(path, kept)
     return dropped
@@ -208,53 +237,66 @@ def _drop_rows(path: Path, user_id: str) -> int:
 
 def _without(suffix: str, text: str, user_id: str) -> tuple[str, int]:
     if suffix == ".csv":
+        if not text.strip():
+            return text, 0
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-        mine = frame.apply(lambda row: user_id in row.values, axis=1)
-        return frame[~mine].to_csv(index=False), int(mine.sum())
+        columns = [c for c in USER_COLUMNS if c in frame.columns]
+        if not columns:
+            return text, 0
+        mine = (frame[columns] == user_id).any(axis=1)
+        return (frame[~mine].to_csv(index=False), int(mine.sum())) if mine.any() else (text, 0)
     if suffix == ".json":
         kept, dropped = _filtered(json.loads(text), user_id)
-        return json.dumps(kept), dropped
-    lines = text.splitlines(keepends=True)  # .jsonl, .md, .txt: a line is a row
-    kept = [line for line in lines if not _names_word(line, user_id)]
+        return (json.dumps(kept), dropped) if dropped else (text, 0)
+    lines = text.splitlines(keepends=True)  # .jsonl: a line is a record
+    kept = [line for line in lines if not _is_users_record(_json_or_none(line), user_id)]
     return "".join(kept), len(lines) - len(kept)
 
 
+USER_COLUMNS = ("user_id", "user")  # the column or key that says whose a row is, in every table written here
+
+
 def _filtered(data, user_id: str) -> tuple[object, int]:
-    """`data` without the rows that name the user, at any depth: a record with a field equal to
-    their id (`{"user_id": ...}`, a LaMP `golds` row), a table row holding it (MLflow's
-    `{"columns", "data"}`), or an entry keyed by it; and how many rows that was."""
+    """`data` without the user's rows, at any depth: a record whose user key is their id
+    (`{"user_id": ...}`, a LaMP `golds` row), a row of an MLflow table (`{"columns", "data"}`)
+    whose user column is; and how many rows that was."""
+    if isinstance(data, dict) and isinstance(data.get("columns"), list) and isinstance(data.get("data"), list):
+        at = [i for i, c in enumerate(data["columns"]) if c in USER_COLUMNS]
+        rows = [r for r in data["data"] if not (isinstance(r, list) and any(i < len(r) and _is_id(r[i], user_id)
+                                                                            for i in at))]
+        return {**data, "data": rows}, len(data["data"]) - len(rows)
     if isinstance(data, list):
         kept, dropped = [], 0
         for item in data:
-            if _names(item, user_id):
+            if _is_users_record(item, user_id):
                 dropped += 1
-            else:
-                item, inner = _filtered(item, user_id)
-                kept.append(item)
-                dropped += inner
+                continue
+            item, inner = _filtered(item, user_id)
+            kept.append(item)
+            dropped += inner
         return kept, dropped
     if isinstance(data, dict):
         kept, dropped = {}, 0
         for key, value in data.items():
-            if key == user_id:
-                dropped += 1
-            else:
-                kept[key], inner = _filtered(value, user_id)
-                dropped += inner
+            kept[key], inner = _filtered(value, user_id)
+            dropped += inner
         return kept, dropped
     return data, 0
 
 
-def _names(row, user_id: str) -> bool:
-    if isinstance(row, dict):
-        return any(v == user_id for v in row.values())
-    if isinstance(row, list):
-        return any(str(v) == user_id for v in row if not isinstance(v, (dict, list)))
-    return row == user_id
+def _is_users_record(row, user_id: str) -> bool:
+    return isinstance(row, dict) and any(_is_id(row.get(c), user_id) for c in USER_COLUMNS)
 
 
-def _names_word(line: str, user_id: str) -> bool:
-    return re.search(rf"(?<![\w-]){re.escape(user_id)}(?![\w-])", line) is not None
+def _is_id(value, user_id: str) -> bool:
+    return isinstance(value, str) and value == user_id
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def _record(store: Path, user_id: str, removed: Counter) -> None:

@@ -235,6 +235,11 @@ def test_an_outage_in_a_methods_setup_stops_eval_with_the_finished_users_table(t
     assert code == 4 and "the LLM failed" in capsys.readouterr().err and engine.injected["server_error"] >= 2
     # alice finished before bob failed: her query is scored, bob's is not scored as wrong
     assert list(table["n"]) == [1, 1] and table.loc["pag", "LaMP-2M Acc"] == 1.0
+    import mlflow  # the run says whose error stopped it, in a tag of its own (`forget bob` finds it there)
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    parent = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.partial = 'true'")
+    assert [r.data.tags["stopped_user"] for r in parent] == ["bob"], parent
 
 
 def test_keep_going_drops_the_failing_user_from_every_method(tmp_path, monkeypatch, capsys):

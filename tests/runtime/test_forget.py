@@ -94,24 +94,28 @@ def test_forget_leaves_no_byte_of_the_user(tmp_path, monkeypatch, capsys):
     record = [json.loads(line) for line in (store / "forgotten.jsonl").read_text().splitlines()]
     assert len(record) == 1 and record[0]["removed"]["memories"] == 4 and len(record[0]["user"]) == 32
     capsys.readouterr()
-    assert main(["forget", "u0001", *common]) == 0  # again: nothing left, recorded
-    assert capsys.readouterr().out.startswith("nothing of u0001 is left")
-    assert len((store / "forgotten.jsonl").read_text().splitlines()) == 2
+    assert main(["forget", "u0001", *common]) == 0  # again: nothing left, nothing changed, not even the record
+    assert "nothing was changed" in capsys.readouterr().out
+    assert len((store / "forgotten.jsonl").read_text().splitlines()) == 1
 
 
 def test_drop_rows_reads_each_table_format(tmp_path):
     from persona_agent.runtime.forget import _drop_rows
 
-    files = {
-        "t.json": json.dumps({"columns": ["user_id", "score"], "data": [["u1", 1], ["u10", 2], ["u2", 3]]}),
-        "l.json": json.dumps([{"user_id": "u1"}, {"user_id": "u2"}]),
-        "d.json": json.dumps({"u1": 0.5, "u2": 0.7}),
-        "c.csv": "user_id,status\nu1,aligned\nu10,failed\nu2,aligned\n",
-        "r.md": "| user | acc |\n|---|---|\n| u1 | 0.5 |\n| u10 | 0.2 |\n",
+    files = {  # each: one row of u1's, one of u10's, and u1 as a value in a column that names no user
+        "t.json": json.dumps({"columns": ["user_id", "gold"], "data": [["u1", "x"], ["u10", "u1"], ["u2", "y"]]}),
+        "l.json": json.dumps({"golds": [{"id": "q1", "output": "u1", "user_id": "u2"}, {"id": "q2", "user_id": "u1"}]}),
+        "c.csv": "user_id,status\nu1,aligned\nu10,u1\nu2,aligned\n",
+        "demo.csv": "user,lm_calls\nu1,3\nu2,u1\nall,3\n",  # the demo's table: its index column is `user`
+        "e.jsonl": json.dumps({"user_id": "u1"}) + "\n" + json.dumps({"user_id": "u2", "note": "u1"}) + "\n",
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
         assert _drop_rows(tmp_path / name, "u1") == 1, name
-        assert "u10" in (tmp_path / name).read_text() or "u10" not in text  # a longer id is not theirs
+        assert "u1" in (tmp_path / name).read_text(), name  # the value in another user's row stays
         assert _drop_rows(tmp_path / name, "u1") == 0  # idempotent
-    assert json.loads((tmp_path / "t.json").read_text())["data"] == [["u10", 2], ["u2", 3]]
+    assert json.loads((tmp_path / "t.json").read_text())["data"] == [["u10", "u1"], ["u2", "y"]]
+    for name, text in {"counts.json": json.dumps({"u1": 3, "rejected": 1}), "notes.md": "| u1 | 0.5 |\n",
+                       "requirements.txt": "u1\n"}.items():  # no user column: nothing is a user's row
+        (tmp_path / name).write_text(text)
+        assert _drop_rows(tmp_path / name, "u1") == 0 and (tmp_path / name).read_text() == text, name
