@@ -113,11 +113,11 @@ def _parallel_commit_rates(root: Path, counts=(1, 2, 4), n: int = 48) -> tuple[d
 
 def _outcome(user: str):
     from persona_agent.nightly.jobs import UserOutcome
-    from persona_agent.optimizers import AlignmentStep
+    from persona_agent.optimizers import AlignmentStep, Outcome
 
     before, after = "Tags this user gives most, strongest first: comedy.", "Tags this user gives most: action, comedy."
     return UserOutcome(user, f"fp-{user}", "aligned", start_profile=before, item_ids=["1", "2"],
-                       steps=[AlignmentStep(0, 0.5, before, after, accepted=True, reason="better")])
+                       steps=[AlignmentStep(0, 0.5, before, after, outcome=Outcome.ACCEPTED, candidate_score=1.0)])
 
 
 def main() -> None:

@@ -18,6 +18,24 @@ repeats a sentence, a cue phrase or a review body of its user's history: copying
 item's label (`lookup`) must not be what scores. `make-data` prints what that copying rule and
 the planted rule score, and refuses a set where copying scores above one half.
 
+Two axes, each a choice of `make-data` (`--drift`, `--level`):
+
+- **stable or drifting users** (`drift`). A drifting user's older history follows rule A; their
+  latest `RECENT` interactions (at least twice the alignment batch) and every query follow rule B,
+  and every query is built so that A and B answer it differently: LaMP-2, a label A ranks low
+  moves to the top; LaMP-3, the rating bias changes sign; LaMP-1, the author's field moves (the
+  distractor reference is from the old field). The old rule dominates the whole history's counts,
+  as a long history does: a summary of all of it lags behind where the user is now, which their
+  latest interactions show. `rules.json` keeps the current rule (B, what the oracle writes), the
+  old one and the date of the change.
+- **paraphrased or readable items** (`level`). Paraphrased (today's sets): an item describes what
+  it supports in phrases the model must understand ("a sorceress and her spellbook" for fantasy),
+  which a 270M model mostly cannot. Readable: an item names what it supports in the task's own
+  words ("a film that is fantasy and romance", "I would give it 4 out of 5"), so what is left
+  between a non-personalized answer and the user's is the user, not the model's reading. History
+  and queries still use different sentence forms, and copying (`lookup`) is checked as for the
+  other level.
+
 Output is the LaMP layout (`{split}_questions.json` + `{split}_outputs.json`), with a `user_id`
 on each question so several queries can share one user, and a `date` on every profile item.
 """
@@ -25,11 +43,13 @@ on each question so several queries can share one user, and a `date` on every pr
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Callable
 
 from persona_agent.data.atomic import atomic_write_text
 from persona_agent.data.calibration import accuracy, lookup
@@ -155,44 +175,97 @@ def half(pool: list, side: str) -> list:
     return pool[0::2] if side == "history" else pool[1::2]
 
 
-def _cued(rng: random.Random, cues: dict[str, list[str]], ranking: list[str], side: str):
-    labels = rng.sample(list(cues), rng.choice((2, 2, 3)))
-    phrases = [rng.choice(half(cues[label], side)) for label in labels]
-    return phrases, min(labels, key=ranking.index)
+LEVELS = ("paraphrased", "readable")
+RECENT = 8  # a drifting user's latest interactions that follow the new rule: over twice the default batch (3)
 
 
-def _lamp2m(rng, n_hist, n_query):
-    ranking = rng.sample(TAGS_2M, len(TAGS_2M))
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
-    def item(side):
-        phrases, gold = _cued(rng, CUES_2M, ranking, side)
+
+@dataclass(frozen=True)
+class _Ranked:
+    """LaMP-2M and LaMP-2N: labels cued by an item; the gold is the cued label the user ranks first."""
+
+    labels: tuple[str, ...]
+    cues: dict[str, list[str]]
+    key: str  # the rule's key: "tag_priority", "category_priority"
+    field: str  # a history item's field for the user's label
+    # (rng, labels cued, side, level) -> a history item's fields, or a query's item text
+    render: Callable[[random.Random, list[str], str, str], dict | str]
+
+    def item(self, rng, ranking, side, level, must=(), avoid=()):
+        """An item cueing 2-3 labels (all of `must`, none of `avoid`) and its gold under `ranking`."""
+        n = rng.choice((2, 2, 3))
+        others = [label for label in self.labels if label not in must and label not in avoid]
+        cued = [*must, *rng.sample(others, max(0, n - len(must)))]
+        rng.shuffle(cued)
+        return self._labelled(self.render(rng, cued, side, level), min(cued, key=ranking.index))
+
+    def _labelled(self, item, gold):
+        """A history item with the user's label in its field; a query as (text, gold)."""
+        return {**item, self.field: gold} if isinstance(item, dict) else (item, gold)
+
+    def __call__(self, rng, n_hist, n_query, level="paraphrased", drift=False):
+        ranking = rng.sample(self.labels, len(self.labels))
+        if level == "paraphrased" and not drift:  # today's sets, draw for draw
+            def item(side):
+                labels = rng.sample(list(self.cues), rng.choice((2, 2, 3)))
+                return self._labelled(self.render(rng, labels, side, level), min(labels, key=ranking.index))
+
+            return {self.key: ranking}, [item("history") for _ in range(n_hist)], [item("query") for _ in range(n_query)]
+        if not drift:
+            return ({self.key: ranking}, [self.item(rng, ranking, "history", level) for _ in range(n_hist)],
+                    [self.item(rng, ranking, "query", level) for _ in range(n_query)])
+        # rule B: a label A ranks in its last third moves to the top. Old items cue one of A's first
+        # two (so A's favourites lead the whole history's counts); recent ones and queries cue the
+        # moved label beside one of them (so A and B answer each differently)
+        moved = rng.choice(ranking[-5:])
+        new = [moved, *(label for label in ranking if label != moved)]
+        recent = min(RECENT, n_hist)
+        old = [self.item(rng, ranking, "history", level, must=(rng.choice(ranking[:2]),), avoid=(moved,))
+               for _ in range(n_hist - recent)]
+        latest = [self.item(rng, new, "history", level, must=(moved, rng.choice(ranking[:2]))) for _ in range(recent)]
+        queries = [self.item(rng, new, "query", level, must=(moved, rng.choice(ranking[:2]))) for _ in range(n_query)]
+        return {self.key: new, "drift": {"from": {self.key: ranking}, "recent": recent}}, old + latest, queries
+
+
+def _film(rng, labels, side, level):
+    if level == "readable":  # the tags by name; history and queries in different sentence forms
         setting = rng.choice(half(SETTINGS, side))
         if side == "history":
-            return f"A film {setting} about {', '.join(phrases[:-1])} and {phrases[-1]}.", gold
-        return f"Set {setting}, the story brings together {', '.join(phrases[:-1])} and {phrases[-1]}.", gold
+            return {"description": f"A film {setting} that is {_and(labels)}."}
+        return f"Set {setting}, the movie: {', also '.join(labels)}."
+    phrases = [rng.choice(half(CUES_2M[label], side)) for label in labels]
+    setting = rng.choice(half(SETTINGS, side))
+    if side == "history":
+        return {"description": f"A film {setting} about {', '.join(phrases[:-1])} and {phrases[-1]}."}
+    return f"Set {setting}, the story brings together {', '.join(phrases[:-1])} and {phrases[-1]}."
 
-    hist = [dict(zip(("description", "tag"), item("history"))) for _ in range(n_hist)]
-    return {"tag_priority": ranking}, hist, [item("query") for _ in range(n_query)]
 
-
-def _lamp2n(rng, n_hist, n_query):
-    ranking = rng.sample(CATEGORIES_2N, len(CATEGORIES_2N))
-
-    def item(side):
-        phrases, gold = _cued(rng, CUES_2N, ranking, side)
+def _article(rng, labels, side, level):
+    if level == "readable":
         if side == "history":
-            return f"On {phrases[0]}", f"A report on {', '.join(phrases[:-1])} and {phrases[-1]}.", gold
-        return f"Inside {phrases[0]}", f"This piece looks at {', '.join(phrases[:-1])}, then at {phrases[-1]}.", gold
+            return {"title": "Report", "text": f"A report on {_and(labels)}."}
+        return f"Article. This piece covers {', also '.join(labels)}."
+    phrases = [rng.choice(half(CUES_2N[label], side)) for label in labels]
+    if side == "history":
+        return {"title": f"On {phrases[0]}", "text": f"A report on {', '.join(phrases[:-1])} and {phrases[-1]}."}
+    return f"Inside {phrases[0]}. This piece looks at {', '.join(phrases[:-1])}, then at {phrases[-1]}."
 
-    hist = [dict(zip(("title", "text", "category"), item("history"))) for _ in range(n_hist)]
-    queries = [(f"{title}. {text}", gold) for title, text, gold in (item("query") for _ in range(n_query))]
-    return {"category_priority": ranking}, hist, queries
+
+_lamp2m = _Ranked(TAGS_2M, CUES_2M, "tag_priority", "tag", _film)
+_lamp2n = _Ranked(CATEGORIES_2N, CUES_2N, "category_priority", "category", _article)
+
+# How a readable review states its tone: history and queries in different words.
+STATED = {"history": "All told, it deserves {n} stars.", "query": "My verdict: {n} out of 5."}
 
 
-def _review(rng: random.Random, tone: int, side: str) -> str:
+def _review(rng: random.Random, tone: int, side: str, level: str = "paraphrased") -> str:
     first, second = rng.sample(half(TONES[tone], side), 2)
     aspects = rng.sample(ASPECTS, 2)
-    return f"The {rng.choice(PRODUCTS)}: {first.format(aspect=aspects[0])} {second.format(aspect=aspects[1])}"
+    text = f"The {rng.choice(PRODUCTS)}: {first.format(aspect=aspects[0])} {second.format(aspect=aspects[1])}"
+    return f"{text} {STATED[side].format(n=tone)}" if level == "readable" else text
 
 
 def rate(tone: int, bias: int) -> int:
@@ -200,56 +273,84 @@ def rate(tone: int, bias: int) -> int:
     return min(5, max(1, tone + bias))
 
 
-def _lamp3(rng, n_hist, n_query):
+def _lamp3(rng, n_hist, n_query, level="paraphrased", drift=False):
     bias = rng.choice((-2, -1, 1, 2))
 
-    def item(side):
-        # tones the bias can shift without leaving the scale: the text alone (the tone) is always
+    def item(side, biases):
+        # tones every bias can shift without leaving the scale: the text alone (the tone) is always
         # off by the bias, and no score piles up at an end, where copying any label would hit it
-        tone = rng.randint(max(1, 1 - bias), min(5, 5 - bias))
-        return _review(rng, tone, side), str(rate(tone, bias))
+        tone = rng.randint(max(1, *(1 - b for b in biases)), min(5, *(5 - b for b in biases)))
+        text, gold = _review(rng, tone, side, level), str(rate(tone, biases[0]))
+        return {"text": text, "score": gold} if side == "history" else (text, gold)
 
-    hist = [dict(zip(("text", "score"), item("history"))) for _ in range(n_hist)]
-    return {"rating_bias": bias}, hist, [item("query") for _ in range(n_query)]
+    if not drift:
+        return {"rating_bias": bias}, [item("history", (bias,)) for _ in range(n_hist)], \
+            [item("query", (bias,)) for _ in range(n_query)]
+    # the bias changes sign (a generous scorer turns harsh, or the reverse), by 1 or 2 points
+    new = -rng.choice((1, 2)) if bias > 0 else rng.choice((1, 2))
+    if abs(bias) + abs(new) > 3:  # (+2, -2): only a 3 could be shifted both ways; keep a range of tones
+        new = int(math.copysign(1, new))
+    recent = min(RECENT, n_hist)
+    hist = [item("history", (bias,)) for _ in range(n_hist - recent)] + \
+        [item("history", (new, bias)) for _ in range(recent)]
+    return {"rating_bias": new, "drift": {"from": {"rating_bias": bias}, "recent": recent}}, hist, \
+        [item("query", (new, bias)) for _ in range(n_query)]
 
 
-def _lamp1(rng, n_hist, n_query):
+def _lamp1(rng, n_hist, n_query, level="paraphrased", drift=False):
     own = rng.choice(list(FIELDS))
+    new = rng.choice([f for f in FIELDS if f != own]) if drift else own
+    named = (lambda field: f" ({field})") if level == "readable" else (lambda field: "")
 
     def paper(field):
         a, b = rng.sample(half(FIELDS[field], "history"), 2)
-        return f"Scalable {a} with {b}"
+        return f"Scalable {a} with {b}{named(field)}"
 
-    hist = [{"title": paper(own), "abstract": f"We study {rng.choice(half(FIELDS[own], 'history'))} and report gains."}
-            for _ in range(n_hist)]
+    def written(field):
+        return {"title": paper(field), "abstract": f"We study {rng.choice(half(FIELDS[field], 'history'))} and report gains."}
+
+    recent = min(RECENT, n_hist) if drift else 0
+    hist = [written(own) for _ in range(n_hist - recent)] + [written(new) for _ in range(recent)]
 
     def reference(field):  # other authors' papers, on the topics no history paper names
         a, b = rng.sample(half(FIELDS[field], "query"), 2)
-        return f"Towards {a} for {b}"
+        return f"Towards {a} for {b}{named(field)}"
 
     def query(n):
-        other = rng.choice([f for f in FIELDS if f != own])
+        # a drifting author's distractor is from their old field: the old rule cites it
+        other = own if drift else rng.choice([f for f in FIELDS if f != own])
         own_first = n % 2 == 0  # balanced: a reader who cannot tell scores exactly one half
-        refs = [reference(own), reference(other)] if own_first else [reference(other), reference(own)]
-        title = (f"Learning {rng.choice(half(FIELDS[own], 'query'))} meets "
+        refs = [reference(new), reference(other)] if own_first else [reference(other), reference(new)]
+        title = (f"Learning {rng.choice(half(FIELDS[new], 'query'))} meets "
                  f"{rng.choice(half(FIELDS[other], 'query'))}")
         return title, refs, "[1]" if own_first else "[2]"
 
-    return {"field": own}, hist, [query(n) for n in range(n_query)]
+    rule = {"field": new, **({"drift": {"from": {"field": own}, "recent": recent}} if drift else {})}
+    return rule, hist, [query(n) for n in range(n_query)]
 
 
 GENERATORS = {"lamp1": _lamp1, "lamp2m": _lamp2m, "lamp2n": _lamp2n, "lamp3": _lamp3}
 
 
-def generate(task: Task, n_users: int = 8, n_history: int = 40, n_queries: int = 6, seed: int = 0):
-    """Return (questions, outputs, rules): LaMP records plus each user's latent rule. Every
+def generate(task: Task, n_users: int = 8, n_history: int = 40, n_queries: int = 6, seed: int = 0,
+             level: str = "paraphrased", drift: bool = False):
+    """Return (questions, outputs, rules): LaMP records plus each user's latent rule (a drifting
+    user's: the current one, with the old one and the date it changed under `drift`). Every
     question is dated after its user's whole history."""
-    rng = random.Random(f"{task.key}-{seed}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
+    variant = "" if (level, drift) == ("paraphrased", False) else f"-{level}{'-drift' if drift else ''}"
+    rng = random.Random(f"{task.key}-{seed}{variant}")
     questions, golds, rules = [], [], {}
     start = date(2024, 1, 1)
     for u in range(n_users):
         uid = f"u{u:04d}"
-        rule, hist, queries = GENERATORS[task.key](rng, n_history, n_queries)
+        rule, hist, queries = GENERATORS[task.key](rng, n_history, n_queries, level, drift) if variant else \
+            GENERATORS[task.key](rng, n_history, n_queries)
+        if level == "readable":
+            rule["level"] = level
+        if "drift" in rule:
+            rule["drift"]["on"] = (start + timedelta(days=n_history - rule["drift"].pop("recent"))).isoformat()
         rules[uid] = rule
         profile = [{"id": f"{uid}-h{i:03d}", **item, "date": (start + timedelta(days=i)).isoformat()}
                    for i, item in enumerate(hist)]
@@ -272,8 +373,18 @@ def generate(task: Task, n_users: int = 8, n_history: int = 40, n_queries: int =
 # -- what the planted rule answers, and the profile that says it -----------------------------------
 
 
-def _labels_cued(cues: dict[str, list[str]], text: str) -> list[str]:
-    return [label for label, phrases in cues.items() if any(p in text for p in phrases)]
+def _labels_cued(cues: dict[str, list[str]], text: str, readable: bool = False) -> list[str]:
+    """The labels an item cues: by their phrases, or on the readable level by name ("dark comedy"
+    names dark comedy, not comedy)."""
+    if not readable:
+        return [label for label, phrases in cues.items() if any(p in text for p in phrases)]
+    named = []
+    for label in sorted(cues, key=len, reverse=True):  # the longer name first, then blanked out
+        pattern = rf"(?<![\w-]){re.escape(label)}(?![\w-])"
+        if re.search(pattern, text):
+            named.append(label)
+            text = re.sub(pattern, "#", text)
+    return named
 
 
 def _tone(text: str) -> int | None:
@@ -294,7 +405,7 @@ def planted(task: Task, rule: dict, query: str) -> str | None:
     content = task.query_content(query)
     if "tag_priority" in rule or "category_priority" in rule:
         ranking = rule.get("tag_priority") or rule["category_priority"]
-        cued = _labels_cued(CUES_2M if "tag_priority" in rule else CUES_2N, content)
+        cued = _labels_cued(CUES_2M if "tag_priority" in rule else CUES_2N, content, rule.get("level") == "readable")
         return min(cued, key=ranking.index) if cued else None
     if "rating_bias" in rule:
         tone = _tone(content)
@@ -326,10 +437,11 @@ def rule_profile(task: Task, rule: dict) -> str:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What two rules that need no LLM score on a generated set (accuracy: exact answers)."""
+    """What rules that need no LLM score on a generated set (accuracy: exact answers)."""
 
     lookup: float  # copying the label of the most similar history item: must stay low
     planted: float  # the user's planted rule read off the text: 1.0 when the text carries it
+    stale: float | None = None  # drifting users: their old rule (what a profile of the old history says)
 
 
 def calibrate(task: Task, questions: list[dict], golds: dict[str, str], rules: dict[str, dict]) -> Calibration:
@@ -337,10 +449,14 @@ def calibrate(task: Task, questions: list[dict], golds: dict[str, str], rules: d
     copied = [lookup(task, q["input"], [(task.item_text(it), task.item_response(it)) for it in q["profile"]])
               for q in questions]
     ruled = [planted(task, rules[q["user_id"]], q["input"]) for q in questions]
-    return Calibration(accuracy(copied, wanted), accuracy(ruled, wanted))
+    old = {u: {**r["drift"]["from"], **({"level": r["level"]} if "level" in r else {})}
+           for u, r in rules.items() if "drift" in r}
+    stale = accuracy([planted(task, old[q["user_id"]], q["input"]) for q in questions], wanted) if old else None
+    return Calibration(accuracy(copied, wanted), accuracy(ruled, wanted), stale)
 
 
 MAX_LOOKUP = 0.5  # a set that copying answers better than this measures copying
+MAX_STALE = 0.2  # a drift set on which the old rule still answers more than this cannot show a change
 
 
 def write_dataset(out_dir: str | Path, task: Task, split: str = "dev", **kwargs) -> Path:
@@ -356,6 +472,9 @@ def make_dataset(out_dir: str | Path, task: Task, split: str = "dev", **kwargs) 
     if check.lookup > MAX_LOOKUP:
         raise ValueError(f"{task.name}: copying the most similar history item's label answers {check.lookup:.2f} of "
                          f"the queries (at most {MAX_LOOKUP} allowed): the set would measure copying")
+    if check.stale is not None and check.stale > MAX_STALE:
+        raise ValueError(f"{task.name}: the drifting users' old rule still answers {check.stale:.2f} of the queries "
+                         f"(at most {MAX_STALE} allowed): the set could not show that alignment found the change")
     out.mkdir(parents=True, exist_ok=True)
     for name, data in ((f"{split}_questions.json", questions), (f"{split}_outputs.json", outputs),
                        ("rules.json", rules)):
@@ -363,7 +482,18 @@ def make_dataset(out_dir: str | Path, task: Task, split: str = "dev", **kwargs) 
     return out, check
 
 
-def shipped_data_dir(task: Task) -> Path:
-    """The small generated dataset that ships with the package."""
-    return Path(__file__).parent / task.key
+SETS = ("stable", "drift", "readable", "readable-drift")  # the shipped sets of every task: users x level
+
+
+def shipped_data_dir(task: Task, which: str = "stable") -> Path:
+    """A small generated set that ships with the package: `stable` (paraphrased items, users whose
+    rule never changes), `drift` (paraphrased, drifting users), `readable`, `readable-drift`."""
+    if which not in SETS:
+        raise ValueError(f"no shipped set {which!r}; choose from {SETS}")
+    return Path(__file__).parent / (task.key if which == "stable" else f"{task.key}-{which}")
+
+
+def set_options(which: str) -> dict:
+    """`generate`'s options for a shipped set."""
+    return {"level": "readable" if which.startswith("readable") else "paraphrased", "drift": which.endswith("drift")}
 

@@ -68,6 +68,10 @@ class Task:
     # Regex of the candidates a query offers, (label, text) per match, for a task that offers
     # them (LaMP-1's two references).
     candidates_pattern: str | None = None
+    # For a task whose items can name what they support (LaMP-2): how a plain few-shot completion
+    # reads an item, with no user's data and no instruction: (the item's field, the answer's name,
+    # a sentence naming one label). See `reading`.
+    reading_form: tuple[str, str, str] | None = None
 
     # -- inputs -------------------------------------------------------------------------------
     def parse_labels(self, query: str) -> tuple[str, ...]:
@@ -95,6 +99,24 @@ class Task:
         """The part of a query that describes the item, for retrieval."""
         m = re.search(self.content_pattern, query, flags=re.S)
         return (m.group(1) if m else query).strip()
+
+    def reading(self, query: str) -> tuple[str, str]:
+        """A completion prompt in which the LM says which labels the item of `query` supports,
+        and the answer's prefix to score the labels after (each follows it after one space):
+
+            description: A movie that is sci-fi.
+            tag: sci-fi
+            ...                           (three demos, each naming one label, made up)
+            description: <the item>
+            tag:
+
+        No instruction, no label list, no user: what the item says, not what anyone prefers. A
+        small base model completes this pattern far more faithfully than it follows a request
+        (its top label is one the item supports where the request's is often not)."""
+        field_, noun, sentence = self.reading_form
+        picks = (self.labels[1], self.labels[len(self.labels) // 2], self.labels[-3])
+        demos = "\n".join(f"{field_}: {sentence.format(label=label)}\n{noun}: {label}" for label in picks)
+        return f"{demos}\n{field_}: {self.query_content(query)}", f"\n{noun}:"
 
     def interactions(self, items: Sequence[tuple[str, str, str | None]]) -> list[Interaction]:
         """The past interactions alignment, ICL and GEPA replay, oldest first, as (item id, query,
@@ -444,6 +466,7 @@ LAMP_2M = Task(
         f"without further explanation. tags: {_bracketed(labels)} description: {text}"),
     content_pattern=r"description:\s*(.*)$", labels_pattern=r"tags:\s*\[(.*?)\]",
     preference_lead="Tags this user gives most, strongest first",
+    reading_form=("description", "tag", "A movie that is {label}."),
 )
 LAMP_2N = Task(
     key="lamp2n", name="LaMP-2N", kind="classification", labels=CATEGORIES_2N,
@@ -455,6 +478,7 @@ LAMP_2N = Task(
         f"the category name without further explanation. categories: {_bracketed(labels)} article: {text}"),
     content_pattern=r"article:\s*(.*)$", labels_pattern=r"categories:\s*\[(.*?)\]",
     preference_lead="Categories this journalist files under most, strongest first",
+    reading_form=("article", "category", "An article that is {label}."),
 )
 LAMP_3 = Task(
     key="lamp3", name="LaMP-3", kind="rating", labels=("1", "2", "3", "4", "5"),

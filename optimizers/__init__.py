@@ -1,3 +1,6 @@
+from persona_agent.optimizers.acceptance import (ACCEPTANCE, AcceptValid, Acceptance, Outcome, StrictImprovement,
+                                                 TieBreakByAgreement)
 from persona_agent.optimizers.persona_alignment import AlignmentStep, PersonaAlignment
 
-__all__ = ["AlignmentStep", "PersonaAlignment"]
+__all__ = ["ACCEPTANCE", "AcceptValid", "Acceptance", "AlignmentStep", "Outcome", "PersonaAlignment",
+           "StrictImprovement", "TieBreakByAgreement"]

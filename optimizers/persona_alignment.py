@@ -29,13 +29,14 @@ attached to the returned program as `alignment_steps`.
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import dspy
 from dspy.teleprompt import Teleprompter
 
+from persona_agent.data.tasks import TENDENCIES
+from persona_agent.optimizers.acceptance import AcceptValid, Acceptance, Outcome, StrictImprovement, Trial
 from persona_agent.pipelines.memory import UserMemory
 from persona_agent.pipelines.metering import answer_or_none, metered, or_fallback
 from persona_agent.pipelines.persona import PROFILE_BUDGET, Persona, compose_profile, profile_problem
@@ -85,8 +86,8 @@ class AlignmentStep:
     batch_score: float
     profile_before: str
     profile_after: str  # the candidate rewrite (equal to profile_before when none was written)
-    accepted: bool = False
-    reason: str = ""
+    outcome: Outcome | None = None
+    problem: str = ""  # Outcome.REFUSED: what the profile check found
     candidate_score: float | None = None
     holdout_score: float | None = None
     candidate_holdout_score: float | None = None
@@ -97,18 +98,36 @@ class AlignmentStep:
     fallbacks: int = 0  # calls whose answer was unusable and replaced (see `or_fallback`)
 
     @property
+    def accepted(self) -> bool:
+        return self.outcome is Outcome.ACCEPTED
+
+    @property
     def wrote_candidate(self) -> bool:
         return self.profile_after != self.profile_before
 
     @property
-    def outcome(self) -> str:
-        """The reason without its particulars, for counting: "accepted", "batch score dropped",
-        "tells the agent to drop its instructions", ..."""
-        reason = self.reason.removeprefix("rejected: ")
-        return re.split(r" \(| \d", reason, maxsplit=1)[0].strip() or "accepted"
+    def kind(self) -> str:
+        """What to count the iteration by: the outcome, a refusal by what the check found
+        (without its particulars: "over the length budget", not its character counts)."""
+        if self.outcome is Outcome.REFUSED:
+            return f"refused: {self.problem.split(' (')[0]}"
+        return str(self.outcome or "")
 
-
-PERFECT = "batch already answered perfectly"
+    @property
+    def reason(self) -> str:
+        """The outcome in words, with its particulars, for logs and version descriptions."""
+        o = self.outcome
+        if o is Outcome.REFUSED:
+            return f"rejected: {self.problem}"
+        if o is Outcome.BATCH_DROPPED:
+            return f"rejected: {o} {self.batch_score:.3f} -> {self.candidate_score:.3f}"
+        if o is Outcome.HELDOUT_DROPPED:
+            return f"rejected: {o} {self.holdout_score:.3f} -> {self.candidate_holdout_score:.3f}"
+        if o is Outcome.TIED:
+            return f"rejected: {o} ({self.batch_score:.3f}); a tie keeps it"
+        if o is Outcome.ACCEPTED and self.candidate_score is None:
+            return "accepted (unscored)"
+        return f"rejected: {o}" if o is Outcome.NOTHING_WRITTEN else str(o or "")
 
 
 class PersonaAlignment(Teleprompter):
@@ -124,19 +143,21 @@ class PersonaAlignment(Teleprompter):
         before the batch (none when `holdout` is 0).
     metric: `metric(example, prediction, trace=None) -> float` in [0, 1]; default: the task's
         score, for the task of the student's persona.
-    guard: reject rewrites that do not score better (False: the paper's loop, every rewrite accepted).
+    acceptance: the rule that ships a rewrite (`optimizers.acceptance`); default
+        `StrictImprovement`, or with `guard=False` the paper's `AcceptValid`.
     """
 
     def __init__(self, *, batch_size: int, iterations: int, metric: Metric | None = None,
                  loss: Literal["per_interaction", "batch"] = "per_interaction", guard: bool = True, holdout: int = 0,
                  budget: int = PROFILE_BUDGET, reflection_lm: dspy.LM | None = None,
-                 on_step: Callable[[AlignmentStep], None] | None = None):
+                 on_step: Callable[[AlignmentStep], None] | None = None, acceptance: Acceptance | None = None):
         super().__init__()
         if batch_size < 1 or iterations < 0 or holdout < 0:
             raise ValueError("batch_size must be >= 1, iterations and holdout >= 0")
         if loss not in ("per_interaction", "batch"):
             raise ValueError(f"loss must be 'per_interaction' or 'batch', not {loss!r}")
-        self.batch_size, self.iterations, self.metric, self.loss, self.guard = batch_size, iterations, metric, loss, guard
+        self.batch_size, self.iterations, self.metric, self.loss = batch_size, iterations, metric, loss
+        self.acceptance = acceptance or (StrictImprovement() if guard else AcceptValid())
         self.holdout, self.budget = holdout, budget
         self.reflection_lm, self.on_step = reflection_lm, on_step
         self.critic = dspy.Predict(CritiqueResponse)
@@ -171,7 +192,7 @@ class PersonaAlignment(Teleprompter):
             steps.append(step)
             if self.on_step:
                 self.on_step(step)
-            if step.reason == PERFECT:
+            if step.outcome is Outcome.PERFECT:
                 break
         self.steps = program.alignment_steps = steps
         return program
@@ -183,8 +204,8 @@ class PersonaAlignment(Teleprompter):
         step = AlignmentStep(t, current.score, profile, profile, simulated=current.answers,
                              holdout_score=current_holdout.score if current_holdout else None)
         unchanged = step, program, current, current_holdout
-        if self.guard and current.score >= 1.0:
-            step.reason = PERFECT
+        if self.acceptance.needs_scores and current.score >= 1.0:
+            step.outcome = Outcome.PERFECT
             return unchanged
         task = program.persona.task
         with dspy.context(lm=self.reflection_lm or dspy.settings.lm):
@@ -193,7 +214,9 @@ class PersonaAlignment(Teleprompter):
             feedback = aggregate(batch, current.answers, step.critiques)
             # An unusable rewrite is no rewrite: the step ends with the persona unchanged.
             with span("update", iteration=t):
-                update = or_fallback(lambda: self._updater(task)(current_profile=profile, feedback=feedback), None,
+                recent = task.facts([(ex.query, ex.answer) for ex in batch])
+                update = or_fallback(lambda: self._updater(task)(current_profile=profile, recent=recent,
+                                                                 feedback=feedback), None,
                                      f"iteration {t}: profile update")
         sources = [ex.query for ex in batch]
         if update is not None:
@@ -201,36 +224,38 @@ class PersonaAlignment(Teleprompter):
             if dropped:
                 log.info("iteration %d: notes of the rewrite left out (%s)", t, dropped)
         if step.profile_after.strip() in ("", profile.strip()):
-            step.profile_after, step.reason = profile, "rejected: no new profile was written"
+            step.profile_after, step.outcome = profile, Outcome.NOTHING_WRITTEN
         elif problem := profile_problem(step.profile_after, self.budget, task, sources):
-            step.reason = f"rejected: {problem}"
-        if step.reason:
+            step.outcome, step.problem = Outcome.REFUSED, problem
+        if step.outcome:
             log.info("iteration %d: %s", t, step.reason)
             return unchanged
         candidate = program.with_persona(program.persona.with_profile(step.profile_after))
-        if not self.guard:
-            step.accepted, step.reason = True, "accepted (unguarded)"
-            return step, candidate, None, None  # the next iteration replays the new persona
+        trial = Trial(task, batch, profile, step.profile_after)
+        if not self.acceptance.needs_scores:
+            step.outcome = self.acceptance(trial)
+            if step.accepted:
+                return step, candidate, None, None  # the next iteration replays the new persona
+            log.info("iteration %d: %s", t, step.reason)
+            return unchanged
         with span("replay", iteration=t, persona="candidate", interactions=len(batch)):
             scored = replay(candidate, batch, metric)
             scored_holdout = replay(candidate, heldout, metric) if heldout else None
         step.candidate_score = scored.score
         step.candidate_holdout_score = scored_holdout.score if scored_holdout else None
-        if scored.score < current.score:
-            step.reason = f"rejected: batch score dropped {current.score:.3f} -> {scored.score:.3f}"
-        elif scored_holdout and scored_holdout.score < current_holdout.score:
-            step.reason = f"rejected: held-out score dropped {current_holdout.score:.3f} -> {scored_holdout.score:.3f}"
-        elif scored.score == current.score and not (scored_holdout and scored_holdout.score > current_holdout.score):
-            step.reason = f"rejected: tied the current persona ({scored.score:.3f}); a tie keeps it"
-        else:
-            step.accepted, step.reason = True, "accepted"
+        step.outcome = self.acceptance(replace(trial, current=current.score, candidate=scored.score,
+                                               current_holdout=current_holdout.score if current_holdout else None,
+                                               candidate_holdout=step.candidate_holdout_score))
+        if step.accepted:
             return step, candidate, scored, scored_holdout
         log.info("iteration %d: %s", t, step.reason)
         return unchanged
 
     def _updater(self, task) -> dspy.Predict:
         if task not in self.updaters:
-            self.updaters[task] = dspy.Predict(typed_profile(UpdateProfile, task))
+            updater = dspy.Predict(typed_profile(UpdateProfile, task))
+            updater.demos = update_demos(task)
+            self.updaters[task] = updater
         return self.updaters[task]
 
     def _critique(self, profile: str, batch, answers: Sequence[str]) -> list[str]:
@@ -243,6 +268,30 @@ class PersonaAlignment(Teleprompter):
         return [or_fallback(lambda: self.critic(profile=profile, query=ex.query, simulated_response=a,
                                                 real_response=ex.answer).critique, "", "critique")
                 for ex, a in zip(batch, answers)]
+
+
+def update_demos(task) -> list[dspy.Example]:
+    """Two worked rewrites, made up from the task's own labels and fact format (no user's data):
+    a profile whose order the latest interactions contradict, and the profile that follows them.
+    They show a small base model, which continues patterns far better than it follows an
+    instruction, that what the user chose now moves up. None for topics (no order to move)."""
+    if task.preference_kind == "topics":
+        return []
+    demos = []
+    for facts, preferences, notes in task.profile_examples():
+        if task.preference_kind == "tendency":  # the agent scored as the review reads, the user did not
+            generous = preferences == TENDENCIES[2]
+            before, answers, recent = TENDENCIES[1], *((["4", "3", "4"], ["5", "4", "5"]) if generous else
+                                                       (["3", "3", "2"], ["2", "2", "1"]))
+        else:  # the user moved to a, which the profile ranks last
+            a, b, c = preferences
+            before, answers, recent = [b, c, a], [b, b, b], [a, a, b]
+        profile, _ = compose_profile(task, before, "")
+        feedback = "\n".join(f"{i}. agent answered {x!r}, user answered {r!r} ({'agreed' if x == r else 'disagreed'})"
+                             for i, (x, r) in enumerate(zip(answers, recent), 1))
+        demos.append(dspy.Example(current_profile=profile, recent=task.facts([("", r) for r in recent]),
+                                  feedback=feedback, preferences=preferences, new_profile=notes))
+    return demos
 
 
 def replay(program: PersonaProgram, examples, metric: Metric) -> Replay:

@@ -97,9 +97,14 @@ def _agent_options(g, s: Settings) -> None:
                         "that gives none answers by prompting, logged); prompt: the paper's agent, the persona as "
                         f"the instruction (default {s.answer_step})")
     g.add_argument("--prior-strength", type=_finite(0), default=s.prior_strength,
-                   help="evidence: how much the persona weighs: for a list of labels, about how many labels an "
-                        "item supports (the user takes the first of theirs that fits); for a rating tendency or "
-                        f"topics, nats at most added to a label (default {s.prior_strength:g}; 0: no persona)")
+                   help="evidence: how much the persona weighs: for a rating tendency or topics, nats at most "
+                        "added to a label; for a list of labels on a task that reads its items, any value above 0 "
+                        "lets the user's order choose among the labels the item supports; on others, about how "
+                        f"many labels an item supports (default {s.prior_strength:g}; 0: no persona)")
+    g.add_argument("--support-margin", type=_finite(0), default=s.support_margin,
+                   help="evidence, tasks whose items name what they support (LaMP-2): a label the item supports "
+                        "scores within this many nats of the best when the LM reads the item; the persona picks "
+                        f"among those (default {s.support_margin:g})")
     g.add_argument("--trace", action="store_true", help="record MLflow traces of every agent call")
 
 
@@ -111,9 +116,13 @@ def _alignment_options(p: argparse.ArgumentParser, s: Settings) -> None:
                    help=f"latest interactions per iteration (default {s.batch_size})")
     g.add_argument("--loss", choices=["per_interaction", "batch"], default=s.loss,
                    help=f"critique each interaction (the paper) or the whole batch in one LM call (default {s.loss})")
+    g.add_argument("--acceptance", choices=("strict", "agreement", "paper"), default=s.acceptance,
+                   help="which rewrite ships, of those that pass the profile check: strict, one that scores better "
+                        "on the batch (a tie keeps the current persona); agreement, as strict, but a tie ships when "
+                        "the rewrite's preferences agree better with the batch's real answers; paper, every one, "
+                        f"unscored (default {s.acceptance})")
     g.add_argument("--no-guard", dest="guard", action="store_false", default=s.guard,
-                   help="the paper's loop: accept every rewrite except one that fails the injection check "
-                        "(default: only rewrites that pass every profile check and score better; a tie keeps the current one)")
+                   help="the paper's loop, as --acceptance paper")
     g.add_argument("--holdout", type=_count(0), default=s.holdout,
                    help=f"older interactions a rewrite must not score worse on either (default {s.holdout})")
     _agent_options(g, s)
@@ -127,6 +136,23 @@ def _task_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="lamp2m", help="lamp1, lamp2m, lamp2n or lamp3 (default lamp2m)")
 
 
+def _set_option(p: argparse.ArgumentParser, default: str) -> None:
+    from persona_agent.data.synthetic import SETS
+
+    p.add_argument("--set", choices=SETS, default=default,
+                   help="which shipped synthetic set, without --data: users whose rule stays or drifts, items "
+                        f"paraphrased or readable (default {default})")
+
+
+def _data_source(args, task) -> tuple[Path, str]:
+    """The data directory and how runs name it: --data, or the shipped set --set names."""
+    from persona_agent.data.synthetic import shipped_data_dir
+
+    if args.data is not None:
+        return args.data, str(args.data)
+    return shipped_data_dir(task, args.set), "shipped" if args.set == "stable" else f"shipped:{args.set}"
+
+
 def _skip_bad(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) bad records instead of stopping at the first one")
@@ -136,6 +162,7 @@ def _evaluation_options(p: argparse.ArgumentParser, s: Settings, methods: str, o
     """The data, method and output options `eval` and `sweep` share."""
     _task_option(p)
     p.add_argument("--data", type=Path, help="LaMP directory or OPPU file (default: the shipped synthetic set)")
+    _set_option(p, "stable")
     p.add_argument("--split", help="LaMP split name when the directory holds several (dev, test, ...)")
     p.add_argument("--methods", default=methods, help=f"comma-separated method names, or 'all' (default {methods})")
     p.add_argument("--users", type=_count(1), help="first N users (default all)")
@@ -190,10 +217,9 @@ def _trace_if_asked(args) -> None:
 
 def _users(args, task):
     from persona_agent.data.loaders import load_users
-    from persona_agent.data.synthetic import shipped_data_dir
 
     bad = _on_bad(args)
-    users = load_users(args.data or shipped_data_dir(task), task, args.split, bad)[: args.users]
+    users = load_users(_data_source(args, task)[0], task, args.split, bad)[: args.users]
     if bad:
         bad.report()
     if args.queries is not None:
@@ -212,7 +238,7 @@ def demo_command(settings: Settings, args) -> int:
 
     with Store.open(settings, memory="persistent", writes=True) as store:
         _trace_if_asked(args)
-        run_demo(settings, store, args.task, args.users, args.queries, args.data)
+        run_demo(settings, store, args.task, args.users, args.queries, args.data, which=args.set)
     return 0
 
 
@@ -226,9 +252,10 @@ def eval_command(settings: Settings, args) -> int:
     methods, users = resolve(args.methods), _users(args, task)
     with Store.open(settings, memory="run") as store:  # a measurement reads nothing another command stored
         _trace_if_asked(args)
-        memory = store.scoped(f"{args.data or 'shipped'}|{task.key}|{args.split or ''}")
+        source = _data_source(args, task)[1]
+        memory = store.scoped(f"{source}|{task.key}|{args.split or ''}")
         evaluate(settings, task, users, methods, args.out or default_out(settings, task), memory, keep_going=args.keep_going,
-                 source=str(args.data or "shipped"), wide=args.wide)
+                 source=source, wide=args.wide)
     return 0
 
 
@@ -283,16 +310,19 @@ def nightly_command(settings: Settings, args) -> int:
 
 
 def make_data_command(settings: Settings, args) -> int:
-    from persona_agent.data.synthetic import MAX_LOOKUP, make_dataset
+    from persona_agent.data.synthetic import MAX_LOOKUP, MAX_STALE, make_dataset
     from persona_agent.data.tasks import get_task
 
     task = get_task(args.task)
     out, check = make_dataset(args.out, task, split=args.split, n_users=args.users, n_history=args.history,
-                              n_queries=args.queries, seed=args.seed)
-    print(f"wrote {args.users} users of {task.name} to {out}\n"
-          f"accuracy of two rules that need no LLM: lookup (copy the label of the most similar history item) "
+                              n_queries=args.queries, seed=args.seed, level=args.level, drift=args.drift)
+    kind = f"{args.level}{', drifting' if args.drift else ''}"
+    print(f"wrote {args.users} users of {task.name} ({kind}) to {out}\n"
+          f"accuracy of rules that need no LLM: lookup (copy the label of the most similar history item) "
           f"{check.lookup:.3f} (at most {MAX_LOOKUP}), planted rule (each user's rule, read off the text) "
-          f"{check.planted:.3f}")
+          f"{check.planted:.3f}" + ("" if check.stale is None else
+                                    f", stale rule (each user's rule before the change: what a profile of their "
+                                    f"whole history says) {check.stale:.3f} (at most {MAX_STALE})"))
     return 0
 
 
@@ -451,6 +481,7 @@ def _demo_args(p, s):
     p.add_argument("--users", type=_count(1), default=3, help="how many users (default 3)")
     p.add_argument("--queries", type=_count(1), default=3, help="held-out queries per user (default 3)")
     p.add_argument("--data", type=Path, help="LaMP/OPPU data instead of the shipped synthetic set")
+    _set_option(p, "readable-drift")
     _alignment_options(p, s)
     _lm_options(p, s)
 
@@ -505,6 +536,8 @@ def _nightly_args(p, s):
 
 
 def _make_data_args(p, s):
+    from persona_agent.data.synthetic import LEVELS, RECENT
+
     p.add_argument("out", type=Path, help="output directory")
     _task_option(p)
     p.add_argument("--users", type=_count(1), default=20, help="users to generate (default 20)")
@@ -512,6 +545,12 @@ def _make_data_args(p, s):
     p.add_argument("--queries", type=_count(1), default=6, help="queries per user (default 6)")
     p.add_argument("--split", default="dev", help="split name: the files are {split}_questions.json, ... (default dev)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same data (default 0)")
+    p.add_argument("--level", choices=LEVELS, default=LEVELS[0],
+                   help="paraphrased: items imply what they support in words of their own (default); readable: "
+                        "items say it in plain words, so what is left to the user is the choice among them")
+    p.add_argument("--drift", action="store_true",
+                   help=f"users whose preferences move: their latest {RECENT} interactions and every query follow a "
+                        "new rule, older history the old one; the queries are built so the two answer differently")
 
 
 def _personas_args(p, s):

@@ -38,19 +38,21 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users: int = 3, queries: int = 3,
-             data: Path | None = None, console: Console | None = None, lm: dspy.LM | None = None) -> pd.DataFrame:
+             data: Path | None = None, console: Console | None = None, lm: dspy.LM | None = None,
+             which: str = "readable-drift") -> pd.DataFrame:
     """`store`: opened with persistent memory, which keeps the users' histories afterwards.
-    `lm`: an LM object to use instead of building one from `settings.lm`."""
+    `lm`: an LM object to use instead of building one from `settings.lm`. `which`: the shipped
+    set, without `data` (`data.synthetic.SETS`)."""
     console = console or output()
     task = get_task(task_name)
-    people = load_users(data or shipped_data_dir(task), task)[:users]
+    people = load_users(data or shipped_data_dir(task, which), task)[:users]
     lm = lm or build_lm(settings.lm)
     rows, started = [], time.perf_counter()
     steps_per_user = 4 + settings.iterations
     with dspy.context(lm=lm, adapter=adapter_for(lm)), \
             mlflow.start_run(run_name=tracking.run_name("demo", task.key, settings, len(people), lm), tags=tracking.owner_tags("demo")) as parent, \
             progress_bar() as progress:
-        params = tracking.run_params(settings, task.key, lm=lm, data=str(data or "shipped"),
+        params = tracking.run_params(settings, task.key, lm=lm, data=str(data or f"shipped:{which}"),
                                      data_fingerprint=tracking.data_fingerprint(people))
         mlflow.log_params({**params, "users": len(people), "queries": queries})
         bar = progress.add_task("demo", total=len(people) * steps_per_user)
@@ -78,7 +80,7 @@ def candidate_counts(steps: list[AlignmentStep]) -> dict:
     """How an alignment's iterations ended: candidates written, valid (passed the profile check
     and were scored, or accepted unscored), accepted, and every outcome with its count."""
     written = [s for s in steps if s.wrote_candidate]
-    outcomes = Counter(s.outcome for s in steps)
+    outcomes = Counter(s.kind for s in steps)
     return {"iterations": len(steps), "written": len(written),
             "valid": sum(s.candidate_score is not None or s.accepted for s in written),
             "accepted": sum(s.accepted for s in steps),

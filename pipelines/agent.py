@@ -30,7 +30,7 @@ from persona_agent.signatures import FormulateMemoryQuery, PlainAnswer, TaskAnsw
 class PersonaAgent(dspy.Module):
     def __init__(self, persona: Persona, memory: UserMemory | None, *, max_iters: int, semantic: str | None = None,
                  formulate_query: bool = False, prefetch: bool = True, answer_step: str = "evidence",
-                 prior_strength: float = 2.0):
+                 prior_strength: float = 2.0, support_margin: float = 3.5):
         """memory: the user's episodic memory, reached by the `search_memory` tool and (with
         `prefetch`) an upfront search whose recalls are also few-shot demonstrations; None: no
         episodic memory at all. semantic: the user's profile (semantic memory) that the
@@ -38,12 +38,14 @@ class PersonaAgent(dspy.Module):
         upfront memory query (for inputs whose item text the task cannot cut out by pattern).
         answer_step: "evidence", the persona's typed preferences are a prior on the LM's label
         scores, `prior_strength` nats at most (`pipelines.evidence`); "prompt", the paper's agent:
-        the persona is the instruction of every step and the answer is generated."""
+        the persona is the instruction of every step and the answer is generated.
+        support_margin: for a task that reads its items (`Task.reading`), how far (nats) below the
+        best label a label the item supports may score; the persona chooses among them."""
         super().__init__()
         if answer_step not in ANSWER_STEPS:
             raise ValueError(f"answer_step must be one of {ANSWER_STEPS}, not {answer_step!r}")
         self.memory, self.semantic, self.max_iters = memory, semantic, max_iters
-        self.answer_step, self.prior_strength = answer_step, prior_strength
+        self.answer_step, self.prior_strength, self.support_margin = answer_step, prior_strength, support_margin
         self.prefetch = prefetch and memory is not None
         self.formulate = dspy.Predict(FormulateMemoryQuery) if formulate_query else None
         self.persona = persona
@@ -71,12 +73,14 @@ class PersonaAgent(dspy.Module):
         # persona of this user runs the same LM calls, and only the prior differs.
         self.act = _react(task, instruction(task), self.max_iters, self.tools(persona))
         profile = persona.known  # the placeholder's words ("nothing known") are no topics to weigh
-        # a list of labels is an order of choice (the first that fits the item); a tendency or
-        # topics are degrees, added to the item's evidence
+        # a list of labels is an order of choice (the first the item supports, or fits); a
+        # tendency or topics are degrees, added to the item's evidence
+        labels = task.preference_kind == "labels"
         self.act.extract = EvidenceAnswer(self.act.extract.signature, task.labels,
                                           lambda inputs: task.prior(profile, inputs["query"]), self.prior_strength,
-                                          content_free=task.content_free,
-                                          combine=first_fit if task.preference_kind == "labels" else add_prior)
+                                          content_free=task.content_free, combine=first_fit if labels else add_prior,
+                                          reading=task.reading if labels and task.reading_form else None,
+                                          margin=self.support_margin)
 
     def tools(self, persona: Persona) -> list[dspy.Tool]:
         """The agent's tools, over this user's data only. Override to add your own."""
@@ -91,7 +95,7 @@ class PersonaAgent(dspy.Module):
         pred = self._act()(query=query, memories=shown, demos=recall_demos(self.task, recalls))
         return dspy.Prediction(answer=pred.answer, trajectory=pred.trajectory,
                                memories=[r.item.item_id for r in recalls],
-                               **{k: pred[k] for k in ("scores", "logprobs", "bias") if k in pred})
+                               **{k: pred[k] for k in ("scores", "logprobs", "bias", "support") if k in pred})
 
     def _act(self) -> dspy.Module:
         """The ReAct that answers: this agent's, or where it scores labels and the LM cannot, the

@@ -79,6 +79,7 @@ class UserFlow:
     profile_items: int
     answer_step: str  # see PersonaAgent
     prior_strength: float
+    support_margin: float = 3.5
     setup_cost: dict[str, Cost] = field(default_factory=dict)
     _profile: str | None = field(default=None, repr=False)
 
@@ -110,7 +111,7 @@ class UserFlow:
         episodic = self.view() if memory is True else memory or None
         profile = self.profile() if semantic is True else semantic if semantic is not False else None
         kwargs = {"max_iters": self.max_iters, "answer_step": self.answer_step, "prior_strength": self.prior_strength,
-                  **kwargs}
+                  "support_margin": self.support_margin, **kwargs}
         return PersonaAgent(persona or Persona(self.task, self.profile()), episodic, semantic=profile, **kwargs)
 
     def align(self, optimizer: Teleprompter, student: dspy.Module | None = None, *, trainset=None,

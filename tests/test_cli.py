@@ -159,3 +159,18 @@ def test_a_query_that_is_no_text_is_one_line_and_exit_2(query, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("not UTF-8" in err or "empty" in err)
     assert not (tmp_path / "s").exists()  # refused before the store is opened
+
+
+def test_eval_reads_the_shipped_set_it_is_told_to_and_keeps_its_memory_apart(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 's' / 'mlflow.db'}")
+    for which in ("stable", "readable-drift"):
+        assert main(["eval", "--set", which, "--lm", "scripted", "--methods", "lookup", "--users", "1",
+                     "--queries", "1", "--store", str(tmp_path / "s"), "--out", str(tmp_path / which)]) == 0
+    runs = mlflow.search_runs(experiment_names=["persona-agent"], filter_string="tags.command = 'eval'")
+    assert sorted(runs["params.data"]) == ["shipped", "shipped:readable-drift"]
+    assert runs["params.data_fingerprint"].nunique() == 2  # another set's users, not the same ones twice
+    with pytest.raises(SystemExit) as refused:
+        main(["eval", "--set", "nope", "--lm", "scripted"])
+    assert refused.value.code == 2

@@ -169,9 +169,20 @@ class OpenAICompatibleEngine:
     """
 
     supports_response_schema = True
-    supported_params = frozenset({"response_format", "temperature", "max_tokens", "stop", "seed"})
+    PARAMS = frozenset({"response_format", "temperature", "max_tokens", "stop", "seed"})
+    MAX_TOP = 20  # alternatives asked for per token: OpenAI's and vLLM's default limit (llama.cpp takes more)
+    # A prefix the probe asks the server to continue: a server that continues it answers "8";
+    # one that ignores a trailing assistant message starts over ("1").
+    # one that ignores a trailing assistant message starts over ("1"). No spaces: tokenizers
+    # differ in whether a space starts the next token.
+    PROBE = ({"role": "user", "content": "Count from 1 to 12, separated by commas, no spaces."},
+             {"role": "assistant", "content": "1,2,3,4,5,6,7,"})
 
-    def __init__(self, api_base: str, model: str, api_key: str | None = None, timeout: float = 120.0):
+    def __init__(self, api_base: str, model: str, api_key: str | None = None, timeout: float = 120.0,
+                 probe: bool = True):
+        """probe: on first need, ask the server once whether it can score labels (top log-
+        probabilities, and continuing a trailing assistant message, as llama.cpp's server and
+        vLLM do); False: never score, always prompt."""
         url = urllib.parse.urlsplit(api_base.rstrip("/") + "/chat/completions")
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"--api-base must be an http(s) URL, not {api_base!r}")
@@ -180,6 +191,46 @@ class OpenAICompatibleEngine:
         self.model = model.split("/", 1)[-1]
         self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self._local = threading.local()
+        self._scores: bool | None = None if probe else False
+        self._probe_lock = threading.Lock()
+        self.probe_result = "not probed" if probe else "probe off"
+
+    # log-probabilities are asked for only where the probe passed (DSPy reads this set on every
+    # call: it must not probe)
+    supported_params = PARAMS | {"logprobs"}
+
+    @property
+    def continues_prefill(self) -> bool:
+        """Whether the server passed the scoring probe (asked once, on first need)."""
+        if self._scores is None:
+            with self._probe_lock:
+                if self._scores is None:
+                    self.probe_result = self._probe()
+                    self._scores = self.probe_result == "scores"
+                    if not self._scores:
+                        log.warning("%s://%s cannot score labels (%s): the answer step prompts", self.url.scheme,
+                                    self.url.netloc, self.probe_result)
+        return self._scores
+
+    def _probe(self) -> str:
+        """"scores", or why not: the server must give top log-probabilities and continue the
+        trailing assistant message. A server that ignores the message would be scored silently
+        wrong (its alternatives would be those of a fresh answer), so anything else fails safe."""
+        body = {"model": self.model, "messages": list(self.PROBE), "max_tokens": 1, "temperature": 0,
+                "logprobs": True, "top_logprobs": 5,
+                "continue_final_message": True, "add_generation_prompt": False}  # vLLM's spelling of "continue"
+        try:
+            status, raw = self._post(json.dumps(body).encode())
+            if status != 200:
+                return f"the probe got HTTP {status}: {_provider_message(raw.decode('utf-8', 'replace'))}"
+            steps = token_logprobs(json.loads(raw)["choices"][0])
+        except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError) as err:
+            return f"the probe failed: {type(err).__name__}: {err}"
+        if not steps or not steps[0].top:
+            return "the server gives no top log-probabilities"
+        if steps[0].token.strip() != "8":
+            return f"the server does not continue a trailing assistant message (it answered {steps[0].token!r})"
+        return "scores"
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -223,6 +274,9 @@ class OpenAICompatibleEngine:
                                      ("seed", cfg.seed)) if v is not None}}
         if cfg.stop:
             body["stop"] = list(cfg.stop)
+        if cfg.logprobs is not None and messages[-1]["role"] == "assistant" and self.continues_prefill:
+            body.update(logprobs=True, top_logprobs=min(cfg.logprobs, self.MAX_TOP), continue_final_message=True,
+                        add_generation_prompt=False)
         if cfg.response_format and cfg.response_format.get("type") == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": cfg.response_format.get("name") or "Outputs", "schema": cfg.response_format["schema"],
@@ -251,9 +305,12 @@ class OpenAICompatibleEngine:
             raise ServerError(f"{where}: not a chat completion: {text[:300]}", status=status) from None
         usage = out.get("usage") or {}
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        if cfg.logprobs is not None:  # a scoring call asks for exactly its tokens: reaching them is no truncation
+            finish = "stop"
         return Response(id=out.get("id"), model=request.model,
                         message=Message.assistant([TextPart((choice.get("message") or {}).get("content") or "")]),
                         finish_reason=finish,
+                        logprobs=token_logprobs(choice) if cfg.logprobs is not None else None,
                         usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens")))
 
     def stream(self, request):

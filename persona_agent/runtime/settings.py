@@ -32,8 +32,10 @@ class Settings:
     max_iters: int = 1  # ReAct steps per answer
     answer_step: str = "evidence"  # or "prompt": the paper's prompt-only agent (pipelines.evidence)
     prior_strength: float = 2.0  # evidence: how much the persona weighs (pipelines.evidence: first_fit, add_prior)
+    support_margin: float = 3.5  # evidence, LaMP-2: nats below the reading's best a supported label may score (tuned on seed 1)
     loss: str = "per_interaction"  # or "batch": one critique call for the whole batch
-    guard: bool = True  # reject rewrites that score worse on the batch
+    guard: bool = True  # False: the paper's loop, as acceptance "paper"
+    acceptance: str = "strict"  # which rewrite ships: optimizers.acceptance.ACCEPTANCE
     holdout: int = 0  # older interactions a rewrite must not score worse on either
     profile_items: int = 20  # latest history items the initial profile is written from
     workers: int = 4  # users in flight at once (eval, sweep, nightly)

@@ -55,7 +55,8 @@ def run_params(settings: Settings, task_key: str, lm=None, **extra) -> dict[str,
             "temperature": settings.lm.temperature, "max_tokens": settings.lm.max_tokens, "top_k": settings.top_k,
             "batch_size": settings.batch_size, "iterations": settings.iterations, "max_iters": settings.max_iters,
             "answer_step": answer_step_in_effect(settings, lm) if lm is not None else settings.answer_step, "prior_strength": settings.prior_strength,
-            "loss": settings.loss, "guard": settings.guard, "holdout": settings.holdout,
+            "support_margin": settings.support_margin,
+            "loss": settings.loss, "guard": settings.guard, "acceptance": settings.acceptance if settings.guard else "paper", "holdout": settings.holdout,
             "profile_items": settings.profile_items, **extra}
 
 

@@ -84,7 +84,8 @@ def model_config(settings: Settings, task_key: str) -> dict:
     return {"task": task_key, "store": str(settings.store.resolve()), "qdrant_url": settings.qdrant_url or "",
             "lm": lm["model"], **{k: lm[k] if lm[k] is not None else "" for k in _LM_FIELDS},
             "top_k": settings.top_k, "max_iters": settings.max_iters, "answer_step": settings.answer_step,
-            "prior_strength": settings.prior_strength, "store_wait": settings.store_wait}
+            "prior_strength": settings.prior_strength, "support_margin": settings.support_margin,
+            "store_wait": settings.store_wait}
 
 
 def log_model(settings: Settings, task_key: str, registered_name: str | None = None) -> str:

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from persona_agent.data.loaders import load_users
-from persona_agent.data.synthetic import generate, shipped_data_dir, write_dataset
+from persona_agent.data.synthetic import SETS, generate, set_options, shipped_data_dir, write_dataset
 from persona_agent.data.tasks import LAMP_2M, TASKS, TaskDataError
 from persona_agent.pipelines.flow import examples
 from persona_agent.pipelines.memory import history_items
@@ -165,8 +165,9 @@ def _questions(task, seed=0, **kwargs):
 
 @pytest.mark.parametrize("key", sorted(TASKS))
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_no_query_reuses_its_history_and_copying_scores_at_most_one_half(key, seed):
-    shared, lookup = _reuse(TASKS[key], _questions(TASKS[key], seed))
+@pytest.mark.parametrize("which", SETS)
+def test_no_query_reuses_its_history_and_copying_scores_at_most_one_half(key, seed, which):
+    shared, lookup = _reuse(TASKS[key], _questions(TASKS[key], seed, **set_options(which)))
     assert shared == 0 and lookup <= 0.5
 
 

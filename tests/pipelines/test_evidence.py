@@ -20,14 +20,24 @@ ITEM = re.compile(r"description: (.*?)(?:\n|$)")
 
 
 def item_scores(prompt: str, prefix: str) -> dict[str, float]:
-    """Whole labels as tokens: a label the (last) item names at -1, every other far below, but
-    "comedy", this LM's favourite, at -0.5 whatever the item; with the item blanked ("N/A"),
-    every label at -3 and comedy at -1 (the bias the answer step calibrates away)."""
+    """Whole labels as tokens. Reading the item (`Task.reading`: the prefix ends "tag:", each
+    label after a space): a label the item names at -1, every other at -9. Answering the request:
+    position-biased, as a small model is: the label named first at -0.2, others named at -2.5,
+    "comedy", this LM's favourite, at -0.5 whatever the item, the rest at -9; with the item
+    blanked ("N/A"), every label at -3 and comedy at -1."""
     item = ITEM.findall(prompt)[-1].strip().lower()
+    if prefix.endswith("tag:"):
+        return {" " + label: -1.0 if _named(label, item) else -9.0 for label in LAMP_2M.labels}
     if item == "n/a":
         return {label: -1.0 if label == "comedy" else -3.0 for label in LAMP_2M.labels}
-    named = {label for label in LAMP_2M.labels if re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", item)}
-    return {label: -1.0 if label in named else -0.5 if label == "comedy" else -9.0 for label in LAMP_2M.labels}
+    named = sorted((m.start(), label) for label in LAMP_2M.labels if (m := _named(label, item)))
+    first = named[0][1] if named else None
+    return {label: -0.2 if label == first else -2.5 if any(label == n for _, n in named) else
+            -0.5 if label == "comedy" else -9.0 for label in LAMP_2M.labels}
+
+
+def _named(label: str, item: str):
+    return re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", item)
 
 
 @pytest.fixture
@@ -54,8 +64,8 @@ def test_an_empty_profile_answers_as_no_persona_does(memory, scoring_lm):
     engine.calls.clear(), engine.scored.clear()
     neutral = [PersonaAgent(Persona.neutral(LAMP_2M), UserMemory(memory, "alice", k=5), max_iters=1)(query=q).answer
                for q in QUERIES]
-    # calibrated: the LM's favourite only where the item names nothing else (its bias is taken
-    # out: comedy in "dark comedy" counts for nothing); a tie goes to the task's label order
+    # among the labels the item supports, the LM's best: the one it names first; where the
+    # item supports nothing in particular, the LM's favourite
     assert empty == neutral == ["action", "dystopia", "comedy"]
     assert (list(engine.calls), list(engine.scored)) == prompts_empty  # the very same LM requests
 
@@ -63,9 +73,9 @@ def test_an_empty_profile_answers_as_no_persona_does(memory, scoring_lm):
 def test_a_named_label_wins_where_the_item_supports_it(memory, scoring_lm):
     agent = _agent(memory, "Tags this user gives most, strongest first: romance, dark comedy.")
     answers = [agent(query=q).answer for q in QUERIES]
-    # romance where the item has it; dark comedy where that is what it has; never a label the
-    # item does not support (no romance in the family film): there the LM's own choice stands
-    assert answers == ["romance", "dark comedy", "comedy"]
+    # romance where the item has it, though the LM names action first; dark comedy where that
+    # is what it has; where the item supports no label over another, the user's first is the guess
+    assert answers == ["romance", "dark comedy", "romance"]
     engine = scoring_lm._engine_spec
     assert all("romance" not in system for _, system, _ in engine.calls)  # the persona is no prompt text
 
@@ -122,19 +132,62 @@ def test_what_every_label_starts_with_is_part_of_the_prefix():
     assert [prefix for _, prefix in engine.scored] == ['{"answer": "[']
 
 
-def test_a_label_is_spelled_by_its_longest_token_not_by_a_letter_it_shares():
-    """"c" starts both "comedy" and "classic" but is how the LM starts neither: each is scored by
-    its own word (no second call); "10" is no spelling of the label "1"."""
+def test_a_label_is_scored_by_the_way_the_lm_spells_it():
+    """A label's longest token is its spelling unless a shorter one is more probable: then that is
+    how the LM starts it ("d" then "yst" for "dystopia", where a "dyst" token exists but is
+    unlikely), and it is followed one call further, the longest path kept as a floor. A shorter
+    token shared by two labels ("c") is split by that call. "10" is no spelling of "1"."""
     def scores(prompt, prefix):
-        return {"c": -0.5, "comedy": -4.0, "class": -2.0, "10": -0.1, "1": -3.0, "x": -9.0}
+        if prefix.endswith('"d'):
+            return {"yst": -0.01, "ark": -3.0}
+        if prefix.endswith('"c'):
+            return {"omedy": -0.1, "lassic": -2.5}
+        return {"d": -0.07, "dyst": -10.7, "dark": -6.5, "c": -0.5, "comedy": -4.0, "class": -2.0, "10": -0.1,
+                "1": -3.0, "x": -9.0, "romance": -1.0, "ro": -4.0}
 
     engine = ScoringFakeEngine(scores)
     lm = dspy.LM("fake/tokens", engine=engine, cache=False, num_retries=0)
     messages = [{"role": "user", "content": "which?"}]
-    assert label_logprobs(lm, messages, '{"answer": "', ("comedy", "classic", "x")) == {
-        "comedy": -4.0, "classic": -2.0, "x": -9.0}
-    assert label_logprobs(lm, messages, '{"answer": "', ("1", "2")) == {"1": -3.0, "2": -9.0}
-    assert len(engine.scored) == 2  # one call each: nothing shared
+    logp = label_logprobs(lm, messages, '{"answer": "', ("dystopia", "dark comedy", "x"), expand="all")
+    assert logp == pytest.approx({"dystopia": -0.08, "dark comedy": -3.07, "x": -9.0})
+    logp = label_logprobs(lm, messages, '{"answer": "', ("comedy", "classic", "x"), expand="all")
+    assert logp == pytest.approx({"comedy": -0.6, "classic": -2.0, "x": -9.0})  # classic: its own word, the floor
+    engine.scored.clear()
+    assert label_logprobs(lm, messages, '{"answer": "', ("romance", "x")) == {"romance": -1.0, "x": -9.0}
+    assert label_logprobs(lm, messages, '{"answer": "', ("1", "2")) == {"1": -3.0, "2": -10.7}  # "2": no alternative, the last one
+    assert len(engine.scored) == 2  # one call each: the longest token is also the likeliest
+
+
+def test_a_supported_and_preferred_label_beats_the_one_the_lm_names_first(memory, scoring_lm):
+    """The item supports fantasy, romance and violence; answering, the LM puts fantasy, named
+    first, at -0.2 and the others at -2.5. The user who prefers romance gets romance; a user
+    whose preferences the item does not support gets the LM's choice, never their favourite;
+    an empty profile the LM's choice too."""
+    query = LAMP_2M.make_input("A movie that is fantasy, romance, violence.", LAMP_2M.labels)
+    answer = lambda profile: _agent(memory, profile)(query=query)  # noqa: E731
+    prefers = "Tags this user gives most, strongest first: "
+    assert answer(prefers + "romance, action.").answer == "romance"
+    assert answer(prefers + "dystopia, violence.").answer == "violence"  # first of theirs the item supports
+    assert answer(prefers + "dystopia, classic.").answer == "fantasy"
+    pred = answer("")
+    assert pred.answer == "fantasy" and set(evidence.supported(pred.support, 3.0)) == {"fantasy", "romance", "violence"}
+    # the support is read with no user in the prompt: the same for every persona
+    reads = [p for p, prefix in scoring_lm._engine_spec.scored if prefix.endswith("tag:")]
+    assert reads and all("romance, action" not in p and "heist" not in p for p in reads)
+
+
+def test_the_support_is_the_labels_within_the_margin():
+    from persona_agent.pipelines.evidence import first_supported, supported
+
+    reading = {"fantasy": -0.3, "romance": -2.0, "violence": -3.4, "comedy": float("-inf")}
+    assert supported(reading, 3.0) == ("fantasy", "romance")
+    assert supported(reading, 3.0) != supported(reading, 3.5)
+    item = {"fantasy": -0.1, "romance": -4.0, "violence": -1.0, "comedy": -0.05}
+    best = lambda scores: max(scores, key=scores.get)  # noqa: E731
+    # the LM's own favourite (comedy) is not supported: it cannot win, even with no persona
+    assert best(first_supported(item, {}, ("fantasy", "romance"))) == "fantasy"
+    assert best(first_supported(item, {"romance": 1.0, "fantasy": 0.5}, ("fantasy", "romance"))) == "romance"
+    assert best(first_supported(item, {"comedy": 1.0}, ("fantasy", "romance"))) == "fantasy"
 
 
 def test_a_ranking_is_an_order_of_choice_not_a_push():
@@ -185,7 +238,8 @@ def test_a_label_the_lm_does_not_offer_never_wins_and_no_label_at_all_is_unparse
     prior does not make it the answer. A reply that offers no label is an unusable answer (a
     parse failure, counted where a caller falls back), never an LM error."""
     offered = {"action": -1.0, "comedy": -2.0}
-    engine = ScoringFakeEngine(lambda prompt, prefix: dict(offered))
+    engine = ScoringFakeEngine(lambda prompt, prefix: {(" " if prefix.endswith("tag:") else "") + k: v
+                                                       for k, v in offered.items()})
     lm = dspy.LM("fake/few", engine=engine, cache=False, num_retries=0)
     with dspy.context(lm=lm, adapter=JSONAdapter()):
         agent = _agent(memory, "Tags this user gives most, strongest first: romance.", prior_strength=50.0)

@@ -71,3 +71,22 @@ def test_the_demo_through_an_openai_compatible_server_parses_like_the_in_process
     print(f"served: {served_wall:.0f} s, parse rate {served['parse_rate']:.2f}; "
           f"in process: {local_wall:.0f} s, parse rate {local['parse_rate']:.2f}")
     assert served["parse_rate"] >= 0.9 and served["answers"] == 9  # how long each took is printed, not asserted
+
+
+def test_the_server_passes_the_scoring_probe_and_scores_labels(llama_server):
+    """llama.cpp's server gives top log-probabilities and continues a trailing assistant message:
+    the evidence answer step runs through it (not the prompting fallback)."""
+    import math
+
+    from persona_agent import overrides
+    from persona_agent.data.tasks import LAMP_2M
+    from persona_agent.pipelines import evidence
+    from persona_agent.runtime.llm import adapter_for, build_lm
+    from persona_agent.runtime.settings import LMConfig
+
+    lm = build_lm(LMConfig(model="openai/gemma3-270m", api_base=llama_server, cache=False))
+    assert evidence.scoring_unsupported(lm, adapter_for(lm)) is None, overrides.engine_of(lm).probe_result
+    text, prefix = LAMP_2M.reading(LAMP_2M.make_input("A movie that is fantasy, romance, violence.", LAMP_2M.labels))
+    support = evidence.label_logprobs(lm, [{"role": "user", "content": text}], prefix, LAMP_2M.labels,
+                                      expand="all", missing=-math.inf, lead=" ")
+    assert max(support, key=support.get) in {"fantasy", "romance", "violence"}
