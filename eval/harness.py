@@ -199,7 +199,7 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress,
             out.setup[method] += ctx.setup_cost.get(name, Cost())
         if on_progress:
             on_progress(f"{user.user_id}: {method}")
-    out.outcomes = Counter(s.outcome for steps in ctx.steps.values() for s in steps)
+    out.outcomes = Counter(s.kind for steps in ctx.steps.values() for s in steps)
     return out
 
 
