@@ -3,11 +3,15 @@
     python bench/injection.py [--show]
 
 Runs `profile_problem` (the check every summary and every rewrite passes before it can enter a
-persona) over bench/injection_corpus.json: paraphrased attacks and ordinary profiles in five sets
-(its `about` says how each was used): `dev` (60 + 60), `round2` (40 + 40), `held-out` (40 + 40,
-measured untouched once, then used) and `round3` (40 + 80, profiles in the second person and in
-French and German) shaped the check; `held-out-2` (40 + 40) never did, so its row is the
-estimate to quote. Prints refusal and
+persona) over bench/injection_corpus.json: paraphrased attacks and ordinary profiles in seven sets
+(its `about` says how each was used): `dev` (60 + 60), `round2` (40 + 40), `held-out` (40 + 40),
+`round3` (40 + 80, profiles in the second person and in French and German), `held-out-2`
+(40 + 40), `round4` (30 + 30, ordinary profiles in the shape of small models' real
+rewrites) and `round5` (25 + 25: invisible characters, fullwidth letters, Spanish, Italian,
+softer French and German, markdown headers, chat-role JSON). Each held-out set was measured untouched once and then used to revise the check, so
+none is an untouched estimate any more: the last were held-out-2 (0.975 refused, 0.000 false
+alarms), round4 (0.900, 0.000) and round5 (0.240, 0.040). False alarms on real rewrites: bench/profile_check.py.
+Prints refusal and
 false-alarm rates with Wilson 95% intervals; `--show` lists the attacks let through and the false
 alarms.
 """

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -237,6 +238,33 @@ def check_text(where: str, value, name: str) -> str:
     return value
 
 
+def unprintable(char: str) -> bool:
+    """A control, format (zero-width, bidi override), surrogate, private or unassigned
+    character, or a line or paragraph separator: what makes an id unnameable or look like
+    another."""
+    category = unicodedata.category(char)
+    return category[0] == "C" or category in ("Zl", "Zp")
+
+
+def shown(text: str) -> str:
+    """`text` with every unprintable character written as its escape (`\\u202e`): safe to print."""
+    return "".join(f"\\u{ord(c):04x}" if unprintable(c) else c for c in str(text))
+
+
+def check_user_id(where: str, value, *, strings_only: bool = False) -> str:
+    """A user id as printable text: one a person can name to `forget` and read in a listing.
+    `strings_only`: an integer is refused too (an event log's id is a string; LaMP's question
+    ids, used as user ids, may be numbers)."""
+    if strings_only and not isinstance(value, str):
+        raise TaskDataError(f"{where}: 'user_id' must be a string, not {type(value).__name__}")
+    uid = check_text(where, value, "user_id")
+    bad = next((c for c in uid if unprintable(c)), None)
+    if bad is not None:
+        raise TaskDataError(f"{where}: 'user_id' '{shown(uid)}' holds U+{ord(bad):04X} "
+                            f"({unicodedata.name(bad, 'a control character').lower()}): a user id must be printable text")
+    return uid
+
+
 def check_labels(where: str, task: Task, query: str) -> None:
     """The label list the query spells must be the task's (an unknown label is an error)."""
     try:
@@ -298,9 +326,9 @@ def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list 
     def one(i, r):
         if not isinstance(r, dict) or not {"id", "input", "profile"} <= r.keys():
             raise TaskDataError(f"{questions}: record {i} needs 'id', 'input' and 'profile'")
-        where = f"{questions}: record {i} (id {r['id']})"
+        where = f"{questions}: record {i} (id {shown(r['id'])})"
         qid, text = check_text(where, r["id"], "id"), check_text(where, r["input"], "input")
-        uid = check_text(where, r.get("user_id", qid), "user_id")
+        uid = check_user_id(where, r.get("user_id", qid))
         if qid in seen:
             raise TaskDataError(f"{where}: duplicate question id")
         check_labels(where, task, text)
@@ -336,8 +364,8 @@ def _from_oppu(path: Path, records: list, task: Task, on_bad: OnBad | None = Non
     def one(i, r):
         if not isinstance(r, dict) or not {"user_id", "profile", "query"} <= r.keys():
             raise TaskDataError(f"{path}: user {i} needs 'user_id', 'profile' and 'query'")
-        where = f"{path}: user {i} ({r['user_id']})"
-        uid = check_text(where, r["user_id"], "user_id")
+        where = f"{path}: user {i} ({shown(r['user_id'])})"
+        uid = check_user_id(where, r["user_id"])
         if uid in users:
             raise TaskDataError(f"{where}: duplicate user id")
         user = UserData(uid, task, _profile(where, r["profile"], task, dates))

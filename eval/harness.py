@@ -100,6 +100,7 @@ class EvalRun:
     outcomes: Counter = field(default_factory=Counter)  # every alignment's candidates, by outcome
     headroom: "Headroom | None" = None  # the share of the w/o alignment -> oracle gap alignment closes
     stopped_by: str | None = None  # the user whose LM error stopped it (`forget` finds its tag by this)
+    steps: list[dict] = field(default_factory=list)  # every alignment iteration: what was written and its outcome
 
 
 @dataclass
@@ -115,6 +116,7 @@ class _UserRun:
     unit: str = ""  # the history it ran on (`UserData.unit`)
     unaligned: dict[str, bool] = field(default_factory=dict)  # methods that answered unaligned (nothing to learn from)
     personas: dict[str, str] = field(default_factory=dict)  # method -> the profile its persona holds
+    steps: list[dict] = field(default_factory=list)  # alignment iterations (`step_row`)
 
 
 def run_eval(settings: Settings, task: Task, users: list[UserData], methods: list[str], lm: dspy.LM,
@@ -163,8 +165,9 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
     clusters = {q.id: u.user_id for u in finished for q in u.queries}
     compare_to_baselines(results, clusters)
     outcomes = sum((runs[u.unit].outcomes for u in finished), Counter())
+    steps = [{"user_id": u.user_id, "unit": u.unit, **row} for u in finished for row in runs[u.unit].steps]
     return EvalRun(results, [u.unit for u in finished], dropped, stopped, outcomes, headroom(results, clusters),
-                   stopped_by)
+                   stopped_by, steps)
 
 
 def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress, method_runs: dict[str, str]) -> _UserRun:
@@ -200,7 +203,16 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress,
         if on_progress:
             on_progress(f"{user.user_id}: {method}")
     out.outcomes = Counter(s.kind for steps in ctx.steps.values() for s in steps)
+    out.steps = [{"alignment": name, **step_row(s)} for name, steps in ctx.steps.items() for s in steps]
     return out
+
+
+def step_row(step) -> dict:
+    """An alignment iteration as a table row: what the rewriter wrote (equal to the profile before
+    when it wrote none), how it was counted, and what the profile check found in a refusal."""
+    return {"iteration": step.iteration, "outcome": step.kind, "problem": step.problem,
+            "batch_score": step.batch_score, "candidate_score": step.candidate_score,
+            "profile_before": step.profile_before, "profile_after": step.profile_after}
 
 
 def _pool(task: Task, method: str, runs: list[_UserRun], golds: dict[str, str | None]) -> MethodResult:
@@ -377,6 +389,8 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
                                 **({"gap_closed": h.closed} if h.closed is not None else {}),
                                 **({"gap_closed_low": h.low, "gap_closed_high": h.high} if h.low is not None else {})})
         mlflow.log_dict(dict(run.outcomes), "alignment_outcomes.json")
+        if run.steps:  # every candidate's text: what `bench/profile_check.py` reads back
+            mlflow.log_table(pd.DataFrame(run.steps), "alignment_steps.json")
         mlflow.set_tags({"partial": str(run.stopped is not None).lower(),
                          **({"stopped": run.stopped[:500], "stopped_user": run.stopped_by} if run.stopped else {})})
         mlflow.log_artifacts(str(out), artifact_path="results")

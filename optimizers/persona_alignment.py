@@ -145,12 +145,16 @@ class PersonaAlignment(Teleprompter):
         score, for the task of the student's persona.
     acceptance: the rule that ships a rewrite (`optimizers.acceptance`); default
         `StrictImprovement`, or with `guard=False` the paper's `AcceptValid`.
+    redraw_temperature: after an iteration that shipped nothing, the next rewrite is sampled at
+        this temperature (seeded by the iteration) rather than written greedily, which would
+        repeat the last; 0 keeps every rewrite greedy.
     """
 
     def __init__(self, *, batch_size: int, iterations: int, metric: Metric | None = None,
                  loss: Literal["per_interaction", "batch"] = "per_interaction", guard: bool = True, holdout: int = 0,
                  budget: int = PROFILE_BUDGET, reflection_lm: dspy.LM | None = None,
-                 on_step: Callable[[AlignmentStep], None] | None = None, acceptance: Acceptance | None = None):
+                 on_step: Callable[[AlignmentStep], None] | None = None, acceptance: Acceptance | None = None,
+                 redraw_temperature: float = 0.7):
         super().__init__()
         if batch_size < 1 or iterations < 0 or holdout < 0:
             raise ValueError("batch_size must be >= 1, iterations and holdout >= 0")
@@ -160,6 +164,11 @@ class PersonaAlignment(Teleprompter):
         self.acceptance = acceptance or (StrictImprovement() if guard else AcceptValid())
         self.holdout, self.budget = holdout, budget
         self.reflection_lm, self.on_step = reflection_lm, on_step
+        # After an iteration that shipped nothing, the next sees the same persona, batch and
+        # feedback, and a greedy rewriter would write the same candidate again (from the cache):
+        # it is drawn at this temperature instead, seeded by the iteration so a rerun draws the
+        # same (0: greedy every time).
+        self.redraw_temperature = redraw_temperature
         self.critic = dspy.Predict(CritiqueResponse)
         self.batch_critic = dspy.Predict(CritiqueBatch)
         self.updaters: dict = {}  # task -> the update predictor, its preferences typed to the task
@@ -186,8 +195,9 @@ class PersonaAlignment(Teleprompter):
                     with span("replay", iteration=t, persona="current", interactions=len(batch)):
                         current = replay(program, batch, metric)
                         current_holdout = replay(program, heldout, metric) if heldout else None
+                redraw = bool(steps) and not steps[-1].accepted and self.redraw_temperature > 0
                 step, program, current, current_holdout = self._step(program, batch, heldout, metric, current,
-                                                                     current_holdout, t)
+                                                                     current_holdout, t, redraw)
             step.lm_calls, step.tokens, step.fallbacks = cost.lm_calls, cost.tokens, cost.fallbacks
             steps.append(step)
             if self.on_step:
@@ -197,7 +207,8 @@ class PersonaAlignment(Teleprompter):
         self.steps = program.alignment_steps = steps
         return program
 
-    def _step(self, program, batch, heldout, metric, current: Replay, current_holdout: Replay | None, t: int):
+    def _step(self, program, batch, heldout, metric, current: Replay, current_holdout: Replay | None, t: int,
+              redraw: bool = False):
         """One iteration from `program`; returns the step and the program, replay and held-out
         replay the next iteration starts from."""
         profile = program.persona.profile
@@ -215,8 +226,9 @@ class PersonaAlignment(Teleprompter):
             # An unusable rewrite is no rewrite: the step ends with the persona unchanged.
             with span("update", iteration=t):
                 recent = task.facts([(ex.query, ex.answer) for ex in batch])
+                draw = {"config": {"temperature": self.redraw_temperature, "rollout_id": t, "seed": t}} if redraw else {}
                 update = or_fallback(lambda: self._updater(task)(current_profile=profile, recent=recent,
-                                                                 feedback=feedback), None,
+                                                                 feedback=feedback, **draw), None,
                                      f"iteration {t}: profile update")
         sources = [ex.query for ex in batch]
         if update is not None:

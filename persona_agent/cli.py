@@ -8,6 +8,7 @@ the command that needs them, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
+from persona_agent.data.loaders import MAX_FIELD_CHARS, shown
 from persona_agent.runtime.settings import Settings, offline_environment, sqlite_file
 
 # -- options ----------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def _store_options(p: argparse.ArgumentParser, s: Settings) -> None:
                    help="seconds to wait while another process uses the embedded memory, then exit 5 "
                         f"(default {s.store_wait:g})")
     g.add_argument("--min-free-mb", type=_count(0, maximum=10**9), default=s.min_free_mb,
-                   help="commands that write the store (ingest, nightly, demo) refuse to start, and a nightly "
+                   help="commands that write the store (ingest, nightly, demo, forget) refuse to start, and a nightly "
                         f"commit to go on, with less free disk space than this (default {s.min_free_mb})")
     g.add_argument("--experiment", default=s.experiment, help=f"MLflow experiment name (default {s.experiment})")
     g.add_argument("-v", "--verbose", action="store_true",
@@ -125,6 +127,9 @@ def _alignment_options(p: argparse.ArgumentParser, s: Settings) -> None:
                    help="the paper's loop, as --acceptance paper")
     g.add_argument("--holdout", type=_count(0), default=s.holdout,
                    help=f"older interactions a rewrite must not score worse on either (default {s.holdout})")
+    g.add_argument("--redraw-temperature", type=float, default=s.redraw_temperature,
+                   help="after an iteration that shipped nothing, draw the next rewrite at this temperature "
+                        f"instead of writing the same one again (default {s.redraw_temperature}; 0: greedy)")
     _agent_options(g, s)
 
 
@@ -335,6 +340,7 @@ def personas_command(settings: Settings, args) -> int:
         registry = store.registry(task)
         if args.action == "list":
             table = registry.users()
+            table["user_id"] = table["user_id"].map(shown)  # an id from before ingest refused them never prints raw
             print(table.to_string(index=False) if len(table) else "no personas registered yet")
         elif args.action == "show":
             print(registry.get(args.user, args.version).persona.render())
@@ -357,32 +363,41 @@ def doctor_command(settings: Settings, args) -> int:
 
     findings = doctor(settings)
     print_findings(findings)
-    return 6 if any(f.status == "damaged" for f in findings) else 0
+    return 6 if any(f.status == "damaged" for f in findings) else 1 if any(f.status == "unfinished" for f in findings) else 0
 
 
 def backup_command(settings: Settings, args) -> int:
-    from persona_agent.runtime.doctor import backup, print_findings
+    from persona_agent.runtime.doctor import BackupRefused, backup, print_findings
 
-    findings = backup(settings, args.dest)
+    try:
+        findings = backup(settings, args.dest)
+    except BackupRefused as err:  # nothing at DEST, so no restore line for it
+        print(f"persona-agent: {err}", file=sys.stderr)
+        return 6
     print(f"backed up {settings.store} to {args.dest}; the copy, checked:")
     print_findings(findings)
     if sqlite_file(settings.tracking_uri) is None:
         print(f"the tracking server's database ({settings.tracking_uri}) is not in it: back it up with its own tools")
     print(f"restore: mv {shlex.quote(str(settings.store))} {shlex.quote(str(settings.store) + '.damaged')} && "
-          f"cp -a {shlex.quote(str(args.dest))} {shlex.quote(str(settings.store))}")
-    return 6 if any(f.status == "damaged" for f in findings) else 0
+          f"cp -a --sparse=always {shlex.quote(str(args.dest))} {shlex.quote(str(settings.store))}")
+    return 0
 
 
 def forget_command(settings: Settings, args) -> int:
-    from persona_agent.runtime.forget import forget
+    from persona_agent.runtime.forget import EraseUnfinished, forget
     from persona_agent.runtime.store import Store
 
-    with Store.open(settings, memory=None):  # memory is opened by `forget` itself, under the store's locks
-        removed = forget(settings, args.user)
+    try:
+        # memory is opened by `forget` itself, under the store's locks; it rewrites the shard: a write
+        with Store.open(settings, memory=None, writes=True):
+            removed = forget(settings, args.user)
+    except EraseUnfinished as err:  # never "nothing was changed": it says what was
+        print(f"persona-agent: {err}", file=sys.stderr)
+        return 7 if err.disk_full else 2
     if not removed:
-        print(f"nothing of {args.user} is stored in {settings.store}: no user has that id; nothing was changed")
+        print(f"nothing of {shown(args.user)} is stored in {settings.store}: no user has that id; nothing was changed")
         return 0
-    print(f"forgot {args.user}: " + ", ".join(f"{n} {kind}" for kind, n in removed.items())
+    print(f"forgot {shown(args.user)}: " + ", ".join(f"{n} {kind}" for kind, n in removed.items())
           + f"; recorded (without their id) in {settings.store / 'forgotten.jsonl'}")
     return 0
 
@@ -412,6 +427,8 @@ def answer_command(settings: Settings, args) -> int:
         raise ValueError(f"the query is not UTF-8 text ({what} at position {err.start})") from None
     if not args.query.strip():
         raise ValueError("the query is empty")
+    if len(args.query) > MAX_FIELD_CHARS:  # the limit every stored text has (ingest refuses a longer one)
+        raise ValueError(f"the query is {len(args.query):,} characters (limit {MAX_FIELD_CHARS:,})")
     with Store.open(settings, memory="persistent") as store:
         _trace_if_asked(args)
         print(answer(store, get_task(args.task), args.user, args.query))
@@ -781,10 +798,10 @@ def _main(argv: list[str] | None) -> int:
     except AdapterParseError as err:  # an answer that arrived but is no answer (answer, demo)
         print(f"persona-agent: the LLM's answer could not be used: {' '.join(str(err).split())[:300]}", file=sys.stderr)
         return 4
-    except OSError as err:  # a missing file, a directory for a file, a read-only store, ...
+    except OSError as err:  # a missing file, a directory for a file, a read-only store, a full disk ...
         where = f"{err.filename}: " if err.filename else ""
         print(f"persona-agent: {where}{err.strerror or err}", file=sys.stderr)
-        return 2
+        return 7 if err.errno in (errno.ENOSPC, errno.EDQUOT) else 2
     except KeyboardInterrupt:  # Ctrl-C (nightly: the second one): one line, the shell's code, no waiting
         print("persona-agent: aborted; nothing half done was committed (nightly: the next run does the rest)",
               file=sys.stderr)

@@ -101,7 +101,7 @@ class EvidenceAnswer(dspy.Module):
             if self.reading is not None:
                 text, reading_prefix = self.reading(inputs["query"])
                 support = label_logprobs(lm, [{"role": "user", "content": text}], reading_prefix, self.labels,
-                                         expand="all", missing=-math.inf, lead=" ")
+                                         expand="all", missing=-math.inf, lead=" ", within=self.margin)
                 if all(v == -math.inf for v in support.values()):
                     raise NoScores("no label is among the LM's alternatives when it reads the item")
             elif self.content_free is not None:
@@ -208,7 +208,7 @@ def _log(x: float) -> float:
 
 def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple[str, ...],
                    winner: Callable[[dict[str, float]], str] | None = None, expand: str = "winner",
-                   missing: float | None = None, lead: str = "") -> dict[str, float]:
+                   missing: float | None = None, lead: str = "", within: float = math.inf) -> dict[str, float]:
     """log p(label | messages, prefix) for each label, to the token that tells it from the others.
 
     Labels that share their next token are told apart by one more call: `expand="winner"` only
@@ -218,7 +218,11 @@ def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple
     and labels sharing a token share its probability evenly. A label none of the alternatives
     starts scores `missing`, by default the last alternative's log-probability (an upper bound
     on its own). `lead`: what comes before every label after `prefix` (" " after "tag:"), part
-    of the label's first token in most tokenizers, so it cannot end the prefix."""
+    of the label's first token in most tokenizers, so it cannot end the prefix. `within` (with
+    "all"): only labels that can still come within that many nats of the best are made exact; a
+    group whose shared score is already below is left at it (an upper bound), as no further token
+    can raise it: the item reading's support needs one call where the LM spells the unlikely
+    labels from a bare " "."""
     winner = winner or (lambda logp: max(labels, key=logp.get))
     out: dict[str, float] = {}
     shared: dict[str, tuple[str, dict[str, str], float]] = {}  # label -> the group's (prefix, rests, log-prob)
@@ -234,9 +238,15 @@ def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple
         if expand == "none":
             return {label: out[label] - (math.log(len(shared[label][1])) if label in shared else 0.0)
                     for label in labels}
-        best = next(iter(shared)) if expand == "all" else winner(out)
-        if best not in shared:
-            break
+        if expand == "all":
+            best = max(shared, key=lambda label: shared[label][2])  # the likeliest group first: it can raise the bar
+            top = max((lp for label, lp in out.items() if label not in shared), default=-math.inf)
+            if shared[best][2] < top - within:
+                break
+        else:
+            best = winner(out)
+            if best not in shared:
+                break
         group_prefix, rests, lp = shared[best]
         for label in rests:
             del shared[label]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from persona_agent.data.loaders import Dates, OnBad, check_labels, check_text, load_users, not_utf8, per_record
+from persona_agent.data.loaders import (Dates, OnBad, check_labels, check_text, check_user_id, load_users, not_utf8,
+                                        per_record)
 from persona_agent.data.tasks import Task, TaskDataError
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, history_items
 
@@ -35,7 +36,7 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
     """user id -> items, from a JSONL event log, validated line by line (a bad line raises, naming
     it, or goes to `on_bad` and is skipped)."""
     by_user: dict[str, dict[str, MemoryItem]] = defaultdict(dict)
-    dates = Dates()
+    dates, dated = Dates(), {}
 
     def one(n: int, raw: bytes) -> None:
         where = f"{path}:{n + 1}"
@@ -50,12 +51,23 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
         missing = [k for k in ("user_id", "input", "response") if not isinstance(e, dict) or k not in e]
         if missing:
             raise TaskDataError(f"{where}: event lacks {missing}")
-        user_id, text = check_text(where, e["user_id"], "user_id"), check_text(where, e["input"], "input")
+        user_id = check_user_id(where, e["user_id"], strings_only=True)
+        text = check_text(where, e["input"], "input")
         if not user_id.strip() or not text.strip():
             raise TaskDataError(f"{where}: empty 'user_id' or 'input'")
         response = task.check_gold(e["response"], where)
         check_labels(where, task, text)
-        stamp = None if e.get("timestamp") is None else check_text(where, e["timestamp"], "timestamp")
+        raw_stamp = e.get("timestamp")
+        if isinstance(raw_stamp, float):  # unix seconds with a fraction
+            raw_stamp = repr(raw_stamp)
+        stamp = None if raw_stamp is None else check_text(where, raw_stamp, "timestamp")
+        # "latest" needs every item dated or none: a file that mixes them would silently order a
+        # user's history by ingestion instead of by time
+        dated.setdefault("first", (stamp is not None, where))
+        if (stamp is not None) != dated["first"][0]:
+            had, at = dated["first"]
+            raise TaskDataError(f"{where}: {'a' if stamp is not None else 'no'} 'timestamp', but {at} has "
+                                f"{'none' if not had else 'one'}: one file, every event dated or none")
         item_id = check_text(where, e["id"], "id") if e.get("id") is not None else hashlib.sha256(
             f"{user_id}\x00{text}\x00{stamp}".encode()).hexdigest()[:16]
         when = None if stamp is None else dates.read(stamp, where)[0]  # sorts as time does

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import json
 import re
 import uuid
@@ -21,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 from qdrant_client import QdrantClient
 
 from persona_agent.data.tasks import Task
-from persona_agent.pipelines.points import ClientPoints, EdgePoints, Point, PointStore, Sparse
+from persona_agent.pipelines.points import ClientPoints, EdgePoints, Point, PointStore, Sparse, StoreDamaged
 
 Embedder = Callable[[list[str]], Sequence[Sequence[float]]]
 
@@ -98,6 +99,7 @@ class EpisodicMemory:
             for it, vec in zip(batch, dense):
                 payload = {"user_id": user_id, "item_id": it.item_id, "text": it.text,
                            "response": it.response, "date": it.date, "seq": kept.get(it.item_id, seq)}
+                payload["sum"] = checksum(payload)
                 seq += it.item_id not in kept
                 points.append(Point(point_id(user_id, it.item_id), sparse_vector(it.text),
                                     None if vec is None else list(map(float, vec)), payload))
@@ -115,11 +117,11 @@ class EpisodicMemory:
         hits = self.points.search(user_id, sparse_vector(text, query=True), dense, 2 * k,
                                   [point_id(user_id, i) for i in exclude])
         hits = sorted(hits, key=lambda h: (-round(h[0], 5), h[1]["item_id"]))[:k]
-        return [Recall(_item(payload), score) for score, payload in hits if payload.get("user_id") == user_id]
+        return [Recall(self._item(payload), score) for score, payload in hits if payload.get("user_id") == user_id]
 
     def items(self, user_id: str) -> list[MemoryItem]:
         """All of a user's memories, oldest first (see `in_time_order`)."""
-        return in_time_order([(p.get("seq", 0), _item(p)) for p in self.points.payloads(user_id)
+        return in_time_order([(p.get("seq", 0), self._item(p)) for p in self.points.payloads(user_id)
                               if p.get("user_id") == user_id])
 
     def user_ids(self) -> list[str]:
@@ -132,7 +134,12 @@ class EpisodicMemory:
 
     def _stored(self, user_id: str, item_ids: Iterable[str]) -> list[tuple[int, MemoryItem]]:
         ids = list({point_id(user_id, i) for i in item_ids})
-        return [(p.get("seq", 0), _item(p)) for p in self.points.payloads(user_id, ids)] if ids else []
+        return [(p.get("seq", 0), self._item(p)) for p in self.points.payloads(user_id, ids)] if ids else []
+
+    def _item(self, payload: dict) -> MemoryItem:
+        if (problem := payload_problem(payload)) is not None:
+            raise StoreDamaged(getattr(self.points, "root", "the memory server"), problem)
+        return _item(payload)
 
     def count(self, user_id: str | None = None) -> int:
         return self.points.count(user_id)
@@ -157,6 +164,22 @@ def in_time_order(sequenced: list[tuple[int, MemoryItem]]) -> list[MemoryItem]:
     text of their ids ("999" would come after "1000")."""
     dated = all(it.date is not None for _, it in sequenced)
     return [it for _, it in sorted(sequenced, key=lambda p: (p[1].date, p[0]) if dated else p[0])]
+
+
+def checksum(payload: dict) -> str:
+    """What a memory's content hashes to (its user, id, text, response and date): stored with it,
+    so a byte that changed on disk is found when it is read, not answered from."""
+    content = [payload.get(k) for k in ("user_id", "item_id", "text", "response", "date")]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def payload_problem(payload: dict) -> str | None:
+    """Why a stored memory cannot be trusted, or None. One written before checksums has none
+    and is taken as it is."""
+    if "sum" in payload and payload["sum"] != checksum(payload):
+        return (f"a memory of {payload.get('user_id')!r} (item {payload.get('item_id')!r}) no longer matches the "
+                "checksum written with it: its bytes changed on disk")
+    return None
 
 
 def _item(payload: dict) -> MemoryItem:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from persona_agent.data.tasks import Task
-from persona_agent.pipelines.screening import injection_problem
+from persona_agent.pipelines.screening import injection_problem, normalized
 
 # Equal footing: every method answers under this one task instruction, and differs from the
 # others only in what it adds (a profile, retrieved items, tools, alignment), never in wording.
@@ -31,6 +31,9 @@ _DELIMITER = re.compile(r"<\s*/?\s*profile\s*>", flags=re.I)
 def strip_delimiters(text: str) -> str:
     """`text` with no profile tag left, however nested: removing `</profile>` once from
     `<</profile>/profile>` would join a new one."""
+    if not _DELIMITER.search(normalized(text)):  # nothing a reader would take for a tag: left as written
+        return text
+    text = normalized(text)  # a tag split by a zero-width space or written in fullwidth is a tag
     while (shorter := _DELIMITER.sub("", text)) != text:
         text = shorter
     return text
@@ -107,8 +110,9 @@ def profile_problem(text: str, budget: int = PROFILE_BUDGET, task: Task | None =
         return "empty or degenerate text"
     if len(text.strip()) > budget:
         return f"over the length budget ({len(text.strip())} > {budget} characters)"
-    marker = next((m for m in _FIXED_MARKERS if m.lower() in text.lower()), None) or (
-        _DELIMITER.search(text) and "<profile>")
+    seen = normalized(text)  # as a reader (and the rendering) sees it
+    marker = next((m for m in _FIXED_MARKERS if m.lower() in seen.lower()), None) or (
+        _DELIMITER.search(seen) and "<profile>")
     if marker:
         return f"restates the fixed template ({marker!r})"
     # An injection is named before junk: copied attack text is both, and the attack is the news.
@@ -129,10 +133,13 @@ def junk_problem(text: str, sources: Sequence[str] = (), task: Task | None = Non
         return "an id or number string, not a description"
     if sum(bool(re.fullmatch(r"[a-z][a-z'&-]*[.,;:!?]?", w)) for w in text.lower().split()) < 2:
         return "too short to describe anyone"  # fewer than two words: "user_name", "}, {", "4 5 3"
-    words = re.findall(r"[a-z0-9&'-]+", text.lower())
+    # the task's label names are the profile's own vocabulary: a ranking listed in the order a
+    # request lists its labels ("entertainment, food & drink, science & technology") is no copy
+    vocabulary = {w for label in (task.labels if task is not None else ()) for w in re.findall(r"[a-z0-9&'-]+", label)}
+    words = [w for w in re.findall(r"[a-z0-9&'-]+", text.lower()) if w not in vocabulary]
     runs = {tuple(words[i:i + _COPY_WORDS]) for i in range(len(words) - _COPY_WORDS + 1)}
     for source in sources:
-        src = re.findall(r"[a-z0-9&'-]+", source.lower())
+        src = [w for w in re.findall(r"[a-z0-9&'-]+", source.lower()) if w not in vocabulary]
         if any(tuple(src[i:i + _COPY_WORDS]) in runs for i in range(len(src) - _COPY_WORDS + 1)):
             return "copies an input instead of describing the user"
     if task is not None and not task.names_preference(text):

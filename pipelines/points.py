@@ -11,9 +11,11 @@ every point in Python (183 ms at 10,000); `ClientPoints` still runs on it for re
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import pickle
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -90,7 +92,21 @@ def _damage_named(root: Path) -> Iterator[None]:
             raise
         if "WouldBlock" in str(err):  # Edge locks its write-ahead log: one process at a time
             raise StoreLocked(f"{root} is open in another process") from None
+        # What the system refused is no damage: restoring a backup over it would throw away
+        # everything since, where making the folder writable or freeing space loses nothing.
+        code = _OS_ERROR.search(str(err))
+        code = int(code.group(1)) if code else None
+        if code in (errno.EPERM, errno.EACCES, errno.EROFS):
+            raise OSError(code, f"the memory store is not writable ({os.strerror(code)}); nothing in it is damaged: "
+                                "make it writable (its permissions, a read-only mount, chattr -i) and run it again",
+                          str(root)) from None
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(code, f"the disk is full ({os.strerror(code)}); nothing in the memory store is damaged: "
+                                "free some space and run it again", str(root)) from None
         raise StoreDamaged(root, str(err).removeprefix("Service runtime error: ")) from None
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 class EdgePoints:

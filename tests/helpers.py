@@ -22,6 +22,24 @@ def ingest_into(settings: Settings, path: Path, task: Task = LAMP_2M) -> IngestR
         memory.close()
 
 
+def aligned_store(root: Path) -> Path:
+    """A store of 3 users ingested and aligned by one nightly (scripted LM), for tests that copy
+    it and then damage, erase or lock it."""
+    import pytest
+
+    from persona_agent.data.synthetic import write_dataset
+    from persona_agent.nightly.driver import run_nightly
+    from persona_agent.runtime.llm import build_lm
+    from persona_agent.runtime.settings import LMConfig
+
+    settings = Settings(store=root / "store", lm=LMConfig("scripted", cache=False), batch_size=2, iterations=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ingest_into(settings, write_dataset(root / "data", LAMP_2M, n_users=3, n_history=4, n_queries=1, seed=3))
+        run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm))
+    return settings.store
+
+
 def open_memory(kind: str, embedder=None) -> EpisodicMemory:
     """A throwaway memory on either point store: "edge" (the embedded default) or "client" (the
     server path, ClientPoints, on qdrant-client's in-process engine, which speaks a server's API)."""

@@ -61,8 +61,20 @@ RECORDS = {
     "event lacks response": ("e.jsonl", [GOOD_EVENT, {"user_id": "bad", "input": q("x")}], ":2", "lacks"),
     "event unknown label": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "response": "western"}], ":2", "not a LaMP-2M label"),
     "event huge input": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "input": q(HUGE)}], ":2", "limit"),
-    "event user id not text": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": ["a"]}], ":2", "must be text"),
+    "event user id not text": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": ["a"]}], ":2", "must be a string"),
     "event empty user id": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": " "}], ":2", "empty"),
+    # ids a person could not name to `forget`, or that display as another user's
+    "event user id with NUL": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": "bad\x00"}], ":2", "U\\+0000"),
+    "event user id with a newline": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": "bad\nu2"}], ":2", "U\\+000A"),
+    "event user id with a bidi override": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": "bad\u202e10u"}], ":2",
+                                           "right-to-left override"),
+    "event user id with a zero-width space": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": "ba\u200bd"}], ":2",
+                                              "printable text"),
+    "event user id a number": ("e.jsonl", [GOOD_EVENT, {**GOOD_EVENT, "user_id": 7}], ":2", "must be a string"),
+    "event undated among dated ones": ("e.jsonl", [GOOD_EVENT, {k: v for k, v in GOOD_EVENT.items() if k != "timestamp"}],
+                                       ":2", "every event dated or none"),
+    "LaMP user id with a control character": ("q.json", bad_lamp({"user_id": "bad\x1b[2J"}), "record 1",
+                                              "U\\+001B"),
     "event duplicate id": ("e.jsonl", [{**GOOD_EVENT, "id": "e1"}, {**GOOD_EVENT, "id": "e1", "response": "comedy"}],
                            ":2", "duplicate event id"),
 }
@@ -180,6 +192,23 @@ def test_an_escaped_surrogate_is_a_named_bad_record_before_anything_is_written(t
     assert f"{path}:2" in err and "not valid Unicode" in err and not (tmp_path / "mlruns").exists()
     assert _ingest(tmp_path, path, "--skip-bad") == 0
     assert "1 new" in capsys.readouterr().out
+
+
+def test_unix_seconds_may_carry_a_fraction(tmp_path, memory):
+    path = tmp_path / "e.jsonl"
+    path.write_text("".join(json.dumps({**GOOD_EVENT, "input": q(f"Film {i}."), "timestamp": t}) + "\n"
+                            for i, t in enumerate([1700000000, 1700000100.25, 1700000050.5])))
+    assert ingest(memory, path, LAMP_2M).added == 3
+    assert [it.text for it in memory.items("good")] == ["Film 0.", "Film 2.", "Film 1."]  # by time, not by line
+
+
+def test_an_unprintable_user_id_is_refused_naming_the_line_and_never_printed_raw(tmp_path, capsys):
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(GOOD_EVENT) + "\n" + json.dumps({**GOOD_EVENT, "user_id": "u\u202e1000"}) + "\n")
+    assert _ingest(tmp_path, path) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2" in err and "u\\u202e1000" in err and "\u202e" not in err
+    assert not (tmp_path / "mlruns").exists()
 
 
 @pytest.mark.parametrize("make", ["missing", "directory", "nested"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import shlex
 import threading
 import time
 
@@ -29,6 +30,7 @@ from persona_agent.nightly.control import Deferred, Gate, Stopped, first_callbac
 from persona_agent.nightly.executors import ray_outcomes, thread_outcomes
 from persona_agent.nightly.jobs import NightlySummary, UserOutcome, align_job, plan
 from persona_agent.runtime import tracking
+from persona_agent.runtime.forget import being_forgotten, unfinished_erases
 from persona_agent.runtime.llm import adapter_for, build_lm
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.settings import Settings
@@ -81,6 +83,12 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             planning, planning_cpu = time.perf_counter(), time.thread_time()
             jobs, summary.unchanged, summary.failed, summary.untouched = plan(
                 store.memory, states, store.registry(task), full=settings.plan_all)
+            if unfinished_erases(settings.store):  # half forgotten: not aligned again until `forget` finishes
+                # (and a history the erase shrank is no damage to restore from a backup)
+                erasing = {u for u in [*(j.user_id for j in jobs), *summary.failed] if being_forgotten(settings.store, u)}
+                jobs = [j for j in jobs if j.user_id not in erasing]
+                summary.failed.update({u: f"an erase of this user did not finish: `persona-agent forget "
+                                          f"{shlex.quote(u)}` finishes it; not aligned" for u in erasing})
             summary.driver_seconds += time.perf_counter() - planning
             summary.driver_cpu_seconds += time.thread_time() - planning_cpu
         # workers get each user's items in the job; the memory is free again for other processes
@@ -122,7 +130,11 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
 
 def _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console, lm) -> None:
     """Commit each outcome as it arrives, and log the night to MLflow."""
-    nights = mlflow.search_runs(filter_string=f"tags.nightly_task = '{task.key}'", output_format="list")
+    # a night is a run that finished and aligned someone: a killed run, or one with nothing new,
+    # is logged (as the next night's number) but does not move the count
+    nights = [r for r in mlflow.search_runs(filter_string=f"tags.nightly_task = '{task.key}'", output_format="list")
+              if r.info.status == "FINISHED"
+              and r.data.metrics.get("users_aligned", 0) + r.data.metrics.get("users_rejected", 0) > 0]
     summary.night = 1 + len(nights)
     name = f"nightly-{task.key}-night{summary.night}-{time.strftime('%Y-%m-%d')}"
     with mlflow.start_run(run_name=name, tags={**tracking.owner_tags("nightly"), "nightly_task": task.key,

@@ -186,14 +186,15 @@ def plan(memory: EpisodicMemory, states: StateStore, registry,
     memory instead (memory written by something other than `ingest`)."""
     jobs, unchanged, failed, seen = [], [], {}, {}
     states.ready(memory.user_ids)
+    known = 0  # users aligned before that were read (or failed) tonight: the rest are untouched
     if full:  # every user in memory; and one aligned before with no memory at all is damage
         in_memory = set(memory.user_ids())
         for user_id in sorted(states.user_ids() - in_memory):
             failed[user_id] = DAMAGED.format(missing="all", had="the", user=user_id)
+            known += 1  # counted as failed, so not as untouched too
         pending = dict.fromkeys(in_memory, states.latest())
     else:
         pending = states.pending()
-    known = 0  # of the pending users, those aligned before
     for user_id, mark in sorted(pending.items()):
         try:
             items = memory.items(user_id)

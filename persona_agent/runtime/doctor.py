@@ -9,27 +9,38 @@ can leave behind.
 `backup DEST` copies the store while it holds the store's two locks (no `nightly` and no memory
 writer runs meanwhile): the memory shard, MLflow's database through SQLite's online backup (a
 consistent snapshot, never a half-written page), the nightly state and the artifacts. It is
-written beside DEST and renamed into place, and `doctor` checks the copy before it is called done.
+written beside DEST, `doctor` checks the copy, and only a copy with nothing damaged is renamed
+into place: a damaged store leaves nothing at DEST (a backup of damage would restore it). Sparse
+files (the shard's preallocated pages) stay sparse, and the disk's free space is checked first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import shutil
 import sqlite3
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from persona_agent.data.loaders import shown
+from persona_agent.pipelines.memory import payload_problem
 from persona_agent.pipelines.points import EdgePoints, StoreDamaged, StoreLocked
+from persona_agent.runtime.forget import being_forgotten, unfinished_erases
 from persona_agent.runtime.settings import Settings, sqlite_file
 from persona_agent.runtime.state import StateStore
-from persona_agent.runtime.store import StoreBusy, exclusive
+from persona_agent.runtime.store import StoreBusy, StoreFull, exclusive
+
+
+class BackupRefused(RuntimeError):
+    """The store's copy was damaged: nothing was left at the destination."""
 
 
 @dataclass(frozen=True)
 class Finding:
     part: str  # memory, history, state, tracking, leftovers
-    status: str  # ok, damaged, leftover, skipped
+    status: str  # ok, damaged, unfinished (an erase), leftover, skipped
     detail: str
     fix: str = ""
 
@@ -46,8 +57,18 @@ def doctor(settings: Settings, tracking_uri: str | None = None) -> list[Finding]
         raise FileNotFoundError(2, "no store here", str(settings.store))
     with exclusive(settings):
         found, memory_ids = _memory(settings)
-        found += _history(settings, memory_ids)
+        found += _history(settings, memory_ids) + _erases(settings.store)
     return found + [_tracking(tracking_uri or settings.tracking_uri), _leftovers(settings.store)]
+
+
+def _erases(store: Path) -> list[Finding]:
+    """An erase that stopped half way (`forget`'s journal): only `forget` of that id finishes it."""
+    return [Finding("erase", "unfinished",
+                    f"an erase begun {e['at']} did not finish: removed {', '.join(e['done']) or 'nothing yet'}"
+                    + (f" ({e['error'][:120]})" if e.get("error") else ""),
+                    "run `persona-agent forget USER` again with that user's id: it finishes the erase (the journal "
+                    "holds only a hash of it); restoring a backup would bring the user back")
+            for e in unfinished_erases(store)]
 
 
 def _memory(settings: Settings) -> tuple[list[Finding], dict[str, set[str]] | None]:
@@ -68,8 +89,12 @@ def _memory(settings: Settings) -> tuple[list[Finding], dict[str, set[str]] | No
     except StoreDamaged as err:
         return [Finding("memory", "damaged", err.reason, _RESTORE)], None
     try:
-        ids = {user: {p.get("item_id") for p in points.payloads(user)} for user in points.user_ids()}
+        payloads = {user: points.payloads(user) for user in points.user_ids()}
+        ids = {user: {p.get("item_id") for p in ps} for user, ps in payloads.items()}
         total = points.count()
+        if bad := [problem for ps in payloads.values() for p in ps if (problem := payload_problem(p))]:
+            return [Finding("memory", "damaged", f"{len(bad)} memories changed on disk; the first: {bad[0]}",
+                            _RESTORE)], None
     except StoreDamaged as err:
         return [Finding("memory", "damaged", err.reason, _RESTORE)], None
     finally:
@@ -94,7 +119,9 @@ def _history(settings: Settings, memory_ids: dict[str, set[str]] | None) -> list
                 users += 1
                 aligned_on = set(state.get("item_ids", ()))
                 if memory_ids is not None and (missing := aligned_on - memory_ids.get(user, set())):
-                    shrank.append(f"{user} ({len(missing)} of {len(aligned_on)} missing)")
+                    if being_forgotten(settings.store, user):  # an erase stopped between memory and state
+                        continue
+                    shrank.append(f"{shown(user)} ({len(missing)} of {len(aligned_on)} missing)")
             if shrank:
                 found.append(Finding("history", "damaged", f"{task}: history shrank for {len(shrank)} users: "
                                      + ", ".join(shrank[:5]) + (" ..." if len(shrank) > 5 else ""), _RESTORE))
@@ -146,16 +173,17 @@ def backup(settings: Settings, dest: Path) -> list[Finding]:
     shutil.rmtree(partial, ignore_errors=True)
     try:
         with exclusive(settings):
+            _room_for(settings.store, dest)
             skip = {settings.qdrant_path.name, "mlflow.db", "memory.lock", "nightly.lock", "mlflow.db.lock",
                     "state.db", "state.db-wal", "state.db-shm"}
-            shutil.copytree(settings.store, partial, symlinks=True,
+            shutil.copytree(settings.store, partial, symlinks=True, copy_function=_sparse_copy,
                             ignore=lambda d, names: [n for n in names if Path(d) == settings.store and n in skip
                                                      or n.endswith((".partial", ".tmp"))])
             if settings.qdrant_path.exists():  # opened (so no process outside persona-agent writes it) and flushed
                 points = EdgePoints(settings.qdrant_path)
                 try:
                     points.shard.flush()
-                    shutil.copytree(settings.qdrant_path, partial / settings.qdrant_path.name)
+                    shutil.copytree(settings.qdrant_path, partial / settings.qdrant_path.name, copy_function=_sparse_copy)
                 finally:
                     points.close()
             if settings.state_db.exists():  # SQLite's online backup: the write-ahead log's rows included
@@ -163,12 +191,66 @@ def backup(settings: Settings, dest: Path) -> list[Finding]:
             database = sqlite_file(settings.tracking_uri)
             if local := database is not None and database.exists():
                 _sqlite_copy(database, partial / "mlflow.db")
+        copy = replace(settings, store=partial, store_wait=0.0)
+        findings = doctor(copy, f"sqlite:///{partial.resolve() / 'mlflow.db'}" if local else settings.tracking_uri)
+        if damaged := [f for f in findings if f.status == "damaged"]:
+            raise BackupRefused(f"{settings.store} is damaged ({'; '.join(f'{f.part}: {f.detail}' for f in damaged)}"
+                                f"); nothing was left at {dest}: `persona-agent doctor --store {settings.store}` "
+                                "says what to do")
         partial.rename(dest)
+    except StoreDamaged as err:  # the source's memory cannot even be opened
+        shutil.rmtree(partial, ignore_errors=True)
+        raise BackupRefused(f"{err}; nothing was left at {dest}: `persona-agent doctor --store {settings.store}` "
+                            "says what to do") from None
+    except shutil.Error as err:  # copytree gathers every file's error: say the one that matters, once
+        shutil.rmtree(partial, ignore_errors=True)
+        full = any(isinstance(e, tuple) and len(e) == 3 and "No space left" in str(e[2]) for e in err.args[0])
+        raise OSError(errno.ENOSPC if full else errno.EIO, ("the disk is full; " if full else f"{err.args[0][0][2]}; ")
+                      + "nothing was backed up", str(dest)) from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    copy = replace(settings, store=dest, store_wait=0.0)
-    return doctor(copy, f"sqlite:///{dest.resolve() / 'mlflow.db'}" if local else settings.tracking_uri)
+    return [replace(f, detail=f.detail.replace(str(partial), str(dest))) for f in findings]
+
+
+def _room_for(store: Path, dest: Path) -> None:
+    """Refuse up front when the copy cannot fit: the space the store's files really take (a
+    sparse file's holes take none) against what dest's disk has free."""
+    needed = sum(p.lstat().st_blocks * 512 for p in store.rglob("*") if p.is_file() and not p.is_symlink())
+    probe = dest.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise StoreFull(f"{dest}: the backup needs {needed / 2**20:.1f} MB and its disk has {free / 2**20:.1f} MB free; "
+                        "nothing was backed up")
+
+
+def _sparse_copy(src: str, dst: str, *, follow_symlinks: bool = True) -> str:
+    """`shutil.copy2`, but a file's holes stay holes (Qdrant preallocates its pages: a 1.5 MB
+    store on disk is 140 MB read through)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size, fd, pos = os.fstat(fi.fileno()).st_size, fi.fileno(), 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:  # nothing but a hole to the end
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            fi.seek(start)
+            fo.seek(start)
+            while start < end:
+                chunk = fi.read(min(1 << 20, end - start))
+                if not chunk:
+                    break
+                fo.write(chunk)
+                start += len(chunk)
+            pos = end
+        fo.truncate(size)
+    shutil.copystat(src, dst, follow_symlinks=follow_symlinks)
+    return dst
 
 
 def _sqlite_copy(source: Path, target: Path) -> None:

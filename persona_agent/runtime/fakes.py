@@ -68,6 +68,7 @@ class FakeEngine(_Engine):
     def __init__(self, policy=default_policy, delay: float = 0.0):
         self.policy, self.delay = policy, delay
         self.calls = []  # (fields, system, user) per call
+        self.configs = []  # the request's `Config` per call (temperature, ...)
 
     def complete(self, request):
         if self.delay:
@@ -75,6 +76,7 @@ class FakeEngine(_Engine):
         system, user = _prompt(request)
         fields = output_fields(system)
         self.calls.append((fields, system, user))
+        self.configs.append(request.config)
         text = json.dumps(self.policy(fields, system, user))
         return Response(id=None, model=request.model, message=Message.assistant([TextPart(text)]),
                         finish_reason="stop", usage=Usage(input_tokens=len(system + user) // 4, output_tokens=len(text) // 4))

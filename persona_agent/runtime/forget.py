@@ -27,12 +27,14 @@ trash until its operator runs `mlflow gc` (said in the result).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import logging
 import re
 import secrets
+import shlex
 import sqlite3
 import tempfile
 import time
@@ -46,6 +48,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from qdrant_client import QdrantClient
 
 from persona_agent.data.atomic import atomic_write_text
+from persona_agent.data.loaders import shown
 from persona_agent.data.tasks import TASKS
 from persona_agent.overrides import purge_run
 from persona_agent.pipelines.points import ClientPoints, EdgePoints
@@ -63,29 +66,121 @@ OUTPUTS = ("eval", "reports", "sweeps")  # folders of the store where commands w
 def forget(settings: Settings, user_id: str) -> Counter:
     """Remove everything of `user_id`; returns what was removed, by kind (empty: nothing of theirs
     was stored, and nothing was changed). Every part is found by identity (their id in a user
-    column, key or tag), never by a value that happens to equal it."""
+    column, key or tag), never by a value that happens to equal it.
+
+    An erase is a journal (`<store>/forgetting.json`): the intent is written first (a salted
+    hash, never the id), then each step is marked as it finishes. One that stops half way (an
+    error, a kill) raises `EraseUnfinished` saying what was and was not removed; the next
+    `forget` of the same id runs every step again (each finds only what is left) and finishes
+    it, with the counts of both runs in the record. Meanwhile `answer` and `nightly` refuse the
+    user and `doctor` names the unfinished erase (`being_forgotten`)."""
     if not isinstance(user_id, str) or not user_id.strip():
         raise ValueError(f"forget needs a user id; {user_id!r} names no user")
-    removed = Counter()
     with exclusive(settings):  # no nightly commits them again meanwhile, no ingest adds to them
-        removed["memories"] = _forget_memory(settings, user_id)
-        states = StateStore(settings.state_db, "")
-        removed["nightly states"] = states.delete(user_id) + _forget_state_files(settings, user_id)
-        if removed["nightly states"]:
-            states.compact()
-        removed["persona versions"] = sum(PersonaRegistry(task, settings.tracking_uri).delete(user_id)
-                                          for task in TASKS.values())
-        removed += _forget_runs(settings, user_id)
-        removed["output rows"] = sum(_drop_rows(p, user_id) for d in OUTPUTS for p in _tables(settings.store / d))
-        removed["cached LM answers"] = lm_cache.evict(user_id)
+        journal = Journal(settings.store)
+        entry = journal.begin(user_id)
+        removed = Counter(entry["removed"])
+        steps = [("memories", lambda: _forget_memory(settings, user_id)),
+                 ("nightly states", lambda: _forget_states(settings, user_id)),
+                 ("persona versions", lambda: sum(PersonaRegistry(task, settings.tracking_uri).delete(user_id)
+                                                  for task in TASKS.values())),
+                 ("runs, artifact rows and traces", lambda: _forget_runs(settings, user_id)),
+                 ("output rows", lambda: sum(_drop_rows(p, user_id) for d in OUTPUTS
+                                             for p in _tables(settings.store / d))),
+                 ("cached LM answers", lambda: lm_cache.evict(user_id))]
+        for i, (step, run) in enumerate(steps):
+            try:
+                got = run()
+            except BaseException as err:
+                journal.stopped(user_id, entry, removed, err)
+                raise EraseUnfinished(user_id, +removed, [name for name, _ in steps[i:]], err) from err
+            removed += got if isinstance(got, Counter) else Counter({step: got})
+            journal.mark(user_id, entry, step, removed)
         removed = +removed
-        if not removed:  # nothing of theirs: nothing is written, not even a record
-            return removed
-        if (database := sqlite_file(settings.tracking_uri)) is not None and database.exists():
-            with contextlib.closing(sqlite3.connect(database, timeout=60)) as db:  # deleted rows leave no bytes
-                db.execute("VACUUM")
-        _record(settings.store, user_id, removed)
+        if removed:
+            if (database := sqlite_file(settings.tracking_uri)) is not None and database.exists():
+                with contextlib.closing(sqlite3.connect(database, timeout=60)) as db:  # deleted rows leave no bytes
+                    db.execute("VACUUM")
+            _record(settings.store, user_id, removed)
+        journal.end(user_id)  # nothing of theirs: the journal goes too, and no byte has changed
     return removed
+
+
+class EraseUnfinished(RuntimeError):
+    """An erase that stopped half way: what was removed, what was not, and why."""
+
+    def __init__(self, user_id: str, removed: Counter, remaining: list[str], cause: BaseException):
+        self.user_id, self.removed, self.remaining, self.cause = user_id, removed, remaining, cause
+        self.disk_full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT) or \
+            "database or disk is full" in str(cause)
+        why = " ".join(str(cause).split("\n[SQL:")[0].split())[:200] or type(cause).__name__
+        done = ", ".join(f"{n} {kind}" for kind, n in removed.items()) or "nothing yet"
+        super().__init__(f"forgot {shown(user_id)} only in part: removed {done}; not removed yet: "
+                         f"{', '.join(remaining)} ({why}). `answer` and `nightly` refuse them until "
+                         f"`persona-agent forget {shlex.quote(user_id)}` runs again and finishes it")
+
+
+class Journal:
+    """Unfinished erases, by a hash of the id salted for the journal alone (so a store that
+    never forgot anyone gets no salt file from an id no user has): {"salt", "erases": {hash:
+    {"at", "done", "removed", "error"}}}. Written atomically; removed when empty."""
+
+    def __init__(self, store: Path):
+        self.path = store / JOURNAL
+        self.data = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else \
+            {"salt": secrets.token_hex(16), "erases": {}}
+
+    def key(self, user_id: str) -> str:
+        return hashlib.sha256((self.data["salt"] + user_id).encode()).hexdigest()[:32]
+
+    def get(self, user_id: str) -> dict | None:
+        return self.data["erases"].get(self.key(user_id))
+
+    def begin(self, user_id: str) -> dict:
+        entry = self.data["erases"].setdefault(self.key(user_id), {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "done": [], "removed": {}})
+        self._save()  # the intent, before the first byte of theirs goes
+        return entry
+
+    def mark(self, user_id: str, entry: dict, step: str, removed: Counter) -> None:
+        entry["done"] = [*dict.fromkeys([*entry["done"], step])]
+        entry["removed"] = dict(+removed)
+        self._save()
+
+    def stopped(self, user_id: str, entry: dict, removed: Counter, err: BaseException) -> None:
+        entry["removed"], entry["error"] = dict(+removed), " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        with contextlib.suppress(OSError):  # a store that cannot be written keeps the intent written first
+            self._save()
+
+    def end(self, user_id: str) -> None:
+        self.data["erases"].pop(self.key(user_id), None)
+        if self.data["erases"]:
+            self._save()
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data))
+
+
+JOURNAL = "forgetting.json"
+
+
+def being_forgotten(store: Path, user_id: str) -> dict | None:
+    """The unfinished erase of `user_id` (when it began, what it removed), or None."""
+    return Journal(store).get(user_id) if (store / JOURNAL).exists() else None
+
+
+def unfinished_erases(store: Path) -> list[dict]:
+    return list(Journal(store).data["erases"].values()) if (store / JOURNAL).exists() else []
+
+
+def _forget_states(settings: Settings, user_id: str) -> int:
+    states = StateStore(settings.state_db, "")
+    n = states.delete(user_id) + _forget_state_files(settings, user_id)
+    if n:
+        states.compact()
+    return n
 
 
 def _forget_state_files(settings: Settings, user_id: str) -> int:

@@ -24,9 +24,72 @@ def output() -> Console:
     return Console(soft_wrap=True)
 
 
-def progress_bar(console: Console | None = None) -> Progress:
+def progress_bar(console: Console | None = None) -> "Progress | PlainProgress":
+    """A bar on a terminal; in a log (stderr redirected), plain lines at a steady pace instead:
+    rich draws a bar that is not on a terminal only when it stops, so a slow LM's hour of work
+    would leave the log empty until the end."""
+    console = console or Console(stderr=True)
+    if not console.is_terminal:
+        return PlainProgress(console)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console or Console(stderr=True))
+                    console=console)
+
+
+class PlainProgress:
+    """The part of `rich.progress.Progress` the commands use, as log lines: one when a step is
+    done (at most one per `min_gap` seconds) and, while nothing finishes, one every `every`
+    seconds saying what is in hand and for how long."""
+
+    every = 30.0
+    min_gap = 5.0
+
+    def __init__(self, console: Console):
+        self.console, self.tasks, self.started = console, {}, time.monotonic()
+        self._lock, self._stop, self._last = threading.Lock(), threading.Event(), 0.0
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+
+    def __enter__(self) -> "PlainProgress":
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._beat.join(timeout=1)
+        self._say(force=True)
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        with self._lock:
+            task_id = len(self.tasks)
+            self.tasks[task_id] = {"description": description, "total": total, "completed": 0}
+        return task_id
+
+    def update(self, task_id: int, *, advance: float | None = None, description: str | None = None,
+               completed: float | None = None, total: float | None = None, **_) -> None:
+        with self._lock:
+            task = self.tasks[task_id]
+            task["completed"] = completed if completed is not None else task["completed"] + (advance or 0)
+            task["description"] = description or task["description"]
+            task["total"] = total if total is not None else task["total"]
+        self._say(force=time.monotonic() - self._last >= self.min_gap)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.every / 4):
+            if time.monotonic() - self._last >= self.every:
+                self._say(force=True)
+
+    def _say(self, force: bool) -> None:
+        if not force:
+            return
+        with self._lock:
+            self._last = time.monotonic()
+            elapsed = time.strftime("%H:%M:%S", time.gmtime(self._last - self.started))
+            for task in self.tasks.values():
+                done = f"{task['completed']:g}/{task['total']:g}" if task["total"] else f"{task['completed']:g}"
+                self.console.print(f"{task['description']}: {done} done, {elapsed} elapsed", soft_wrap=True,
+                                   highlight=False)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ class Settings:
     guard: bool = True  # False: the paper's loop, as acceptance "paper"
     acceptance: str = "strict"  # which rewrite ships: optimizers.acceptance.ACCEPTANCE
     holdout: int = 0  # older interactions a rewrite must not score worse on either
+    redraw_temperature: float = 0.7  # after an iteration that shipped nothing, the next rewrite is drawn at this
     profile_items: int = 20  # latest history items the initial profile is written from
     workers: int = 4  # users in flight at once (eval, sweep, nightly)
     max_calls_per_user: int = 0  # nightly: LM calls one user may use per night (0: no limit)
@@ -138,5 +139,7 @@ def sqlite_file(uri: str) -> Path | None:
 def offline_environment() -> None:
     """Keep libraries from reaching for the network: no telemetry, no price lists, no hub."""
     for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                       "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1"}.items():
+                       "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1",
+                       # MLflow's "Downloading artifacts" bars on stderr (forget reads every artifact table)
+                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
         os.environ.setdefault(key, value)

@@ -57,6 +57,7 @@ def run_params(settings: Settings, task_key: str, lm=None, **extra) -> dict[str,
             "answer_step": answer_step_in_effect(settings, lm) if lm is not None else settings.answer_step, "prior_strength": settings.prior_strength,
             "support_margin": settings.support_margin,
             "loss": settings.loss, "guard": settings.guard, "acceptance": settings.acceptance if settings.guard else "paper", "holdout": settings.holdout,
+            "redraw_temperature": settings.redraw_temperature,
             "profile_items": settings.profile_items, **extra}
 
 

@@ -25,4 +25,5 @@ def alignment(settings: Settings, *, metric=None,
               on_step: Callable[[AlignmentStep], None] | None = None) -> PersonaAlignment:
     acceptance = ACCEPTANCE[settings.acceptance if settings.guard else "paper"]()
     return PersonaAlignment(batch_size=settings.batch_size, iterations=settings.iterations, metric=metric,
-                            loss=settings.loss, acceptance=acceptance, holdout=settings.holdout, on_step=on_step)
+                            loss=settings.loss, acceptance=acceptance, holdout=settings.holdout, on_step=on_step,
+                            redraw_temperature=settings.redraw_temperature)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sqlite3
 
 import dspy
 
+from persona_agent.data.loaders import shown
 from persona_agent.data.tasks import Task
 from persona_agent.pipelines.points import StoreDamaged
 from persona_agent.runtime import tracking
+from persona_agent.runtime.forget import being_forgotten
 from persona_agent.runtime.llm import adapter_for, build_lm
 from persona_agent.runtime.lm_cache import owned_by
 from persona_agent.runtime.store import Store
@@ -18,6 +21,9 @@ from persona_agent.runtime.wiring import user_flow
 
 def answer(store: Store, task: Task, user_id: str, query: str, lm: dspy.LM | None = None) -> str:
     """`store`: opened with persistent memory (the user's history, as `ingest` wrote it)."""
+    if erase := being_forgotten(store.settings.store, user_id):  # whatever of theirs is left is not served
+        raise LookupError(f"{shown(user_id)} is being forgotten (an erase begun {erase['at']} did not finish): "
+                          f"`persona-agent forget {shlex.quote(user_id)}` finishes it")
     version = store.registry(task).get(user_id)  # raises PersonaNotFound for unknown users
     aligned_on = _aligned_on(store, task, user_id)
     if store.memory.count(user_id) < aligned_on:  # nothing deletes a memory but `forget`, which drops the state too

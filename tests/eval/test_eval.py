@@ -393,6 +393,22 @@ def test_a_method_with_nothing_to_learn_from_answers_unaligned_so_every_row_has_
     assert "| oracle | n/a | n/a |" in to_markdown(table)
 
 
+def test_an_eval_keeps_every_alignment_candidate_with_its_outcome(monkeypatch, tmp_path):
+    import mlflow
+
+    code, _ = _eval_with(monkeypatch, tmp_path, FakeEngine(_policy([])), "--methods", "persona-agent")
+    assert code == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    parent = runs[runs["tags.command"] == "eval"].iloc[0]
+    steps = mlflow.load_table("alignment_steps.json", run_ids=[parent.run_id])
+    assert sorted(set(steps.user_id)) == ["alice", "bob"] and set(steps.iteration) == {0}  # -T 1: one each
+    assert set(steps.alignment) == {"alignment"}
+    assert steps.outcome.str.len().gt(0).all() and steps.profile_before.str.len().gt(0).all()
+    outcomes = mlflow.artifacts.load_dict(f"runs:/{parent.run_id}/alignment_outcomes.json")
+    assert sorted(outcomes.items()) == sorted(steps.outcome.value_counts().items())  # the same candidates, counted
+
+
 def test_eval_runs_carry_every_parameter_and_their_predictions(monkeypatch, tmp_path):
     import mlflow
 

@@ -132,3 +132,6 @@ def test_a_history_that_shrank_is_a_damaged_store_named_and_nobody_is_aligned_on
     assert "5 of 8 items aligned on are missing" in summary.failed["u0001"]
     assert "all of the items" in summary.failed["u0002"] and "damaged" in summary.failed["u0002"]
     assert not summary.aligned and not summary.rejected and _production(night) == before
+    # each user counted once: u0002 failed, so it is not also "untouched" (counted as unchanged)
+    counts = summary.counts()
+    assert counts["users_failed"] + counts["users_unchanged"] + counts["users_aligned"] + counts["users_rejected"] == 3

@@ -87,3 +87,21 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     history = mlflow.MlflowClient().get_metric_history(third.run_id, "prequential_production_accuracy")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [2, 3] and third["tags.night"] == "3"
     assert {m.step: m.value for m in history}[2] == 1.0
+
+
+def test_a_night_with_nothing_new_or_a_killed_one_does_not_move_the_count(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = Settings(store=tmp_path / "mlruns", lm=LMConfig("scripted", cache=False), batch_size=2, iterations=1)
+    ingest_into(settings, write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=4, n_queries=1, seed=8))
+    assert run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm)).night == 1
+    empty = run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm))  # nothing new: nobody aligned
+    assert not empty.aligned and not empty.rejected and empty.night == 2
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_experiment(settings.experiment)
+    with mlflow.start_run(tags={"nightly_task": LAMP_2M.key, "night": "2"}):  # a night killed half way
+        mlflow.log_metrics({"users_aligned": 1})
+        mlflow.end_run("KILLED")
+    rows = [{"user_id": "u0000", "id": f"new-{d}", "response": "comedy", "timestamp": f"2027-01-0{d + 1}",
+             "input": LAMP_2M.make_input(f"A night-two film {d}.", LAMP_2M.labels)} for d in range(2)]
+    ingest_into(settings, write_events(tmp_path / "new.jsonl", rows))
+    assert run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm)).night == 2  # the second night that aligned anyone

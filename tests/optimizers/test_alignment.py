@@ -363,3 +363,19 @@ def test_the_acceptance_strategy_decides_a_tie(memory, fake_lm):
     step = moved.alignment_steps[0]
     assert step.batch_score == step.candidate_score == 0.0  # the fake agent answers comedy under both
     assert step.outcome is Outcome.ACCEPTED and "romance" in moved.persona.profile
+
+
+@pytest.mark.parametrize("redraw", [0.0, 0.7])
+def test_after_an_iteration_that_ships_nothing_the_next_rewrite_is_drawn_anew(memory, fake_lm, redraw):
+    """Every iteration's rewrite ties (the fake agent answers comedy under both): greedy, the
+    rewriter is asked the same thing each time; with a redraw temperature the iterations after
+    the first draw at it (and a cached LM would not answer them from the first's entry)."""
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "Prefers romance.")
+    student, train = _setup(memory)
+    train = [ex.copy(answer="romance") for ex in train]
+    aligned = PersonaAlignment(batch_size=2, iterations=3, redraw_temperature=redraw).compile(student, trainset=train)
+    assert [s.outcome for s in aligned.alignment_steps] == [Outcome.TIED] * 3
+    engine = fake_lm._engine_spec
+    temperatures = [cfg.temperature for (fields, _, _), cfg in zip(engine.calls, engine.configs)
+                    if fields == ["preferences", "new_profile"]]
+    assert temperatures[1:] == [redraw or temperatures[0]] * 2 and temperatures[0] != 0.7

@@ -158,6 +158,31 @@ def test_a_label_is_scored_by_the_way_the_lm_spells_it():
     assert len(engine.scored) == 2  # one call each: the longest token is also the likeliest
 
 
+def test_the_support_needs_no_call_for_labels_already_out_of_reach():
+    """Reading an item, the LM spells "fantasy" and "romance" as tokens and the other labels from
+    a bare " " (-5.6): with a margin of 3.5 from fantasy's -0.7, nothing after that " " can be
+    supported, so one call gives the support every call would. Where the bare " " is within
+    reach (-2.0) its labels are made exact, as they could be supported."""
+    def reading(low):
+        def scores(prompt, prefix):
+            if prefix.endswith(": "):
+                return {"violence": -0.1, "comedy": -3.0}
+            return {" fantasy": -0.7, " romance": -2.0, " ": low}
+        return scores
+
+    labels = ("fantasy", "romance", "violence", "comedy")
+    messages = [{"role": "user", "content": "description: ...\ntag:"}]
+    for low, calls in ((-5.6, 1), (-2.0, 2)):
+        engine = ScoringFakeEngine(reading(low))
+        lm = dspy.LM("fake/reading", engine=engine, cache=False, num_retries=0)
+        pruned = label_logprobs(lm, messages, "tag:", labels, expand="all", missing=float("-inf"), lead=" ", within=3.5)
+        assert len(engine.scored) == calls
+        every = label_logprobs(lm, messages, "tag:", labels, expand="all", missing=float("-inf"), lead=" ")
+        assert evidence.supported(pruned, 3.5) == evidence.supported(every, 3.5)
+        assert set(evidence.supported(every, 3.5)) == ({"fantasy", "romance"} if low < -5 else
+                                                       {"fantasy", "romance", "violence"})
+
+
 def test_a_supported_and_preferred_label_beats_the_one_the_lm_names_first(memory, scoring_lm):
     """The item supports fantasy, romance and violence; answering, the LM puts fantasy, named
     first, at -0.2 and the others at -2.5. The user who prefers romance gets romance; a user

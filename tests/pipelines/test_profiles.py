@@ -44,6 +44,20 @@ def test_descriptions_of_a_user_are_kept(task, text):
     assert profile_problem(text, task=task, sources=[SOURCE]) is None
 
 
+def test_a_ranking_in_the_order_the_request_lists_its_labels_is_no_copy():
+    """A real LaMP-2N rewrite was refused as a copy: its ranking ran in the order of the
+    request's own category list. The labels are the profile's vocabulary; the rest still counts."""
+    from persona_agent.data.tasks import LAMP_2N
+
+    request = LAMP_2N.make_input("A weekend of street food in Hanoi.", LAMP_2N.labels)
+    listed = ["entertainment", "food & drink", "science & technology"]  # 7 words in a row of the request's list
+    assert ", ".join(listed) in request
+    ranking = f"Categories this journalist files under most, strongest first: {', '.join(listed)}."
+    assert profile_problem(ranking, task=LAMP_2N, sources=[request]) is None
+    copied = "Likes A weekend of street food in Hanoi with friends."
+    assert "copies an input" in profile_problem(copied, task=LAMP_2N, sources=[request + " with friends."])
+
+
 def test_compose_keeps_the_typed_part_and_drops_junk_notes_but_not_injected_ones():
     text, dropped = compose_profile(LAMP_2M, ["dark comedy", "classic", "dark comedy"], "See https://x.com/a")
     assert text == "Tags this user gives most, strongest first: dark comedy, classic." and "URL" in dropped

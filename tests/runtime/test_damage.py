@@ -10,30 +10,21 @@ from pathlib import Path
 import pytest
 
 from persona_agent.cli import main
-from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
-from persona_agent.nightly.driver import run_nightly
 from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.pipelines.points import EdgePoints
-from persona_agent.runtime.llm import build_lm
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import StoreFull
 
-from ..helpers import ingest_into
+from ..helpers import aligned_store
 
 QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
 
 
 @pytest.fixture(scope="module")
 def aligned(tmp_path_factory):
-    """A store of 3 users aligned by one nightly (scripted LM): copied by each test that damages it."""
-    root = tmp_path_factory.mktemp("aligned")
-    settings = Settings(store=root / "store", lm=LMConfig("scripted", cache=False), batch_size=2, iterations=1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        ingest_into(settings, write_dataset(root / "data", LAMP_2M, n_users=3, n_history=4, n_queries=1, seed=3))
-        run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm))
-    return settings.store
+    """Copied by each test that damages or erases it."""
+    return aligned_store(tmp_path_factory.mktemp("aligned"))
 
 
 @pytest.fixture
@@ -241,3 +232,112 @@ def test_edge_errors_of_ours_are_not_called_damage(tmp_path):
     with pytest.raises(TypeError):  # a bug of ours is no damaged store
         points.search("u0", None, None, 3, [])
     points.close()
+
+
+@pytest.mark.parametrize("os_error, code, says", [
+    ("Operation not permitted (os error 1)", 2, "not writable"),
+    ("Permission denied (os error 13)", 2, "not writable"),
+    ("Read-only file system (os error 30)", 2, "not writable"),
+    ("No space left on device (os error 28)", 7, "the disk is full"),
+])
+def test_what_the_system_refuses_is_not_called_damage(store, monkeypatch, capsys, os_error, code, says):
+    """Qdrant Edge says a refused open or write in the words of the OS error: that is no damage,
+    and the advice is never to restore a backup (which would throw away everything since)."""
+    import qdrant_edge
+
+    def refused(*args, **kwargs):
+        raise Exception(f"Service runtime error: Failed to open mmap payload storage: {os_error}")
+
+    monkeypatch.setattr(qdrant_edge.EdgeShard, "load", refused)
+    for argv in (["answer", "u0000", QUERY, "--lm", "scripted"], ["forget", "u0000"], ["doctor"]):
+        assert main([*argv, "--store", str(store)]) == code, argv
+        line = _one_line(capsys)
+        assert says in line and "damaged" not in line.replace("nothing in it is damaged", "").replace(
+            "nothing in the memory store is damaged", "") and "backup" not in line
+
+
+def test_an_immutable_memory_folder_is_not_writable_not_damaged(store, capsys):
+    if subprocess.run(["chattr", "-R", "+i", str(store / "qdrant-edge")], capture_output=True).returncode:
+        pytest.skip("chattr is not available here")
+    try:
+        assert main(["forget", "u0000", "--store", str(store)]) == 2
+        assert "not writable" in _one_line(capsys)
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(store / "qdrant-edge")])
+    assert main(["forget", "u0000", "--store", str(store)]) == 0  # writable again: it runs, nothing was lost
+
+
+def test_a_backup_of_a_damaged_store_leaves_nothing_and_prints_no_restore_line(store, tmp_path, capsys):
+    DAMAGE["segments folder deleted"](store)
+    dest = tmp_path / "copy"
+    assert main(["backup", str(dest), "--store", str(store)]) == 6
+    captured = capsys.readouterr()
+    assert "restore:" not in captured.out + captured.err and "nothing was left at" in captured.err
+    assert not dest.exists() and not (tmp_path / "copy.partial").exists()
+
+
+def test_a_backup_keeps_sparse_files_sparse(store, tmp_path):
+    hole = store / "artifacts" / "sparse.bin"
+    hole.parent.mkdir(exist_ok=True)
+    with open(hole, "wb") as f:  # 64 MB long, 4 KB of it written
+        f.seek(64 * 2**20)
+        f.write(b"x" * 4096)
+    if hole.stat().st_blocks * 512 > 2**20:
+        pytest.skip("this filesystem has no sparse files")
+    assert main(["backup", str(tmp_path / "copy"), "--store", str(store)]) == 0
+    copy = tmp_path / "copy" / "artifacts" / "sparse.bin"
+    assert copy.read_bytes()[-4096:] == b"x" * 4096 and copy.stat().st_size == hole.stat().st_size
+    assert copy.stat().st_blocks * 512 < 2**20  # not 64 MB of zeros
+    allocated = lambda root: sum(p.stat().st_blocks for p in root.rglob("*") if p.is_file())  # noqa: E731
+    assert allocated(tmp_path / "copy") <= 2 * allocated(store)
+
+
+def test_a_backup_onto_a_full_disk_is_one_line_and_exit_7(store, tmp_path, monkeypatch, capsys):
+    import shutil as sh
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    assert main(["backup", str(tmp_path / "copy"), "--store", str(store)]) == 7
+    assert "nothing was backed up" in _one_line(capsys) and not (tmp_path / "copy").exists()
+    # the disk filling up during the copy (the check passed): the same, not copytree's list of errors
+    monkeypatch.undo()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = sh.copy2
+
+    def full(src, dst, **kwargs):
+        raise OSError(28, "No space left on device", dst)
+
+    from persona_agent.runtime import doctor
+    monkeypatch.setattr(doctor, "_sparse_copy", full)
+    assert main(["backup", str(tmp_path / "copy"), "--store", str(store)]) == 7
+    line = _one_line(capsys)
+    assert "the disk is full" in line and len(line) < 300 and not (tmp_path / "copy.partial").exists()
+    assert real is sh.copy2
+
+
+def test_a_flipped_byte_inside_a_stored_memory_is_damage_found_by_doctor_and_answer(store, capsys):
+    """Edge reads such a page without complaint: the checksum written with each memory finds it."""
+    from persona_agent.pipelines.memory import EpisodicMemory
+
+    memory = EpisodicMemory.open(path=str(store / "qdrant-edge"))
+    text = memory.items("u0000")[0].text
+    memory.close()
+    pages = [p for p in (store / "qdrant-edge" / "segments").glob("*/payload_storage/page_*.dat")
+             if text.encode() in p.read_bytes()]
+    assert pages
+    data = bytearray(pages[0].read_bytes())
+    at = data.find(text.encode()) + len(text) // 2
+    data[at] = ord("#") if data[at] != ord("#") else ord("%")
+    pages[0].write_bytes(bytes(data))
+    assert main(["doctor", "--store", str(store)]) == 6
+    assert "changed on disk" in capsys.readouterr().out
+    assert main(["answer", "u0000", QUERY, "--lm", "scripted", "--store", str(store)]) == 6
+    assert "changed on disk" in _one_line(capsys)
+
+
+def test_forget_checks_the_free_space_first(store, capsys):
+    """It rewrites the memory shard: a write like any other."""
+    assert main(["forget", "u0000", "--store", str(store), "--min-free-mb", str(10**9)]) == 7
+    assert "nothing was written" in _one_line(capsys)
+    assert main(["answer", "u0000", QUERY, "--lm", "scripted", "--store", str(store)]) == 0  # nothing was erased

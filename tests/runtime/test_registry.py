@@ -271,3 +271,11 @@ def test_a_persona_registered_under_the_previous_template_still_parses_and_serve
     old = LEGACY_TEMPLATES[0].format(task_description=LAMP_2M.description, profile="Likes heists.")
     persona = Persona.parse(LAMP_2M, old)
     assert persona.profile == "Likes heists." and persona.render() == Persona(LAMP_2M, "Likes heists.").render()
+
+
+def test_a_stored_id_with_control_characters_never_prints_raw(mlflow_store, capsys):
+    """Ingest refuses such ids now; a store written before that still lists them readably."""
+    PersonaRegistry(LAMP_2M).register("u\u202e0001", Persona(LAMP_2M, "Prefers comedy."), "old", production=True)
+    assert main(["personas", "list", "--store", str(mlflow_store.store)]) == 0
+    out = capsys.readouterr().out
+    assert "u\\u202e0001" in out and "\u202e" not in out
