@@ -51,7 +51,7 @@ from persona_agent.data.atomic import atomic_write_text
 from persona_agent.data.loaders import shown
 from persona_agent.data.tasks import TASKS
 from persona_agent.overrides import purge_run
-from persona_agent.pipelines.points import ClientPoints, EdgePoints
+from persona_agent.pipelines.points import ClientPoints, EdgePoints, StoreDamaged
 from persona_agent.runtime import lm_cache
 from persona_agent.runtime.registry import PersonaRegistry, prompt_name
 from persona_agent.runtime.settings import Settings, sqlite_file
@@ -92,10 +92,10 @@ def forget(settings: Settings, user_id: str) -> Counter:
             try:
                 got = run()
             except BaseException as err:
-                journal.stopped(user_id, entry, removed, err)
+                journal.stopped(entry, removed, err)
                 raise EraseUnfinished(user_id, +removed, [name for name, _ in steps[i:]], err) from err
             removed += got if isinstance(got, Counter) else Counter({step: got})
-            journal.mark(user_id, entry, step, removed)
+            journal.mark(entry, step, removed)
         removed = +removed
         if removed:
             if (database := sqlite_file(settings.tracking_uri)) is not None and database.exists():
@@ -127,8 +127,14 @@ class Journal:
 
     def __init__(self, store: Path):
         self.path = store / JOURNAL
-        self.data = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else \
-            {"salt": secrets.token_hex(16), "erases": {}}
+        self.data = {"salt": secrets.token_hex(16), "erases": {}}
+        if self.path.exists():  # written atomically: unreadable means damaged, and who is half erased is unknown
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+                if not (isinstance(self.data.get("erases"), dict) and isinstance(self.data.get("salt"), str)):
+                    raise ValueError("not a journal")
+            except (ValueError, AttributeError) as err:
+                raise StoreDamaged(self.path, f"the erase journal cannot be read ({type(err).__name__})") from None
 
     def key(self, user_id: str) -> str:
         return hashlib.sha256((self.data["salt"] + user_id).encode()).hexdigest()[:32]
@@ -142,12 +148,12 @@ class Journal:
         self._save()  # the intent, before the first byte of theirs goes
         return entry
 
-    def mark(self, user_id: str, entry: dict, step: str, removed: Counter) -> None:
+    def mark(self, entry: dict, step: str, removed: Counter) -> None:
         entry["done"] = [*dict.fromkeys([*entry["done"], step])]
         entry["removed"] = dict(+removed)
         self._save()
 
-    def stopped(self, user_id: str, entry: dict, removed: Counter, err: BaseException) -> None:
+    def stopped(self, entry: dict, removed: Counter, err: BaseException) -> None:
         entry["removed"], entry["error"] = dict(+removed), " ".join(f"{type(err).__name__}: {err}".split())[:300]
         with contextlib.suppress(OSError):  # a store that cannot be written keeps the intent written first
             self._save()

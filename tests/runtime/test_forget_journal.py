@@ -96,3 +96,9 @@ def test_an_id_no_user_has_leaves_no_journal_and_no_salt(store):
     before = sorted(p.name for p in store.iterdir())
     assert not forgetting.forget(Settings(store=store), "nobody-at-all")
     assert sorted(p.name for p in store.iterdir()) == before
+
+
+def test_an_unreadable_journal_is_damage_not_a_traceback(store, capsys):
+    (store / forgetting.JOURNAL).write_text("{not json")
+    assert main(["answer", "u0000", QUERY, "--lm", "scripted", "--store", str(store)]) == 6
+    assert "the erase journal cannot be read" in _err(capsys)
