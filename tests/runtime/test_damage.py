@@ -16,23 +16,13 @@ from persona_agent.pipelines.points import EdgePoints
 from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import StoreFull
 
-from ..helpers import aligned_store
 
 QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
 
 
-@pytest.fixture(scope="module")
-def aligned(tmp_path_factory):
-    """Copied by each test that damages or erases it."""
-    return aligned_store(tmp_path_factory.mktemp("aligned"))
-
-
 @pytest.fixture
-def store(aligned, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    copy = tmp_path / "store"
-    shutil.copytree(aligned, copy)
-    return copy
+def store(aligned_copy):
+    return aligned_copy
 
 
 def _segment(store: Path, name: str) -> Path:

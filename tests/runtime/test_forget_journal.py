@@ -3,7 +3,6 @@ what not, never "nothing was changed"; until `forget` runs again and finishes it
 `nightly` refuse the user and `doctor` names the unfinished erase (never "restore a backup")."""
 
 import json
-import shutil
 
 import pytest
 
@@ -13,22 +12,13 @@ from persona_agent.runtime import forget as forgetting
 from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.runtime.settings import Settings
 
-from ..helpers import aligned_store
 
 QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
 
 
-@pytest.fixture(scope="module")
-def aligned(tmp_path_factory):
-    """Copied by each test that damages or erases it."""
-    return aligned_store(tmp_path_factory.mktemp("aligned"))
-
-
 @pytest.fixture
-def store(aligned, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    shutil.copytree(aligned, tmp_path / "store")
-    return tmp_path / "store"
+def store(aligned_copy):
+    return aligned_copy
 
 
 def _err(capsys) -> str:
