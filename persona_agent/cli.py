@@ -8,7 +8,6 @@ the command that needs them, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import math
 import os
@@ -764,7 +763,7 @@ def _main(argv: list[str] | None) -> int:
     from persona_agent.data.tasks import TaskDataError
     from persona_agent.eval.harness import EvalStopped
     from persona_agent.pipelines.points import StoreDamaged
-    from persona_agent.runtime.store import StoreBusy, StoreFull
+    from persona_agent.runtime.store import StoreBusy, StoreFull, disk_full
 
     command = COMMANDS[args.command]
     settings = command.defaults()
@@ -801,7 +800,7 @@ def _main(argv: list[str] | None) -> int:
     except OSError as err:  # a missing file, a directory for a file, a read-only store, a full disk ...
         where = f"{err.filename}: " if err.filename else ""
         print(f"persona-agent: {where}{err.strerror or err}", file=sys.stderr)
-        return 7 if err.errno in (errno.ENOSPC, errno.EDQUOT) else 2
+        return 7 if disk_full(err) else 2
     except KeyboardInterrupt:  # Ctrl-C (nightly: the second one): one line, the shell's code, no waiting
         print("persona-agent: aborted; nothing half done was committed (nightly: the next run does the rest)",
               file=sys.stderr)

@@ -30,7 +30,7 @@ from persona_agent.nightly.control import Deferred, Gate, Stopped, first_callbac
 from persona_agent.nightly.executors import ray_outcomes, thread_outcomes
 from persona_agent.nightly.jobs import NightlySummary, UserOutcome, align_job, plan
 from persona_agent.runtime import tracking
-from persona_agent.runtime.forget import being_forgotten, unfinished_erases
+from persona_agent.runtime.forget import unfinished
 from persona_agent.runtime.llm import adapter_for, build_lm
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.settings import Settings
@@ -83,9 +83,9 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             planning, planning_cpu = time.perf_counter(), time.thread_time()
             jobs, summary.unchanged, summary.failed, summary.untouched = plan(
                 store.memory, states, store.registry(task), full=settings.plan_all)
-            if unfinished_erases(settings.store):  # half forgotten: not aligned again until `forget` finishes
+            if journal := unfinished(settings.store):  # half forgotten: not aligned again until `forget` finishes
                 # (and a history the erase shrank is no damage to restore from a backup)
-                erasing = {u for u in [*(j.user_id for j in jobs), *summary.failed] if being_forgotten(settings.store, u)}
+                erasing = {u for u in [*(j.user_id for j in jobs), *summary.failed] if journal.get(u)}
                 jobs = [j for j in jobs if j.user_id not in erasing]
                 summary.failed.update({u: f"an erase of this user did not finish: `persona-agent forget "
                                           f"{shlex.quote(u)}` finishes it; not aligned" for u in erasing})

@@ -27,7 +27,7 @@ from pathlib import Path
 from persona_agent.data.loaders import shown
 from persona_agent.pipelines.memory import payload_problem
 from persona_agent.pipelines.points import EdgePoints, StoreDamaged, StoreLocked
-from persona_agent.runtime.forget import being_forgotten, unfinished_erases
+from persona_agent.runtime.forget import unfinished, unfinished_erases
 from persona_agent.runtime.settings import Settings, sqlite_file
 from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.store import StoreBusy, StoreFull, exclusive
@@ -89,10 +89,13 @@ def _memory(settings: Settings) -> tuple[list[Finding], dict[str, set[str]] | No
     except StoreDamaged as err:
         return [Finding("memory", "damaged", err.reason, _RESTORE)], None
     try:
-        payloads = {user: points.payloads(user) for user in points.user_ids()}
-        ids = {user: {p.get("item_id") for p in ps} for user, ps in payloads.items()}
+        ids, bad = {}, []
+        for user in points.user_ids():  # each payload once: its id kept, its checksum checked
+            payloads = points.payloads(user)
+            ids[user] = {p.get("item_id") for p in payloads}
+            bad += [problem for p in payloads if (problem := payload_problem(p))]
         total = points.count()
-        if bad := [problem for ps in payloads.values() for p in ps if (problem := payload_problem(p))]:
+        if bad:
             return [Finding("memory", "damaged", f"{len(bad)} memories changed on disk; the first: {bad[0]}",
                             _RESTORE)], None
     except StoreDamaged as err:
@@ -109,7 +112,7 @@ def _history(settings: Settings, memory_ids: dict[str, set[str]] | None) -> list
     """Each user's memory against what their last nightly aligned on, per task."""
     if not settings.state_db.exists():
         return []
-    found = []
+    found, journal = [], unfinished(settings.store)
     try:
         states = StateStore(settings.state_db, "")
         tasks = states.tasks()
@@ -119,7 +122,7 @@ def _history(settings: Settings, memory_ids: dict[str, set[str]] | None) -> list
                 users += 1
                 aligned_on = set(state.get("item_ids", ()))
                 if memory_ids is not None and (missing := aligned_on - memory_ids.get(user, set())):
-                    if being_forgotten(settings.store, user):  # an erase stopped between memory and state
+                    if journal and journal.get(user):  # an erase stopped between memory and state
                         continue
                     shrank.append(f"{shown(user)} ({len(missing)} of {len(aligned_on)} missing)")
             if shrank:

@@ -27,7 +27,6 @@ trash until its operator runs `mlflow gc` (said in the result).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -56,7 +55,7 @@ from persona_agent.runtime import lm_cache
 from persona_agent.runtime.registry import PersonaRegistry, prompt_name
 from persona_agent.runtime.settings import Settings, sqlite_file
 from persona_agent.runtime.state import StateStore
-from persona_agent.runtime.store import exclusive
+from persona_agent.runtime.store import disk_full, exclusive
 
 log = logging.getLogger(__name__)
 TABLES = (".json", ".csv", ".jsonl")  # the artifact and output files whose rows can be a user's
@@ -111,8 +110,7 @@ class EraseUnfinished(RuntimeError):
 
     def __init__(self, user_id: str, removed: Counter, remaining: list[str], cause: BaseException):
         self.user_id, self.removed, self.remaining, self.cause = user_id, removed, remaining, cause
-        self.disk_full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT) or \
-            "database or disk is full" in str(cause)
+        self.disk_full = disk_full(cause)
         why = " ".join(str(cause).split("\n[SQL:")[0].split())[:200] or type(cause).__name__
         done = ", ".join(f"{n} {kind}" for kind, n in removed.items()) or "nothing yet"
         super().__init__(f"forgot {shown(user_id)} only in part: removed {done}; not removed yet: "
@@ -174,11 +172,16 @@ JOURNAL = "forgetting.json"
 
 def being_forgotten(store: Path, user_id: str) -> dict | None:
     """The unfinished erase of `user_id` (when it began, what it removed), or None."""
-    return Journal(store).get(user_id) if (store / JOURNAL).exists() else None
+    return journal.get(user_id) if (journal := unfinished(store)) else None
+
+
+def unfinished(store: Path) -> Journal | None:
+    """The store's unfinished erases, read once (for asking about many users), or None."""
+    return Journal(store) if (store / JOURNAL).exists() else None
 
 
 def unfinished_erases(store: Path) -> list[dict]:
-    return list(Journal(store).data["erases"].values()) if (store / JOURNAL).exists() else []
+    return list(journal.data["erases"].values()) if (journal := unfinished(store)) else []
 
 
 def _forget_states(settings: Settings, user_id: str) -> int:

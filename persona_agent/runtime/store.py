@@ -22,6 +22,7 @@ A Qdrant server (`--qdrant-url`) serves many processes, so no lock is taken for 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import shutil
@@ -51,6 +52,11 @@ class StoreBusy(RuntimeError):
 
 class StoreFull(OSError):
     """The store's disk has less free space than the margin a write needs."""
+
+
+def disk_full(err: BaseException) -> bool:
+    """A write refused for space: the OS's ENOSPC or EDQUOT, or SQLite's words for it."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "database or disk is full" in str(err)
 
 
 def require_free_space(path: Path, min_free_mb: int) -> None:
