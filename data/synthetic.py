@@ -53,7 +53,7 @@ from typing import Callable
 
 from persona_agent.data.atomic import atomic_write_text
 from persona_agent.data.calibration import accuracy, lookup
-from persona_agent.data.tasks import CATEGORIES_2N, TAGS_2M, TENDENCIES, Task
+from persona_agent.data.tasks import CATEGORIES_2N, TAGS_2M, TENDENCIES, Task, named_labels
 
 # Every pool below is split in two by position: history items draw from the even entries, queries
 # from the odd ones, so a query shares no sentence, cue phrase or review body with its user's
@@ -194,10 +194,10 @@ class _Ranked:
     # (rng, labels cued, side, level) -> a history item's fields, or a query's item text
     render: Callable[[random.Random, list[str], str, str], dict | str]
 
-    def item(self, rng, ranking, side, level, must=(), avoid=()):
-        """An item cueing 2-3 labels (all of `must`, none of `avoid`) and its gold under `ranking`."""
+    def item(self, rng, ranking, side, level, must=()):
+        """An item cueing 2-3 labels (all of `must`) and its gold under `ranking`."""
         n = rng.choice((2, 2, 3))
-        others = [label for label in self.labels if label not in must and label not in avoid]
+        others = [label for label in self.labels if label not in must]
         cued = [*must, *rng.sample(others, max(0, n - len(must)))]
         rng.shuffle(cued)
         return self._labelled(self.render(rng, cued, side, level), min(cued, key=ranking.index))
@@ -218,12 +218,14 @@ class _Ranked:
             return ({self.key: ranking}, [self.item(rng, ranking, "history", level) for _ in range(n_hist)],
                     [self.item(rng, ranking, "query", level) for _ in range(n_query)])
         # rule B: a label A ranks in its last third moves to the top. Old items cue one of A's first
-        # two (so A's favourites lead the whole history's counts); recent ones and queries cue the
-        # moved label beside one of them (so A and B answer each differently)
+        # two (so A's favourites lead the whole history's counts) and, as often as any other label,
+        # the moved one, which loses there: before the change the user passed it over, so the whole
+        # history shows it chosen only lately (a summary of it lags). Recent items and queries cue
+        # the moved label beside one of A's first two (so A and B answer each differently)
         moved = rng.choice(ranking[-5:])
         new = [moved, *(label for label in ranking if label != moved)]
         recent = min(RECENT, n_hist)
-        old = [self.item(rng, ranking, "history", level, must=(rng.choice(ranking[:2]),), avoid=(moved,))
+        old = [self.item(rng, ranking, "history", level, must=(rng.choice(ranking[:2]),))
                for _ in range(n_hist - recent)]
         latest = [self.item(rng, new, "history", level, must=(moved, rng.choice(ranking[:2]))) for _ in range(recent)]
         queries = [self.item(rng, new, "query", level, must=(moved, rng.choice(ranking[:2]))) for _ in range(n_query)]
@@ -378,13 +380,7 @@ def _labels_cued(cues: dict[str, list[str]], text: str, readable: bool = False) 
     names dark comedy, not comedy)."""
     if not readable:
         return [label for label, phrases in cues.items() if any(p in text for p in phrases)]
-    named = []
-    for label in sorted(cues, key=len, reverse=True):  # the longer name first, then blanked out
-        pattern = rf"(?<![\w-]){re.escape(label)}(?![\w-])"
-        if re.search(pattern, text):
-            named.append(label)
-            text = re.sub(pattern, "#", text)
-    return named
+    return named_labels(list(cues), text)
 
 
 def _tone(text: str) -> int | None:

@@ -158,9 +158,12 @@ class Task:
                 else TENDENCIES
         return tuple(label for label in self.labels if label in set(responses))
 
-    def facts(self, items: Sequence[tuple[str, str | None]]) -> str:
+    def facts(self, items: Sequence[tuple[str, str | None]], by_choice: bool = False) -> str:
         """Counts computed from history items (text, the user's response or None), for the profile
-        writer: what a small model cannot count for itself."""
+        writer: what a small model cannot count for itself. `by_choice`: where the items' texts
+        name the labels they fit, the labels in the order of the user's choices between them
+        (`choice_order`) instead of by how often they were given (texts that are whole requests
+        name every label in their label list: no choice)."""
         responses = [r for _, r in items if r is not None]
         if self.preference_kind == "tendency" and responses:
             scores = [int(r) for r in responses]
@@ -171,10 +174,41 @@ class Task:
             return (f"their scores: {counts}; mean {mean:.1f}, {side} the middle of the scale (3), which suggests "
                     f"they score {lean}")
         if self.preference_kind == "labels" and responses:
+            if by_choice and (order := self.choice_order(items)):
+                return ("labels they chose over the others an item named, strongest first: "
+                        + ", ".join(f"{label} ({chosen} of {named} times)" for label, chosen, named in order[:6]))
             top = Counter(responses).most_common(6)
             return "labels they gave, most often first: " + ", ".join(f"{label} ({n} times)" for label, n in top)
         words = Counter(w for text, _ in items for w in re.findall(r"[a-z]{4,}", text.lower()) if w not in _STOP)
         return "words most frequent in their items: " + ", ".join(f"{w} ({n})" for w, n in words.most_common(8))
+
+    def choice_order(self, items: Sequence[tuple[str, str | None]]) -> list[tuple[str, int, int]]:
+        """The user's labels by how often they chose each where an item named it beside another
+        label: [(label, times chosen, times named beside another)], strongest first; [] where too
+        few items name labels for that to say anything (under a third of the answered ones).
+
+        How often a label is given is the wrong order where every item fits several labels: the
+        user's first label is given only when an item fits it, so a label ranked lower that items
+        fit often is given more. A choice between labels the item itself names is a comparison
+        (the user ranked the chosen one above the others), and the share of them a label wins
+        orders the labels as the user does. Reading what an item supports costs an LM call per
+        item (`reading`); an item's own words naming the task's labels cost nothing, and where
+        items do not name them (most real data, the paraphrased sets) the counts stay."""
+        if self.preference_kind != "labels":  # a rating or a reference is no choice among named labels
+            return []
+        chosen, named = Counter(), Counter()
+        answered = [(text, r) for text, r in items if r is not None]
+        for text, response in answered:
+            names = named_labels(self.labels, text.lower())
+            if response in names and len(names) >= 2:
+                chosen[response] += 1
+                named.update(names)
+        if not answered or sum(chosen.values()) * 3 < len(answered):
+            return []
+        # the share chosen, smoothed towards a half (a label named once is no strong evidence)
+        share = {label: (chosen[label] + 1) / (n + 2) for label, n in named.items()}
+        ranked = sorted(named, key=lambda label: (-share[label], -chosen[label], self.labels.index(label)))
+        return [(label, chosen[label], named[label]) for label in ranked if chosen[label]]
 
     def profile_examples(self, supported: Sequence[str] | None = None) -> list[tuple[str, object, str]]:
         """Two worked examples of (facts, preferences, notes), made up from the task's own labels
@@ -384,6 +418,18 @@ def _rating_error(gold: int, pred: float | None) -> float:
 def _names(label: str, text: str) -> bool:
     """Whether lower-cased `text` names `label` as a whole term ("sci-fi" is not in "sci-fis")."""
     return re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", text) is not None
+
+
+def named_labels(labels: Sequence[str], text: str) -> list[str]:
+    """The labels lower-cased `text` names by name, each once, longer names first: "dark
+    comedy" names dark comedy, not also comedy."""
+    found = []
+    for label in sorted(labels, key=len, reverse=True):
+        pattern = rf"(?<![\w-]){re.escape(label)}(?![\w-])"
+        if re.search(pattern, text):
+            found.append(label)
+            text = re.sub(pattern, "#", text)
+    return found
 
 
 def _bracketed(labels: Sequence[str]) -> str:

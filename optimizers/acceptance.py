@@ -22,6 +22,7 @@ class Outcome(str, Enum):
     REFUSED = "refused by the profile check"  # `AlignmentStep.problem` says why
     BATCH_DROPPED = "batch score dropped"
     HELDOUT_DROPPED = "held-out score dropped"
+    DISAGREES = "agrees worse with the latest interactions"
     TIED = "tied the current persona"
 
     def __str__(self) -> str:
@@ -40,6 +41,7 @@ class Trial:
     candidate: float | None = None
     current_holdout: float | None = None  # held-out slice scores (None: no slice)
     candidate_holdout: float | None = None
+    history: Sequence = ()  # every interaction the alignment was given, oldest first (the batch last)
 
 
 class Acceptance(Protocol):
@@ -92,6 +94,27 @@ class TieBreakByAgreement(StrictImprovement):
             agreement(trial.task, trial.current_profile, trial.batch) else Outcome.TIED
 
 
+class ConsistentImprovement(StrictImprovement):
+    """As `StrictImprovement`, and a rewrite that scores better must not agree worse than the
+    current persona with the user's latest `window` interactions (default: twice the batch, the
+    batch included; `agreement`, no LM call). A rewrite that fits three items by dropping what
+    the older ones show (a user who did not change, whose batch happened to favour one label)
+    agrees worse over the longer window; a user who did change made the same choice throughout
+    it, and the rewrite that follows them agrees better there too."""
+
+    def __init__(self, window: int | None = None):
+        self.window = window
+
+    def __call__(self, trial: Trial) -> Outcome:
+        outcome = super().__call__(trial)
+        if outcome is not Outcome.ACCEPTED or not trial.history:
+            return outcome
+        recent = list(trial.history)[-(self.window or 2 * len(trial.batch)):]
+        if agreement(trial.task, trial.candidate_profile, recent) < agreement(trial.task, trial.current_profile, recent):
+            return Outcome.DISAGREES
+        return outcome
+
+
 def agreement(task, profile: str, batch: Sequence) -> float:
     """How well `profile` predicts the real answers of `batch`, from its typed preferences alone."""
     if not batch:
@@ -99,4 +122,5 @@ def agreement(task, profile: str, batch: Sequence) -> float:
     return sum(task.prior(profile, ex.query).get(str(ex.answer), 0.0) for ex in batch) / len(batch)
 
 
-ACCEPTANCE = {"strict": StrictImprovement, "paper": AcceptValid, "agreement": TieBreakByAgreement}
+ACCEPTANCE = {"strict": StrictImprovement, "paper": AcceptValid, "agreement": TieBreakByAgreement,
+              "consistent": ConsistentImprovement}

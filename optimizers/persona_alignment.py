@@ -36,7 +36,7 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from persona_agent.data.tasks import TENDENCIES
-from persona_agent.optimizers.acceptance import AcceptValid, Acceptance, Outcome, StrictImprovement, Trial
+from persona_agent.optimizers.acceptance import AcceptValid, Acceptance, ConsistentImprovement, Outcome, Trial
 from persona_agent.pipelines.memory import UserMemory
 from persona_agent.pipelines.metering import answer_or_none, metered, or_fallback
 from persona_agent.pipelines.persona import PROFILE_BUDGET, Persona, compose_profile, profile_problem
@@ -144,7 +144,8 @@ class PersonaAlignment(Teleprompter):
     metric: `metric(example, prediction, trace=None) -> float` in [0, 1]; default: the task's
         score, for the task of the student's persona.
     acceptance: the rule that ships a rewrite (`optimizers.acceptance`); default
-        `StrictImprovement`, or with `guard=False` the paper's `AcceptValid`.
+        `ConsistentImprovement` (strict, and no worse agreement with the latest 2n interactions),
+        or with `guard=False` the paper's `AcceptValid`.
     redraw_temperature: after an iteration that shipped nothing, the next rewrite is sampled at
         this temperature (seeded by the iteration) rather than written greedily, which would
         repeat the last; 0 keeps every rewrite greedy.
@@ -161,7 +162,7 @@ class PersonaAlignment(Teleprompter):
         if loss not in ("per_interaction", "batch"):
             raise ValueError(f"loss must be 'per_interaction' or 'batch', not {loss!r}")
         self.batch_size, self.iterations, self.metric, self.loss = batch_size, iterations, metric, loss
-        self.acceptance = acceptance or (StrictImprovement() if guard else AcceptValid())
+        self.acceptance = acceptance or (ConsistentImprovement() if guard else AcceptValid())
         self.holdout, self.budget = holdout, budget
         self.reflection_lm, self.on_step = reflection_lm, on_step
         # After an iteration that shipped nothing, the next sees the same persona, batch and
@@ -197,7 +198,7 @@ class PersonaAlignment(Teleprompter):
                         current_holdout = replay(program, heldout, metric) if heldout else None
                 redraw = bool(steps) and not steps[-1].accepted and self.redraw_temperature > 0
                 step, program, current, current_holdout = self._step(program, batch, heldout, metric, current,
-                                                                     current_holdout, t, redraw)
+                                                                     current_holdout, t, redraw, history=history)
             step.lm_calls, step.tokens, step.fallbacks = cost.lm_calls, cost.tokens, cost.fallbacks
             steps.append(step)
             if self.on_step:
@@ -208,7 +209,7 @@ class PersonaAlignment(Teleprompter):
         return program
 
     def _step(self, program, batch, heldout, metric, current: Replay, current_holdout: Replay | None, t: int,
-              redraw: bool = False):
+              redraw: bool = False, *, history: Sequence = ()):
         """One iteration from `program`; returns the step and the program, replay and held-out
         replay the next iteration starts from."""
         profile = program.persona.profile
@@ -243,7 +244,7 @@ class PersonaAlignment(Teleprompter):
             log.info("iteration %d: %s", t, step.reason)
             return unchanged
         candidate = program.with_persona(program.persona.with_profile(step.profile_after))
-        trial = Trial(task, batch, profile, step.profile_after)
+        trial = Trial(task, batch, profile, step.profile_after, history=history)
         if not self.acceptance.needs_scores:
             step.outcome = self.acceptance(trial)
             if step.accepted:

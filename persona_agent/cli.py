@@ -117,11 +117,12 @@ def _alignment_options(p: argparse.ArgumentParser, s: Settings) -> None:
                    help=f"latest interactions per iteration (default {s.batch_size})")
     g.add_argument("--loss", choices=["per_interaction", "batch"], default=s.loss,
                    help=f"critique each interaction (the paper) or the whole batch in one LM call (default {s.loss})")
-    g.add_argument("--acceptance", choices=("strict", "agreement", "paper"), default=s.acceptance,
+    g.add_argument("--acceptance", choices=("strict", "consistent", "agreement", "paper"), default=s.acceptance,
                    help="which rewrite ships, of those that pass the profile check: strict, one that scores better "
-                        "on the batch (a tie keeps the current persona); agreement, as strict, but a tie ships when "
-                        "the rewrite's preferences agree better with the batch's real answers; paper, every one, "
-                        f"unscored (default {s.acceptance})")
+                        "on the batch (a tie keeps the current persona); consistent, as strict, and its preferences "
+                        "agree no worse with the latest 2n interactions (no LM call); agreement, as strict, but a "
+                        "tie ships when the rewrite's preferences agree better with the batch's real answers; paper, "
+                        f"every one, unscored (default {s.acceptance})")
     g.add_argument("--no-guard", dest="guard", action="store_false", default=s.guard,
                    help="the paper's loop, as --acceptance paper")
     g.add_argument("--holdout", type=_count(0), default=s.holdout,

@@ -8,12 +8,13 @@ user's memory lives (the `memory` the caller passes) and in what they do with th
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from persona_agent.data.tasks import Task
+from persona_agent.data.tasks import Task, named_labels
 from persona_agent.pipelines.agent import PersonaAgent
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, UserMemory
 from persona_agent.pipelines.metering import Cost, answer_or_none, count_fallback, metered, or_fallback
@@ -25,14 +26,16 @@ log = logging.getLogger(__name__)
 
 def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?") -> str:
     """The profile from the latest `n_items` memories: the typed preferences and free notes the
-    LM writes from them and from counts computed over the whole history (`Task.facts`). "" (logged, counted)
-    when the result is no usable profile (`profile_problem`): never a junk one."""
+    LM writes from them and from counts computed over the whole history (`Task.facts`); where the
+    items name their labels, the typed part is the order of the user's choices between them
+    (`Task.choice_order`). "" (logged, counted) when the result is no usable profile
+    (`profile_problem`): never a junk one."""
     if not items:
         return ""
     # Counting is cheap and a small model cannot count: the facts cover the whole history, the
     # listing only the latest items (the prompt's budget).
     pairs = [(it.text, it.response) for it in items]
-    facts, supported = task.facts(pairs), task.supported_preferences(pairs)
+    facts, supported = task.facts(pairs, by_choice=True), task.supported_preferences(pairs)
     items = items[-n_items:]
     history = "\n".join(f"- {it.text} -> {it.response}" if it.response is not None else f"- {it.text}" for it in items)
     writer = dspy.Predict(typed_profile(SummarizeProfile, task, supported))
@@ -42,7 +45,16 @@ def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?")
     if out is None:
         return ""
     sources = [it.text for it in items]
-    profile, dropped = compose_profile(task, out.preferences, out.profile, sources)
+    # Where the history's own choices order the labels, that order is the typed part: ordering
+    # is counting, which a 270M writer gets wrong even with the order spelled out in its facts
+    # (it wrote "sci-fi, classic" for facts that began "comedy, based on a book"). A note naming
+    # another label would rank it next on nothing the choices show: such notes are left out.
+    order = [label for label, _, _ in task.choice_order(pairs)[:3]]
+    notes = out.profile
+    if order:
+        notes = " ".join(s for s in re.split(r"(?<=[.!?])\s+", notes or "")
+                         if set(named_labels(task.labels, s.lower())) <= set(order))
+    profile, dropped = compose_profile(task, order or out.preferences, notes, sources)
     if dropped:
         log.info("user %s: profile notes left out (%s)", who, dropped)
     if problem := profile_problem(profile, task=task, sources=sources):

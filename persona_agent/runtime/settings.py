@@ -35,7 +35,7 @@ class Settings:
     support_margin: float = 3.5  # evidence, LaMP-2: nats below the reading's best a supported label may score (tuned on seed 1)
     loss: str = "per_interaction"  # or "batch": one critique call for the whole batch
     guard: bool = True  # False: the paper's loop, as acceptance "paper"
-    acceptance: str = "strict"  # which rewrite ships: optimizers.acceptance.ACCEPTANCE
+    acceptance: str = "consistent"  # which rewrite ships: optimizers.acceptance.ACCEPTANCE (docs/evaluation.md)
     holdout: int = 0  # older interactions a rewrite must not score worse on either
     redraw_temperature: float = 0.7  # after an iteration that shipped nothing, the next rewrite is drawn at this
     profile_items: int = 20  # latest history items the initial profile is written from

@@ -86,3 +86,37 @@ def test_a_rating_is_read_as_lamp_reads_it_whatever_its_json_type(raw, fake_lm):
                                         ("3.0", "3"), (2, "2"), (True, None)])
 def test_normalize_reads_only_whole_ratings_from_1_to_5(raw, label):
     assert LAMP_3.normalize(raw) == label
+
+
+def test_the_first_profiles_order_comes_from_choices_where_items_name_their_labels():
+    """A user who ranks fantasy first but meets it rarely gives action more often: counted, action
+    leads; read as choices between the labels each item names, fantasy (never passed over) does."""
+    items = ([("A film that is fantasy and action.", "fantasy")] * 2
+             + [("A film that is action and comedy.", "action")] * 5
+             + [("A film that is comedy and romance.", "comedy")] * 2)
+    order = LAMP_2M.choice_order(items)
+    assert [label for label, _, _ in order] == ["fantasy", "action", "comedy"]
+    assert order[0] == ("fantasy", 2, 2) and order[1] == ("action", 5, 7)
+    facts = LAMP_2M.facts(items, by_choice=True)
+    assert facts.startswith("labels they chose over the others an item named, strongest first: fantasy (2 of 2 times)")
+    # the rewriter's facts on a batch of whole requests (every label in their list) stay counts
+    assert LAMP_2M.facts(items) == "labels they gave, most often first: action (5 times), fantasy (2 times), comedy (2 times)"
+
+
+def test_where_items_do_not_name_their_labels_the_counts_stay():
+    items = [("A heist in the rain.", "action")] * 5 + [("A wizard's tale.", "fantasy")] * 2
+    assert LAMP_2M.choice_order(items) == []
+    assert LAMP_2M.facts(items, by_choice=True) == "labels they gave, most often first: action (5 times), fantasy (2 times)"
+    # one naming item in nine is too few to order anything by
+    few = items + [("A film that is fantasy and action.", "fantasy")] + [("A dull one.", "comedy")]
+    assert LAMP_2M.choice_order(few) == []
+
+
+def test_a_longer_label_named_is_not_also_its_shorter_part():
+    assert LAMP_2M.choice_order([("A film that is dark comedy and romance.", "dark comedy")] * 3) == [
+        ("dark comedy", 3, 3)]
+
+
+def test_a_rating_stated_in_a_review_is_no_choice_between_labels():
+    items = [("Works fine. It reads as a 4, or a 3 on a bad day.", "4")] * 6
+    assert LAMP_3.choice_order(items) == [] and LAMP_3.facts(items).startswith("their scores")

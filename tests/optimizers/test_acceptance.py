@@ -4,7 +4,8 @@ import dspy
 import pytest
 
 from persona_agent.data.tasks import LAMP_2M, LAMP_3
-from persona_agent.optimizers import AcceptValid, Outcome, StrictImprovement, TieBreakByAgreement
+from persona_agent.optimizers import (AcceptValid, ConsistentImprovement, Outcome, StrictImprovement,
+                                      TieBreakByAgreement)
 from persona_agent.optimizers.acceptance import Trial, agreement
 
 LEAD = "Tags this user gives most, strongest first: "
@@ -41,6 +42,30 @@ def test_agreement_breaks_a_tie_by_how_well_the_rewrite_predicts_the_real_answer
     # it breaks ties only: a drop is still a drop
     assert agree(trial(0.67, 0.33)) is Outcome.BATCH_DROPPED
     assert agree(trial(0.33, 0.33, current_holdout=1.0, candidate_holdout=0.5)) is Outcome.HELDOUT_DROPPED
+
+
+def _history(*answers):
+    return [dspy.Example(query=LAMP_2M.make_input(f"Old item {i}.", LAMP_2M.labels), answer=a)
+            for i, a in enumerate(answers)] + BATCH
+
+
+def test_consistent_improvement_refuses_a_rewrite_the_longer_window_contradicts():
+    consistent = ConsistentImprovement()
+    drops = "dystopia, fantasy."  # a rewrite that fits the batch's two dystopia and drops action
+    # a user who did not change: the three before the batch were action, and so is the batch's
+    # last; the rewrite fits the batch better and the latest six worse
+    stable = _history("fantasy", "action", "action", "action")
+    assert consistent(trial(0.33, 0.67, after=drops, history=stable)) is Outcome.DISAGREES
+    assert StrictImprovement()(trial(0.33, 0.67, after=drops, history=stable)) is Outcome.ACCEPTED  # strict ships it
+    # a user who did change chose dystopia before the batch too: the rewrite ships
+    moved = _history("action", "dystopia", "dystopia", "dystopia")
+    assert consistent(trial(0.33, 0.67, after=drops, history=moved)) is Outcome.ACCEPTED
+    # the window is twice the batch unless set: over the batch alone the rewrite agrees better
+    assert ConsistentImprovement(window=3)(trial(0.33, 0.67, after=drops, history=stable)) is Outcome.ACCEPTED
+    # it only ever refuses what strict would ship
+    assert consistent(trial(0.67, 0.33, after=drops, history=moved)) is Outcome.BATCH_DROPPED
+    assert consistent(trial(0.33, 0.33, after=drops, history=moved)) is Outcome.TIED
+    assert consistent(trial(0.33, 0.67, after=drops)) is Outcome.ACCEPTED  # no history given: as strict
 
 
 def test_agreement_reads_a_rating_tendency():

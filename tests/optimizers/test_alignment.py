@@ -2,7 +2,7 @@ import dspy
 import pytest
 
 from persona_agent.data.tasks import LAMP_2M
-from persona_agent.optimizers import Outcome, PersonaAlignment, TieBreakByAgreement
+from persona_agent.optimizers import Outcome, PersonaAlignment, StrictImprovement, TieBreakByAgreement
 from persona_agent.pipelines.agent import PersonaAgent, RetrievalAnswer
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
 from persona_agent.pipelines.persona import TEMPLATE, Persona, compose_profile
@@ -363,6 +363,22 @@ def test_the_acceptance_strategy_decides_a_tie(memory, fake_lm):
     step = moved.alignment_steps[0]
     assert step.batch_score == step.candidate_score == 0.0  # the fake agent answers comedy under both
     assert step.outcome is Outcome.ACCEPTED and "romance" in moved.persona.profile
+
+
+def test_a_strategy_sees_every_interaction_the_alignment_was_given(memory, fake_lm):
+    """`ConsistentImprovement` reads the latest interactions beyond the batch: the trial carries
+    the whole trainset, oldest first, and a rewrite they contradict does not ship."""
+    fake_lm._engine_spec.policy = persona_following_policy(rewrite=lambda f, c: "Prefers romance.")
+    student, train = _setup(memory)
+    seen = []
+
+    class Spy(StrictImprovement):
+        def __call__(self, trial):
+            seen.append(trial.history)
+            return super().__call__(trial)
+
+    PersonaAlignment(batch_size=2, iterations=1, acceptance=Spy()).compile(student, trainset=train)
+    assert seen and [ex.query for ex in seen[0]] == [ex.query for ex in train]
 
 
 @pytest.mark.parametrize("redraw", [0.0, 0.7])

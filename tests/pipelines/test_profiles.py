@@ -129,3 +129,24 @@ def test_worked_examples_use_labels_outside_the_users_own():
     for facts, preferences, notes in LAMP_2M.profile_examples(supported):
         assert not set(preferences) & set(supported) and all(p in facts for p in preferences)
     json.dumps(LAMP_3.profile_examples())  # plain data, no user's text
+
+
+def test_where_items_name_their_labels_the_first_profile_ranks_them_by_the_users_choices():
+    """The writer names the labels the user gives most; the choices between the labels each item
+    names say fantasy comes first. The typed part is the choices' order, and a note that would
+    rank a label the choices do not (comedy) is left out, one that restates the order stays."""
+    seen = []
+
+    def writer(fields, system, user):
+        seen.append(user)
+        return {"preferences": ["action", "fantasy"],
+                "profile": "Picks action over comedy when both fit. Picks fantasy when it fits."}
+
+    history = ([MemoryItem(f"f{i}", "A film that is fantasy and action.", "fantasy") for i in range(2)]
+               + [MemoryItem(f"a{i}", "A film that is action and romance.", "action") for i in range(5)])
+    lm = dspy.LM("fake/writer", engine=FakeEngine(writer), cache=False)
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        profile = summarize(LAMP_2M, history, 20, who="u")
+    assert "fantasy (2 of 2 times), action (5 of 7 times)" in seen[0]
+    assert profile == "Tags this user gives most, strongest first: fantasy, action. Picks fantasy when it fits."
+    assert list(LAMP_2M.prior(profile, "")) == ["fantasy", "action"]
