@@ -17,12 +17,13 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from persona_agent.adapters.fakes import FakeEngine  # noqa: E402
+from persona_agent.adapters.points import open_memory
 from persona_agent.data.tasks import LAMP_2M  # noqa: E402
 from persona_agent.optimizers import PersonaAlignment  # noqa: E402
 from persona_agent.pipelines.agent import PersonaAgent  # noqa: E402
-from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, UserMemory  # noqa: E402
+from persona_agent.pipelines.memory import MemoryItem, UserMemory  # noqa: E402
 from persona_agent.pipelines.persona import Persona  # noqa: E402
-from persona_agent.runtime.fakes import FakeEngine  # noqa: E402
 
 
 def policy(fields, system, user):
@@ -36,7 +37,7 @@ def policy(fields, system, user):
 
 
 def run(loss, guard, batch, iterations, max_iters):
-    memory = EpisodicMemory.open(":memory:")
+    memory = open_memory(":memory:")
     memory.add("u", [MemoryItem(f"h{i}", f"A film about heist {i}.", "action") for i in range(10)])
     train = [dspy.Example(query=LAMP_2M.make_input(f"A film about heist {i}.", LAMP_2M.labels), answer="action",
                           item_id=f"h{i}").with_inputs("query") for i in range(10)]

@@ -24,10 +24,11 @@ import dspy  # noqa: E402
 import pandas as pd  # noqa: E402
 from dspy.utils.callback import BaseCallback  # noqa: E402
 
+from persona_agent.adapters.llm import LlamaCppEngine, build_lm  # noqa: E402
 from persona_agent.demo import run_demo  # noqa: E402
-from persona_agent.runtime.llm import LlamaCppEngine, build_lm  # noqa: E402
-from persona_agent.runtime.settings import LMConfig, Settings, offline_environment  # noqa: E402
+from persona_agent.overrides import engine_of
 from persona_agent.runtime.store import Store  # noqa: E402
+from persona_agent.settings import LMConfig, Settings, offline_environment  # noqa: E402
 
 KINDS = {("next_thought", "next_tool_name", "next_tool_args"): "ReAct step", ("answer",): "answer",
          ("preferences", "profile"): "profile", ("critique",): "critique", ("preferences", "new_profile"): "update"}
@@ -66,7 +67,7 @@ def main():
 
     kinds, rows = CallKinds(), defaultdict(lambda: defaultdict(float))
     lm = build_lm(settings.lm)
-    engine = lm._engine_spec
+    engine = engine_of(lm)
     assert isinstance(engine, LlamaCppEngine), "this bench measures the in-process engine"
 
     def record(timings: dict) -> None:

@@ -26,16 +26,18 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from persona_agent.adapters.llm import LlamaCppEngine, adapter_for, build_lm  # noqa: E402
+from persona_agent.adapters.points import open_memory
 from persona_agent.data.loaders import load_users  # noqa: E402
 from persona_agent.data.synthetic import write_dataset  # noqa: E402
 from persona_agent.data.tasks import LAMP_2M  # noqa: E402
+from persona_agent.overrides import engine_of
 from persona_agent.pipelines.flow import examples  # noqa: E402
-from persona_agent.pipelines.memory import EpisodicMemory, history_items  # noqa: E402
+from persona_agent.pipelines.memory import history_items  # noqa: E402
 from persona_agent.pipelines.metering import answer_or_none  # noqa: E402
 from persona_agent.pipelines.persona import Persona  # noqa: E402
-from persona_agent.runtime.llm import LlamaCppEngine, adapter_for, build_lm  # noqa: E402
-from persona_agent.runtime.settings import LMConfig, Settings, offline_environment  # noqa: E402
 from persona_agent.runtime.wiring import user_flow  # noqa: E402
+from persona_agent.settings import LMConfig, Settings, offline_environment  # noqa: E402
 
 
 class Recording:
@@ -59,7 +61,7 @@ class Recording:
 
 
 def fresh_engine(lm: dspy.LM) -> LlamaCppEngine:
-    engine = lm._engine_spec
+    engine = engine_of(lm)
     engine.close()
     engine._slots = [(i, "") for i in range(engine.n_parallel)]
     engine._load()  # outside the clock
@@ -79,7 +81,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = write_dataset(Path(tmp), LAMP_2M, n_users=a.users, n_history=12, n_queries=1, seed=11)
         users = load_users(data, LAMP_2M)
-        memory = EpisodicMemory.open(":memory:")
+        memory = open_memory(":memory:")
         agents, queries = [], []
         for i, user in enumerate(users):
             flow = user_flow(settings, LAMP_2M, user.user_id, history_items(LAMP_2M, user.profile), memory)
@@ -110,7 +112,7 @@ def main():
     for kind, body in recording.requests:
         getattr(server, kind)(body)
     raw_wall = time.perf_counter() - started
-    lm._engine_spec.close()
+    engine_of(lm).close()
 
     calls = len(recording.requests)
     print(pd.DataFrame([

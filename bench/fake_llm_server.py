@@ -3,7 +3,7 @@
     python bench/fake_llm_server.py --port 8765 --latency 0.2
 
 It reads the output fields DSPy asks for from the system prompt and answers with the scripted
-policy of `persona_agent.runtime.fakes`: in JSON when the request carries a JSON schema as its
+policy of `persona_agent.adapters.fakes`: in JSON when the request carries a JSON schema as its
 `response_format` (as persona-agent sends to any `--api-base` server), in DSPy's chat format
 otherwise, so the whole pipeline runs against
 it as against a real remote LLM (`--lm openai/gpt-4o-mini --api-base http://127.0.0.1:8765/v1`).
@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from persona_agent.runtime.fakes import default_policy, output_fields
+from persona_agent.adapters.fakes import default_policy, output_fields
 
 
 def chat_format(values: dict) -> str:

@@ -25,13 +25,13 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from fake_llm_server import serve_in_background  # noqa: E402
 
+from persona_agent.adapters.points import open_memory
+from persona_agent.adapters.registry import PersonaRegistry  # noqa: E402
 from persona_agent.data.synthetic import write_dataset  # noqa: E402
 from persona_agent.data.tasks import LAMP_2M  # noqa: E402
 from persona_agent.nightly.driver import print_summary, run_nightly  # noqa: E402
 from persona_agent.pipelines.ingest import ingest  # noqa: E402
-from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
-from persona_agent.runtime.registry import PersonaRegistry  # noqa: E402
-from persona_agent.runtime.settings import LMConfig, Settings  # noqa: E402
+from persona_agent.settings import LMConfig, Settings  # noqa: E402
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
                                                                  retries=a.retries, timeout=1.0),
                             batch_size=3, iterations=2, max_iters=1)
         settings.store.mkdir()
-        memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+        memory = open_memory(path=str(settings.qdrant_path))
         ingest(memory, data, LAMP_2M)
         memory.close()
         started = time.perf_counter()

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def serve(port: int, model: str | None = None, threads: int = 2, n_ctx: int = 16384, n_parallel: int = 4):
     import xllamacpp
 
-    from persona_agent.runtime.llm import default_model_path
+    from persona_agent.adapters.llm import default_model_path
 
     params = xllamacpp.CommonParams()
     params.model.path = model or default_model_path()

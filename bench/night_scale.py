@@ -34,23 +34,25 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import mlflow  # noqa: E402
 
+from persona_agent.adapters.points import open_memory
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.synthetic import write_dataset  # noqa: E402
 from persona_agent.data.tasks import LAMP_2M  # noqa: E402
 from persona_agent.nightly.driver import run_nightly  # noqa: E402
 from persona_agent.pipelines.ingest import ingest  # noqa: E402
-from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem  # noqa: E402
-from persona_agent.runtime.settings import LMConfig, Settings  # noqa: E402
+from persona_agent.pipelines.memory import MemoryItem  # noqa: E402
+from persona_agent.settings import LMConfig, Settings  # noqa: E402
 
 
 def _ingest(settings: Settings, source) -> None:
-    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+    memory = open_memory(path=str(settings.qdrant_path))
     try:
         if isinstance(source, Path):
-            ingest(memory, source, LAMP_2M, mark_changed=settings.states(LAMP_2M.key).mark_changed)
+            ingest(memory, source, LAMP_2M, mark_changed=StateStore.of(settings, LAMP_2M.key).mark_changed)
         else:  # {user: [items]}: what an ingest of new events writes
             from persona_agent.pipelines.ingest import remember_new
 
-            remember_new(memory, source, settings.states(LAMP_2M.key).mark_changed)
+            remember_new(memory, source, StateStore.of(settings, LAMP_2M.key).mark_changed)
     finally:
         memory.close()
 
@@ -64,12 +66,12 @@ def _night(settings: Settings):
 def _commit_rate(settings: Settings, n: int = 100) -> float:
     """Users per second through `jobs.commit`, what the commit process runs per user: a new user's
     initial persona, one accepted revision, `production`, the state row."""
+    from persona_agent.adapters import tracking
+    from persona_agent.adapters.registry import PersonaRegistry
     from persona_agent.nightly.jobs import commit
-    from persona_agent.runtime import tracking
-    from persona_agent.runtime.registry import PersonaRegistry
 
     tracking.setup(settings)
-    registry, states = PersonaRegistry(LAMP_2M, settings.tracking_uri), settings.states(LAMP_2M.key)
+    registry, states = PersonaRegistry(LAMP_2M, settings.tracking_uri), StateStore.of(settings, LAMP_2M.key)
     outcomes = [_outcome(f"c{i:05d}") for i in range(n)]
     started = time.perf_counter()
     for outcome in outcomes:
@@ -83,8 +85,8 @@ def _parallel_commit_rates(root: Path, counts=(1, 2, 4), n: int = 48) -> tuple[d
     sys.path.insert(0, str(Path(__file__).parent))
     from pg_server import missing, mlflow_server, postgres
 
+    from persona_agent.adapters import tracking
     from persona_agent.nightly.committer import Committer
-    from persona_agent.runtime import tracking
 
     if why := missing():
         return {}, why

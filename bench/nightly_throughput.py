@@ -26,12 +26,12 @@ import subprocess  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
+from persona_agent.adapters.points import open_memory
 from persona_agent.data.synthetic import write_dataset  # noqa: E402
 from persona_agent.data.tasks import LAMP_2M  # noqa: E402
 from persona_agent.nightly.driver import run_nightly  # noqa: E402
 from persona_agent.pipelines.ingest import ingest  # noqa: E402
-from persona_agent.pipelines.memory import EpisodicMemory  # noqa: E402
-from persona_agent.runtime.settings import LMConfig, Settings  # noqa: E402
+from persona_agent.settings import LMConfig, Settings  # noqa: E402
 
 
 def _wait_for(port: int, seconds: float = 30) -> None:
@@ -82,7 +82,7 @@ def main():
             settings = Settings(store=store, lm=LMConfig(a.model, api_base=url, cache=False),
                                 batch_size=3, iterations=2, max_iters=1)
             store.mkdir(parents=True)
-            memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+            memory = open_memory(path=str(settings.qdrant_path))
             ingest(memory, data, LAMP_2M)
             memory.close()
             started, cpu, server_cpu = time.perf_counter(), os.times(), _cpu_seconds(server.pid)

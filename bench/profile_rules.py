@@ -27,15 +27,15 @@ import dspy  # noqa: E402
 import pandas as pd  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from persona_agent.adapters.llm import adapter_for, build_lm  # noqa: E402
 from persona_agent.data.loaders import load_users  # noqa: E402
 from persona_agent.data.synthetic import shipped_data_dir  # noqa: E402
 from persona_agent.data.tasks import get_task  # noqa: E402
 from persona_agent.pipelines.flow import summarize  # noqa: E402
 from persona_agent.pipelines.memory import history_items  # noqa: E402
 from persona_agent.pipelines.metering import metered  # noqa: E402
-from persona_agent.runtime.llm import adapter_for, build_lm  # noqa: E402
 from persona_agent.runtime.progress import progress_bar  # noqa: E402
-from persona_agent.runtime.settings import LMConfig, Settings  # noqa: E402
+from persona_agent.settings import LMConfig, Settings  # noqa: E402
 
 
 def planted(task, rule: dict) -> str:

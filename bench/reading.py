@@ -21,13 +21,13 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from persona_agent.adapters.llm import adapter_for, build_lm  # noqa: E402
 from persona_agent.data.loaders import load_users  # noqa: E402
 from persona_agent.data.synthetic import CUES_2M, CUES_2N, SETS, _labels_cued, shipped_data_dir  # noqa: E402
 from persona_agent.data.tasks import get_task  # noqa: E402
 from persona_agent.pipelines import evidence  # noqa: E402
 from persona_agent.pipelines.agent import non_personalized  # noqa: E402
-from persona_agent.runtime.llm import adapter_for, build_lm  # noqa: E402
-from persona_agent.runtime.settings import LMConfig  # noqa: E402
+from persona_agent.settings import LMConfig  # noqa: E402
 
 
 def main():

@@ -22,9 +22,9 @@ import time
 import pandas as pd
 from qdrant_client import QdrantClient
 
+from persona_agent.adapters.points import ClientPoints, open_memory
 from persona_agent.data.synthetic import CUES_2M, SETTINGS
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
-from persona_agent.pipelines.points import ClientPoints
 
 
 def text(rng):
@@ -34,10 +34,10 @@ def text(rng):
 
 def open_store(kind: str, tmp: str, url: str | None) -> EpisodicMemory:
     if kind == "edge":
-        return EpisodicMemory.open(path=f"{tmp}/edge")
+        return open_memory(path=f"{tmp}/edge")
     if kind == "client":
         return EpisodicMemory(ClientPoints(QdrantClient(path=f"{tmp}/client"), owns_client=True))
-    return EpisodicMemory.open(url=url, collection=f"bench-{random.randrange(10**9)}")
+    return open_memory(url=url, collection=f"bench-{random.randrange(10**9)}")
 
 
 def measure(kind: str, a, rows: list) -> None:

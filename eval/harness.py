@@ -30,18 +30,18 @@ import pandas as pd
 from dspy.utils.exceptions import is_retryable_lm_error
 from rich.console import Console
 
+from persona_agent.adapters import tracking
+from persona_agent.adapters.llm import adapter_for, build_lm
+from persona_agent.adapters.lm_cache import owned_by
 from persona_agent.data.atomic import atomic_write_text
 from persona_agent.data.loaders import UserData
 from persona_agent.data.tasks import Task
 from persona_agent.eval.methods import METHODS, SETUP, UNALIGNED, NotApplicable, UserContext
 from persona_agent.pipelines.memory import EpisodicMemory, history_items
 from persona_agent.pipelines.metering import Cost, answer_or_none, is_lm_error, metered
-from persona_agent.runtime import tracking
-from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.lm_cache import owned_by
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
-from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.wiring import user_flow
+from persona_agent.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from persona_agent.pipelines.flow import UserFlow
 from persona_agent.pipelines.metering import lm_errors_raised, or_fallback
 from persona_agent.pipelines.persona import Persona
 from persona_agent.runtime.progress import library_prints
-from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.wiring import alignment
+from persona_agent.settings import Settings
 from persona_agent.signatures import CritiqueResponse
 
 

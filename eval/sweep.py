@@ -19,13 +19,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from persona_agent.adapters import tracking  # noqa: E402
+from persona_agent.adapters.llm import adapter_for, build_lm  # noqa: E402
 from persona_agent.data.loaders import UserData  # noqa: E402
 from persona_agent.data.tasks import Task  # noqa: E402
 from persona_agent.eval.harness import EvalStopped, run_eval  # noqa: E402
-from persona_agent.runtime import tracking  # noqa: E402
-from persona_agent.runtime.llm import adapter_for, build_lm  # noqa: E402
-from persona_agent.runtime.settings import Settings  # noqa: E402
 from persona_agent.runtime.store import Store  # noqa: E402
+from persona_agent.settings import Settings  # noqa: E402
 
 PARAMS = {"batch": "batch_size", "iterations": "iterations", "top_k": "top_k", "history": None}
 

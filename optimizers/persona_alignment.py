@@ -36,7 +36,7 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from persona_agent.data.tasks import TENDENCIES
-from persona_agent.optimizers.acceptance import AcceptValid, Acceptance, ConsistentImprovement, Outcome, Trial
+from persona_agent.optimizers.acceptance import Acceptance, AcceptValid, ConsistentImprovement, Outcome, Trial
 from persona_agent.pipelines.memory import UserMemory
 from persona_agent.pipelines.metering import answer_or_none, metered, or_fallback
 from persona_agent.pipelines.persona import PROFILE_BUDGET, Persona, compose_profile, profile_problem

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from persona_agent.data.loaders import MAX_FIELD_CHARS, shown
-from persona_agent.runtime.settings import Settings, offline_environment, sqlite_file
+from persona_agent.settings import Settings, offline_environment, sqlite_file
 
 # -- options ----------------------------------------------------------------------------------
 
@@ -187,7 +187,7 @@ def _settings(args: argparse.Namespace, base: Settings) -> Settings:
     given = vars(args)
     lm = base.lm
     if "lm" in given:  # a command that calls the LLM: refuse a model no call could reach, before any work
-        from persona_agent.runtime.llm import check_model
+        from persona_agent.adapters.llm import check_model
 
         lm = replace(base.lm, model=args.lm, api_base=args.api_base, retries=args.retries, timeout=args.timeout,
                      cache=args.cache, max_tokens=args.max_tokens)
@@ -215,7 +215,7 @@ def _on_bad(args) -> _BadRecords | None:
 def _trace_if_asked(args) -> None:
     """After the store is open (traces go to its experiment)."""
     if getattr(args, "trace", False):
-        from persona_agent.runtime import tracking
+        from persona_agent.adapters import tracking
 
         tracking.enable_traces()
 
@@ -283,6 +283,7 @@ def sweep_command(settings: Settings, args) -> int:
 
 
 def ingest_command(settings: Settings, args) -> int:
+    from persona_agent.adapters.state import StateStore
     from persona_agent.data.tasks import get_task
     from persona_agent.pipelines.ingest import read_source, remember_new
     from persona_agent.runtime.store import Store
@@ -290,7 +291,7 @@ def ingest_command(settings: Settings, args) -> int:
     bad = _on_bad(args)
     source = read_source(args.path, get_task(args.task), args.split, bad)  # all validated before the store opens
     with Store.open(settings, memory="persistent", tracking=False, writes=True) as store:
-        report = remember_new(store.memory, source, settings.states(args.task).mark_changed)
+        report = remember_new(store.memory, source, StateStore.of(settings, args.task).mark_changed)
     print(f"read {report.read} interactions of {report.users} users: {report.added} new, {report.updated} updated, "
           f"{report.already_known} already in memory" + (f", {len(bad)} bad records skipped" if bad else ""))
     if bad:
@@ -359,7 +360,7 @@ def personas_command(settings: Settings, args) -> int:
 
 
 def doctor_command(settings: Settings, args) -> int:
-    from persona_agent.runtime.doctor import doctor, print_findings
+    from persona_agent.operations.doctor import doctor, print_findings
 
     findings = doctor(settings)
     print_findings(findings)
@@ -367,7 +368,7 @@ def doctor_command(settings: Settings, args) -> int:
 
 
 def backup_command(settings: Settings, args) -> int:
-    from persona_agent.runtime.doctor import BackupRefused, backup, print_findings
+    from persona_agent.operations.doctor import BackupRefused, backup, print_findings
 
     try:
         findings = backup(settings, args.dest)
@@ -384,7 +385,7 @@ def backup_command(settings: Settings, args) -> int:
 
 
 def forget_command(settings: Settings, args) -> int:
-    from persona_agent.runtime.forget import EraseUnfinished, forget
+    from persona_agent.operations.forget import EraseUnfinished, forget
     from persona_agent.runtime.store import Store
 
     try:
@@ -754,64 +755,76 @@ def _main(argv: list[str] | None) -> int:
     if not verbose:  # read by tqdm when it is imported
         os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from dspy.utils.exceptions import AdapterParseError, LMError, is_retryable_lm_error
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import SQLAlchemyError
-
     if not verbose:
         _quiet_libraries()
-
-    from persona_agent.data.tasks import TaskDataError
-    from persona_agent.eval.harness import EvalStopped
-    from persona_agent.pipelines.points import StoreDamaged
-    from persona_agent.runtime.store import StoreBusy, StoreFull, disk_full
-
     command = COMMANDS[args.command]
     settings = command.defaults()
     try:
         settings = _settings(args, settings) if hasattr(args, "store") else settings
         code = command.run(settings, args)
         if getattr(args, "trace", False):
-            from persona_agent.runtime import tracking
+            from persona_agent.adapters import tracking
 
             tracking.flush_traces()
         return code
-    except StoreBusy as err:
-        print(f"persona-agent: {err}", file=sys.stderr)
-        return 5
-    except StoreFull as err:
-        print(f"persona-agent: {err}", file=sys.stderr)
-        return 7
-    except StoreDamaged as err:
-        print(f"persona-agent: {err}; `persona-agent doctor --store {shlex.quote(str(settings.store))}` checks "
-              "the whole store, and a store is restored from a `persona-agent backup`", file=sys.stderr)
-        return 6
-    except (MlflowException, SQLAlchemyError) as err:
-        print(f"persona-agent: {_tracking_error(err, settings)}", file=sys.stderr)
-        return 2
-    except (TaskDataError, LookupError, ValueError) as err:
-        print(f"persona-agent: {err}", file=sys.stderr)
-        return 2
-    except EvalStopped as err:
-        print(f"persona-agent: {err}", file=sys.stderr)
-        return 4
-    except AdapterParseError as err:  # an answer that arrived but is no answer (answer, demo)
-        print(f"persona-agent: the LLM's answer could not be used: {' '.join(str(err).split())[:300]}", file=sys.stderr)
-        return 4
-    except OSError as err:  # a missing file, a directory for a file, a read-only store, a full disk ...
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"persona-agent: {where}{err.strerror or err}", file=sys.stderr)
-        return 7 if disk_full(err) else 2
     except KeyboardInterrupt:  # Ctrl-C (nightly: the second one): one line, the shell's code, no waiting
         print("persona-agent: aborted; nothing half done was committed (nightly: the next run does the rest)",
               file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)  # not sys.exit: the interpreter would wait for worker threads still in an LM call
-    except LMError as err:  # a wrong --lm/--api-base/key or quota (not retried), or an outage after the retries
+    except Exception as err:
+        exit_code, line = exit_for(err, settings)
+        if exit_code is None:
+            raise
+        print(f"persona-agent: {line}", file=sys.stderr)
+        return exit_code
+
+
+def exit_codes() -> list[tuple[tuple[type, ...], int | Callable, Callable]]:
+    """What an error means to a scheduler: (exception types, the exit code or error -> it,
+    (settings, error) -> the one line said), the first match wins. docs/operations.md's table of codes is checked against it
+    (tests/test_cli.py). The libraries are imported here, not at the top: `--help` loads none."""
+    from dspy.utils.exceptions import AdapterParseError, LMError, is_retryable_lm_error
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from persona_agent.data.tasks import TaskDataError
+    from persona_agent.eval.harness import EvalStopped
+    from persona_agent.pipelines.points import StoreDamaged
+    from persona_agent.runtime.store import StoreBusy, StoreFull, disk_full
+
+    def os_error(settings, err):  # a missing file, a directory for a file, a read-only store, a full disk ...
+        return f"{err.filename}: " * bool(err.filename) + str(err.strerror or err)
+
+    def lm_failed(settings, err):  # a wrong --lm/--api-base/key or quota (not retried), or an outage after retries
         after = f" after {settings.lm.retries} retries" if is_retryable_lm_error(err) else ""
-        print(f"persona-agent: the LLM failed{after}: {' '.join(str(err).split())[:500]}", file=sys.stderr)
-        return 4
+        return f"the LLM failed{after}: {' '.join(str(err).split())[:500]}"
+
+    plain = lambda settings, err: str(err)  # noqa: E731
+    return [
+        ((StoreBusy,), 5, plain),
+        ((StoreFull,), 7, plain),
+        ((StoreDamaged,), 6, lambda settings, err: f"{err}; `persona-agent doctor --store {shlex.quote(str(settings.store))}` "
+                                                   "checks the whole store, and a store is restored from a "
+                                                   "`persona-agent backup`"),
+        ((MlflowException, SQLAlchemyError), 2, lambda settings, err: _tracking_error(err, settings)),
+        ((TaskDataError, LookupError, ValueError), 2, plain),
+        ((EvalStopped,), 4, plain),
+        ((AdapterParseError,), 4,  # an answer that arrived but is no answer (answer, demo)
+         lambda settings, err: f"the LLM's answer could not be used: {' '.join(str(err).split())[:300]}"),
+        ((OSError,), lambda err: 7 if disk_full(err) else 2, os_error),  # 7: the disk is full
+        ((LMError,), 4, lm_failed),
+    ]
+
+
+def exit_for(err: Exception, settings: Settings) -> tuple[int | None, str]:
+    """The exit code and the one line for `err`, or (None, "") for an error no row names (a bug:
+    it is raised, with its traceback)."""
+    for types, code, line in exit_codes():
+        if isinstance(err, types):
+            return (code(err) if callable(code) else code), line(settings, err)
+    return None, ""
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from persona_agent.adapters import tracking
+from persona_agent.adapters.llm import adapter_for, build_lm
+from persona_agent.adapters.lm_cache import owned_by
 from persona_agent.data.loaders import UserData, load_users
 from persona_agent.data.synthetic import shipped_data_dir
 from persona_agent.data.tasks import get_task
@@ -26,13 +29,10 @@ from persona_agent.pipelines.agent import non_personalized
 from persona_agent.pipelines.flow import score
 from persona_agent.pipelines.memory import history_items
 from persona_agent.pipelines.metering import metered
-from persona_agent.runtime import tracking
-from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.lm_cache import owned_by
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
-from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import Store
 from persona_agent.runtime.wiring import alignment, user_flow
+from persona_agent.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Retrieval is lexical by default (BM25-style sparse vectors with Qdrant's IDF modifier), so it
 needs no model and no network. Give an `Embedder` to add dense vectors; queries then fuse both
 with reciprocal-rank fusion. The same code runs on Qdrant Edge in process (a local path, the
-default) or a Qdrant server (`pipelines/points.py`).
+default) or a Qdrant server (`persona_agent/adapters/points.py`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from qdrant_client import QdrantClient
-
 from persona_agent.data.tasks import Task
-from persona_agent.pipelines.points import ClientPoints, EdgePoints, Point, PointStore, Sparse, StoreDamaged
+from persona_agent.pipelines.points import Point, PointStore, Sparse, StoreDamaged
 
 Embedder = Callable[[list[str]], Sequence[Sequence[float]]]
 
@@ -73,15 +71,6 @@ class EpisodicMemory:
 
     def __init__(self, points: PointStore, embedder: Embedder | None = None):
         self.points, self.embedder = points, embedder
-
-    @classmethod
-    def open(cls, path: str | None = None, url: str | None = None, embedder: Embedder | None = None,
-             collection: str = "episodic") -> "EpisodicMemory":
-        """Qdrant Edge at `path` (":memory:" or None: a throwaway shard), or a server at `url`."""
-        size = len(embedder(["probe"])[0]) if embedder is not None else None
-        if url:
-            return cls(ClientPoints(QdrantClient(url=url), collection, dense_size=size, owns_client=True), embedder)
-        return cls(EdgePoints(None if path in (None, ":memory:") else path, dense_size=size), embedder)
 
     def close(self) -> None:
         self.points.close()

@@ -1,25 +1,33 @@
-"""Spans of the work in progress, for MLflow traces: `replay`, `critique`, `update` inside an
+"""Spans of the work in progress, for traces: `replay`, `critique`, `update` inside an
 alignment, `answer` inside a served request.
 
-A span is opened only inside a trace a command started (`--trace`): MLflow traces every
-`start_span` by default, and alignment runs everywhere (tests, benches, the library), where a
-stray trace per phase would be noise nobody asked for.
+The method names its phases and knows no tracing library: a command that traces installs an
+opener (`adapters.tracking.enable_traces` installs MLflow's, which opens a span only inside a
+trace the command started: alignment runs everywhere, in tests, benches and the library, where a
+stray trace per phase would be noise nobody asked for). With none installed a span is nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Callable, ContextManager
 
-import mlflow
+Opener = Callable[[str, dict], ContextManager[None]]
+_opener: Opener | None = None
+
+
+def install(opener: Opener | None) -> None:
+    """Open spans with `opener(name, attributes)` from now on (None: open none)."""
+    global _opener
+    _opener = opener
 
 
 @contextlib.contextmanager
 def span(name: str, **attributes) -> Iterator[None]:
-    """A child span of the active span, if there is one; nothing otherwise."""
-    if mlflow.get_current_active_span() is None:
+    """A span named `name` with `attributes` (those not None), where an opener is installed."""
+    if _opener is None:
         yield
         return
-    with mlflow.start_span(name=name) as s:
-        s.set_attributes({k: v for k, v in attributes.items() if v is not None})
+    with _opener(name, {k: v for k, v in attributes.items() if v is not None}):
         yield

@@ -13,9 +13,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import dspy  # noqa: E402
 import pytest  # noqa: E402
 
-from persona_agent.runtime.fakes import FakeEngine  # noqa: E402
+from persona_agent.adapters.fakes import FakeEngine  # noqa: E402
 
-from .helpers import open_memory  # noqa: E402
+from .helpers import throwaway_memory  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def _fresh_memory_cache():
 @pytest.fixture(params=["edge", "client"])
 def memory(request):
     """Every memory test runs on both point stores: Qdrant Edge and the server path."""
-    m = open_memory(request.param)
+    m = throwaway_memory(request.param)
     m.kind = request.param
     yield m
     m.close()
@@ -45,8 +45,8 @@ def fake_lm():
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh MLflow sqlite store for one test."""
-    from persona_agent.runtime import tracking
-    from persona_agent.runtime.settings import Settings
+    from persona_agent.adapters import tracking
+    from persona_agent.settings import Settings
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = Settings(store=tmp_path / "mlruns")

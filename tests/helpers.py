@@ -5,21 +5,20 @@ from pathlib import Path
 
 from qdrant_client import QdrantClient
 
+from persona_agent.adapters.points import ClientPoints, open_memory
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.tasks import LAMP_2M, Task
 from persona_agent.pipelines.ingest import IngestReport, ingest
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.pipelines.points import ClientPoints
-from persona_agent.runtime.settings import Settings
+from persona_agent.runtime.store import Store
+from persona_agent.settings import Settings
 
 
 def ingest_into(settings: Settings, path: Path, task: Task = LAMP_2M) -> IngestReport:
-    """What `persona-agent ingest` does: the file into the store's embedded memory."""
-    settings.store.mkdir(parents=True, exist_ok=True)
-    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
-    try:
-        return ingest(memory, path, task, mark_changed=settings.states(task.key).mark_changed)
-    finally:
-        memory.close()
+    """What `persona-agent ingest` does: the file into the store's embedded memory, through
+    `Store.open` (its lock and its free-space check), as the command opens it."""
+    with Store.open(settings, memory="persistent", tracking=False, writes=True) as store:
+        return ingest(store.memory, path, task, mark_changed=StateStore.of(settings, task.key).mark_changed)
 
 
 def aligned_store(root: Path) -> Path:
@@ -27,10 +26,10 @@ def aligned_store(root: Path) -> Path:
     it and then damage, erase or lock it."""
     import pytest
 
+    from persona_agent.adapters.llm import build_lm
     from persona_agent.data.synthetic import write_dataset
     from persona_agent.nightly.driver import run_nightly
-    from persona_agent.runtime.llm import build_lm
-    from persona_agent.runtime.settings import LMConfig
+    from persona_agent.settings import LMConfig
 
     settings = Settings(store=root / "store", lm=LMConfig("scripted", cache=False), batch_size=2, iterations=1)
     with pytest.MonkeyPatch.context() as mp:
@@ -40,11 +39,11 @@ def aligned_store(root: Path) -> Path:
     return settings.store
 
 
-def open_memory(kind: str, embedder=None) -> EpisodicMemory:
+def throwaway_memory(kind: str, embedder=None) -> EpisodicMemory:
     """A throwaway memory on either point store: "edge" (the embedded default) or "client" (the
     server path, ClientPoints, on qdrant-client's in-process engine, which speaks a server's API)."""
     if kind == "edge":
-        return EpisodicMemory.open(":memory:", embedder=embedder)
+        return open_memory(":memory:", embedder=embedder)  # adapters.points
     size = len(embedder(["probe"])[0]) if embedder else None
     return EpisodicMemory(ClientPoints(QdrantClient(location=":memory:"), dense_size=size, owns_client=True), embedder)
 

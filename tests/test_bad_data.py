@@ -6,11 +6,12 @@ import json
 
 import pytest
 
+from persona_agent.adapters.points import open_memory
 from persona_agent.cli import main
 from persona_agent.data.loaders import MAX_FIELD_CHARS, load_users
 from persona_agent.data.tasks import LAMP_2M, TaskDataError
 from persona_agent.pipelines.ingest import ingest
-from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
+from persona_agent.pipelines.memory import MemoryItem
 
 LABELS = ", ".join(LAMP_2M.labels)
 
@@ -101,7 +102,7 @@ def _write(tmp_path, name, content):
 
 @pytest.fixture
 def memory(tmp_path):
-    m = EpisodicMemory.open(path=str(tmp_path / "qdrant"))
+    m = open_memory(path=str(tmp_path / "qdrant"))
     m.add("someone", [MemoryItem("old", "An old film.", "comedy")])
     yield m
     m.close()
@@ -127,8 +128,10 @@ def test_skip_bad_loads_the_good_records_and_counts_the_bad(tmp_path, memory, ca
     path = _write(tmp_path, name, content)
     skipped = []
     report = ingest(memory, path, LAMP_2M, on_bad=skipped.append)
-    assert len(skipped) == 1 and skipped[0].args[0].startswith(str(path))
-    assert report.added >= 1 and "bad" not in memory.user_ids()
+    assert len(skipped) == 1
+    assert skipped[0].args[0].startswith(str(path))
+    assert report.added >= 1
+    assert "bad" not in memory.user_ids()
 
 
 @pytest.mark.parametrize("case", sorted(FILES))
@@ -161,7 +164,9 @@ def test_bad_golds(tmp_path, golds, says, skips):
         load_users(data, LAMP_2M)
     skipped = []
     users = load_users(data, LAMP_2M, on_bad=skipped.append)
-    assert len(skipped) == skips and users[0].user_id == "good" and users[0].queries[0].gold == "action"
+    assert len(skipped) == skips
+    assert users[0].user_id == "good"
+    assert users[0].queries[0].gold == "action"
 
 
 def test_the_cli_reports_skips_and_fails_clearly(tmp_path, capsys):
@@ -171,7 +176,9 @@ def test_the_cli_reports_skips_and_fails_clearly(tmp_path, capsys):
     assert "e.jsonl:2" in capsys.readouterr().err
     assert main(["ingest", str(path), "--skip-bad", *store]) == 0
     out, err = capsys.readouterr()
-    assert "1 new" in out and "1 bad records skipped" in out and "e.jsonl:2" in err
+    assert "1 new" in out
+    assert "1 bad records skipped" in out
+    assert "e.jsonl:2" in err
 
 
 # -- odd input at the command line: one line naming the path, exit 2, nothing stored ---------------
@@ -189,7 +196,9 @@ def test_an_escaped_surrogate_is_a_named_bad_record_before_anything_is_written(t
     path.write_text(json.dumps({**good, "id": "1"}) + "\n" + json.dumps(bad) + "\n")  # json.dumps escapes it
     assert _ingest(tmp_path, path) == 2
     err = capsys.readouterr().err
-    assert f"{path}:2" in err and "not valid Unicode" in err and not (tmp_path / "mlruns").exists()
+    assert f"{path}:2" in err
+    assert "not valid Unicode" in err
+    assert not (tmp_path / "mlruns").exists()
     assert _ingest(tmp_path, path, "--skip-bad") == 0
     assert "1 new" in capsys.readouterr().out
 
@@ -207,7 +216,9 @@ def test_an_unprintable_user_id_is_refused_naming_the_line_and_never_printed_raw
     path.write_text(json.dumps(GOOD_EVENT) + "\n" + json.dumps({**GOOD_EVENT, "user_id": "u\u202e1000"}) + "\n")
     assert _ingest(tmp_path, path) == 2
     err = capsys.readouterr().err
-    assert f"{path}:2" in err and "u\\u202e1000" in err and "\u202e" not in err
+    assert f"{path}:2" in err
+    assert "u\\u202e1000" in err
+    assert "\u202e" not in err
     assert not (tmp_path / "mlruns").exists()
 
 
@@ -221,7 +232,9 @@ def test_a_bad_input_path_is_one_line_and_creates_no_store(tmp_path, make, capsy
         path.write_text("[" * 100_000 + "]" * 100_000)
     assert _ingest(tmp_path, path) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert str(path) in err
+    assert "Traceback" not in err
     assert not (tmp_path / "mlruns").exists()
 
 
@@ -230,12 +243,13 @@ def test_a_store_that_is_a_file_is_one_line(tmp_path, capsys):
     store.write_text("x")
     assert main(["personas", "list", "--store", str(store)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(store) in err
+    assert len(err.splitlines()) == 1
+    assert str(store) in err
 
 
 def test_a_corrected_event_replaces_the_stale_one_and_is_counted(tmp_path, capsys):
     from persona_agent.nightly.jobs import fingerprint
-    from persona_agent.runtime.settings import Settings
+    from persona_agent.settings import Settings
 
     query = LAMP_2M.make_input("A heist.", LAMP_2M.labels)
     first, second = tmp_path / "day1.jsonl", tmp_path / "day2.jsonl"
@@ -243,13 +257,13 @@ def test_a_corrected_event_replaces_the_stale_one_and_is_counted(tmp_path, capsy
                      + json.dumps({"user_id": "u1", "id": "e2", "input": query + " Again.", "response": "comedy"}))
     second.write_text(json.dumps({"user_id": "u1", "id": "e1", "input": query, "response": "comedy"}))
     assert _ingest(tmp_path, first) == 0
-    memory = EpisodicMemory.open(path=str(Settings(store=tmp_path / "mlruns").qdrant_path))
+    memory = open_memory(path=str(Settings(store=tmp_path / "mlruns").qdrant_path))
     before = fingerprint(memory.items("u1"))
     memory.close()
     capsys.readouterr()
     assert _ingest(tmp_path, second) == 0
     assert "0 new, 1 updated, 0 already in memory" in capsys.readouterr().out
-    memory = EpisodicMemory.open(path=str(Settings(store=tmp_path / "mlruns").qdrant_path))
+    memory = open_memory(path=str(Settings(store=tmp_path / "mlruns").qdrant_path))
     try:
         items = memory.items("u1")
         assert [(it.item_id, it.response) for it in items] == [("e1", "comedy"), ("e2", "comedy")]  # same place
@@ -274,7 +288,8 @@ def test_a_store_path_with_url_characters_works_and_writes_nothing_outside(tmp_p
     assert main(["answer", "u0001", query, *opts]) == 0
     assert "Traceback" not in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", "data", "we?ird%41 #x&y=1"])
-    assert (store / "mlflow.db").stat().st_size > 0 and list((store / "artifacts").rglob("users.csv"))
+    assert (store / "mlflow.db").stat().st_size > 0
+    assert list((store / "artifacts").rglob("users.csv"))
     assert [p.name for p in (tmp_path / "we?ird%41 #x&y=1").iterdir()] == ["mlruns"]
 
 

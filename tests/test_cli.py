@@ -7,20 +7,22 @@ import pytest
 from persona_agent.cli import build_parser, main
 from persona_agent.data.loaders import load_users
 from persona_agent.data.tasks import LAMP_3
-from persona_agent.runtime.settings import Settings
+from persona_agent.settings import Settings
 
 
 @pytest.mark.parametrize("argv", [[], ["demo"], ["make-data"], ["personas"], ["personas", "list"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*argv, "--help"])
-    assert exit_.value.code == 0 and "usage: persona-agent" in capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "usage: persona-agent" in capsys.readouterr().out
 
 
 def test_make_data_writes_loadable_lamp_files(tmp_path):
     assert main(["make-data", str(tmp_path), "--task", "lamp3", "--users", "4", "--queries", "2"]) == 0
     users = load_users(tmp_path, LAMP_3)
-    assert len(users) == 4 and all(len(u.queries) == 2 for u in users)
+    assert len(users) == 4
+    assert all(len(u.queries) == 2 for u in users)
     assert (tmp_path / "rules.json").exists()
 
 
@@ -31,7 +33,8 @@ def test_unknown_task_is_a_clear_error(tmp_path, capsys):
 
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "persona_agent.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "demo" in out.stdout
+    assert out.returncode == 0
+    assert "demo" in out.stdout
 
 
 def test_an_unreachable_llm_is_a_clear_error(tmp_path, capsys, monkeypatch):
@@ -46,7 +49,8 @@ def test_an_unreachable_llm_is_a_clear_error(tmp_path, capsys, monkeypatch):
                  "--lm", "openai/gpt-4o-mini", "--api-base", f"http://127.0.0.1:{port}/v1",
                  "--store", str(tmp_path / "mlruns")])
     err = capsys.readouterr().err
-    assert code == 4 and "the LLM failed after 0 retries" in err
+    assert code == 4
+    assert "the LLM failed after 0 retries" in err
 
 
 @pytest.mark.parametrize("argv", [["eval"], ["sweep", "batch", "1"], ["nightly"], ["ingest", "x.jsonl"], ["answer", "u", "q"],
@@ -89,7 +93,8 @@ def test_max_tokens_reaches_the_lm_config_of_every_command():
 def test_bad_option_values_are_refused_at_parse_time(option, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["nightly", *option])
-    assert exit_.value.code == 2 and option[0] in capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert option[0] in capsys.readouterr().err
 
 
 # -- what an engineer sees (issue: MLflow and the console) ----------------------------------------
@@ -98,7 +103,8 @@ def test_bad_option_values_are_refused_at_parse_time(option, capsys):
 def test_version_is_printed(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
-    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("persona-agent 0.")
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("persona-agent 0.")
 
 
 @pytest.mark.parametrize("command", [["ingest", "x.jsonl"], ["report"], ["compare", "a", "b"], ["personas", "list"],
@@ -107,7 +113,9 @@ def test_commands_that_call_no_llm_offer_no_llm_options(command, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([*command, "--help"])
     text = capsys.readouterr().out
-    assert "--lm" not in text and "--max-tokens" not in text and "--no-cache" not in text
+    assert "--lm" not in text
+    assert "--max-tokens" not in text
+    assert "--no-cache" not in text
 
 
 @pytest.mark.parametrize("command", [["make-data"], ["compare"]])
@@ -143,21 +151,25 @@ def test_eval_output_is_results_only_and_fits_a_terminal(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("LaMP-2M, 2 users") and "it/s" not in out.stdout and "INFO" not in out.stdout
+    assert lines[0].startswith("LaMP-2M, 2 users")
+    assert "it/s" not in out.stdout
+    assert "INFO" not in out.stdout
     assert "Average Metric" not in out.stdout + out.stderr  # DSPy's evaluator bars, inside GEPA
     table = lines[1:lines.index(next(line for line in lines if line.startswith("gepa"))) + 1]
     assert max(len(line) for line in table) <= 80, table
     assert any(line.startswith("2 of 2 users scored") and "mlflow ui --backend-store-uri" in line for line in lines)
     wide = subprocess.run([*cmd, "--wide"], capture_output=True, text=True, env=env, timeout=600)
     assert wide.returncode == 0, wide.stderr[-2000:]
-    assert "setup LM calls" in wide.stdout and "setup LM calls" not in out.stdout
+    assert "setup LM calls" in wide.stdout
+    assert "setup LM calls" not in out.stdout
 
 
 @pytest.mark.parametrize("query", ["caf\udce9 film", "   ", "x" * 120_000])
 def test_a_query_that_is_no_text_is_one_line_and_exit_2(query, tmp_path, capsys):
     assert main(["answer", "u0000", query, "--store", str(tmp_path / "s"), "--lm", "scripted"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ("not UTF-8" in err or "empty" in err or "limit 100,000" in err)
+    assert err.count("\n") == 1
+    assert "not UTF-8" in err or "empty" in err or "limit 100,000" in err
     assert not (tmp_path / "s").exists()  # refused before the store is opened
 
 
@@ -174,3 +186,28 @@ def test_eval_reads_the_shipped_set_it_is_told_to_and_keeps_its_memory_apart(tmp
     with pytest.raises(SystemExit) as refused:
         main(["eval", "--set", "nope", "--lm", "scripted"])
     assert refused.value.code == 2
+
+
+def test_every_exit_code_the_cli_maps_an_error_to_is_in_the_operations_table():
+    """The exceptions -> exit code table is the one place codes are given; docs/operations.md's
+    table must list each of them (and no code the CLI never returns)."""
+    import re
+    from pathlib import Path
+
+    from persona_agent.cli import exit_codes
+    from persona_agent.runtime.store import StoreFull
+
+    mapped = {code for _, code, _ in exit_codes() if isinstance(code, int)} | {2, 7}  # OSError: 2, or 7 on a full disk
+    page = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", page, flags=re.M)}
+    commands = {0, 1, 3}  # done; nightly's failed users and doctor's unfinished erase; nightly's lock
+    assert mapped <= documented, mapped - documented
+    assert documented - mapped - commands == set(), documented - mapped - commands
+    # and the first match wins: a full store is 7, not the OSError it also is
+    from persona_agent.cli import exit_for
+    from persona_agent.settings import Settings
+
+    assert exit_for(StoreFull("the disk is full"), Settings())[0] == 7
+    assert exit_for(OSError(28, "No space left on device"), Settings())[0] == 7
+    assert exit_for(OSError(2, "No such file or directory", "x.json"), Settings()) == (2, "x.json: No such file or directory")
+    assert exit_for(RuntimeError("a bug"), Settings()) == (None, "")

@@ -1,11 +1,13 @@
-"""The house: folders are layers that import one way (cli > commands > runtime > optimizers >
-pipelines > signatures > data > overrides), with no cycles, as declared in pyproject.toml's
-import-linter contracts."""
+"""The house: folders are layers that import one way (cli > commands > runtime > adapters >
+settings > optimizers > pipelines > signatures > data > overrides), with no cycles, as declared in
+pyproject.toml's import-linter contracts, and docs/architecture.md draws every room of it."""
 
 import ast
+import re
 from pathlib import Path
 
 import grimp
+import tomllib
 from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).parents[1]
@@ -53,7 +55,33 @@ def test_reading_settings_loads_no_llm_runtime_store_or_tracking():
     import subprocess
     import sys
 
-    probe = ("import sys, persona_agent.runtime.settings, persona_agent.cli; "
+    probe = ("import sys, persona_agent.settings, persona_agent.cli; "
              "print(sorted(m for m in ('dspy', 'mlflow', 'qdrant_client', 'xllamacpp', 'litellm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _rooms() -> set[str]:
+    """Every folder of the package (its path as the docs write it) and every module in it."""
+    rooms = set()
+    for path in (ROOT / "persona_agent").rglob("*.py"):
+        rel = path.resolve().relative_to(ROOT)
+        if path.stem != "__init__":
+            rooms.add(path.stem)
+        rooms.add(f"{rel.parent}/" if rel.parent != Path(".") else str(rel))
+    return rooms
+
+
+def test_the_architecture_page_names_every_layer_folder_and_module():
+    """A folder, module or layer added without its line in docs/architecture.md fails here."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    layers = {name.strip() for layer in contract["layers"] for name in layer.split(":")}
+    table = {row.split("|")[1].strip() for row in page.splitlines() if row.startswith("| ") and row.count("|") >= 4}
+    named = set(re.findall(r"[\w/.]+", page))
+    missing = sorted(room for room in _rooms() if room.rstrip("/").split("/")[-1] not in named and room not in named)
+    assert missing == [], f"docs/architecture.md does not name {missing}"
+    rows = {"cli", "commands", "runtime", "adapters", "settings", "optimizers", "pipelines", "signatures", "data",
+            "overrides"}
+    assert table - {"layer", "", "---"} == rows, table
+    assert layers - {"cli", "demo", "eval", "nightly", "serving", "operations"} <= rows, layers

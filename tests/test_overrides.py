@@ -11,9 +11,10 @@ import pytest
 from dspy.adapters import utils
 
 from persona_agent import overrides as fast_paths
+from persona_agent.adapters.llm import SchemaJSONAdapter
 from persona_agent.data.tasks import LAMP_2M
+from persona_agent.overrides import engine_of
 from persona_agent.pipelines.metering import metered
-from persona_agent.runtime.llm import SchemaJSONAdapter
 from persona_agent.signatures import SummarizeProfile, typed_profile
 
 
@@ -74,7 +75,8 @@ def test_the_schema_sent_is_built_once_per_output_shape_and_equals_a_fresh_one()
     SchemaJSONAdapter(max_text_chars=600, server_takes_schema=True).response_format(lm, fresh, sig)
     assert first["response_format"].model_json_schema() == fresh["response_format"].model_json_schema()
     schema = first["response_format"].model_json_schema()
-    assert schema["properties"]["profile"]["maxLength"] == 600 and schema["required"] == ["preferences", "profile"]
+    assert schema["properties"]["profile"]["maxLength"] == 600
+    assert schema["required"] == ["preferences", "profile"]
 
 
 def test_meters_count_on_the_lm_and_callbacks_elsewhere_stay_silent(fake_lm):
@@ -88,14 +90,16 @@ def test_meters_count_on_the_lm_and_callbacks_elsewhere_stay_silent(fake_lm):
     with metered() as cost:
         predict(question="q")
         predict(question="q2")
-    assert cost.lm_calls == 2 and dspy.settings.callbacks == []
+    assert cost.lm_calls == 2
+    assert dspy.settings.callbacks == []
     copy = fake_lm.copy()
     with dspy.context(lm=copy), metered() as again:
         predict(question="q3")
     assert again.lm_calls == 1  # a copy of the LM keeps one counter, not two
     with dspy.context(callbacks=[Spy()]), metered() as spied:
         predict(question="q4")
-    assert spied.lm_calls == 1 and seen  # a user's own global callbacks still run
+    assert spied.lm_calls == 1
+    assert seen  # a user's own global callbacks still run
 
 
 # -- each private name the overrides use: fail loudly when the library changes it --------------
@@ -120,15 +124,17 @@ def test_react_formats_trajectories_and_extracts_through_the_overridden_private_
     hook = agent_module._ReAct.extraction_inputs
     monkeypatch.setattr(agent_module._ReAct, "extraction_inputs",
                         lambda self, inputs: extracted.append(inputs) or hook(self, inputs))
-    fake_lm._engine_spec.policy = lambda fields, s, u: (
+    engine_of(fake_lm).policy = lambda fields, s, u: (
         {"answer": "action"} if fields == ["answer"] else
         {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}})
     agent = PersonaAgent(Persona(LAMP_2M, "Loves heists."), UserMemory(memory, "alice", k=5), max_iters=2)
     agent(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
     # once before the first step, once for the extraction after it: if DSPy stops calling the
     # method, the override silently does nothing and every step builds a signature again
-    assert len(formatted) == 2 and "tool_name_0" in formatted[1]
-    assert len(extracted) == 1 and "query" in extracted[0]  # the hook saw the extraction's inputs, once
+    assert len(formatted) == 2
+    assert "tool_name_0" in formatted[1]
+    assert len(extracted) == 1
+    assert "query" in extracted[0]  # the hook saw the extraction's inputs, once
 
 
 class _Hooked(fast_paths.AdapterHooks, dspy.JSONAdapter):
@@ -147,7 +153,7 @@ class _Hooked(fast_paths.AdapterHooks, dspy.JSONAdapter):
 def test_adapter_hooks_see_dspys_parse_failures_and_response_format_steps():
     from dspy.utils.exceptions import AdapterParseError
 
-    from persona_agent.runtime.fakes import FakeEngine
+    from persona_agent.adapters.fakes import FakeEngine
 
     engine = FakeEngine()
     lm = dspy.LM("fake/hooks", engine=engine, cache=False, num_retries=0)
@@ -155,7 +161,8 @@ def test_adapter_hooks_see_dspys_parse_failures_and_response_format_steps():
     engine.policy = lambda fields, s, u: {"answer": "fine"}
     with dspy.context(lm=lm, adapter=adapter):
         assert dspy.Predict("question -> answer")(question="q").answer == "fine"
-        assert adapter.formats >= 1 and adapter.unusable == 0
+        assert adapter.formats >= 1
+        assert adapter.unusable == 0
         engine.policy = lambda fields, s, u: {"no such field": 1}  # arrives, cannot be parsed
         with pytest.raises(AdapterParseError):
             dspy.Predict("question -> answer")(question="q")
@@ -163,7 +170,7 @@ def test_adapter_hooks_see_dspys_parse_failures_and_response_format_steps():
 
 
 def test_chat_adapter_falls_back_through_the_json_fallback_hook():
-    from persona_agent.runtime.fakes import FakeEngine
+    from persona_agent.adapters.fakes import FakeEngine
 
     class Chat(fast_paths.AdapterHooks, dspy.ChatAdapter):
         fallbacks = []
@@ -178,11 +185,12 @@ def test_chat_adapter_falls_back_through_the_json_fallback_hook():
     lm = dspy.LM("fake/chat", engine=engine, cache=False, num_retries=0)
     with dspy.context(lm=lm, adapter=Chat()):
         assert dspy.Predict("question -> answer")(question="q").answer == "fine"
-    assert len(Chat.fallbacks) == 1 and isinstance(Chat.fallbacks[0], dspy.JSONAdapter)
+    assert len(Chat.fallbacks) == 1
+    assert isinstance(Chat.fallbacks[0], dspy.JSONAdapter)
 
 
 def test_engine_of_returns_the_engine_an_lm_was_built_with():
-    from persona_agent.runtime.fakes import FakeEngine
+    from persona_agent.adapters.fakes import FakeEngine
 
     engine = FakeEngine()
     assert fast_paths.engine_of(dspy.LM("fake/x", engine=engine)) is engine
@@ -197,9 +205,11 @@ def test_forget_cached_deletes_from_dspys_memory_and_disk_cache(tmp_path):
     request = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
     cache.put(request, {"answer": 1})
     key = cache.cache_key(request)
-    assert cache.get(request) is not None and key in cache.disk_cache
+    assert cache.get(request) is not None
+    assert key in cache.disk_cache
     fast_paths.forget_cached(cache, [key])
-    assert cache.get(request) is None and key not in cache.disk_cache
+    assert cache.get(request) is None
+    assert key not in cache.disk_cache
 
 
 def test_the_registry_client_moves_an_alias_and_the_prompt_cache_forgets_it(mlflow_store):
@@ -242,7 +252,10 @@ def test_a_tagged_cache_entry_is_evicted_by_its_tag_alone(tmp_path):
     fast_paths.put_cached_tagged(cache, "k1", "mine", "user-a")
     fast_paths.put_cached_tagged(cache, "k2", "theirs", "user-b")
     gone, shards = fast_paths.evict_cached_tag(cache, "user-a")
-    assert gone == 1 and shards and cache.disk_cache.get("k1") is None and cache.disk_cache.get("k2") == "theirs"
+    assert gone == 1
+    assert shards
+    assert cache.disk_cache.get("k1") is None
+    assert cache.disk_cache.get("k2") == "theirs"
 
 
 def test_purge_run_deletes_a_run_and_its_artifacts_for_good(mlflow_store):

@@ -16,11 +16,11 @@ from concurrent.futures.process import BrokenProcessPool
 
 import mlflow
 
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.nightly.jobs import commit
-from persona_agent.runtime.state import StateStore
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import sqlite_file
 from persona_agent.runtime.store import require_free_space
+from persona_agent.settings import sqlite_file
 
 log = logging.getLogger(__name__)
 

@@ -24,17 +24,18 @@ import pandas as pd
 from filelock import FileLock, Timeout
 from rich.console import Console
 
+from persona_agent.adapters import tracking
+from persona_agent.adapters.llm import adapter_for, build_lm
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.tasks import Task
 from persona_agent.nightly.committer import Committer
 from persona_agent.nightly.control import Deferred, Gate, Stopped, first_callback_of, stop_on_signals, user_calls
 from persona_agent.nightly.executors import ray_outcomes, thread_outcomes
-from persona_agent.nightly.jobs import NightlySummary, UserOutcome, align_job, plan
-from persona_agent.runtime import tracking
-from persona_agent.runtime.forget import unfinished
-from persona_agent.runtime.llm import adapter_for, build_lm
+from persona_agent.nightly.jobs import NightlySummary, Status, UserOutcome, align_job, plan
+from persona_agent.operations.forget import unfinished
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
-from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import Store
+from persona_agent.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     started = time.perf_counter()
     lm = lm or build_lm(settings.lm)
     adapter = dspy.settings.adapter or adapter_for(lm)
-    states, summary, stop = settings.states(task.key), NightlySummary(), threading.Event()
+    states, summary, stop = StateStore.of(settings, task.key), NightlySummary(), threading.Event()
     gate = Gate(stop, settings.max_calls_per_user, settings.max_calls)
     with stop_on_signals(stop, summary, console), first_callback_of(lm, gate):
         with Store.open(settings, memory="persistent", writes=True) as store:
@@ -97,7 +98,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             if stop.is_set():
                 raise Stopped
             if gate.spent.is_set():
-                return UserOutcome(job.user_id, job.fingerprint, "deferred",
+                return UserOutcome(job.user_id, job.fingerprint, Status.DEFERRED,
                                    error=f"the night's budget of {gate.per_night} LM calls was spent")
             token = user_calls.set([0])
             try:
@@ -108,7 +109,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
                 outcome.trace_id = next(iter(traced), None)
                 return outcome
             except Deferred as why:  # cut off mid-way: nothing of it is committed, its calls are counted
-                return UserOutcome(job.user_id, job.fingerprint, "deferred", error=str(why),
+                return UserOutcome(job.user_id, job.fingerprint, Status.DEFERRED, error=str(why),
                                    lm_calls=user_calls.get()[0])
             finally:
                 user_calls.reset(token)
@@ -156,7 +157,7 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
                 tallying = time.perf_counter()  # the driver's own time: not the wait for the outcome
                 tallying_cpu = time.thread_time()  # and its CPU: not the GIL waits for worker threads
                 progress.update(bar, advance=1, description=f"{outcome.user_id}: {outcome.status}")
-                if outcome.status == "deferred":  # not committed; its LM calls were made, and count
+                if outcome.status is Status.DEFERRED:  # not committed; its LM calls were made, and count
                     summary.deferred[outcome.user_id] = outcome.error
                     summary.lm_calls += outcome.lm_calls
                     deferred_calls[outcome.user_id] = outcome.lm_calls
@@ -174,14 +175,14 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
                 summary.driver_cpu_seconds += time.thread_time() - tallying_cpu
             while pending:
                 committed.append(_tally(summary, *_committed(committer, pending.popleft())))
-            rows = [{"user_id": user, "status": "failed", "error": error} for user, error in summary.failed.items()]
-            rows += [{"user_id": user, "status": "deferred", "lm_calls": deferred_calls.get(user, 0), "error": why}
+            rows = [{"user_id": user, "status": Status.FAILED, "error": error} for user, error in summary.failed.items()]
+            rows += [{"user_id": user, "status": Status.DEFERRED, "lm_calls": deferred_calls.get(user, 0), "error": why}
                      for user, why in summary.deferred.items()]
             rows += committed
             _link_user_traces(committed, run.info.run_id)
         done = {row["user_id"] for row in rows}  # failed, deferred or committed
         summary.interrupted = [job.user_id for job in jobs if job.user_id not in done]
-        rows += [{"user_id": user, "status": "interrupted"} for user in summary.interrupted]
+        rows += [{"user_id": user, "status": Status.INTERRUPTED} for user in summary.interrupted]
         summary.seconds = wall_seconds(started)
         mlflow.log_metrics(summary.counts())
         _log_series(nights, summary.quality(task), summary.night)
@@ -221,15 +222,15 @@ def _log_series(nights: list, tonight: dict[str, float], night: int) -> None:
 
 def _record_state(states, outcome):
     """Marks a user whose worker published them done; their production version, or the error."""
-    version, state, error = outcome.published
-    if error:
-        return PublishFailed(error)
+    published = outcome.published
+    if published.error:
+        return PublishFailed(published.error)
     try:
-        if state is not None:
-            states.put(outcome.user_id, state, seen=outcome.mark)
+        if published.state is not None:
+            states.put(outcome.user_id, published.state, seen=outcome.mark)
     except Exception as err:  # e.g. a full disk: the user is redone next night, deduplicated
         return err
-    return version
+    return published.version
 
 
 def _committed(committer: Committer, entry) -> tuple:
@@ -240,17 +241,17 @@ def _committed(committer: Committer, entry) -> tuple:
 def _tally(summary: NightlySummary, outcome, version) -> dict:
     if isinstance(version, BaseException):  # the user keeps their persona and is retried next run
         why = str(version) if isinstance(version, PublishFailed) else f"{type(version).__name__}: {str(version)[:300]}"
-        outcome.status, outcome.error = "failed", f"commit failed: {why}"
+        outcome.status, outcome.error = Status.FAILED, f"commit failed: {why}"
         version = None
-    {"aligned": summary.aligned, "rejected": summary.rejected}.get(outcome.status, []).append(outcome.user_id)
-    if outcome.status == "rolled back":
+    {Status.ALIGNED: summary.aligned, Status.REJECTED: summary.rejected}.get(outcome.status, []).append(outcome.user_id)
+    if outcome.status is Status.ROLLED_BACK:
         summary.rolled_back[outcome.user_id] = (outcome.prequential.version, outcome.rollback_to)
-    if outcome.status == "failed":
+    if outcome.status is Status.FAILED:
         summary.failed[outcome.user_id] = outcome.error
     summary.lm_calls += outcome.lm_calls
     summary.tokens += outcome.tokens
     summary.fallbacks += outcome.fallbacks
-    if outcome.prequential is not None and outcome.status != "failed":
+    if outcome.prequential is not None and outcome.status is not Status.FAILED:
         summary.scored[outcome.user_id] = outcome.prequential
     return {"user_id": outcome.user_id, "status": outcome.status, "version": version, "lm_calls": outcome.lm_calls,
             "cached_calls": outcome.cache_hits, "tokens": outcome.tokens, "fallbacks": outcome.fallbacks,

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import dspy
 
+from persona_agent.adapters.llm import adapter_for, build_lm
 from persona_agent.data.tasks import Task
 from persona_agent.nightly.control import Stopped
-from persona_agent.nightly.jobs import UserJob, UserOutcome, align_job, publish
-from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.settings import Settings, sqlite_file
+from persona_agent.nightly.jobs import Published, Status, UserJob, UserOutcome, align_job, publish
+from persona_agent.settings import Settings, sqlite_file
 
 
 def thread_outcomes(jobs, work, workers):
@@ -47,9 +47,9 @@ class _RayAligner:
         import mlflow
         import ray
 
+        from persona_agent.adapters.registry import PersonaRegistry
         from persona_agent.data.tasks import get_task
-        from persona_agent.runtime.registry import PersonaRegistry
-        from persona_agent.runtime.settings import offline_environment
+        from persona_agent.settings import offline_environment
 
         offline_environment()
         self.task, self.settings, self.lm = get_task(task_key), settings, build_lm(settings.lm)
@@ -65,9 +65,9 @@ class _RayAligner:
         outcome.worker = self.where
         if self.registry is not None:
             try:
-                outcome.published = (*publish(outcome, self.task, self.registry, run_id, night, job.scores), "")
+                outcome.published = Published(*publish(outcome, self.task, self.registry, run_id, night, job.scores))
             except Exception as err:  # the user keeps production and is redone next night
-                outcome.published = (None, None, f"{type(err).__name__}: {str(err)[:300]}")
+                outcome.published = Published(None, error=f"{type(err).__name__}: {str(err)[:300]}")
         return outcome
 
 
@@ -114,7 +114,7 @@ def ray_outcomes(jobs, task: Task, settings: Settings, workers: int, stop: threa
                 yield ray.get(ready[0])
             except Exception as err:  # a lost worker or actor: this user is retried next run
                 why = f"{type(err).__name__}: {str(err)[:300]}"
-                yield UserOutcome(job.user_id, job.fingerprint, "failed", error=why,
-                                  published=(job.version, None, "") if publishes else None)
+                yield UserOutcome(job.user_id, job.fingerprint, Status.FAILED, error=why,
+                                  published=Published(job.version) if publishes else None)
 
     return outcomes, lambda wait=True: [ray.kill(actor) for actor in pool]

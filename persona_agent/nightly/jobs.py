@@ -21,7 +21,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
+from persona_agent.adapters.lm_cache import owned_by
+from persona_agent.adapters.points import open_memory
+from persona_agent.adapters.registry import PersonaNotFound
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.loaders import Query
 from persona_agent.data.tasks import Task
 from persona_agent.optimizers import AlignmentStep
@@ -31,11 +36,8 @@ from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
 from persona_agent.pipelines.metering import metered
 from persona_agent.pipelines.persona import Persona
 from persona_agent.pipelines.points import StoreDamaged
-from persona_agent.runtime.lm_cache import owned_by
-from persona_agent.runtime.registry import PersonaNotFound
-from persona_agent.runtime.settings import Settings
-from persona_agent.runtime.state import StateStore
 from persona_agent.runtime.wiring import alignment, user_flow
+from persona_agent.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ class Prequential:
 class UserOutcome:
     user_id: str
     fingerprint: str
-    status: str  # aligned | rejected (no rewrite accepted) | rolled back | failed | deferred (a budget cut it off)
+    status: "Status"
     semantic_profile: str = ""
     start_profile: str = ""
     steps: list[AlignmentStep] = field(default_factory=list)
@@ -94,8 +96,34 @@ class UserOutcome:
     rollback_to: int | None = None  # production regressed: the last version that scored better
     mark: int = 0  # the change the job consumed: recorded as `seen` when it is committed
     worker: str = ""  # where it was aligned (a Ray node and process), when not in the driver
-    # published by the worker (`publish`): (production version, state row or None, error or "")
-    published: tuple[int | None, dict | None, str] | None = None
+    published: "Published | None" = None  # what the worker published (`publish`), where it publishes
+
+    def __post_init__(self):
+        self.status = Status(self.status)  # "aligned" reads as Status.ALIGNED; a word no status has fails here
+
+
+class Status(str, Enum):
+    """How a user's night ended. Its value is the word `users.csv`, the state row and the log use."""
+
+    ALIGNED = "aligned"
+    REJECTED = "rejected"  # no rewrite accepted: production unchanged
+    ROLLED_BACK = "rolled back"  # production regressed: moved back to the last version that scored better
+    FAILED = "failed"  # kept production; retried next run
+    DEFERRED = "deferred"  # a budget cut it off before it started; planned again next run
+    INTERRUPTED = "interrupted"  # a stop signal came first; planned again next run
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a worker that publishes (Ray) did for one user: the production version it left, the
+    state row to record (None: nothing to record), or the error that kept it from publishing."""
+
+    version: int | None
+    state: dict | None = None
+    error: str = ""
 
 
 def fell(score: float, before: list[float]) -> bool:
@@ -126,7 +154,7 @@ def prequential(job: UserJob, task: Task, settings: Settings) -> Prequential | N
     if not asked:
         return None
     queries = [Query(ex.item_id, ex.query, ex.answer) for ex in asked]
-    memory = EpisodicMemory.open(":memory:")
+    memory = open_memory(":memory:")
     try:
         with metered() as cost:
             seen = [it for it in job.items if it.item_id in job.seen_ids]
@@ -144,7 +172,7 @@ def prequential(job: UserJob, task: Task, settings: Settings) -> Prequential | N
 def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
     """Refresh semantic memory and align one user, from the items alone (uses the LM in
     `dspy.settings`). Never raises: a failure is an outcome, and the user keeps their persona."""
-    memory = EpisodicMemory.open(":memory:")  # the job's own copy: workers never open the store
+    memory = open_memory(":memory:")  # the job's own copy: workers never open the store
     try:
         with metered() as cost, owned_by(job.user_id):  # its cached answers are the user's
             scored = prequential(job, task, settings)
@@ -159,14 +187,14 @@ def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
         if scored is not None and settings.rollback_after:
             tonight = {"version": scored.version, "score": scored.mean(task)}
             rollback = last_better(job.scores, tonight, settings.rollback_after)
-        status = "rolled back" if rollback is not None else "aligned" if accepted else "rejected"
+        status = Status.ROLLED_BACK if rollback is not None else Status.ALIGNED if accepted else Status.REJECTED
         return UserOutcome(job.user_id, job.fingerprint, status, semantic,
                            student.persona.profile, steps, cost.lm_calls, cost.tokens, cost.fallbacks,
                            item_ids=[it.item_id for it in job.items], prequential=scored, rollback_to=rollback,
                            cache_hits=cost.cache_hits)
     except Exception as err:  # one user's failure must not stop the others
         log.warning("user %s: alignment failed: %s", job.user_id, str(err)[:300])
-        return UserOutcome(job.user_id, job.fingerprint, "failed", error=f"{type(err).__name__}: {str(err)[:300]}")
+        return UserOutcome(job.user_id, job.fingerprint, Status.FAILED, error=f"{type(err).__name__}: {str(err)[:300]}")
     finally:
         memory.close()
 
@@ -252,7 +280,7 @@ def publish(outcome: UserOutcome, task: Task, registry, run_id: str | None, nigh
     registered, unpromoted). Returns (the production version, the state row that marks the
     user done, or None for a failed outcome). Registry writes only: it runs wherever the
     tracking store is reachable (a Ray worker), and whoever holds the state writes the row."""
-    if outcome.status == "failed":
+    if outcome.status is Status.FAILED:
         return registry.production_version(outcome.user_id), None  # kept; retried next run
     versions = registry.versions(outcome.user_id)
     existing = {(v.tags.get("fingerprint"), v.tags.get("iteration")): int(v.version) for v in versions}

@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from persona_agent.adapters import tracking  # noqa: E402
 from persona_agent.data.tasks import Task  # noqa: E402
 from persona_agent.nightly.jobs import fell  # noqa: E402
-from persona_agent.runtime import tracking  # noqa: E402
 
 SCORES = ["production_score", "non_personalized_score"]
 

@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal
 from filelock import FileLock, Timeout
 from qdrant_client import QdrantClient
 
+from persona_agent.adapters.points import ClientPoints, EdgePoints, import_legacy, scratch_dir
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.pipelines.points import (ClientPoints, EdgePoints, PointStore, StoreDamaged, StoreLocked,
-                                           import_legacy, scratch_dir)
-from persona_agent.runtime.settings import Settings
+from persona_agent.pipelines.points import PointStore, StoreDamaged, StoreLocked
+from persona_agent.settings import Settings
 
 if TYPE_CHECKING:
-    from persona_agent.runtime.registry import PersonaRegistry
+    from persona_agent.adapters.registry import PersonaRegistry
 
 MemoryScope = Literal["persistent", "run"] | None
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class Store:
         if writes:
             require_free_space(settings.store, settings.min_free_mb)
         if tracking:
-            from persona_agent.runtime import tracking as mlflow_tracking
+            from persona_agent.adapters import tracking as mlflow_tracking
 
             mlflow_tracking.setup(settings)
         else:
@@ -198,6 +198,6 @@ class Store:
         return self._scoped[collection]
 
     def registry(self, task) -> "PersonaRegistry":
-        from persona_agent.runtime.registry import PersonaRegistry
+        from persona_agent.adapters.registry import PersonaRegistry
 
         return PersonaRegistry(task, self.settings.tracking_uri)

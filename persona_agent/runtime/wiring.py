@@ -10,7 +10,7 @@ from persona_agent.data.tasks import Task
 from persona_agent.optimizers import ACCEPTANCE, AlignmentStep, PersonaAlignment
 from persona_agent.pipelines.flow import UserFlow
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
-from persona_agent.runtime.settings import Settings
+from persona_agent.settings import Settings
 
 
 def user_flow(settings: Settings, task: Task, user_id: str, history: list[MemoryItem],

@@ -8,13 +8,14 @@ import sqlite3
 
 import dspy
 
+from persona_agent.adapters import tracking
+from persona_agent.adapters.llm import adapter_for, build_lm
+from persona_agent.adapters.lm_cache import owned_by
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.loaders import shown
 from persona_agent.data.tasks import Task
+from persona_agent.operations.forget import being_forgotten
 from persona_agent.pipelines.points import StoreDamaged
-from persona_agent.runtime import tracking
-from persona_agent.runtime.forget import being_forgotten
-from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.lm_cache import owned_by
 from persona_agent.runtime.store import Store
 from persona_agent.runtime.wiring import user_flow
 
@@ -43,7 +44,7 @@ def _aligned_on(store: Store, task: Task, user_id: str) -> int:
     if not store.settings.state_db.exists():
         return 0
     try:
-        return len((store.settings.states(task.key).get(user_id) or {}).get("item_ids", ()))
+        return len((StateStore.of(store.settings, task.key).get(user_id) or {}).get("item_ids", ()))
     except sqlite3.Error as err:
         logging.getLogger(__name__).warning("cannot read %s (%s): the history check is skipped",
                                             store.settings.state_db, err)

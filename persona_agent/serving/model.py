@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.settings import LMConfig, Settings
 
 SIGNATURE = mlflow.models.ModelSignature(
     inputs=mlflow.types.Schema([mlflow.types.ColSpec("string", "user_id"), mlflow.types.ColSpec("string", "query")]),
@@ -34,8 +34,8 @@ _log = logging.getLogger("persona_agent.serving")
 
 class PersonaModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from persona_agent.adapters.llm import build_lm
         from persona_agent.data.tasks import get_task
-        from persona_agent.runtime.llm import build_lm
 
         config = dict(context.model_config)
         self.task = get_task(config.pop("task"))
@@ -47,7 +47,7 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
         self.settings = replace(Settings(), lm=lm, store=Path(config.pop("store")),
                                 **{**config, "qdrant_url": config.get("qdrant_url") or None})
         self.lm = build_lm(lm)
-        from persona_agent.runtime.tracking import link_store
+        from persona_agent.adapters.tracking import link_store
 
         link_store(self.settings)  # a store whose path holds `%`, `?` or `#`: its registry is read through a link
 
@@ -90,7 +90,7 @@ def model_config(settings: Settings, task_key: str) -> dict:
 
 def log_model(settings: Settings, task_key: str, registered_name: str | None = None) -> str:
     """Log the served model in a run of its own; returns its model URI."""
-    from persona_agent.runtime import tracking
+    from persona_agent.adapters import tracking
 
     with mlflow.start_run(run_name=f"served-model-{task_key}", tags=tracking.owner_tags("log-model")), _quiet_logging():
         # no input example: MLflow would run a prediction (the LLM, the store) while logging;

@@ -17,7 +17,8 @@ def test_shipped_data_loads_for_every_task(key):
     users = load_users(shipped_data_dir(task), task)
     assert len(users) == 8
     for u in users:
-        assert len(u.queries) == 6 and all(q.gold in task.labels for q in u.queries)
+        assert len(u.queries) == 6
+        assert all(q.gold in task.labels for q in u.queries)
         assert u.rule is not None  # the planted rule, for the oracle row
         # LaMP-1 papers carry no decision: its interactions are built from the 39 papers after the first
         assert len(examples(task, history_items(task, u.profile))) == (39 if key == "lamp1" else 40)
@@ -45,7 +46,8 @@ def test_gold_is_one_of_several_cued_labels_so_a_generic_answer_is_near_chance(k
         for it in u.profile:
             text = task.item_text(it).lower()
             cued = [lab for lab in task.labels if _cues(key, lab, text)]
-            assert task.item_response(it) in cued and len(cued) >= 2
+            assert task.item_response(it) in cued
+            assert len(cued) >= 2
             total += 1
             hits += task.item_response(it) == cued[0]
     assert hits / total < 0.7
@@ -77,7 +79,9 @@ def test_oppu_format(tmp_path):
     path.write_text(json.dumps([{"user_id": "a", "profile": [{"id": "1", "description": "x", "tag": "comedy"}],
                                  "query": [{"id": "q", "input": "description: y", "gold": "action"}]}]))
     (user,) = load_users(path, LAMP_2M)
-    assert user.user_id == "a" and user.queries[0].gold == "action" and history_items(LAMP_2M, user.profile)[0].response == "comedy"
+    assert user.user_id == "a"
+    assert user.queries[0].gold == "action"
+    assert history_items(LAMP_2M, user.profile)[0].response == "comedy"
 
 
 def _lamp(tmp_path, questions, golds=None):
@@ -90,7 +94,8 @@ def _lamp(tmp_path, questions, golds=None):
 def test_lamp_without_outputs_has_no_golds(tmp_path):
     users = load_users(_lamp(tmp_path, [{"id": "7", "input": "description: y",
                                          "profile": [{"id": "p", "description": "d", "tag": "comedy"}]}]), LAMP_2M)
-    assert users[0].user_id == "7" and users[0].queries[0].gold is None
+    assert users[0].user_id == "7"
+    assert users[0].queries[0].gold is None
 
 
 @pytest.mark.parametrize("questions,golds,message", [
@@ -168,7 +173,8 @@ def _questions(task, seed=0, **kwargs):
 @pytest.mark.parametrize("which", SETS)
 def test_no_query_reuses_its_history_and_copying_scores_at_most_one_half(key, seed, which):
     shared, lookup = _reuse(TASKS[key], _questions(TASKS[key], seed, **set_options(which)))
-    assert shared == 0 and lookup <= 0.5
+    assert shared == 0
+    assert lookup <= 0.5
 
 
 @pytest.mark.parametrize("key", sorted(TASKS))
@@ -186,7 +192,8 @@ def test_the_reuse_check_sees_a_query_that_copies_its_history(key):
             q["input"] = task.make_input(task.item_text(item), task.labels)
             q["gold"] = task.item_response(item)
     shared, lookup = _reuse(task, questions)
-    assert shared == len(questions) and lookup > 0.5
+    assert shared == len(questions)
+    assert lookup > 0.5
 
 
 @pytest.mark.parametrize("key", sorted(TASKS))
@@ -196,7 +203,8 @@ def test_the_shipped_sets_cannot_answer_themselves(key):
     golds = {g["id"]: g["output"] for g in json.loads((shipped_data_dir(task) / "dev_outputs.json").read_text())["golds"]}
     rules = json.loads((shipped_data_dir(task) / "rules.json").read_text())
     questions = [{**q, "gold": golds[q["id"]], "rule": rules[q["user_id"]]} for q in questions]
-    assert len(questions) == 48 and _reuse(task, questions) == (0, pytest.approx(_reuse(task, questions)[1]))
+    assert len(questions) == 48
+    assert _reuse(task, questions) == (0, pytest.approx(_reuse(task, questions)[1]))
     assert _reuse(task, questions)[1] <= 0.5
 
 
@@ -237,7 +245,8 @@ def test_questions_of_one_user_keep_their_own_histories_and_see_only_their_past(
     assert [it["id"] for it in by_query["q1"].profile] == ["h0", "h1"]  # nothing on or after its date
     assert [it["id"] for it in by_query["q2"].profile] == ["h0", "h1", "h2"]
     assert by_query["q2"] is by_query["q3"]  # the same history: one unit, asked twice
-    assert by_query["q1"].unit != by_query["q2"].unit and {u.user_id for u in users} == {"u"}
+    assert by_query["q1"].unit != by_query["q2"].unit
+    assert {u.user_id for u in users} == {"u"}
 
 
 def test_a_question_never_sees_an_item_dated_on_its_own_date(tmp_path):
@@ -262,4 +271,6 @@ def test_eval_on_a_file_mixing_date_formats_exits_2_naming_the_record(tmp_path, 
     data = _dated(tmp_path / "data", ["2012-01-01", "12/30/2011"], [("q", "u", None, [0, 1])])
     code = main(["eval", "--data", str(data), "--lm", "scripted", "--store", str(tmp_path / "store")])
     err = capsys.readouterr().err
-    assert code == 2 and "profile[1] (id h1): date '12/30/2011' is M/D/Y" in err and "Traceback" not in err
+    assert code == 2
+    assert "profile[1] (id h1): date '12/30/2011' is M/D/Y" in err
+    assert "Traceback" not in err

@@ -66,10 +66,12 @@ def test_before_the_change_the_user_passed_the_moved_label_over(key, seed):
 def test_rules_keep_both_rules_and_the_change_date(tmp_path, capsys):
     assert main(["make-data", str(tmp_path), "--task", "lamp2m", "--users", "3", "--drift", "--level", "readable"]) == 0
     out = capsys.readouterr().out
-    assert "stale rule" in out and "readable, drifting" in out
+    assert "stale rule" in out
+    assert "readable, drifting" in out
     rules = json.loads((tmp_path / "rules.json").read_text())
     for rule in rules.values():
-        assert rule["tag_priority"] != rule["drift"]["from"]["tag_priority"] and rule["level"] == "readable"
+        assert rule["tag_priority"] != rule["drift"]["from"]["tag_priority"]
+        assert rule["level"] == "readable"
         assert rule["drift"]["on"].startswith("2024-")
         moved = rule["tag_priority"][0]
         assert rule["drift"]["from"]["tag_priority"].index(moved) >= 10  # a label A ranks low moves to the top
@@ -87,7 +89,8 @@ def test_a_drift_set_the_old_rule_still_answers_is_refused(tmp_path, capsys, mon
 def test_every_shipped_set_loads_and_drifts_as_named(key, which):
     task = TASKS[key]
     users = load_users(shipped_data_dir(task, which), task)
-    assert len(users) == 8 and all(len(u.queries) == 6 for u in users)
+    assert len(users) == 8
+    assert all(len(u.queries) == 6 for u in users)
     assert all(("drift" in u.rule) == which.endswith("drift") for u in users)
     assert all((u.rule.get("level") == "readable") == which.startswith("readable") for u in users)
     # what the shipped files hold is what the generator writes for them today

@@ -3,10 +3,13 @@ import math
 import pytest
 
 from persona_agent.data.tasks import LAMP_1, LAMP_2M, LAMP_2N, LAMP_3, TaskDataError, classification_metrics, get_task
+from persona_agent.overrides import engine_of
 
 
 def test_lookup_by_any_spelling():
-    assert get_task("LaMP-2M") is LAMP_2M and get_task("lamp_3") is LAMP_3 and get_task("LaMP_1") is LAMP_1
+    assert get_task("LaMP-2M") is LAMP_2M
+    assert get_task("lamp_3") is LAMP_3
+    assert get_task("LaMP_1") is LAMP_1
     with pytest.raises(TaskDataError, match="unknown task"):
         get_task("lamp9")
 
@@ -20,8 +23,11 @@ def test_normalize_movie_tags(raw, label):
 
 
 def test_normalize_other_tasks():
-    assert LAMP_1.normalize("[2]") == "[2]" and LAMP_1.normalize("1") == "[1]" and LAMP_1.normalize("[3]") is None
-    assert LAMP_3.normalize("4 stars") == "4" and LAMP_3.normalize("seven") is None
+    assert LAMP_1.normalize("[2]") == "[2]"
+    assert LAMP_1.normalize("1") == "[1]"
+    assert LAMP_1.normalize("[3]") is None
+    assert LAMP_3.normalize("4 stars") == "4"
+    assert LAMP_3.normalize("seven") is None
     assert LAMP_2N.normalize("Style & Beauty") == "style & beauty"
 
 
@@ -58,8 +64,10 @@ def test_rating_metrics_unparseable_counts_as_farther_extreme():
 
 
 def test_example_score_is_graded_for_ratings():
-    assert LAMP_3.example_score("3", "3") == 1 and LAMP_3.example_score("3", "5") == 0.5
-    assert LAMP_2M.example_score("comedy", "Comedy") == 1 and LAMP_2M.example_score("comedy", "action") == 0
+    assert LAMP_3.example_score("3", "3") == 1
+    assert LAMP_3.example_score("3", "5") == 0.5
+    assert LAMP_2M.example_score("comedy", "Comedy") == 1
+    assert LAMP_2M.example_score("comedy", "action") == 0
 
 
 def test_official_scoring_reads_answers_as_lamps_scorer_does():
@@ -69,17 +77,20 @@ def test_official_scoring_reads_answers_as_lamps_scorer_does():
     assert LAMP_2M.invalid([" comedy ", "Comedy", "western", None]) == 3
     # ratings are floats: "4.5" is off by 0.5 and "10" by 6, never rounded or cut to a digit
     assert LAMP_3.score(["4", "4"], ["4.5", "10"])["mae"] == pytest.approx((0.5 + 6) / 2)
-    assert LAMP_3.score(["4"], ["4 stars"])["mae"] == 3 and LAMP_3.invalid(["4 stars", "4.0", "nan"]) == 2
-    assert LAMP_3.errors(["2", "5"], ["3", "x"]) == [1.0, 4.0] and LAMP_2M.errors(["comedy"], ["action"]) == [1.0]
+    assert LAMP_3.score(["4"], ["4 stars"])["mae"] == 3
+    assert LAMP_3.invalid(["4 stars", "4.0", "nan"]) == 2
+    assert LAMP_3.errors(["2", "5"], ["3", "x"]) == [1.0, 4.0]
+    assert LAMP_2M.errors(["comedy"], ["action"]) == [1.0]
 
 
 @pytest.mark.parametrize("raw", ["4", "4.0", 4, 4.0, " 4 "])
 def test_a_rating_is_read_as_lamp_reads_it_whatever_its_json_type(raw, fake_lm):
     from persona_agent.pipelines.agent import non_personalized
 
-    fake_lm._engine_spec.policy = lambda fields, s, u: {"answer": raw}
+    engine_of(fake_lm).policy = lambda fields, s, u: {"answer": raw}
     answer = non_personalized(LAMP_3)(query=LAMP_3.make_input("Solid and reliable.", LAMP_3.labels)).answer
-    assert answer == "4" and LAMP_3.score(["4"], [answer])["mae"] == 0.0
+    assert answer == "4"
+    assert LAMP_3.score(["4"], [answer])["mae"] == 0.0
 
 
 @pytest.mark.parametrize("raw, label", [("10", None), ("0", None), ("4.5", None), ("4 stars", "4"), ("5/5", "5"),
@@ -96,7 +107,8 @@ def test_the_first_profiles_order_comes_from_choices_where_items_name_their_labe
              + [("A film that is comedy and romance.", "comedy")] * 2)
     order = LAMP_2M.choice_order(items)
     assert [label for label, _, _ in order] == ["fantasy", "action", "comedy"]
-    assert order[0] == ("fantasy", 2, 2) and order[1] == ("action", 5, 7)
+    assert order[0] == ("fantasy", 2, 2)
+    assert order[1] == ("action", 5, 7)
     facts = LAMP_2M.facts(items, by_choice=True)
     assert facts.startswith("labels they chose over the others an item named, strongest first: fantasy (2 of 2 times)")
     # the rewriter's facts on a batch of whole requests (every label in their list) stay counts
@@ -119,4 +131,5 @@ def test_a_longer_label_named_is_not_also_its_shorter_part():
 
 def test_a_rating_stated_in_a_review_is_no_choice_between_labels():
     items = [("Works fine. It reads as a 4, or a 3 on a bad day.", "4")] * 6
-    assert LAMP_3.choice_order(items) == [] and LAMP_3.facts(items).startswith("their scores")
+    assert LAMP_3.choice_order(items) == []
+    assert LAMP_3.facts(items).startswith("their scores")

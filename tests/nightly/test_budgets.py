@@ -7,12 +7,13 @@ import dspy
 import mlflow
 import pytest
 
+from persona_agent.adapters.fakes import FakeEngine
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.runtime.fakes import FakeEngine
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.settings import LMConfig, Settings
 
 from ..helpers import ingest_into
 
@@ -32,7 +33,7 @@ def _lm():
 
 
 def _committed(settings) -> set[str]:
-    states = settings.states(LAMP_2M.key)
+    states = StateStore.of(settings, LAMP_2M.key)
     mlflow.set_tracking_uri(settings.tracking_uri)
     versions = {u for u in PersonaRegistry(LAMP_2M).users()["user_id"]}
     done = {u for u in ("u0000", "u0001", "u0002") if states.get(u)}
@@ -44,17 +45,21 @@ def test_a_user_past_the_per_user_budget_is_deferred_whole_and_aligned_later(nig
     lm, engine = _lm()
     with dspy.context(adapter=dspy.JSONAdapter()):
         summary = run_nightly(replace(night, max_calls_per_user=3), LAMP_2M, lm=lm)
-    assert sorted(summary.deferred) == ["u0000", "u0001", "u0002"] and not summary.failed
+    assert sorted(summary.deferred) == ["u0000", "u0001", "u0002"]
+    assert not summary.failed
     assert all("3 LM calls a user may use" in why for why in summary.deferred.values())
-    assert _committed(night) == set() and summary.counts()["users_deferred"] == 3
+    assert _committed(night) == set()
+    assert summary.counts()["users_deferred"] == 3
     # the calls deferred users made count, in the summary and in MLflow: every call the LM saw
     assert summary.lm_calls == len(engine.calls) == 9
     run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
-    assert run["metrics.users_deferred"] == 3 and run["metrics.lm_calls"] == 9
+    assert run["metrics.users_deferred"] == 3
+    assert run["metrics.lm_calls"] == 9
     assert "u0000,deferred,,3," in mlflow.artifacts.load_text(f"runs:/{run.run_id}/users.csv")
     with dspy.context(adapter=dspy.JSONAdapter()):
         summary = run_nightly(night, LAMP_2M, lm=_lm()[0])  # no budget tonight
-    assert len(summary.aligned) + len(summary.rejected) == 3 and _committed(night) == {"u0000", "u0001", "u0002"}
+    assert len(summary.aligned) + len(summary.rejected) == 3
+    assert _committed(night) == {"u0000", "u0001", "u0002"}
 
 
 def test_the_nights_budget_stops_lm_calls_and_defers_the_rest(night):
@@ -64,5 +69,7 @@ def test_the_nights_budget_stops_lm_calls_and_defers_the_rest(night):
     assert len(engine.calls) <= 15  # not one call past the budget
     assert summary.lm_calls == len(engine.calls)  # the deferred users' calls included
     done = _committed(night)
-    assert len(done) == 1 and len(summary.deferred) == 2 and set(summary.deferred).isdisjoint(done)
+    assert len(done) == 1
+    assert len(summary.deferred) == 2
+    assert set(summary.deferred).isdisjoint(done)
     assert any("night's budget of 15" in why for why in summary.deferred.values())

@@ -17,12 +17,13 @@ from dataclasses import replace
 import mlflow
 import pytest
 
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.jobs import fingerprint
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import Store
+from persona_agent.settings import Settings
 
 KILLS = 8
 USERS = 6
@@ -57,7 +58,7 @@ def _check_store(settings: Settings) -> dict:
             assert len(ids) == len(set(ids)) == memory.count(user), f"duplicate memories for {user}"
             sizes[user], fingerprints[user] = len(ids), fingerprint(memory.items(user))
     mlflow.set_tracking_uri(settings.tracking_uri)
-    registry, states = PersonaRegistry(LAMP_2M), settings.states(LAMP_2M.key)
+    registry, states = PersonaRegistry(LAMP_2M), StateStore.of(settings, LAMP_2M.key)
     for user in sizes:
         versions = registry.versions(user)
         tags = Counter((v.tags.get("fingerprint"), v.tags.get("iteration")) for v in versions)
@@ -102,7 +103,7 @@ def kill_again_and_again(tmp_path, *nightly_args: str, min_killed: int = KILLS /
             killed += 1
         proc.wait()
         sizes = _check_store(settings)
-        landed.append((sum(sizes.values()), len(settings.states(LAMP_2M.key).user_ids()) if settings.state_db.exists() else 0))
+        landed.append((sum(sizes.values()), len(StateStore.of(settings, LAMP_2M.key).user_ids()) if settings.state_db.exists() else 0))
     print(f"{killed} kills; memories and users done after each:", landed)
     assert killed >= min_killed, f"only {killed} of {KILLS} runs were killed mid-way"
     for path in events:  # the rerun: whatever the kills interrupted gets finished
@@ -110,7 +111,7 @@ def kill_again_and_again(tmp_path, *nightly_args: str, min_killed: int = KILLS /
     assert subprocess.run(nightly, env=env, capture_output=True).returncode == 0
     sizes = _check_store(settings)
     assert sum(sizes.values()) == USERS * 8 + 2 * KILLS  # every memory once: nothing lost, nothing doubled
-    states = settings.states(LAMP_2M.key)
+    states = StateStore.of(settings, LAMP_2M.key)
     with _memory(settings) as memory:
         for user in sizes:  # every user aligned on their whole, final history
             assert states.get(user)["fingerprint"] == fingerprint(memory.items(user))

@@ -8,13 +8,14 @@ import dspy
 import mlflow
 import pytest
 
+from persona_agent.adapters.fakes import FAULTS, FaultyEngine
+from persona_agent.adapters.llm import build_lm
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import print_summary, run_nightly
-from persona_agent.runtime.fakes import FAULTS, FaultyEngine
-from persona_agent.runtime.llm import build_lm
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.settings import LMConfig, Settings
 
 from ..helpers import ingest_into
 
@@ -48,10 +49,12 @@ def test_every_fault_kind_is_survived_and_counted(night):
         summary = run_nightly(replace(night, workers=1), LAMP_2M, lm=lm)
     assert set(engine.injected) == set(FAULTS)  # every kind was injected at least once
     # 3 retries absorb the transient faults; the unusable answers became counted fallbacks
-    assert not summary.failed and len(summary.aligned) + len(summary.rejected) == 3
+    assert not summary.failed
+    assert len(summary.aligned) + len(summary.rejected) == 3
     assert summary.fallbacks >= engine.injected["empty"] + engine.injected["malformed"] > 0
     production = _production(night)
-    assert len(production) == 3 and all(v is not None for v in production.values())
+    assert len(production) == 3
+    assert all(v is not None for v in production.values())
 
 
 def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_on(night, tmp_path, capsys):
@@ -64,8 +67,10 @@ def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_o
     ingest_into(night, events)
     lm, engine = _faulty_lm(rate=0.0, poison=POISON)
     summary = run_nightly(replace(night, workers=2), LAMP_2M, lm=lm)
-    assert list(summary.failed) == ["u0001"] and "ServerError" in summary.failed["u0001"]
-    assert summary.aligned + summary.rejected == ["u0002"] and summary.counts()["users_unchanged"] == 1  # u0000
+    assert list(summary.failed) == ["u0001"]
+    assert "ServerError" in summary.failed["u0001"]
+    assert summary.aligned + summary.rejected == ["u0002"]
+    assert summary.counts()["users_unchanged"] == 1  # u0000
     after = _production(night)
     assert after["u0001"] == before["u0001"]  # kept, intact
     PersonaRegistry(LAMP_2M).get("u0001")
@@ -73,7 +78,8 @@ def test_a_user_whose_calls_keep_failing_keeps_their_persona_and_the_others_go_o
     assert "failed: u0001" in capsys.readouterr().out
     # the next night (the LLM healthy again) retries the failed user, and only them
     summary = run_nightly(replace(night, workers=2), LAMP_2M, lm=build_lm(night.lm))
-    assert summary.aligned + summary.rejected == ["u0001"] and not summary.failed
+    assert summary.aligned + summary.rejected == ["u0001"]
+    assert not summary.failed
 
 
 def test_a_faulty_remote_server_is_survived(night, monkeypatch, fake_llm_server):
@@ -90,13 +96,14 @@ def test_a_faulty_remote_server_is_survived(night, monkeypatch, fake_llm_server)
         server.shutdown()
     injected = server.handler.injected
     assert set(injected) == set(fake_llm_server.SERVER_FAULTS), injected
-    assert not summary.failed and len(summary.aligned) + len(summary.rejected) == 3
+    assert not summary.failed
+    assert len(summary.aligned) + len(summary.rejected) == 3
     assert summary.fallbacks > 0
 
 
 def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
     run_nightly(replace(night, workers=2), LAMP_2M, lm=build_lm(night.lm))
-    from persona_agent.runtime.registry import prompt_name
+    from persona_agent.adapters.registry import prompt_name
 
     # someone edits u0001's production prompt by hand into something that is not a persona
     version = mlflow.genai.register_prompt(prompt_name("lamp2m", "u0001"), template="Be nice.").version
@@ -106,11 +113,13 @@ def test_a_user_that_cannot_be_planned_is_failed_alone(night, tmp_path):
                                             "response": "action"}) for u in ("u0001", "u0002")))
     ingest_into(night, events)
     summary = run_nightly(replace(night, workers=2), LAMP_2M, lm=build_lm(night.lm))
-    assert list(summary.failed) == ["u0001"] and "planning failed" in summary.failed["u0001"]
+    assert list(summary.failed) == ["u0001"]
+    assert "planning failed" in summary.failed["u0001"]
     assert summary.aligned + summary.rejected == ["u0002"]
     runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])
     users_csv = mlflow.artifacts.load_text(f"runs:/{runs.run_id[0]}/users.csv")
-    assert "u0001,failed" in users_csv and "planning failed" in users_csv
+    assert "u0001,failed" in users_csv
+    assert "planning failed" in users_csv
 
 
 def test_a_history_that_shrank_is_a_damaged_store_named_and_nobody_is_aligned_on_it(night, monkeypatch, tmp_path):
@@ -124,14 +133,19 @@ def test_a_history_that_shrank_is_a_damaged_store_named_and_nobody_is_aligned_on
     items, user_ids = EpisodicMemory.items, EpisodicMemory.user_ids
     monkeypatch.setattr(EpisodicMemory, "items", lambda self, u: items(self, u)[:3] if u == "u0001" else items(self, u))
     monkeypatch.setattr(EpisodicMemory, "user_ids", lambda self: [u for u in user_ids(self) if u != "u0002"])
-    night.states(LAMP_2M.key).mark_changed(["u0001"])  # an ingest for u0001
+    StateStore.of(night, LAMP_2M.key).mark_changed(["u0001"])  # an ingest for u0001
     summary = run_nightly(night, LAMP_2M, lm=build_lm(night.lm))
-    assert list(summary.failed) == ["u0001"] and "5 of 8 items aligned on are missing" in summary.failed["u0001"]
-    summary = run_nightly(replace(night, plan_all=True), LAMP_2M, lm=build_lm(night.lm))
-    assert sorted(summary.failed) == ["u0001", "u0002"] and summary.unchanged == ["u0000"]
+    assert list(summary.failed) == ["u0001"]
     assert "5 of 8 items aligned on are missing" in summary.failed["u0001"]
-    assert "all of the items" in summary.failed["u0002"] and "damaged" in summary.failed["u0002"]
-    assert not summary.aligned and not summary.rejected and _production(night) == before
+    summary = run_nightly(replace(night, plan_all=True), LAMP_2M, lm=build_lm(night.lm))
+    assert sorted(summary.failed) == ["u0001", "u0002"]
+    assert summary.unchanged == ["u0000"]
+    assert "5 of 8 items aligned on are missing" in summary.failed["u0001"]
+    assert "all of the items" in summary.failed["u0002"]
+    assert "damaged" in summary.failed["u0002"]
+    assert not summary.aligned
+    assert not summary.rejected
+    assert _production(night) == before
     # each user counted once: u0002 failed, so it is not also "untouched" (counted as unchanged)
     counts = summary.counts()
     assert counts["users_failed"] + counts["users_unchanged"] + counts["users_aligned"] + counts["users_rejected"] == 3

@@ -12,12 +12,13 @@ from dataclasses import replace
 import mlflow
 import pytest
 
+from persona_agent.adapters.llm import build_lm
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.runtime.llm import build_lm
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.settings import LMConfig, Settings
 
 from ..helpers import ingest_into
 
@@ -25,7 +26,7 @@ USERS = 6
 
 
 def _done(settings) -> int:
-    return len(settings.states(LAMP_2M.key).user_ids()) if settings.state_db.exists() else 0
+    return len(StateStore.of(settings, LAMP_2M.key).user_ids()) if settings.state_db.exists() else 0
 
 
 def _wait_for(condition, seconds=120.0):
@@ -96,15 +97,18 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
         calls_after = server.handler.calls - calls_at_signal
         committed = _done(settings)
         assert proc.returncode == 128 + sig, err[-2000:]
-        assert f"stopped by {sig.name}" in out and "Traceback" not in err
+        assert f"stopped by {sig.name}" in out
+        assert "Traceback" not in err
         assert calls_after <= 1  # at most the call already in flight (1 worker): nothing new started
         assert committed == 1  # the user that finished before the signal, and no other
         mlflow.set_tracking_uri(settings.tracking_uri)
-        registry, states = PersonaRegistry(LAMP_2M), settings.states(LAMP_2M.key)
+        registry, states = PersonaRegistry(LAMP_2M), StateStore.of(settings, LAMP_2M.key)
         served = {u for u in registry.users()["user_id"] if registry.production_version(u) is not None}
-        assert {u for u in served if states.get(u)} == {u for u in served if states.get(u)} and len(served) >= committed
+        assert {u for u in served if states.get(u)} == {u for u in served if states.get(u)}
+        assert len(served) >= committed
         run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
-        assert run["tags.stopped_by"] == sig.name and run["status"] == "FINISHED"
+        assert run["tags.stopped_by"] == sig.name
+        assert run["status"] == "FINISHED"
         assert run["metrics.users_interrupted"] == USERS - run["metrics.users_aligned"] - run["metrics.users_rejected"]
         # the next run does the rest, and only the rest
         server.handler.hold = None
@@ -113,7 +117,8 @@ def test_a_signal_stops_new_work_at_once_commits_what_finished_and_a_rerun_finis
         server.handler.released.set()
         server.shutdown()
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert _done(settings) == USERS and f"unchanged {committed}" in rerun.stdout
+    assert _done(settings) == USERS
+    assert f"unchanged {committed}" in rerun.stdout
 
 
 @pytest.mark.slow
@@ -139,7 +144,8 @@ def test_a_second_ctrl_c_aborts_at_once_in_one_line_and_the_night_reads_killed(t
     assert proc.returncode == 130 and "Traceback" not in err and "persona-agent: aborted" in err, err[-2000:]
     mlflow.set_tracking_uri(settings.tracking_uri)
     run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
-    assert run["status"] == "KILLED" and "twice" in run["tags.stopped_by"]
+    assert run["status"] == "KILLED"
+    assert "twice" in run["tags.stopped_by"]
     assert _done(settings) == 1  # what was committed before stands
 
 
@@ -168,10 +174,12 @@ def test_a_killed_commit_process_is_replaced_or_the_rest_fail_named(restarts, tm
     assert killed
     if restarts:
         assert _done(settings) == USERS
-        assert not summary.failed and len(summary.aligned) + len(summary.rejected) == USERS
+        assert not summary.failed
+        assert len(summary.aligned) + len(summary.rejected) == USERS
         mlflow.set_tracking_uri(settings.tracking_uri)
         registry = PersonaRegistry(LAMP_2M)
         assert all(registry.production_version(u) is not None for u in registry.users()["user_id"])
     else:  # no restart allowed: the users not yet committed fail, named, and are retried next run
-        assert 1 <= _done(settings) < USERS and len(summary.failed) == USERS - _done(settings)
+        assert 1 <= _done(settings) < USERS
+        assert len(summary.failed) == USERS - _done(settings)
         assert all("commit failed: BrokenProcessPool" in e for e in summary.failed.values())

@@ -10,14 +10,16 @@ from dataclasses import replace
 import pytest
 from filelock import FileLock
 
+from persona_agent.adapters.points import open_memory
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M, TaskDataError
 from persona_agent.nightly.driver import NightlyLocked, run_nightly
 from persona_agent.nightly.jobs import fingerprint
-from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.pipelines.memory import MemoryItem
+from persona_agent.settings import LMConfig, Settings
 
 from ..helpers import ingest_into
 
@@ -42,7 +44,8 @@ def test_ingest_is_idempotent(store, tmp_path):
     first, again = ingest_into(settings, data), ingest_into(settings, data)
     assert (first.added, again.added, again.already_known) == (32, 0, 32)
     event = _event(tmp_path, "u0001", 1)
-    assert ingest_into(settings, event).added == 1 and ingest_into(settings, event).added == 0
+    assert ingest_into(settings, event).added == 1
+    assert ingest_into(settings, event).added == 0
 
 
 def test_bad_events_are_rejected_before_anything_is_written(store, tmp_path):
@@ -52,7 +55,7 @@ def test_bad_events_are_rejected_before_anything_is_written(store, tmp_path):
     bad.write_text(good + "\n" + json.dumps({"user_id": "x", "input": "description: b", "response": "western"}) + "\n")
     with pytest.raises(TaskDataError, match=r"bad.jsonl:2: gold 'western'"):
         ingest_into(settings, bad)
-    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+    memory = open_memory(path=str(settings.qdrant_path))
     assert memory.count() == 0
     memory.close()
 
@@ -61,13 +64,16 @@ def test_only_users_with_new_interactions_are_realigned(store, tmp_path):
     settings, data = store
     ingest_into(settings, data)
     first = run_nightly(settings, LAMP_2M)
-    assert sorted(first.aligned + first.rejected) == ["u0000", "u0001", "u0002", "u0003"] and first.lm_calls > 0
+    assert sorted(first.aligned + first.rejected) == ["u0000", "u0001", "u0002", "u0003"]
+    assert first.lm_calls > 0
     second = run_nightly(settings, LAMP_2M)
-    assert second.lm_calls == 0 and second.counts()["users_unchanged"] == 4
+    assert second.lm_calls == 0
+    assert second.counts()["users_unchanged"] == 4
     assert second.unchanged == []  # no change was marked: no user's memory was even read
     ingest_into(settings, _event(tmp_path, "u0002", 1))
     third = run_nightly(settings, LAMP_2M)
-    assert third.aligned + third.rejected == ["u0002"] and third.counts()["users_unchanged"] == 3
+    assert third.aligned + third.rejected == ["u0002"]
+    assert third.counts()["users_unchanged"] == 3
 
 
 def test_memory_written_outside_ingest_is_planned_with_all_users(store, tmp_path):
@@ -76,12 +82,13 @@ def test_memory_written_outside_ingest_is_planned_with_all_users(store, tmp_path
     settings, data = store
     ingest_into(settings, data)
     run_nightly(settings, LAMP_2M)
-    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+    memory = open_memory(path=str(settings.qdrant_path))
     memory.add("u0003", [MemoryItem("outside-1", LAMP_2M.make_input("A quiet heist film.", LAMP_2M.labels), "action")])
     memory.close()
     assert run_nightly(settings, LAMP_2M).lm_calls == 0
     summary = run_nightly(replace(settings, plan_all=True), LAMP_2M)
-    assert summary.aligned + summary.rejected == ["u0003"] and sorted(summary.unchanged) == ["u0000", "u0001", "u0002"]
+    assert summary.aligned + summary.rejected == ["u0003"]
+    assert sorted(summary.unchanged) == ["u0000", "u0001", "u0002"]
 
 
 def test_a_store_of_the_earlier_version_is_migrated_once(store, tmp_path):
@@ -92,7 +99,7 @@ def test_a_store_of_the_earlier_version_is_migrated_once(store, tmp_path):
     settings, data = store
     ingest_into(settings, data)
     run_nightly(settings, LAMP_2M)
-    states = settings.states(LAMP_2M.key)
+    states = StateStore.of(settings, LAMP_2M.key)
     legacy = settings.nightly_state(LAMP_2M.key)
     legacy.mkdir(parents=True)
     for user, body in states.items():  # what the earlier version left: a file per user, no marks
@@ -101,10 +108,13 @@ def test_a_store_of_the_earlier_version_is_migrated_once(store, tmp_path):
     settings.state_db.unlink()
     ingest_into(settings, _event(tmp_path, "u0002", 1))  # marks u0002 only: the others come from the migration
     summary = run_nightly(settings, LAMP_2M)
-    assert summary.aligned + summary.rejected == ["u0002"] and sorted(summary.unchanged) == ["u0000", "u0001", "u0003"]
-    assert settings.states(LAMP_2M.key).count() == 4
+    assert summary.aligned + summary.rejected == ["u0002"]
+    assert sorted(summary.unchanged) == ["u0000", "u0001", "u0003"]
+    assert StateStore.of(settings, LAMP_2M.key).count() == 4
     again = run_nightly(settings, LAMP_2M)  # once: the next night reads nobody
-    assert again.lm_calls == 0 and again.unchanged == [] and again.counts()["users_unchanged"] == 4
+    assert again.lm_calls == 0
+    assert again.unchanged == []
+    assert again.counts()["users_unchanged"] == 4
 
 
 def test_a_second_concurrent_run_refuses_to_start(store, capsys):
@@ -135,7 +145,7 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
     cmd = [sys.executable, "-m", "persona_agent.cli", "nightly", "--store", str(settings.store), "--lm", "scripted:0.01",
            "--workers", "2", "-n", "2", "-T", "2"]
     env = {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "cache")}
-    states = settings.states(LAMP_2M.key)
+    states = StateStore.of(settings, LAMP_2M.key)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (settings.state_db.exists() and states.count()) and time.time() < deadline and proc.poll() is None:
@@ -146,7 +156,8 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
     deadline = time.time() + 10  # the committer process notices and exits too: no orphan
     while any(_parent(pid) is not None for pid in children) and time.time() < deadline:
         time.sleep(0.1)
-    assert children and all(_parent(pid) is None for pid in children)
+    assert children
+    assert all(_parent(pid) is None for pid in children)
     done_before = states.count()
     assert 0 < done_before < 8, "the kill should land mid-run"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
@@ -154,7 +165,7 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
     import mlflow
 
     mlflow.set_tracking_uri(settings.tracking_uri)
-    registry, memory = PersonaRegistry(LAMP_2M), EpisodicMemory.open(path=str(settings.qdrant_path))
+    registry, memory = PersonaRegistry(LAMP_2M), open_memory(path=str(settings.qdrant_path))
     try:
         for user in memory.user_ids():
             state = states.get(user)
@@ -179,7 +190,8 @@ def test_ray_executor_gives_the_same_personas_as_threads(tmp_path, monkeypatch, 
                             iterations=2, max_iters=1)
         ingest_into(settings, data)
         summary = run_nightly(replace(settings, workers=2), LAMP_2M, executor=executor)
-        assert not summary.failed and summary.lm_calls > 0
+        assert not summary.failed
+        assert summary.lm_calls > 0
         import mlflow
 
         mlflow.set_tracking_uri(settings.tracking_uri)

@@ -6,11 +6,12 @@ from dataclasses import replace
 
 import pytest
 
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.settings import LMConfig, Settings
 
 from ..helpers import ingest_into
 from .test_crash import kill_again_and_again
@@ -33,9 +34,10 @@ def test_parallel_committers_commit_every_user_once(server, tmp_path, monkeypatc
         keys = collections.Counter((v.tags.get("fingerprint"), v.tags.get("iteration")) for v in versions)
         assert keys and max(keys.values()) == 1, (user, keys)  # no version registered twice
         assert registry.production_version(user) is not None
-    assert settings.states(LAMP_2M.key).pending() == {}  # every commit recorded its state
+    assert StateStore.of(settings, LAMP_2M.key).pending() == {}  # every commit recorded its state
     again = run_nightly(replace(settings, committers=1), LAMP_2M)
-    assert again.lm_calls == 0 and again.counts()["users_unchanged"] == 8
+    assert again.lm_calls == 0
+    assert again.counts()["users_unchanged"] == 8
 
 
 def test_killed_committers_leave_no_duplicate_and_the_next_night_redoes_their_users(server, tmp_path, monkeypatch):
@@ -80,12 +82,13 @@ def test_postgres_restarted_mid_night_fails_the_users_it_hit_named_and_the_next_
     assert outage == ["stopped", "started"]
     assert first.failed and all(why.startswith("commit failed: ") for why in first.failed.values()), first.failed
     assert sorted(first.aligned + first.rejected + list(first.failed)) == users
-    states = settings.states(LAMP_2M.key)
+    states = StateStore.of(settings, LAMP_2M.key)
     assert set(states.pending()) == set(first.failed)  # the committed ones are done, the failed ones left
 
     monkeypatch.setattr(driver, "_tally", tally)
     second = run_nightly(settings, LAMP_2M)
-    assert not second.failed and sorted(second.aligned + second.rejected) == sorted(first.failed)
+    assert not second.failed
+    assert sorted(second.aligned + second.rejected) == sorted(first.failed)
     registry = PersonaRegistry(LAMP_2M, server)
     for user in users:
         keys = collections.Counter((v.tags.get("fingerprint"), v.tags.get("iteration"))

@@ -8,15 +8,16 @@ from dataclasses import replace
 import dspy
 import mlflow
 
+from persona_agent.adapters.fakes import FakeEngine
+from persona_agent.adapters.llm import build_lm
+from persona_agent.adapters.state import StateStore
 from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
 from persona_agent.nightly.jobs import UserJob, fingerprint, prequential
 from persona_agent.pipelines.memory import MemoryItem
-from persona_agent.runtime.fakes import FakeEngine
-from persona_agent.runtime.llm import build_lm
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.settings import LMConfig, Settings
 
 from ..helpers import ingest_into, write_events
 
@@ -30,7 +31,8 @@ def test_the_production_persona_is_scored_only_on_items_it_has_never_seen():
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
         scored = prequential(job, LAMP_2M, Settings(score_max=2))
     assert scored.item_ids == ["n1", "n2"]  # the newest unseen, at most score_max
-    assert scored.golds == ["comedy", "comedy"] and scored.production == scored.non_personalized == ["comedy"] * 2
+    assert scored.golds == ["comedy", "comedy"]
+    assert scored.production == scored.non_personalized == ["comedy"] * 2
     prompts = [system + user for _, system, user in engine.calls]
     assert scored.lm_calls == len(prompts) > 0
     # every prompt names at most the one new item it asks about: no new item is recalled or shown
@@ -48,8 +50,9 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
                         workers=2)
     ingest_into(settings, write_dataset(tmp_path / "data", LAMP_2M, n_users=3, n_history=6, n_queries=1, seed=8))
     first = run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm))
-    assert first.night == 1 and not first.scored  # new users: no production persona to score yet
-    states = settings.states(LAMP_2M.key)
+    assert first.night == 1
+    assert not first.scored  # new users: no production persona to score yet
+    states = StateStore.of(settings, LAMP_2M.key)
     assert len(states.get("u0001")["item_ids"]) == 6
     rows = [{"user_id": f"u{u:04d}", "id": f"new-{u}-{d}", "response": "comedy", "timestamp": f"2027-01-0{d + 1}",
              "input": LAMP_2M.make_input(f"A night-two film {u}-{d}.", LAMP_2M.labels)}
@@ -59,13 +62,17 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     assert main(["nightly", "--store", str(settings.store), "--lm", "scripted", "-n", "2", "-T", "1"]) == 0
     printed = capsys.readouterr().out.splitlines()  # not a terminal: one line per sentence, never wrapped
     assert "new interactions scored: 6; production persona accuracy 1.000, non-personalized 1.000 (" in printed[0]
-    assert printed[1].startswith("aligned ") and printed[1].endswith(" s")
+    assert printed[1].startswith("aligned ")
+    assert printed[1].endswith(" s")
     mlflow.set_tracking_uri(settings.tracking_uri)
     run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
-    assert run["tags.night"] == "2" and run["metrics.prequential_items"] == 6
-    assert run["tags.mlflow.runName"].startswith("nightly-lamp2m-night2-") and run["tags.command"] == "nightly"
+    assert run["tags.night"] == "2"
+    assert run["metrics.prequential_items"] == 6
+    assert run["tags.mlflow.runName"].startswith("nightly-lamp2m-night2-")
+    assert run["tags.command"] == "nightly"
     assert f"MLflow run {run.run_id} (night 2); see it: mlflow ui --backend-store-uri " in printed[-1]
-    assert run["params.rollback_on_regression"] == "0" and "params.rollback_after" not in run
+    assert run["params.rollback_on_regression"] == "0"
+    assert "params.rollback_after" not in run
     users = mlflow.artifacts.load_text(f"runs:/{run.run_id}/users.csv").splitlines()
     assert users[0] == "user_id,status,version,lm_calls,cached_calls,tokens,fallbacks,error,worker"
     history = mlflow.MlflowClient().get_metric_history(run.run_id, "prequential_production_accuracy")
@@ -78,14 +85,16 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["report", "--store", str(settings.store)]) == 0
     csv = (settings.store / "reports" / "prequential-lamp2m.csv").read_text().splitlines()
-    assert csv[0] == "night,user_id,n,production_score,non_personalized_score" and len(csv) == 1 + 3 + 1
+    assert csv[0] == "night,user_id,n,production_score,non_personalized_score"
+    assert len(csv) == 1 + 3 + 1
     # night 3: its run draws the whole series as a line, night 2's point included
     ingest_into(settings, write_events(tmp_path / "night3.jsonl", [
         {**r, "id": r["id"] + "-3", "timestamp": "2027-02-01", "response": "action"} for r in rows[::2]]))
     assert main(["nightly", "--store", str(settings.store), "--lm", "scripted", "-n", "2", "-T", "1"]) == 0
     third = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
     history = mlflow.MlflowClient().get_metric_history(third.run_id, "prequential_production_accuracy")
-    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [2, 3] and third["tags.night"] == "3"
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [2, 3]
+    assert third["tags.night"] == "3"
     assert {m.step: m.value for m in history}[2] == 1.0
 
 
@@ -95,7 +104,9 @@ def test_a_night_with_nothing_new_or_a_killed_one_does_not_move_the_count(tmp_pa
     ingest_into(settings, write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=4, n_queries=1, seed=8))
     assert run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm)).night == 1
     empty = run_nightly(settings, LAMP_2M, lm=build_lm(settings.lm))  # nothing new: nobody aligned
-    assert not empty.aligned and not empty.rejected and empty.night == 2
+    assert not empty.aligned
+    assert not empty.rejected
+    assert empty.night == 2
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_experiment(settings.experiment)
     with mlflow.start_run(tags={"nightly_task": LAMP_2M.key, "night": "2"}):  # a night killed half way

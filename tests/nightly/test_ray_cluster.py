@@ -12,13 +12,14 @@ import time
 import pandas as pd
 import pytest
 
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly import driver
 from persona_agent.nightly.committer import Committer
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.settings import LMConfig, Settings
 
 from ..helpers import ingest_into
 
@@ -73,7 +74,7 @@ def test_a_night_on_two_ray_nodes_with_a_worker_killed(ray_cluster, server, tmp_
                         iterations=2, max_iters=1, workers=4)
     ingest_into(settings, write_dataset(tmp_path / "data", LAMP_2M, n_users=len(USERS), n_history=6, n_queries=1,
                                         seed=8))
-    states, stop, killed, nodes, tally = settings.states(LAMP_2M.key), threading.Event(), [], set(), driver._tally
+    states, stop, killed, nodes, tally = StateStore.of(settings, LAMP_2M.key), threading.Event(), [], set(), driver._tally
 
     def tally_noting_the_node(summary, outcome, version):
         if outcome.worker and not isinstance(version, BaseException):
@@ -109,7 +110,8 @@ def test_a_night_on_two_ray_nodes_with_a_worker_killed(ray_cluster, server, tmp_
     assert set(states.pending()) == set(first.failed)  # exactly the failed users are left for next night
 
     second = run_nightly(settings, LAMP_2M, executor="ray")
-    assert not second.failed and sorted(second.aligned + second.rejected) == sorted(first.failed)
+    assert not second.failed
+    assert sorted(second.aligned + second.rejected) == sorted(first.failed)
     each_version_once()
     assert states.pending() == {}
     for user in USERS:

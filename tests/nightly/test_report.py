@@ -31,15 +31,18 @@ def test_the_report_has_each_night_overall_and_per_user_and_names_who_fell(mlflo
     report = write_report(LAMP_2M, tmp_path / "out", k=2)
     table = pd.read_csv(report.csv)
     overall = table[table.user_id == "all"].set_index("night")
-    assert list(overall.index) == [2, 3, 4] and list(overall.n) == [4, 5, 1]
+    assert list(overall.index) == [2, 3, 4]
+    assert list(overall.n) == [4, 5, 1]
     assert overall.production_score.tolist() == pytest.approx([0.75, 0.6, 1.0])
     assert overall.non_personalized_score.tolist() == pytest.approx([0.25, 0.2, 0.0])
     u2 = table[table.user_id == "u2"].set_index("night")
-    assert u2.production_score.tolist() == [0.5, 0.0] and list(u2.n) == [2, 2]
+    assert u2.production_score.tolist() == [0.5, 0.0]
+    assert list(u2.n) == [2, 2]
     assert report.fell.user_id.tolist() == ["u2"]  # 0.0 on night 3 after 0.5; u1 never fell
     assert report.png.stat().st_size > 10_000
     run = mlflow.search_runs(filter_string="tags.command = 'report'").iloc[0]
-    assert run["metrics.users_fell"] == 1 and run["params.last"] == "2"  # named as the --last option
+    assert run["metrics.users_fell"] == 1
+    assert run["params.last"] == "2"  # named as the --last option
     assert run["tags.mlflow.runName"].startswith("report-lamp2m-last2-")
     files = {f.path for f in mlflow.MlflowClient().list_artifacts(run.run_id)}
     assert files == {"prequential-lamp2m.csv", "prequential-lamp2m.png"}

@@ -6,12 +6,13 @@ import json
 import dspy
 import mlflow
 
+from persona_agent.adapters.fakes import FakeEngine, default_policy
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
 from persona_agent.nightly.jobs import last_better
-from persona_agent.runtime.fakes import FakeEngine, default_policy
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.settings import LMConfig, Settings
 
 from ..helpers import ingest_into, write_events
 
@@ -22,7 +23,8 @@ def test_last_better_rolls_back_only_below_the_recent_mean_and_to_a_better_versi
     assert last_better(scores, {"version": 4, "score": 0.7}, 2) is None  # not below the mean of the last 2
     assert last_better(scores, {"version": 4, "score": 0.5}, 1) == 3
     assert last_better(scores[:2], {"version": 2, "score": 0.1}, 3) == 1  # the same version is no way back
-    assert last_better([], {"version": 1, "score": 0.0}, 3) is None and last_better(scores, {"version": 4, "score": 0.0}, 0) is None
+    assert last_better([], {"version": 1, "score": 0.0}, 3) is None
+    assert last_better(scores, {"version": 4, "score": 0.0}, 0) is None
 
 
 def test_a_regressed_production_persona_is_rolled_back(tmp_path, monkeypatch):
@@ -55,12 +57,15 @@ def test_a_regressed_production_persona_is_rolled_back(tmp_path, monkeypatch):
     second = night(1, 2)  # v2 scores 1.0 on the new items; v3 "Prefers action." is accepted
     mlflow.set_tracking_uri(settings.tracking_uri)
     registry = PersonaRegistry(LAMP_2M)
-    assert not second.rolled_back and registry.production_version("u1") == 3
+    assert not second.rolled_back
+    assert registry.production_version("u1") == 3
     third = night(2, 2)  # v3 answers action: 0.0, below its recent nights: back to v2
-    assert third.rolled_back == {"u1": (3, 2)} and registry.production_version("u1") == 2
-    assert registry.get("u1", 2).tags["rolled_back_from"] == "3" and registry.get("u1", 2).tags["rolled_back_at_night"] == "3"
+    assert third.rolled_back == {"u1": (3, 2)}
+    assert registry.production_version("u1") == 2
+    assert registry.get("u1", 2).tags["rolled_back_from"] == "3"
+    assert registry.get("u1", 2).tags["rolled_back_at_night"] == "3"
     assert len(registry.versions("u1")) >= 3  # nothing deleted
-    state = settings.states(LAMP_2M.key).get("u1")
+    state = StateStore.of(settings, LAMP_2M.key).get("u1")
     assert [(s["night"], s["version"], s["score"]) for s in state["scores"]] == [(2, 2, 1.0), (3, 3, 0.0)]
     run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
     assert run["metrics.users_rolled_back"] == 1

@@ -4,8 +4,7 @@ import dspy
 import pytest
 
 from persona_agent.data.tasks import LAMP_2M, LAMP_3
-from persona_agent.optimizers import (AcceptValid, ConsistentImprovement, Outcome, StrictImprovement,
-                                      TieBreakByAgreement)
+from persona_agent.optimizers import AcceptValid, ConsistentImprovement, Outcome, StrictImprovement, TieBreakByAgreement
 from persona_agent.optimizers.acceptance import Trial, agreement
 
 LEAD = "Tags this user gives most, strongest first: "
@@ -28,7 +27,8 @@ def test_strict_improvement_ships_only_a_better_score():
 
 
 def test_the_papers_rule_ships_every_checked_rewrite_unscored():
-    assert AcceptValid().needs_scores is False and AcceptValid()(trial(None, None)) is Outcome.ACCEPTED
+    assert AcceptValid().needs_scores is False
+    assert AcceptValid()(trial(None, None)) is Outcome.ACCEPTED
 
 
 def test_agreement_breaks_a_tie_by_how_well_the_rewrite_predicts_the_real_answers():
@@ -76,4 +76,5 @@ def test_agreement_reads_a_rating_tendency():
 
 @pytest.mark.parametrize("outcome", list(Outcome))
 def test_an_outcome_reads_as_its_words(outcome):
-    assert str(outcome) == outcome.value and f"{outcome}" == outcome.value
+    assert str(outcome) == outcome.value
+    assert f"{outcome}" == outcome.value

@@ -3,6 +3,7 @@ import json
 import dspy
 
 from persona_agent.data.tasks import LAMP_2M
+from persona_agent.overrides import engine_of
 from persona_agent.pipelines.agent import PersonaAgent, non_personalized
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
 from persona_agent.pipelines.persona import Persona, instruction, looks_degenerate
@@ -25,7 +26,7 @@ def test_persona_is_the_instruction_of_every_answering_predictor(memory):
 
 
 def test_answer_is_typed_to_the_label_set(memory, fake_lm):
-    fake_lm._engine_spec.policy = lambda fields, s, u: (
+    engine_of(fake_lm).policy = lambda fields, s, u: (
         {"answer": "western"} if fields == ["answer"] else
         {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}})
     try:
@@ -37,7 +38,7 @@ def test_answer_is_typed_to_the_label_set(memory, fake_lm):
 
 
 def test_prompt_holds_only_this_users_memories(memory, fake_lm):
-    engine = fake_lm._engine_spec
+    engine = engine_of(fake_lm)
     calls = []
 
     def policy(fields, system, user):
@@ -52,7 +53,9 @@ def test_prompt_holds_only_this_users_memories(memory, fake_lm):
     pred = _agent(memory)(query=LAMP_2M.make_input("An explosive heist.", LAMP_2M.labels))
     assert pred.answer == "action"
     prompts = "\n".join(calls)
-    assert "-> action" in prompts and "-> comedy" not in prompts and "wedding" not in prompts
+    assert "-> action" in prompts
+    assert "-> comedy" not in prompts
+    assert "wedding" not in prompts
     assert pred.trajectory["tool_name_0"] == "search_memory"
     assert "explosive heist. -> action" in pred.trajectory["observation_0"]
 
@@ -78,20 +81,23 @@ def test_save_and_load_keep_the_persona(memory, tmp_path):
 def test_baseline_sees_no_memory_and_no_persona(memory, fake_lm):
     _agent(memory)
     non_personalized(LAMP_2M)(query=LAMP_2M.make_input("An explosive heist.", LAMP_2M.labels))
-    fields, system, user = fake_lm._engine_spec.calls[-1]
-    assert "-> action" not in system + user and "User profile" not in system
+    fields, system, user = engine_of(fake_lm).calls[-1]
+    assert "-> action" not in system + user
+    assert "User profile" not in system
 
 
 def test_persona_template_keeps_fixed_parts_and_budget():
     p = Persona(LAMP_2M, "x. " * 1000)
-    assert len(p.profile) <= 1200 and p.render().startswith("Answer the request as this user would")
+    assert len(p.profile) <= 1200
+    assert p.render().startswith("Answer the request as this user would")
     # the fixed part is the shared task instruction; the label rule is the typed answer's job
     assert p.render().startswith(instruction(LAMP_2M) + "\n")
     assert p.render().endswith(f"\n<profile>\n{p.profile}\n</profile>")
 
 
 def test_degenerate_text_is_detected():
-    assert looks_degenerate("film_" + "1_" * 200) and looks_degenerate("  ")
+    assert looks_degenerate("film_" + "1_" * 200)
+    assert looks_degenerate("  ")
     assert not looks_degenerate("Prefers comedy over action when both fit, and tags old films as classic.")
 
 
@@ -106,7 +112,7 @@ def test_formulated_memory_query_drives_the_upfront_retrieval(memory, fake_lm):
             return {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}}
         return {"answer": "comedy"}
 
-    fake_lm._engine_spec.policy = policy
+    engine_of(fake_lm).policy = policy
     agent = PersonaAgent(Persona(LAMP_2M, "p"), UserMemory(memory, "alice", k=1), max_iters=2, formulate_query=True)
     pred = agent(query="Tag this: an explosive heist")  # the item text alone would find memory 1
     assert pred.memories == ["2"]
@@ -129,20 +135,22 @@ def test_a_subclass_adds_tools_and_every_agent_calls_its_own(memory, fake_lm):
             return {"next_thought": "t", "next_tool_name": "finish" if done else "upcoming_events", "next_tool_args": {}}
         return {"answer": "comedy"}
 
-    fake_lm._engine_spec.policy = policy
+    engine_of(fake_lm).policy = policy
     persona = Persona(LAMP_2M, "Same persona text for both.")
     for user in ("alice", "bob"):  # the same prompt shape: one cached prototype, separate tools
         pred = WithCalendar(persona, UserMemory(memory, user, k=5), max_iters=2)(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
         assert pred.trajectory["observation_0"] == f"events of {user}"
-    system = fake_lm._engine_spec.calls[0][1]
-    assert "upcoming_events" in system and "search_memory" in system
+    system = engine_of(fake_lm).calls[0][1]
+    assert "upcoming_events" in system
+    assert "search_memory" in system
 
 
 def test_the_extract_step_is_dspys_own_extraction_without_a_second_reasoning_pass(memory):
     agent = _agent(memory, answer_step="prompt")  # the evidence step scores this same signature (test_evidence)
     ours = agent.act.extract.signature
     theirs = dspy.ReAct(agent.act.signature, tools=[]).extract.predict.signature.delete("reasoning")
-    assert isinstance(agent.act.extract, dspy.Predict) and "reasoning" not in ours.output_fields
+    assert isinstance(agent.act.extract, dspy.Predict)
+    assert "reasoning" not in ours.output_fields
     assert list(ours.input_fields) == list(theirs.input_fields) == ["query", "memories", "trajectory"]
     assert list(ours.output_fields) == list(theirs.output_fields) == ["answer"]
     assert ours.instructions == theirs.instructions
@@ -157,10 +165,11 @@ def test_the_extraction_gets_recalls_once_as_demonstrations_and_the_step_as_memo
         return ({"answer": "action"} if fields == ["answer"] else
                 {"next_thought": "t", "next_tool_name": "finish", "next_tool_args": {}})
 
-    fake_lm._engine_spec.policy = policy
+    engine_of(fake_lm).policy = policy
     agent = _agent(memory)
     agent(query=LAMP_2M.make_input("A heist.", LAMP_2M.labels))
     recalled = "-> action"  # a recalled interaction as the memories block lists it
     assert recalled in prompts["step"].split("[[ ## memories ## ]]")[1]
     # DSPy still routes the extraction through the overridden method: the block is replaced there
-    assert "(the examples below)" in prompts["answer"] and recalled not in prompts["answer"]
+    assert "(the examples below)" in prompts["answer"]
+    assert recalled not in prompts["answer"]

@@ -7,14 +7,15 @@ import re
 import dspy
 import pytest
 
+from persona_agent.adapters.fakes import FakeEngine, ScoringFakeEngine
+from persona_agent.adapters.llm import JSONAdapter
 from persona_agent.data.tasks import LAMP_1, LAMP_2M, LAMP_3
-from persona_agent.pipelines.agent import PersonaAgent
+from persona_agent.overrides import engine_of
 from persona_agent.pipelines import evidence
+from persona_agent.pipelines.agent import PersonaAgent
 from persona_agent.pipelines.evidence import label_logprobs
 from persona_agent.pipelines.memory import MemoryItem, UserMemory
 from persona_agent.pipelines.persona import Persona
-from persona_agent.runtime.fakes import FakeEngine, ScoringFakeEngine
-from persona_agent.runtime.llm import JSONAdapter
 
 ITEM = re.compile(r"description: (.*?)(?:\n|$)")
 
@@ -58,7 +59,7 @@ QUERIES = [LAMP_2M.make_input(text, LAMP_2M.labels) for text in (
 
 
 def test_an_empty_profile_answers_as_no_persona_does(memory, scoring_lm):
-    engine = scoring_lm._engine_spec
+    engine = engine_of(scoring_lm)
     empty = [_agent(memory, "")(query=q).answer for q in QUERIES]
     prompts_empty = list(engine.calls), list(engine.scored)
     engine.calls.clear(), engine.scored.clear()
@@ -76,12 +77,12 @@ def test_a_named_label_wins_where_the_item_supports_it(memory, scoring_lm):
     # romance where the item has it, though the LM names action first; dark comedy where that
     # is what it has; where the item supports no label over another, the user's first is the guess
     assert answers == ["romance", "dark comedy", "romance"]
-    engine = scoring_lm._engine_spec
+    engine = engine_of(scoring_lm)
     assert all("romance" not in system for _, system, _ in engine.calls)  # the persona is no prompt text
 
 
 def test_rewriting_the_persona_changes_only_the_prior(memory, scoring_lm):
-    engine = scoring_lm._engine_spec
+    engine = engine_of(scoring_lm)
     a = _agent(memory, "Tags this user gives most, strongest first: romance.")
     a(query=QUERIES[0])
     first = list(engine.scored)
@@ -98,8 +99,10 @@ def test_an_lm_without_scores_answers_as_the_papers_agent(memory, caplog, monkey
     with dspy.context(lm=lm, adapter=JSONAdapter()), caplog.at_level(logging.WARNING):
         agent = _agent(memory, "Tags this user gives most, strongest first: romance.")
         assert agent(query=QUERIES[0]).answer == "comedy"  # the policy's answer, generated
-    assert "prompting as the paper's agent does" in caplog.text and "no log-probabilities" in caplog.text
-    assert engine.calls and all("strongest first: romance" in system for _, system, _ in engine.calls)
+    assert "prompting as the paper's agent does" in caplog.text
+    assert "no log-probabilities" in caplog.text
+    assert engine.calls
+    assert all("strongest first: romance" in system for _, system, _ in engine.calls)
 
 
 def test_the_prompt_answer_step_puts_the_persona_in_every_instruction(memory):
@@ -195,10 +198,12 @@ def test_a_supported_and_preferred_label_beats_the_one_the_lm_names_first(memory
     assert answer(prefers + "dystopia, violence.").answer == "violence"  # first of theirs the item supports
     assert answer(prefers + "dystopia, classic.").answer == "fantasy"
     pred = answer("")
-    assert pred.answer == "fantasy" and set(evidence.supported(pred.support, 3.0)) == {"fantasy", "romance", "violence"}
+    assert pred.answer == "fantasy"
+    assert set(evidence.supported(pred.support, 3.0)) == {"fantasy", "romance", "violence"}
     # the support is read with no user in the prompt: the same for every persona
-    reads = [p for p, prefix in scoring_lm._engine_spec.scored if prefix.endswith("tag:")]
-    assert reads and all("romance, action" not in p and "heist" not in p for p in reads)
+    reads = [p for p, prefix in engine_of(scoring_lm).scored if prefix.endswith("tag:")]
+    assert reads
+    assert all("romance, action" not in p and "heist" not in p for p in reads)
 
 
 def test_the_support_is_the_labels_within_the_margin():
@@ -245,9 +250,9 @@ def test_the_prior_reads_each_tasks_preferences():
 
 
 def test_the_run_parameters_say_which_answer_step_ran():
-    from persona_agent.runtime.llm import answer_step_in_effect, build_lm
-    from persona_agent.runtime.settings import LMConfig, Settings
-    from persona_agent.runtime.tracking import run_params
+    from persona_agent.adapters.llm import answer_step_in_effect, build_lm
+    from persona_agent.adapters.tracking import run_params
+    from persona_agent.settings import LMConfig, Settings
 
     scripted = build_lm(LMConfig(model="scripted"))  # gives no log-probabilities
     assert run_params(Settings(), "lamp2m", lm=scripted)["answer_step"] == \

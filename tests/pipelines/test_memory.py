@@ -1,12 +1,13 @@
 import pytest
 from qdrant_client import QdrantClient
 
+from persona_agent.adapters.points import ClientPoints, EdgePoints, open_memory
 from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, UserMemory, sparse_vector
-from persona_agent.pipelines.points import ClientPoints, EdgePoints, StoreLocked
-from persona_agent.runtime.settings import Settings
+from persona_agent.pipelines.points import StoreLocked
 from persona_agent.runtime.store import Store
+from persona_agent.settings import Settings
 
-from ..helpers import open_memory
+from ..helpers import throwaway_memory
 
 
 def _fill(memory):
@@ -34,7 +35,8 @@ def test_search_never_returns_another_users_items(memory):
 def test_add_is_idempotent(memory):
     _fill(memory)
     _fill(memory)
-    assert memory.count() == 4 and memory.count("alice") == 2
+    assert memory.count() == 4
+    assert memory.count("alice") == 2
 
 
 def test_exclusion_hides_items_only_inside_the_context(memory):
@@ -55,7 +57,7 @@ def test_dense_embedder_is_fused_with_lexical(kind):
     def embed(texts):  # 2-d toy embedding: is it about weddings?
         return [[1.0, 0.0] if "wedding" in t or "marriage" in t else [0.0, 1.0] for t in texts]
 
-    m = open_memory(kind, embedder=embed)
+    m = throwaway_memory(kind, embedder=embed)
     _fill(m)
     m.add("alice", [MemoryItem("3", "a marriage of convenience", "romance")])
     ids = [h.item.item_id for h in m.search("alice", "wedding", k=2)]
@@ -65,7 +67,8 @@ def test_dense_embedder_is_fused_with_lexical(kind):
 
 def test_sparse_vector_drops_stopwords_and_saturates_counts():
     indices, values = sparse_vector("the the starship starship starship")
-    assert len(indices) == 1 and 1 < values[0] < 2.2
+    assert len(indices) == 1
+    assert 1 < values[0] < 2.2
 
 
 def test_undated_items_keep_the_order_they_were_added_in_not_the_order_of_their_ids(memory):
@@ -81,13 +84,14 @@ def test_dated_items_are_in_date_order_ties_in_the_order_they_were_added(memory)
 
 
 def test_the_embedded_store_keeps_its_memories_when_reopened_and_serves_one_process(tmp_path):
-    m = EpisodicMemory.open(path=str(tmp_path / "edge"))
+    m = open_memory(path=str(tmp_path / "edge"))
     _fill(m)
     with pytest.raises(StoreLocked):  # Edge locks its write-ahead log while a shard is open
         EdgePoints(tmp_path / "edge")
     m.close()
-    m = EpisodicMemory.open(path=str(tmp_path / "edge"))
-    assert m.count() == 4 and m.user_ids() == ["alice", "bob"]
+    m = open_memory(path=str(tmp_path / "edge"))
+    assert m.count() == 4
+    assert m.user_ids() == ["alice", "bob"]
     assert m.search("alice", "the wedding", k=1)[0].item.item_id == "2"
     m.close()
 
@@ -107,9 +111,11 @@ def test_a_store_from_an_earlier_version_is_copied_into_edge_once_and_kept(tmp_p
     _legacy(settings.legacy_qdrant_path, {"alice": alice, "bob": [MemoryItem("1", "a heist", "action")]})
     (settings.qdrant_path.parent / "qdrant-edge.partial").mkdir()  # a copy an earlier crash left half done
     with Store.open(settings, memory="persistent", tracking=False) as store:
-        assert store.memory.items("alice") == alice and store.memory.user_ids() == ["alice", "bob"]
+        assert store.memory.items("alice") == alice
+        assert store.memory.user_ids() == ["alice", "bob"]
         assert store.memory.search("alice", "wedding", k=1)[0].item.item_id == "2"
         store.memory.add("alice", [MemoryItem("3", "a new one", "drama")])
-    assert settings.legacy_qdrant_path.exists() and not (settings.qdrant_path.parent / "qdrant-edge.partial").exists()
+    assert settings.legacy_qdrant_path.exists()
+    assert not (settings.qdrant_path.parent / "qdrant-edge.partial").exists()
     with Store.open(settings, memory="persistent", tracking=False) as store:  # not copied again over the new item
         assert [it.item_id for it in store.memory.items("alice")] == ["1", "2", "3"]

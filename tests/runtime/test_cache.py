@@ -4,12 +4,12 @@ import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
+from persona_agent.adapters.fakes import FaultyEngine, default_policy
+from persona_agent.adapters.llm import adapter_for, build_lm
+from persona_agent.adapters.registry import PersonaRegistry
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.persona import Persona
-from persona_agent.runtime.fakes import FaultyEngine, default_policy
-from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import LMConfig
+from persona_agent.settings import LMConfig
 
 
 def _ask(lm, question="Which genre fits a heist film?"):
@@ -31,7 +31,8 @@ def test_answer_recovers_once_the_endpoint_is_healthy(kind, mlflow_store, fake_l
         assert main(command) == 4  # cache on (the default)
         server.handler.faults = 0.0  # the endpoint recovers
         capsys.readouterr()
-        assert main(command) == 0 and capsys.readouterr().out.strip() == "comedy"
+        assert main(command) == 0
+        assert capsys.readouterr().out.strip() == "comedy"
     finally:
         server.shutdown()
     assert server.handler.injected[kind] >= 1

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from persona_agent.adapters.llm import build_lm
 from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
-from persona_agent.runtime.llm import build_lm
-from persona_agent.runtime.settings import LMConfig, Settings
+from persona_agent.settings import LMConfig, Settings
 
 from ..helpers import ingest_into
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # other processes on one store: the second tier
 HOLD = """
 import sys, time
 from pathlib import Path
-from persona_agent.runtime.settings import Settings
+from persona_agent.settings import Settings
 {open}
 print("held", flush=True)
 time.sleep(float(sys.argv[2]))
@@ -63,8 +63,10 @@ def test_a_second_process_waits_its_turn(served, capsys, caplog):
     finally:
         holder.wait()
     out, err = capsys.readouterr()
-    assert out.strip() == "comedy" and "Traceback" not in err
-    assert "another process is using the memory" in caplog.text and "waiting up to 60 s" in caplog.text
+    assert out.strip() == "comedy"
+    assert "Traceback" not in err
+    assert "another process is using the memory" in caplog.text
+    assert "waiting up to 60 s" in caplog.text
 
 
 @pytest.mark.parametrize("how, says", [(OURS, "kept the memory"), (FOREIGN, "outside persona-agent")],
@@ -81,7 +83,9 @@ def test_a_store_held_too_long_exits_5_with_one_line(how, says, served, capsys):
         holder.wait()
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("persona-agent:")]
-    assert len(lines) == 2 and all(says in line for line in lines) and "Traceback" not in err
+    assert len(lines) == 2
+    assert all(says in line for line in lines)
+    assert "Traceback" not in err
 
 
 def test_answers_are_served_while_nightly_runs_on_the_same_store(served, tmp_path, capsys):
@@ -101,4 +105,5 @@ def test_answers_are_served_while_nightly_runs_on_the_same_store(served, tmp_pat
     out, err = nightly.communicate()
     assert nightly.returncode == 0, err[-2000:]
     assert "aligned 4" in out or "rejected" in out
-    assert len(answered) >= 2 and set(answered) == {0}
+    assert len(answered) >= 2
+    assert set(answered) == {0}

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from persona_agent.adapters.points import EdgePoints, open_memory
 from persona_agent.cli import main
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.pipelines.points import EdgePoints
-from persona_agent.runtime.settings import Settings
 from persona_agent.runtime.store import StoreFull
-
+from persona_agent.settings import Settings
 
 QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
 
@@ -66,7 +65,8 @@ def test_a_damaged_shard_stops_every_command_with_one_line_and_exit_6(damage, st
         assert "Traceback" not in done.stderr
         if command[0] == "nightly":
             (line,) = [line for line in done.stderr.splitlines() if line.startswith("persona-agent:")]
-            assert "qdrant-edge is damaged" in line and f"persona-agent doctor --store {store}" in line
+            assert "qdrant-edge is damaged" in line
+            assert f"persona-agent doctor --store {store}" in line
         else:
             assert done.stdout.startswith("damaged   memory"), done.stdout
 
@@ -94,7 +94,8 @@ def test_answer_refuses_a_history_that_shrank(store, capsys):
 def test_a_backup_restores_a_damaged_store(store, tmp_path, capsys):
     assert main(["backup", str(tmp_path / "copy"), "--store", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "\ndamaged " not in out and "3 users' nightly state, checked against memory" in out
+    assert "\ndamaged " not in out
+    assert "3 users' nightly state, checked against memory" in out
     restore = next(line.strip() for line in out.splitlines() if line.startswith("restore: "))
     DAMAGE["segments folder deleted"](store)  # found before any page is mapped (truncations: the slow test above)
     assert main(["doctor", "--store", str(store)]) == 6
@@ -123,7 +124,8 @@ def test_doctor_finds_a_damaged_tracking_database_and_leftovers(store, capsys):
 def test_an_earlier_versions_store_beside_an_empty_edge_folder_is_copied_in(tmp_path, monkeypatch, capsys):
     from qdrant_client import QdrantClient
 
-    from persona_agent.pipelines.points import ClientPoints, Point
+    from persona_agent.adapters.points import ClientPoints
+    from persona_agent.pipelines.points import Point
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = Settings(store=tmp_path / "store")
@@ -142,7 +144,8 @@ def test_an_earlier_versions_store_beside_an_empty_edge_folder_is_copied_in(tmp_
 def test_a_corrupt_or_held_earlier_store_is_one_line(tmp_path, monkeypatch, capsys):
     from qdrant_client import QdrantClient
 
-    from persona_agent.pipelines.points import ClientPoints, Point
+    from persona_agent.adapters.points import ClientPoints
+    from persona_agent.pipelines.points import Point
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = tmp_path / "store"
@@ -163,12 +166,13 @@ def test_a_corrupt_or_held_earlier_store_is_one_line(tmp_path, monkeypatch, caps
     collection.write_bytes(collection.read_bytes()[:300])
     assert main(["answer", "u0", QUERY, "--lm", "scripted", "--store", str(store)]) == 6
     assert f"{store / 'qdrant'} is damaged" in _one_line(capsys)
-    assert not (store / "qdrant-edge").exists() and not (store / "qdrant-edge.partial").exists()
+    assert not (store / "qdrant-edge").exists()
+    assert not (store / "qdrant-edge.partial").exists()
 
 
 def test_a_read_only_tracking_database_is_one_line(store, monkeypatch, capsys):
     """SQLite's own read-only mode: what a read-only mount or file gives, for root too."""
-    from persona_agent.runtime.registry import PersonaRegistry
+    from persona_agent.adapters.registry import PersonaRegistry
 
     registry = PersonaRegistry(LAMP_2M, f"sqlite:///{store / 'mlflow.db'}")
     other = next(int(v.version) for v in registry.versions("u0000") if int(v.version) != registry.production_version("u0000"))
@@ -206,7 +210,7 @@ def test_a_commit_refuses_on_a_full_disk(store):
 def test_a_database_that_cannot_be_created_leaves_no_temporary_file(tmp_path, monkeypatch):
     from mlflow.store.tracking import sqlalchemy_store
 
-    from persona_agent.runtime import tracking
+    from persona_agent.adapters import tracking
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -262,8 +266,10 @@ def test_a_backup_of_a_damaged_store_leaves_nothing_and_prints_no_restore_line(s
     dest = tmp_path / "copy"
     assert main(["backup", str(dest), "--store", str(store)]) == 6
     captured = capsys.readouterr()
-    assert "restore:" not in captured.out + captured.err and "nothing was left at" in captured.err
-    assert not dest.exists() and not (tmp_path / "copy.partial").exists()
+    assert "restore:" not in captured.out + captured.err
+    assert "nothing was left at" in captured.err
+    assert not dest.exists()
+    assert not (tmp_path / "copy.partial").exists()
 
 
 def test_a_backup_keeps_sparse_files_sparse(store, tmp_path):
@@ -276,7 +282,8 @@ def test_a_backup_keeps_sparse_files_sparse(store, tmp_path):
         pytest.skip("this filesystem has no sparse files")
     assert main(["backup", str(tmp_path / "copy"), "--store", str(store)]) == 0
     copy = tmp_path / "copy" / "artifacts" / "sparse.bin"
-    assert copy.read_bytes()[-4096:] == b"x" * 4096 and copy.stat().st_size == hole.stat().st_size
+    assert copy.read_bytes()[-4096:] == b"x" * 4096
+    assert copy.stat().st_size == hole.stat().st_size
     assert copy.stat().st_blocks * 512 < 2**20  # not 64 MB of zeros
     allocated = lambda root: sum(p.stat().st_blocks for p in root.rglob("*") if p.is_file())  # noqa: E731
     assert allocated(tmp_path / "copy") <= 2 * allocated(store)
@@ -289,7 +296,8 @@ def test_a_backup_onto_a_full_disk_is_one_line_and_exit_7(store, tmp_path, monke
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     assert main(["backup", str(tmp_path / "copy"), "--store", str(store)]) == 7
-    assert "nothing was backed up" in _one_line(capsys) and not (tmp_path / "copy").exists()
+    assert "nothing was backed up" in _one_line(capsys)
+    assert not (tmp_path / "copy").exists()
     # the disk filling up during the copy (the check passed): the same, not copytree's list of errors
     monkeypatch.undo()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -298,19 +306,20 @@ def test_a_backup_onto_a_full_disk_is_one_line_and_exit_7(store, tmp_path, monke
     def full(src, dst, **kwargs):
         raise OSError(28, "No space left on device", dst)
 
-    from persona_agent.runtime import doctor
+    from persona_agent.operations import doctor
     monkeypatch.setattr(doctor, "_sparse_copy", full)
     assert main(["backup", str(tmp_path / "copy"), "--store", str(store)]) == 7
     line = _one_line(capsys)
-    assert "the disk is full" in line and len(line) < 300 and not (tmp_path / "copy.partial").exists()
+    assert "the disk is full" in line
+    assert len(line) < 300
+    assert not (tmp_path / "copy.partial").exists()
     assert real is sh.copy2
 
 
 def test_a_flipped_byte_inside_a_stored_memory_is_damage_found_by_doctor_and_answer(store, capsys):
     """Edge reads such a page without complaint: the checksum written with each memory finds it."""
-    from persona_agent.pipelines.memory import EpisodicMemory
 
-    memory = EpisodicMemory.open(path=str(store / "qdrant-edge"))
+    memory = open_memory(path=str(store / "qdrant-edge"))
     text = memory.items("u0000")[0].text
     memory.close()
     pages = [p for p in (store / "qdrant-edge" / "segments").glob("*/payload_storage/page_*.dat")

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from persona_agent.adapters import tracking
+from persona_agent.adapters.fakes import FakeEngine, default_policy
+from persona_agent.adapters.points import EdgePoints
+from persona_agent.adapters.registry import PersonaRegistry
 from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.pipelines.points import EdgePoints
-from persona_agent.runtime import tracking
-from persona_agent.runtime.fakes import FakeEngine, default_policy
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import Settings
+from persona_agent.settings import Settings
 
 MARKER = "Zqxmarker"  # a word, so that the scripted LM copies it into profiles and critiques as well
 QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
@@ -86,13 +86,16 @@ def test_forget_leaves_no_byte_of_the_user(tmp_path, monkeypatch, capsys):
     assert _holding(cache, MARKER.encode()) == []
     assert _holding(store, b"u0001") == []  # nor the id: rows, tags and the erasure record hold none
     memory = EpisodicMemory(EdgePoints(store / "qdrant-edge"))
-    assert memory.user_ids() == ["u0000", "u0002"] and {u: memory.count(u) for u in count_before} == count_before
+    assert memory.user_ids() == ["u0000", "u0002"]
+    assert {u: memory.count(u) for u in count_before} == count_before
     memory.close()
     assert PersonaRegistry(LAMP_2M, Settings(store=store).tracking_uri).production_version("u0000") is not None
     assert main(["answer", "u0000", QUERY, *lm]) == 0  # the others are served as before
     assert main(["answer", "u0001", QUERY, *lm]) == 2  # no persona: as for a user never seen
     record = [json.loads(line) for line in (store / "forgotten.jsonl").read_text().splitlines()]
-    assert len(record) == 1 and record[0]["removed"]["memories"] == 4 and len(record[0]["user"]) == 32
+    assert len(record) == 1
+    assert record[0]["removed"]["memories"] == 4
+    assert len(record[0]["user"]) == 32
     capsys.readouterr()
     assert main(["forget", "u0001", *common]) == 0  # again: nothing left, nothing changed, not even the record
     assert "nothing was changed" in capsys.readouterr().out
@@ -100,7 +103,7 @@ def test_forget_leaves_no_byte_of_the_user(tmp_path, monkeypatch, capsys):
 
 
 def test_drop_rows_reads_each_table_format(tmp_path):
-    from persona_agent.runtime.forget import _drop_rows
+    from persona_agent.operations.forget import _drop_rows
 
     files = {  # each: one row of u1's, one of u10's, and u1 as a value in a column that names no user
         "t.json": json.dumps({"columns": ["user_id", "gold"], "data": [["u1", "x"], ["u10", "u1"], ["u2", "y"]]}),

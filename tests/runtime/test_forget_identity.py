@@ -13,15 +13,15 @@ import mlflow
 import pandas as pd
 import pytest
 
+from persona_agent.adapters import tracking
+from persona_agent.adapters.points import EdgePoints
+from persona_agent.adapters.registry import PersonaRegistry
+from persona_agent.adapters.state import StateStore
 from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.pipelines.points import EdgePoints
-from persona_agent.runtime import tracking
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import Settings
-from persona_agent.runtime.state import StateStore
+from persona_agent.settings import Settings
 
 # Each a user; each also a value the store holds elsewhere: a label, a count, a night, a method, the task.
 VICTIMS = ["comedy", "20", "2", "rag", "lamp2m"]
@@ -186,7 +186,8 @@ def test_forget_erases_by_identity_never_by_value(store, capsys):
         expected = _without(expected, victim)
         after = _snapshot(settings)
         assert _normal(after) == _normal(expected), victim
-    assert set(after["memory"]) == {BYSTANDER} and set(after["prompts"]) == {BYSTANDER}
+    assert set(after["memory"]) == {BYSTANDER}
+    assert set(after["prompts"]) == {BYSTANDER}
     assert after["tables"] != {k: [] for k in after["tables"]}  # the bystander's rows stand
 
     # The next night: numbered 3, the bystander's new interaction aligned, nobody erased comes back.
@@ -197,13 +198,14 @@ def test_forget_erases_by_identity_never_by_value(store, capsys):
     nights = sorted(int(r.data.tags["night"]) for r in client.search_runs(experiments) if "night" in r.data.tags)
     assert nights == [1, 2, 3]
     last = _snapshot(settings)
-    assert set(last["memory"]) == {BYSTANDER} and set(last["prompts"]) == {BYSTANDER}
+    assert set(last["memory"]) == {BYSTANDER}
+    assert set(last["prompts"]) == {BYSTANDER}
     assert main(["report", *common]) == 0
 
 
 @pytest.mark.parametrize("user", ["o'brien", 'say "hi"', "both ' and \"", "back\\slash"])
 def test_a_users_traces_are_found_whatever_quotes_their_id_holds(mlflow_store, user):
-    from persona_agent.runtime.forget import _traces
+    from persona_agent.operations.forget import _traces
 
     experiment = mlflow.set_experiment("quoting").experiment_id
     ids = {}
@@ -216,7 +218,7 @@ def test_a_users_traces_are_found_whatever_quotes_their_id_holds(mlflow_store, u
 
 
 def test_an_eval_stopped_by_a_users_lm_error_loses_their_id_and_keeps_the_rest(mlflow_store):
-    from persona_agent.runtime.forget import _redact_tags
+    from persona_agent.operations.forget import _redact_tags
 
     client = mlflow.MlflowClient()
     experiment = mlflow.set_experiment("stops").experiment_id

@@ -6,12 +6,11 @@ import json
 
 import pytest
 
+from persona_agent.adapters.registry import PersonaRegistry
 from persona_agent.cli import main
 from persona_agent.data.tasks import LAMP_2M
-from persona_agent.runtime import forget as forgetting
-from persona_agent.runtime.registry import PersonaRegistry
-from persona_agent.runtime.settings import Settings
-
+from persona_agent.operations import forget as forgetting
+from persona_agent.settings import Settings
 
 QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
 
@@ -36,8 +35,10 @@ def _half_forgotten(store, capsys):
     capsys.readouterr()
     assert main(["doctor", *opts]) == 1
     out = _err(capsys)
-    assert "unfinished" in out and "persona-agent forget USER" in out
-    assert "damaged" not in out and "history shrank" not in out  # what the erase took is no damage
+    assert "unfinished" in out
+    assert "persona-agent forget USER" in out
+    assert "damaged" not in out
+    assert "history shrank" not in out  # what the erase took is no damage
 
 
 def test_an_erase_stopped_by_the_tracking_store_says_what_it_did_and_the_rerun_finishes_it(store, monkeypatch, capsys):
@@ -49,8 +50,10 @@ def test_an_erase_stopped_by_the_tracking_store_says_what_it_did_and_the_rerun_f
             MlflowException("(sqlite3.OperationalError) attempt to write a readonly database")))
         assert main(["forget", "u0000", *opts]) == 2
     said = _err(capsys)
-    assert "only in part" in said and "nothing was changed" not in said
-    assert "memories" in said.split("not removed yet")[0] and "persona versions" in said.split("not removed yet")[1]
+    assert "only in part" in said
+    assert "nothing was changed" not in said
+    assert "memories" in said.split("not removed yet")[0]
+    assert "persona versions" in said.split("not removed yet")[1]
     _half_forgotten(store, capsys)
     events = store.parent / "more.jsonl"  # new interactions of theirs arrive meanwhile: not aligned on
     events.write_text("".join(json.dumps({"user_id": "u0000", "input": LAMP_2M.make_input(f"A new film {i}.", LAMP_2M.labels),
@@ -60,10 +63,13 @@ def test_an_erase_stopped_by_the_tracking_store_says_what_it_did_and_the_rerun_f
     assert "an erase of this user did not finish" in _err(capsys)
     assert main(["forget", "u0000", *opts]) == 0
     said = _err(capsys)
-    assert "forgot u0000" in said and not (store / forgetting.JOURNAL).exists()
+    assert "forgot u0000" in said
+    assert not (store / forgetting.JOURNAL).exists()
     record = json.loads((store / "forgotten.jsonl").read_text().splitlines()[-1])
-    assert record["removed"]["memories"] == 4 + 3 and record["removed"]["persona versions"] >= 1  # both runs' counts
-    assert main(["doctor", *opts]) == 0 and main(["forget", "u0000", *opts]) == 0
+    assert record["removed"]["memories"] == 4 + 3
+    assert record["removed"]["persona versions"] >= 1  # both runs' counts
+    assert main(["doctor", *opts]) == 0
+    assert main(["forget", "u0000", *opts]) == 0
     assert "nothing was changed" in _err(capsys)
 
 

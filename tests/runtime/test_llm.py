@@ -6,8 +6,8 @@ import threading
 import dspy
 import pytest
 
-from persona_agent.runtime.llm import CompletionAdapter, SchemaJSONAdapter, adapter_for, build_lm, compact_json_grammar
-from persona_agent.runtime.settings import LMConfig
+from persona_agent.adapters.llm import CompletionAdapter, SchemaJSONAdapter, adapter_for, build_lm, compact_json_grammar
+from persona_agent.settings import LMConfig
 
 
 class Answer(dspy.Signature):
@@ -24,7 +24,8 @@ def test_completion_prompt_puts_context_before_the_demos_and_ends_on_the_pattern
     text = msg["content"]
     assert text.startswith("Tag it.")
     assert text.index("memories: m") < text.index("query: q1") < text.index("query: q2") < text.index("query: q3")
-    assert 'query: q2\nOutput: {"answer": "a2"}' in text and text.endswith("query: q3\nOutput:")
+    assert 'query: q2\nOutput: {"answer": "a2"}' in text
+    assert text.endswith("query: q3\nOutput:")
 
 
 def test_completion_prompt_without_demos_shows_every_input():
@@ -46,7 +47,8 @@ def test_schema_requires_every_field_and_bounds_free_text():
     kwargs = {}
     SchemaJSONAdapter(max_text_chars=50)._prepare_response_format(LM(), kwargs, Step)
     schema = kwargs["response_format"].model_json_schema()
-    assert schema["required"] == ["thought", "args"] and schema["additionalProperties"] is False
+    assert schema["required"] == ["thought", "args"]
+    assert schema["additionalProperties"] is False
     assert schema["properties"]["thought"]["maxLength"] == 50
     assert schema["properties"]["args"]["additionalProperties"]["type"] == "string"
 
@@ -55,7 +57,8 @@ def test_grammar_is_compact_json_of_the_schema():
     g = compact_json_grammar({"type": "object", "properties": {"a": {"type": "string"}}})
     head, schema = g.split("start: %json ")
     schema = json.loads(schema)
-    assert schema["additionalProperties"] is False and schema["x-guidance"]["whitespace_flexible"] is False
+    assert schema["additionalProperties"] is False
+    assert schema["x-guidance"]["whitespace_flexible"] is False
 
 
 # -- the OpenAI-compatible engine ------------------------------------------------------------------
@@ -109,9 +112,11 @@ def _ask(url_or_lm, retries: int = 2):
 def test_the_served_engine_sends_the_schema_and_the_model_and_keeps_its_connection():
     with _server([(200, _completion('{"answer": "yes"}'))]) as (url, seen):
         lm = build_lm(LMConfig("openai/some-org/some-model", api_base=url, cache=False))
-        assert _ask(lm) == "yes" and _ask(lm) == "yes"
+        assert _ask(lm) == "yes"
+        assert _ask(lm) == "yes"
     body = seen["bodies"][0]
-    assert body["model"] == "some-org/some-model" and body["max_tokens"] == 384
+    assert body["model"] == "some-org/some-model"
+    assert body["max_tokens"] == 384
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["schema"]["required"] == ["answer"]
     assert seen["connections"] == 1  # one thread, one kept-alive connection for both calls
@@ -122,11 +127,13 @@ def test_the_served_engine_retries_what_is_transient_only(status, retried, monke
     monkeypatch.setattr("time.sleep", lambda s: None)  # DSPy's backoff
     with _server([(status, {"error": "no"}), (200, _completion('{"answer": "yes"}'))]) as (url, seen):
         if retried:
-            assert _ask(url) == "yes" and len(seen["bodies"]) == 2
+            assert _ask(url) == "yes"
+            assert len(seen["bodies"]) == 2
         else:
             with pytest.raises(Exception) as err:
                 _ask(url)
-            assert str(status) in str(err.value) and len(seen["bodies"]) == 1
+            assert str(status) in str(err.value)
+            assert len(seen["bodies"]) == 1
 
 
 def test_a_reply_that_is_no_completion_is_a_server_error_not_a_crash(monkeypatch):

@@ -8,13 +8,14 @@ import mlflow
 import pytest
 from rich.console import Console
 
+from persona_agent.adapters.llm import adapter_for, build_lm
+from persona_agent.adapters.registry import PersonaRegistry, prompt_name
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.demo import run_demo
+from persona_agent.overrides import engine_of
 from persona_agent.pipelines.persona import profile_problem
-from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.registry import PersonaRegistry, prompt_name
-from persona_agent.runtime.settings import LMConfig, Settings
 from persona_agent.runtime.store import Store
+from persona_agent.settings import LMConfig, Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,7 +51,7 @@ def _tcp_listeners() -> set[str]:
 
 def test_the_local_runtime_opens_no_tcp_port(local_lm):
     before = _tcp_listeners()
-    engine = local_lm._engine_spec
+    engine = engine_of(local_lm)
     server = engine._load()
     assert server.listening_address.startswith("unix://")
     socket_dir = Path(engine._socket_dir.name)
@@ -68,14 +69,18 @@ def test_demo_end_to_end_registers_every_persona_revision(tmp_path, monkeypatch)
     production = PersonaRegistry(LAMP_2M).get("u0000").persona.profile
     printed = console.export_text()
     # the demo prints what serves: the production profile, and it is no junk
-    assert f"u0000: {production}" in printed and "alignment candidates:" in printed
+    assert f"u0000: {production}" in printed
+    assert "alignment candidates:" in printed
     assert production == "(nothing known yet)" or profile_problem(production, task=LAMP_2M) is None
-    assert table.loc["all", "answers"] == 3 and table.loc["all", "lm_calls"] > 0
+    assert table.loc["all", "answers"] == 3
+    assert table.loc["all", "lm_calls"] > 0
     history = PersonaRegistry(LAMP_2M).history("u0000")
-    assert list(history.version)[0] == 1 and history.production.sum() == 1
+    assert list(history.version)[0] == 1
+    assert history.production.sum() == 1
     assert (history.stage == "aligned").sum() <= 1  # T=1: at most one candidate (none if the batch was perfect)
     alias = mlflow.genai.load_prompt(f"prompts:/{prompt_name('lamp2m', 'u0000')}@production")
     assert "<profile>" in alias.template
     runs = mlflow.search_runs(experiment_names=["persona-agent"])
-    assert len(runs) == 2 and "metrics.after_alignment_accuracy" in runs.columns
+    assert len(runs) == 2
+    assert "metrics.after_alignment_accuracy" in runs.columns
     assert (tmp_path / "mlruns" / "qdrant-edge").exists()

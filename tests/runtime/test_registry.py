@@ -3,10 +3,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from persona_agent.adapters.registry import PersonaNotFound, PersonaRegistry, prompt_name
 from persona_agent.cli import main
 from persona_agent.data.tasks import LAMP_2M
+from persona_agent.overrides import engine_of
 from persona_agent.pipelines.persona import TEMPLATE, Persona, profile_problem
-from persona_agent.runtime.registry import PersonaNotFound, PersonaRegistry, prompt_name
 
 
 def _store(registry, user="u1", n=3):
@@ -20,14 +21,17 @@ def test_every_revision_is_a_version_and_production_follows_accepted_ones(mlflow
     _store(registry)
     registry.register("u2", Persona(LAMP_2M, "Other."), "rev", production=True)
     hist = registry.history("u1")
-    assert list(hist.version) == [1, 2, 3] and list(hist.production) == [False, False, True]
-    assert list(hist.accepted) == ["True", "False", "True"] and list(hist.batch_score) == ["0.1", "0.2", "0.3"]
+    assert list(hist.version) == [1, 2, 3]
+    assert list(hist.production) == [False, False, True]
+    assert list(hist.accepted) == ["True", "False", "True"]
+    assert list(hist.batch_score) == ["0.1", "0.2", "0.3"]
     assert registry.get("u1").persona.profile == "Prefers comedy, take 3."
     assert registry.get("u1", 2).persona.profile == "Prefers comedy, take 2."
     prompt = mlflow.genai.load_prompt(f"prompts:/{prompt_name('lamp2m', 'u1')}@production")
     assert prompt.version == 3
     users = registry.users().set_index("user_id")
-    assert users.loc["u1", "versions"] == 3 and users.loc["u2", "production"] == 1
+    assert users.loc["u1", "versions"] == 3
+    assert users.loc["u2", "production"] == 1
 
 
 def test_the_prompt_list_shows_production_and_each_run_lists_the_versions_it_registered(mlflow_store):
@@ -40,7 +44,9 @@ def test_the_prompt_list_shows_production_and_each_run_lists_the_versions_it_reg
     (listed,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{name}'")
     assert listed.tags["production_version"] == str(v1)  # the list shows the latest version; this says which serves
     linked = mlflow.MlflowClient().get_run(run.info.run_id).data.tags["mlflow.linkedPrompts"]
-    assert f'"version": "1"' in linked and f'"version": "2"' in linked and name in linked
+    assert f'"version": "1"' in linked
+    assert f'"version": "2"' in linked
+    assert name in linked
     registry.rollback("u1", 2)
     (listed,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{name}'")
     assert listed.tags["production_version"] == "2"
@@ -57,8 +63,10 @@ def test_a_new_users_prompt_is_created_once_and_a_crashed_commits_prompt_is_reus
     assert registry.register("u2", Persona(LAMP_2M, "Prefers action."), "not told it is new") == 1
     assert not looked_up  # MLflow's register_prompt (two lookups, a write per tag) is never used
     (prompt,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{prompt_name('lamp2m', 'u1')}'")
-    assert prompt.tags["user_id"] == "u1" and prompt.tags["task"] == "lamp2m"
-    assert registry.get("u1").persona.profile == "Prefers drama." and registry.users().shape[0] == 2
+    assert prompt.tags["user_id"] == "u1"
+    assert prompt.tags["task"] == "lamp2m"
+    assert registry.get("u1").persona.profile == "Prefers drama."
+    assert registry.users().shape[0] == 2
 
 
 def test_a_night_of_many_users_keeps_committing_past_the_runs_prompt_link_limit(mlflow_store):
@@ -72,7 +80,8 @@ def test_a_night_of_many_users_keeps_committing_past_the_runs_prompt_link_limit(
         registry.register(f"user-{i:04d}", Persona(LAMP_2M, "Likes comedy."), "v1", {"run_id": run.info.run_id},
                           production=True)
     links = json.loads(mlflow.MlflowClient().get_run(run.info.run_id).data.tags["mlflow.linkedPrompts"])
-    assert 60 <= len(links) < 130 and registry.production_version("user-0129") == 1
+    assert 60 <= len(links) < 130
+    assert registry.production_version("user-0129") == 1
 
 
 def test_a_failed_read_of_a_users_versions_fails_the_commit_and_never_makes_them_new(mlflow_store, monkeypatch):
@@ -93,7 +102,8 @@ def test_a_failed_read_of_a_users_versions_fails_the_commit_and_never_makes_them
         patch.setattr(registry.client, "search_prompt_versions", unavailable)
         with pytest.raises(MlflowException, match="restarting"):
             publish(UserOutcome("u1", "f1", "rejected", start_profile="Prefers drama."), LAMP_2M, registry, None, 1, [])
-    assert len(registry.versions("u1")) == 1 and registry.get("u1").persona.profile == "Prefers comedy."
+    assert len(registry.versions("u1")) == 1
+    assert registry.get("u1").persona.profile == "Prefers comedy."
     assert registry.versions("nobody") == []
 
 
@@ -122,20 +132,24 @@ def test_rollback_refuses_a_version_that_fails_todays_profile_check_unless_force
     junk = registry.register("u1", Persona(LAMP_2M, "A quiet person who reads a lot."), "refused candidate")
     store = ["--store", str(mlflow_store.store)]
     assert main(["personas", "rollback", "u1", "--to", str(junk), *store]) == 2
-    assert "names no preference in the task's terms" in capsys.readouterr().err and registry.get("u1").version == 1
+    assert "names no preference in the task's terms" in capsys.readouterr().err
+    assert registry.get("u1").version == 1
     assert main(["personas", "rollback", "u1", "--to", str(junk), "--force", *store]) == 0
-    assert registry.get("u1").version == junk and "names no preference" in registry.get("u1", junk).tags["forced"]
+    assert registry.get("u1").version == junk
+    assert "names no preference" in registry.get("u1", junk).tags["forced"]
     # the empty profile (a refused first profile's placeholder) is no junk: it may serve again
     empty = registry.register("u1", Persona(LAMP_2M, "(nothing known yet)"), "first profile refused")
     registry.rollback("u1", empty)
-    assert registry.get("u1").version == empty and "forced" not in registry.get("u1", empty).tags
+    assert registry.get("u1").version == empty
+    assert "forced" not in registry.get("u1", empty).tags
 
 
 def test_rollback_moves_production_and_refuses_unknown_versions(mlflow_store):
     registry = PersonaRegistry(LAMP_2M)
     _store(registry)
     registry.rollback("u1", 1)
-    assert registry.get("u1").version == 1 and registry.get("u1").persona.profile == "Prefers comedy, take 1."
+    assert registry.get("u1").version == 1
+    assert registry.get("u1").persona.profile == "Prefers comedy, take 1."
     with pytest.raises(PersonaNotFound):
         registry.rollback("u1", 9)
     assert registry.get("u1").version == 1
@@ -147,7 +161,8 @@ def test_diff_shows_only_the_profile_change(mlflow_store):
     registry = PersonaRegistry(LAMP_2M)
     _store(registry)
     diff = registry.diff("u1", 1, 3)
-    assert "-Prefers comedy, take 1." in diff and "+Prefers comedy, take 3." in diff
+    assert "-Prefers comedy, take 1." in diff
+    assert "+Prefers comedy, take 3." in diff
     assert sum(line.startswith(("+", "-")) and not line.startswith(("+++", "---")) for line in diff.splitlines()) == 2
 
 
@@ -157,15 +172,19 @@ def test_cli_history_diff_rollback_show_match_the_registry(mlflow_store, capsys)
     store = ["--store", str(mlflow_store.store)]
     assert main(["personas", "history", "u1", *store]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["version", "production", "stage"] and len(out) == 4
+    assert out[0].split()[:3] == ["version", "production", "stage"]
+    assert len(out) == 4
     assert max(len(line) for line in out) <= 80  # not a terminal: 80 columns, the reason cut to fit
     registry.tag("u1", 1, "reason", "rejected: " + "a long reason " * 20)
     assert main(["personas", "history", "u1", *store]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert max(len(line) for line in out) <= 80 and out[1].endswith("…")
+    assert max(len(line) for line in out) <= 80
+    assert out[1].endswith("…")
     assert main(["personas", "history", "u1", "--wide", *store]) == 0
     wide = capsys.readouterr().out
-    assert "a long reason " * 20 in wide and "message" in wide and "tokens" in wide
+    assert "a long reason " * 20 in wide
+    assert "message" in wide
+    assert "tokens" in wide
     assert main(["personas", "diff", "u1", "1", "3", *store]) == 0
     assert capsys.readouterr().out == registry.diff("u1", 1, 3) + "\n"
     assert main(["personas", "rollback", "u1", "--to", "2", *store]) == 0
@@ -201,7 +220,8 @@ def test_fixed_template_parts_survive_any_rewrite(rewrite):
     before, after = TEMPLATE.format(task_description=LAMP_2M.description, profile="\0").split("\0")
     if profile_problem(rewrite) is None:
         rendered = Persona(LAMP_2M, "start").with_profile(rewrite).render()
-        assert rendered.startswith(before) and rendered.endswith(after)
+        assert rendered.startswith(before)
+        assert rendered.endswith(after)
         assert Persona.parse(LAMP_2M, rendered).profile == rewrite.strip()
 
 
@@ -221,7 +241,7 @@ def test_answer_serves_the_production_persona_and_follows_a_rollback(mlflow_stor
     registry = PersonaRegistry(LAMP_2M)
     _store(registry)
     query = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
-    engine = fake_lm._engine_spec
+    engine = engine_of(fake_lm)
 
     def served_profile():
         systems = [s for fields, s, _ in engine.calls if fields == ["answer"]]
@@ -244,7 +264,8 @@ def test_answer_exits_4_with_one_line_when_the_llms_answer_is_unusable(mlflow_st
     # the scripted LM answers a movie tag, which no 1-5 rating can be read from
     assert main(["answer", "u1", query, "--task", "lamp3", "--lm", "scripted", "--store", str(mlflow_store.store)]) == 4
     err = capsys.readouterr().err.strip()
-    assert err.startswith("persona-agent: the LLM's answer could not be used") and "Traceback" not in err
+    assert err.startswith("persona-agent: the LLM's answer could not be used")
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -252,7 +273,7 @@ def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_command(mlf
     import subprocess
     import sys
 
-    from persona_agent.runtime import tracking
+    from persona_agent.adapters import tracking
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     exp = mlflow.get_experiment_by_name(mlflow_store.experiment).experiment_id
@@ -270,7 +291,8 @@ def test_a_persona_registered_under_the_previous_template_still_parses_and_serve
 
     old = LEGACY_TEMPLATES[0].format(task_description=LAMP_2M.description, profile="Likes heists.")
     persona = Persona.parse(LAMP_2M, old)
-    assert persona.profile == "Likes heists." and persona.render() == Persona(LAMP_2M, "Likes heists.").render()
+    assert persona.profile == "Likes heists."
+    assert persona.render() == Persona(LAMP_2M, "Likes heists.").render()
 
 
 def test_a_stored_id_with_control_characters_never_prints_raw(mlflow_store, capsys):
@@ -278,4 +300,5 @@ def test_a_stored_id_with_control_characters_never_prints_raw(mlflow_store, caps
     PersonaRegistry(LAMP_2M).register("u\u202e0001", Persona(LAMP_2M, "Prefers comedy."), "old", production=True)
     assert main(["personas", "list", "--store", str(mlflow_store.store)]) == 0
     out = capsys.readouterr().out
-    assert "u\\u202e0001" in out and "\u202e" not in out
+    assert "u\\u202e0001" in out
+    assert "\u202e" not in out

@@ -9,10 +9,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from persona_agent.adapters import tracking
 from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
-from persona_agent.runtime import tracking
 
 
 @pytest.mark.slow
@@ -43,16 +43,20 @@ def test_the_api_key_never_reaches_the_store_logs_or_output(tmp_path, monkeypatc
     finally:
         server.shutdown()
         tracking.disable_traces()  # --trace turned tracing on for this process: off for the tests after
-    assert seen_keys and all(k == f"Bearer {key}" for k in seen_keys)  # the endpoint got it: the test is live
+    assert seen_keys
+    assert all(k == f"Bearer {key}" for k in seen_keys)  # the endpoint got it: the test is live
     out, err = capsys.readouterr()
-    assert key not in out + err and key not in caplog.text
+    assert key not in out + err
+    assert key not in caplog.text
     files = [p for root in (tmp_path / "mlruns", Path(os.environ["DSPY_CACHEDIR"]))
              for p in root.rglob("*") if p.is_file()]
-    assert any(p.name == "mlflow.db" for p in files) and len(files) > 10
+    assert any(p.name == "mlflow.db" for p in files)
+    assert len(files) > 10
     for path in files:
         assert key.encode() not in path.read_bytes(), f"the key leaked into {path}"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
-    assert len(runs) > 0 and not runs.astype(str).apply(lambda col: col.str.contains(key)).any().any()
+    assert len(runs) > 0
+    assert not runs.astype(str).apply(lambda col: col.str.contains(key)).any().any()
     traces = mlflow.search_traces(locations=[e.experiment_id for e in mlflow.search_experiments()])
     assert len(traces) > 0  # traces were recorded, and were scanned above with the database

@@ -11,10 +11,10 @@ import dspy
 import pytest
 
 from persona_agent import overrides
+from persona_agent.adapters.llm import adapter_for, build_lm
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines import evidence
-from persona_agent.runtime.llm import adapter_for, build_lm
-from persona_agent.runtime.settings import LMConfig
+from persona_agent.settings import LMConfig
 
 
 def _logprobs(tokens: dict[str, float]) -> dict:
@@ -77,14 +77,17 @@ def test_a_server_that_continues_the_prefix_scores_labels(server):
     url, seen = server
     lm = build_lm(LMConfig(model="openai/served", api_base=url, cache=False, retries=0))
     assert evidence.scoring_unsupported(lm, adapter_for(lm)) is None
-    assert evidence.scoring_unsupported(lm, adapter_for(lm)) is None and len(seen) == 1  # probed once
+    assert evidence.scoring_unsupported(lm, adapter_for(lm)) is None
+    assert len(seen) == 1  # probed once
     query = LAMP_2M.make_input("A movie that is fantasy, romance, violence.", LAMP_2M.labels)
     text, prefix = LAMP_2M.reading(query)
     support = evidence.label_logprobs(lm, [{"role": "user", "content": text}], prefix, LAMP_2M.labels,
                                       expand="all", missing=-math.inf, lead=" ")
     assert set(evidence.supported(support, 3.0)) == {"fantasy", "romance", "violence"}
     scoring = seen[-1]
-    assert scoring["logprobs"] is True and scoring["top_logprobs"] == 20 and scoring["max_tokens"] == 1
+    assert scoring["logprobs"] is True
+    assert scoring["top_logprobs"] == 20
+    assert scoring["max_tokens"] == 1
     assert scoring["messages"][-1] == {"role": "assistant", "content": "\ntag:"}
 
 
@@ -98,4 +101,5 @@ def test_a_server_that_ignores_the_prefix_prompts_instead(server, caplog):
     assert "cannot score labels" in caplog.text
     with dspy.context(lm=lm, adapter=adapter_for(lm)):  # and a scoring call never asks for log-probabilities
         lm("hello")
-    assert len(seen) == 2 and "logprobs" not in seen[-1]
+    assert len(seen) == 2
+    assert "logprobs" not in seen[-1]

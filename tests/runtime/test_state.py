@@ -3,7 +3,7 @@
 import json
 import sqlite3
 
-from persona_agent.runtime.state import StateStore
+from persona_agent.adapters.state import StateStore
 
 
 def test_a_change_marked_while_a_user_is_aligned_stays_pending(tmp_path):
@@ -22,9 +22,13 @@ def test_state_is_per_task_and_marks_are_per_store(tmp_path):
     movies, news = StateStore(tmp_path / "state.db", "lamp2m"), StateStore(tmp_path / "state.db", "lamp2n")
     mark = movies.mark_changed(["a"])
     movies.put("a", {"fingerprint": "f"}, seen=mark)
-    assert movies.pending() == {} and news.pending() == {"a": mark}  # the other task still has to see it
-    assert movies.get("a")["fingerprint"] == "f" and news.get("a") is None
-    assert movies.delete("a") == 2 and movies.pending() == {} and news.pending() == {}  # forget: state and mark
+    assert movies.pending() == {}
+    assert news.pending() == {"a": mark}  # the other task still has to see it
+    assert movies.get("a")["fingerprint"] == "f"
+    assert news.get("a") is None
+    assert movies.delete("a") == 2
+    assert movies.pending() == {}
+    assert news.pending() == {}  # forget: state and mark
 
 
 def test_the_migration_is_one_transaction(tmp_path, monkeypatch):
@@ -44,6 +48,7 @@ def test_the_migration_is_one_transaction(tmp_path, monkeypatch):
     with sqlite3.connect(tmp_path / "state.db") as db:
         assert db.execute("SELECT count(*) FROM state").fetchone()[0] == 0  # nothing half done
     states.ready(lambda: ["a", "b"])
-    assert states.get("a")["fingerprint"] == "f" and set(states.pending()) == {"a", "b"}
+    assert states.get("a")["fingerprint"] == "f"
+    assert set(states.pending()) == {"a", "b"}
     states.ready(lambda: ["c"])  # once
     assert set(states.pending()) == {"a", "b"}

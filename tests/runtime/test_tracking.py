@@ -2,20 +2,20 @@
 
 import subprocess
 import sys
-
-import pytest
 from dataclasses import replace
 
+import pytest
+
+from persona_agent.adapters.tracking import data_fingerprint
 from persona_agent.data.loaders import Query, load_users
 from persona_agent.data.synthetic import shipped_data_dir
 from persona_agent.data.tasks import LAMP_2M
-from persona_agent.runtime.tracking import data_fingerprint
 
 _IN_A_NEW_PROCESS = """
 from persona_agent.data.loaders import load_users
 from persona_agent.data.synthetic import shipped_data_dir
 from persona_agent.data.tasks import LAMP_2M
-from persona_agent.runtime.tracking import data_fingerprint
+from persona_agent.adapters.tracking import data_fingerprint
 print(data_fingerprint(load_users(shipped_data_dir(LAMP_2M), LAMP_2M)))
 """
 
@@ -64,7 +64,7 @@ def _all_traces():
 @pytest.fixture
 def traced_commands():
     """`--trace` turns tracing on for the process: off again after the test."""
-    from persona_agent.runtime import tracking
+    from persona_agent.adapters import tracking
 
     yield
     tracking.disable_traces()
@@ -88,8 +88,10 @@ def test_traces_hang_on_their_runs_with_user_method_task_and_persona_version(tmp
     traces = _traces(night.run_id)
     assert sorted(t.info.tags["user"] for t in traces) == ["u0000", "u0001"]  # one per user job, on the night
     for t in traces:
-        assert t.info.tags["task"] == "lamp2m" and t.info.tags["method"] == "persona-agent"
-        assert t.info.tags["production_version"] == "1" and t.info.tags["status"] in ("aligned", "rejected")
+        assert t.info.tags["task"] == "lamp2m"
+        assert t.info.tags["method"] == "persona-agent"
+        assert t.info.tags["production_version"] == "1"
+        assert t.info.tags["status"] in ("aligned", "rejected")
         names = {s.name for s in t.data.spans}
         assert {"replay", "critique", "update"} <= names, names  # the alignment's phases, as spans
         assert len(t.data.spans) > 10  # and DSPy's modules and LM calls inside them
@@ -111,7 +113,8 @@ def test_traces_hang_on_their_runs_with_user_method_task_and_persona_version(tmp
     assert main(["answer", "u0001", query, "--store", str(store), "--lm", "scripted", "--trace"]) == 0
     mlflow.flush_trace_async_logging()
     (served,) = [t for t in _all_traces() if t.info.tags.get("user") == "u0001" and t.data.spans[0].name == "answer"]
-    assert served.info.tags["persona_version"] == "1" and len(served.data.spans) > 3
+    assert served.info.tags["persona_version"] == "1"
+    assert len(served.data.spans) > 3
 
 
 def test_no_trace_is_recorded_unless_asked(tmp_path):

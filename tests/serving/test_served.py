@@ -16,13 +16,14 @@ import mlflow
 import pandas as pd
 import pytest
 
+from persona_agent.adapters.fakes import FakeEngine, default_policy
+from persona_agent.adapters.points import open_memory
+from persona_agent.adapters.registry import PersonaRegistry
 from persona_agent.cli import main
 from persona_agent.data.synthetic import write_dataset
 from persona_agent.data.tasks import LAMP_2M
-from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
+from persona_agent.pipelines.memory import MemoryItem
 from persona_agent.pipelines.persona import Persona
-from persona_agent.runtime.fakes import FakeEngine, default_policy
-from persona_agent.runtime.registry import PersonaRegistry
 from persona_agent.serving.model import log_model
 
 
@@ -34,7 +35,7 @@ def _follows_the_persona(fields, system, user):
 
 
 def test_the_served_model_answers_each_user_with_their_current_production_persona(mlflow_store):
-    memory = EpisodicMemory.open(path=str(mlflow_store.qdrant_path))
+    memory = open_memory(path=str(mlflow_store.qdrant_path))
     memory.add("u1", [MemoryItem("a", "A car chase film.", "action")])
     memory.add("u2", [MemoryItem("b", "A wedding film.", "comedy")])
     memory.close()
@@ -44,8 +45,10 @@ def test_the_served_model_answers_each_user_with_their_current_production_person
     uri = log_model(mlflow_store, "lamp2m")
     params = mlflow.search_runs(search_all_experiments=True, filter_string="tags.command = 'log-model'").iloc[0]
     names = {c[7:]: v for c, v in params.items() if c.startswith("params.")}
-    assert names["lm"] == mlflow_store.lm.model and "lm/model" not in names  # the names every run uses
-    assert "None" not in names.values() and names["api_base"] == ""
+    assert names["lm"] == mlflow_store.lm.model
+    assert "lm/model" not in names  # the names every run uses
+    assert "None" not in names.values()
+    assert names["api_base"] == ""
 
     model = mlflow.pyfunc.load_model(uri)
     model.unwrap_python_model().lm = dspy.LM("fake/persona", engine=FakeEngine(_follows_the_persona), cache=False)
@@ -106,7 +109,8 @@ def test_every_command_and_the_served_model_work_against_a_tracking_server(track
     assert main(["nightly", *opts, "-n", "1", "-T", "1"]) == 0
     assert main(["personas", "list", "--store", str(store)]) == 0
     capsys.readouterr()
-    assert main(["answer", "u0001", query, *opts]) == 0 and capsys.readouterr().out.strip() in LAMP_2M.labels
+    assert main(["answer", "u0001", query, *opts]) == 0
+    assert capsys.readouterr().out.strip() in LAMP_2M.labels
     assert main(["log-model", *opts]) == 0
     uri = re.search(r"^logged (\S+)", capsys.readouterr().out, flags=re.M).group(1)
     answers = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"user_id": ["u0000", "u0001"], "query": [query] * 2}))
@@ -117,7 +121,8 @@ def test_every_command_and_the_served_model_work_against_a_tracking_server(track
     run = client.search_runs([client.get_experiment_by_name("persona-agent").experiment_id],
                              filter_string="tags.nightly_task = 'lamp2m'")[0]
     assert "users.csv" in {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert list(Path(server_root / "artifacts").rglob("users.csv")) and not (store / "artifacts").exists()
+    assert list(Path(server_root / "artifacts").rglob("users.csv"))
+    assert not (store / "artifacts").exists()
     # forgetting a user reaches the server: their prompt, their rows in the night's artifacts
     capsys.readouterr()
     assert main(["forget", "u0001", "--store", str(store)]) == 0
@@ -125,10 +130,12 @@ def test_every_command_and_the_served_model_work_against_a_tracking_server(track
     assert list(PersonaRegistry(LAMP_2M, url).users()["user_id"]) == ["u0000"]
     users_csv = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="users.csv",
                                                     dst_path=str(tmp_path / "down"))
-    assert "u0000" in Path(users_csv).read_text() and "u0001" not in Path(users_csv).read_text()
+    assert "u0000" in Path(users_csv).read_text()
+    assert "u0001" not in Path(users_csv).read_text()
     assert not [p for p in Path(server_root / "artifacts").rglob("*") if p.is_file() and b"u0001" in p.read_bytes()]
     answers = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"user_id": ["u0000", "u0001"], "query": [query] * 2}))
-    assert answers[0] in LAMP_2M.labels and answers[1] is None
+    assert answers[0] in LAMP_2M.labels
+    assert answers[1] is None
 
 
 def _free_port() -> int:
@@ -181,8 +188,11 @@ def test_a_model_logged_with_the_earlier_nested_config_still_loads(tmp_path):
                   "retries": 1, "timeout": 9.0}}
     model = PersonaModel()
     model.load_context(SimpleNamespace(model_config=old))
-    assert model.settings.lm.model == "scripted" and model.settings.lm.max_tokens == 100
-    assert model.settings.top_k == 3 and model.settings.qdrant_url is None and model.settings.lm.api_base is None
+    assert model.settings.lm.model == "scripted"
+    assert model.settings.lm.max_tokens == 100
+    assert model.settings.top_k == 3
+    assert model.settings.qdrant_url is None
+    assert model.settings.lm.api_base is None
 
 
 def test_a_store_path_with_url_characters_is_served_from_a_fresh_cache(tmp_path, monkeypatch):
@@ -191,15 +201,15 @@ def test_a_store_path_with_url_characters_is_served_from_a_fresh_cache(tmp_path,
     created; a folder such a database left in the cache is replaced by the link."""
     from types import SimpleNamespace
 
-    from persona_agent.runtime import tracking
-    from persona_agent.runtime.settings import LMConfig, Settings
+    from persona_agent.adapters import tracking
     from persona_agent.serving.model import PersonaModel, model_config
+    from persona_agent.settings import LMConfig, Settings
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-of-the-command"))
     settings = Settings(store=tmp_path / "odd 50% ?#store", lm=LMConfig("scripted", cache=False))
     tracking.setup(settings)
-    memory = EpisodicMemory.open(path=str(settings.qdrant_path))
+    memory = open_memory(path=str(settings.qdrant_path))
     memory.add("u1", [MemoryItem("a", "A car chase film.", "action")])
     memory.close()
     PersonaRegistry(LAMP_2M, settings.tracking_uri).register("u1", Persona(LAMP_2M, "Prefers action."), "v1",
@@ -213,4 +223,5 @@ def test_a_store_path_with_url_characters_is_served_from_a_fresh_cache(tmp_path,
     model.lm = dspy.LM("fake/persona", engine=FakeEngine(_follows_the_persona), cache=False)
     query = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
     assert model.predict(None, pd.DataFrame({"user_id": ["u1"], "query": [query]})) == ["action"]
-    assert settings.store_alias.is_symlink() and settings.store_alias.resolve() == settings.store.resolve()
+    assert settings.store_alias.is_symlink()
+    assert settings.store_alias.resolve() == settings.store.resolve()

@@ -26,9 +26,9 @@ import pydantic
 from dspy.lm15 import Message, Response, ServerError, TextPart, TokenLogprob, TopLogprob, Usage
 
 from persona_agent import overrides
+from persona_agent.adapters.lm_cache import ForgetsUnusableAnswers, install
 from persona_agent.pipelines.evidence import scoring_unsupported
-from persona_agent.runtime.lm_cache import ForgetsUnusableAnswers, install
-from persona_agent.runtime.settings import LMConfig
+from persona_agent.settings import LMConfig
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +390,7 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
     overrides.install_fast_paths()
     if cfg.model == "scripted" or cfg.model.startswith("scripted:"):
         # A deterministic stand-in LM for smoke tests and benchmarks: `scripted:0.2` adds 200 ms per call.
-        from persona_agent.runtime.fakes import FakeEngine
+        from persona_agent.adapters.fakes import FakeEngine
 
         delay = float(cfg.model.partition(":")[2] or 0)
         return dspy.LM("scripted/policy", engine=FakeEngine(delay=delay), cache=cfg.cache, num_retries=cfg.retries)

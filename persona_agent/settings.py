@@ -91,18 +91,12 @@ class Settings:
 
     @property
     def state_db(self) -> Path:
-        """Nightly state and which users changed (`runtime/state.py`)."""
+        """Nightly state and which users changed (`adapters/state.py`)."""
         return self.store / "state.db"
 
     def nightly_state(self, task_key: str) -> Path:
         """An earlier version's per-user state files of one task (migrated into `state_db` once)."""
         return self.store / "nightly" / task_key
-
-    def states(self, task_key: str):
-        """The nightly state of one task's users."""
-        from persona_agent.runtime.state import StateStore
-
-        return StateStore(self.state_db, task_key, legacy=self.nightly_state(task_key))
 
     def eval_out(self, task_key: str, stamp: str) -> Path:
         """Where one `eval` writes its tables and predictions by default."""

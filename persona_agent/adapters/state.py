@@ -28,6 +28,8 @@ import sqlite3
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from persona_agent.settings import Settings
+
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -45,6 +47,11 @@ class StateStore:
         """`legacy`: where an earlier version kept this task's state files (`ready` reads them in)."""
         self.path, self.task, self.legacy = Path(path), task, legacy
         self._ready = False  # the schema is made once per instance, on its first transaction
+
+    @classmethod
+    def of(cls, settings: Settings, task_key: str) -> "StateStore":
+        """The nightly state of one task's users in the store `settings` names."""
+        return cls(settings.state_db, task_key, legacy=settings.nightly_state(task_key))
 
     @contextlib.contextmanager
     def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:

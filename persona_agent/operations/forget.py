@@ -46,16 +46,17 @@ from mlflow.entities import ViewType
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from qdrant_client import QdrantClient
 
+from persona_agent.adapters import lm_cache
+from persona_agent.adapters.points import ClientPoints, EdgePoints
+from persona_agent.adapters.registry import PersonaRegistry, prompt_name
+from persona_agent.adapters.state import StateStore
 from persona_agent.data.atomic import atomic_write_text
 from persona_agent.data.loaders import shown
 from persona_agent.data.tasks import TASKS
 from persona_agent.overrides import purge_run
-from persona_agent.pipelines.points import ClientPoints, EdgePoints, StoreDamaged
-from persona_agent.runtime import lm_cache
-from persona_agent.runtime.registry import PersonaRegistry, prompt_name
-from persona_agent.runtime.settings import Settings, sqlite_file
-from persona_agent.runtime.state import StateStore
+from persona_agent.pipelines.points import StoreDamaged
 from persona_agent.runtime.store import disk_full, exclusive
+from persona_agent.settings import Settings, sqlite_file
 
 log = logging.getLogger(__name__)
 TABLES = (".json", ".csv", ".jsonl")  # the artifact and output files whose rows can be a user's

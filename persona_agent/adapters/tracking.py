@@ -16,7 +16,8 @@ import mlflow
 from filelock import FileLock
 from mlflow.tracing.constant import TraceMetadataKey
 
-from persona_agent.runtime.settings import Settings, sqlite_file
+from persona_agent.pipelines import spans
+from persona_agent.settings import Settings, sqlite_file
 
 
 def setup(settings: Settings) -> str:
@@ -49,7 +50,7 @@ def run_params(settings: Settings, task_key: str, lm=None, **extra) -> dict[str,
     """The parameters every run and child run carries, under the same names in every command,
     so the MLflow UI compares runs of `eval`, `demo`, `sweep` and `nightly` side by side. With
     the run's `lm`, `answer_step` is the one in effect: "prompt (why)" where the LM cannot score."""
-    from persona_agent.runtime.llm import answer_step_in_effect
+    from persona_agent.adapters.llm import answer_step_in_effect
 
     return {"task": task_key, "lm": settings.lm.model, "api_base": settings.lm.api_base or "",
             "temperature": settings.lm.temperature, "max_tokens": settings.lm.max_tokens, "top_k": settings.top_k,
@@ -88,7 +89,7 @@ def run_name(command: str, task_key: str, settings: Settings | None = None, user
     """A top-level run's name, distinct in the runs list: the command, the task, the settings an
     engineer varies between two runs (the answer step in effect with `lm`, T, n, K, users), and
     the minute it started. `tags.command` and `params.task` select runs; the name is for reading."""
-    from persona_agent.runtime.llm import answer_step_in_effect
+    from persona_agent.adapters.llm import answer_step_in_effect
 
     parts = [command, task_key]
     if settings is not None:
@@ -185,6 +186,7 @@ def enable_traces() -> None:
 
     # our alignment is a DSPy `compile`: MLflow drops traces made inside one unless told otherwise
     mlflow.dspy.autolog(log_traces=True, log_traces_from_compile=True, log_compiles=False, log_evals=False, silent=True)
+    spans.install(_child_span)
     _tracing = True
 
 
@@ -194,7 +196,19 @@ def disable_traces() -> None:
     import mlflow.dspy
 
     mlflow.dspy.autolog(disable=True)
+    spans.install(None)
     _tracing = False
+
+
+@contextlib.contextmanager
+def _child_span(name: str, attributes: dict) -> Iterator[None]:
+    """A child span of the active span, if there is one (inside a `trace`); nothing otherwise."""
+    if mlflow.get_current_active_span() is None:
+        yield
+        return
+    with mlflow.start_span(name=name) as s:
+        s.set_attributes(attributes)
+        yield
 
 
 _tracing = False
