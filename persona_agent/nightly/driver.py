@@ -32,7 +32,7 @@ from persona_agent.nightly.committer import Committer
 from persona_agent.nightly.control import Deferred, Gate, Stopped, first_callback_of, stop_on_signals, user_calls
 from persona_agent.nightly.executors import ray_outcomes, thread_outcomes
 from persona_agent.nightly.jobs import NightlySummary, Status, UserOutcome, align_job, plan
-from persona_agent.operations.forget import unfinished
+from persona_agent.runtime.erasures import unfinished
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.store import Store
 from persona_agent.settings import Settings

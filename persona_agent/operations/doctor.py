@@ -27,9 +27,9 @@ from pathlib import Path
 from persona_agent.adapters.points import EdgePoints
 from persona_agent.adapters.state import StateStore
 from persona_agent.data.loaders import shown
-from persona_agent.operations.forget import unfinished, unfinished_erases
 from persona_agent.pipelines.memory import payload_problem
 from persona_agent.pipelines.points import StoreDamaged, StoreLocked
+from persona_agent.runtime.erasures import unfinished, unfinished_erases
 from persona_agent.runtime.store import StoreBusy, StoreFull, exclusive
 from persona_agent.settings import Settings, sqlite_file
 

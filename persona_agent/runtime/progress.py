@@ -11,8 +11,8 @@ import functools
 import logging
 import os
 import sys
-import time
 import threading
+import time
 from collections.abc import Iterator
 
 from rich.console import Console

@@ -14,8 +14,8 @@ from persona_agent.adapters.lm_cache import owned_by
 from persona_agent.adapters.state import StateStore
 from persona_agent.data.loaders import shown
 from persona_agent.data.tasks import Task
-from persona_agent.operations.forget import being_forgotten
 from persona_agent.pipelines.points import StoreDamaged
+from persona_agent.runtime.erasures import being_forgotten
 from persona_agent.runtime.store import Store
 from persona_agent.runtime.wiring import user_flow
 

@@ -10,6 +10,7 @@ from persona_agent.adapters.registry import PersonaRegistry
 from persona_agent.cli import main
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.operations import forget as forgetting
+from persona_agent.runtime import erasures
 from persona_agent.settings import Settings
 
 QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
@@ -64,7 +65,7 @@ def test_an_erase_stopped_by_the_tracking_store_says_what_it_did_and_the_rerun_f
     assert main(["forget", "u0000", *opts]) == 0
     said = _err(capsys)
     assert "forgot u0000" in said
-    assert not (store / forgetting.JOURNAL).exists()
+    assert not (store / erasures.JOURNAL).exists()
     record = json.loads((store / "forgotten.jsonl").read_text().splitlines()[-1])
     assert record["removed"]["memories"] == 4 + 3
     assert record["removed"]["persona versions"] >= 1  # both runs' counts
@@ -76,13 +77,13 @@ def test_an_erase_stopped_by_the_tracking_store_says_what_it_did_and_the_rerun_f
 def test_an_erase_killed_between_memory_and_state_is_finished_not_restored(store, monkeypatch, capsys):
     """A kill leaves the journal as it was last written: the intent and the steps done."""
     with monkeypatch.context() as mp:
-        mp.setattr(forgetting.Journal, "stopped", lambda *args: None)  # a killed process writes nothing more
+        mp.setattr(erasures.Journal, "stopped", lambda *args: None)  # a killed process writes nothing more
         mp.setattr(forgetting, "_forget_states", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(BaseException):
             forgetting.forget(Settings(store=store), "u0000")
-    journal = json.loads((store / forgetting.JOURNAL).read_text())
+    journal = json.loads((store / erasures.JOURNAL).read_text())
     assert [e["done"] for e in journal["erases"].values()] == [["memories"]]
-    assert "u0000" not in (store / forgetting.JOURNAL).read_text()  # a hash, never the id
+    assert "u0000" not in (store / erasures.JOURNAL).read_text()  # a hash, never the id
     _half_forgotten(store, capsys)
     assert main(["forget", "u0000", "--store", str(store)]) == 0
     assert main(["doctor", "--store", str(store)]) == 0
@@ -95,6 +96,6 @@ def test_an_id_no_user_has_leaves_no_journal_and_no_salt(store):
 
 
 def test_an_unreadable_journal_is_damage_not_a_traceback(store, capsys):
-    (store / forgetting.JOURNAL).write_text("{not json")
+    (store / erasures.JOURNAL).write_text("{not json")
     assert main(["answer", "u0000", QUERY, "--lm", "scripted", "--store", str(store)]) == 6
     assert "the erase journal cannot be read" in _err(capsys)
