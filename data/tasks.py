@@ -250,12 +250,7 @@ class Task:
                       for label, text in re.findall(self.candidates_pattern, query)}
             top = max(shared.values(), default=0)
             return {label: share / top for label, share in shared.items()} if top else {}
-        first = {}
-        for label in sorted(self.labels, key=len, reverse=True):  # "dark comedy" before "comedy"
-            m = re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", low)
-            if m:
-                first[label] = m.start()
-                low = re.sub(rf"(?<![\w-]){re.escape(label)}(?![\w-])", lambda m: "#" * len(m.group()), low)
+        first = label_mentions(self.labels, low)
         ranked = sorted(first, key=first.get)
         return {label: 1 - rank / len(ranked) for rank, label in enumerate(ranked)}
 
@@ -420,16 +415,22 @@ def _names(label: str, text: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", text) is not None
 
 
-def named_labels(labels: Sequence[str], text: str) -> list[str]:
-    """The labels lower-cased `text` names by name, each once, longer names first: "dark
-    comedy" names dark comedy, not also comedy."""
-    found = []
+def label_mentions(labels: Sequence[str], text: str) -> dict[str, int]:
+    """Where lower-cased `text` first names each label it names: longer names first, each then
+    blanked to as many "#", so "dark comedy" names dark comedy, not also comedy, and positions
+    stay where they were."""
+    first = {}
     for label in sorted(labels, key=len, reverse=True):
         pattern = rf"(?<![\w-]){re.escape(label)}(?![\w-])"
-        if re.search(pattern, text):
-            found.append(label)
-            text = re.sub(pattern, "#", text)
-    return found
+        if m := re.search(pattern, text):
+            first[label] = m.start()
+            text = re.sub(pattern, lambda m: "#" * len(m.group()), text)
+    return first
+
+
+def named_labels(labels: Sequence[str], text: str) -> list[str]:
+    """The labels lower-cased `text` names, each once (`label_mentions`), longer names first."""
+    return list(label_mentions(labels, text))
 
 
 def _bracketed(labels: Sequence[str]) -> str:

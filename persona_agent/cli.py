@@ -783,8 +783,9 @@ def _main(argv: list[str] | None) -> int:
 
 def exit_codes() -> list[tuple[tuple[type, ...], int | Callable, Callable]]:
     """What an error means to a scheduler: (exception types, the exit code or error -> it,
-    (settings, error) -> the one line said), the first match wins. docs/operations.md's table of codes is checked against it
-    (tests/test_cli.py). The libraries are imported here, not at the top: `--help` loads none."""
+    (settings, error) -> the one line said), the first match wins. docs/operations.md's table of
+    codes is checked against it (tests/test_cli.py). The libraries are imported here, not at the
+    top: `--help` loads none."""
     from dspy.utils.exceptions import AdapterParseError, LMError, is_retryable_lm_error
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
