@@ -75,7 +75,7 @@ def _commit_rate(settings: Settings, n: int = 100) -> float:
     outcomes = [_outcome(f"c{i:05d}") for i in range(n)]
     started = time.perf_counter()
     for outcome in outcomes:
-        commit(outcome, LAMP_2M, registry, states, run_id=None, night=1)
+        commit(outcome, LAMP_2M, registry, states=states, run_id=None, night=1)
     return n / (time.perf_counter() - started)
 
 
@@ -100,11 +100,11 @@ def _parallel_commit_rates(root: Path, counts=(1, 2, 4), n: int = 48) -> tuple[d
                 run = mlflow.MlflowClient().create_run(experiment).info.run_id
                 users = [_outcome(f"k{k}-{i:04d}") for i in range(k + n)]
                 with Committer(url, LAMP_2M.key, settings.state_db, run, 1, 0, processes=k) as committer:
-                    warm = [(o, committer.submit(o)) for o in users[:k]]  # the processes start, import MLflow
-                    assert not any(isinstance(committer.result(o, f), BaseException) for o, f in warm)
+                    warm = [committer.submit(o) for o in users[:k]]  # the processes start, import MLflow
+                    assert not any(isinstance(committer.result(sent), BaseException) for sent in warm)
                     started = time.perf_counter()
-                    timed = [(o, committer.submit(o)) for o in users[k:]]
-                    results = [committer.result(o, f) for o, f in timed]
+                    timed = [committer.submit(o) for o in users[k:]]
+                    results = [committer.result(sent) for sent in timed]
                     rates[str(k)] = round(n / (time.perf_counter() - started), 2)
                 failed = [r for r in results if isinstance(r, BaseException)]
                 assert not failed, failed[:1]

@@ -38,7 +38,8 @@ from persona_agent.data.loaders import UserData
 from persona_agent.data.tasks import Task
 from persona_agent.eval.methods import METHODS, SETUP, UNALIGNED, NotApplicable, UserContext
 from persona_agent.pipelines.memory import EpisodicMemory, history_items
-from persona_agent.pipelines.metering import Cost, answer_or_none, is_lm_error, metered
+from persona_agent.pipelines.flow import score
+from persona_agent.pipelines.metering import Cost, is_lm_error, metered
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.wiring import user_flow
 from persona_agent.settings import Settings
@@ -174,7 +175,6 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress,
     """`user`'s answers, costs and personas for every method, in order."""
     out = _UserRun(unit=user.unit)
     for method in methods:
-        answers, failures = {}, 0
         tags = {"user": user.user_id, "unit": user.unit, "method": method, "task": ctx.task.key,  # user: the person
                 "run_id": method_runs.get(method)}
         try:  # setup (profile, alignment) is metered apart, in the user's flow
@@ -191,11 +191,10 @@ def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress,
             out.personas[method] = persona.known
         started = time.perf_counter()
         with metered() as cost:
-            for q in user.queries:
-                with tracking.trace(f"{method} {q.id}", **tags, query=q.id):
-                    answers[q.id] = answer_or_none(program, q.input, f"user {user.user_id}, {method}, query {q.id}")
-                failures += answers[q.id] is None
-        out.answers[method], out.cost[method], out.failures[method] = answers, cost, failures
+            scored = score(program, ctx.task, user.queries, who=f"user {user.user_id}, {method}, ",
+                           around=lambda q: tracking.trace(f"{method} {q.id}", **tags, query=q.id))
+        out.answers[method] = {q.id: a for q, a in zip(user.queries, scored.answers)}
+        out.cost[method], out.failures[method] = cost, scored.failures
         out.seconds[method] = time.perf_counter() - started
         out.setup[method] = Cost()
         for name in SETUP.get(method, ()):

@@ -94,10 +94,6 @@ class Settings:
         """Nightly state and which users changed (`adapters/state.py`)."""
         return self.store / "state.db"
 
-    def nightly_state(self, task_key: str) -> Path:
-        """An earlier version's per-user state files of one task (migrated into `state_db` once)."""
-        return self.store / "nightly" / task_key
-
     def eval_out(self, task_key: str, stamp: str) -> Path:
         """Where one `eval` writes its tables and predictions by default."""
         return self.store / "eval" / f"{task_key}-{stamp}"
@@ -114,11 +110,6 @@ class Settings:
     def qdrant_path(self) -> Path:
         """The embedded memory: a Qdrant Edge shard."""
         return self.store / "qdrant-edge"
-
-    @property
-    def legacy_qdrant_path(self) -> Path:
-        """Where versions before Qdrant Edge kept memory (qdrant-client's embedded files)."""
-        return self.store / "qdrant"
 
 
 def sqlite_file(uri: str) -> Path | None:

@@ -7,9 +7,11 @@ user's memory lives (the `memory` the caller passes) and in what they do with th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
 
 import dspy
 from dspy.teleprompt import Teleprompter
@@ -148,9 +150,17 @@ class Scored:
     parsed: int = 0  # answers that normalise to a label
 
 
-def score(program: dspy.Module, task: Task, queries) -> Scored:
-    """Run `program` on labelled queries; a failing call is logged, counted, and scored wrong."""
-    answers = [answer_or_none(program, q.input, f"query {q.id}") for q in queries]
+def score(program: dspy.Module, task: Task, queries, *, who: str = "",
+          around: Callable[[Any], ContextManager] | None = None) -> Scored:
+    """Run `program` on labelled queries (each inside `around(query)`, e.g. its trace): the one
+    scorer of `eval`, `demo` and `nightly`. A reply that cannot be parsed is logged, counted,
+    and scored wrong; an LM error is no answer and is raised (`answer_or_none`)."""
+    answers = []
+    for q in queries:
+        with around(q) if around is not None else contextlib.nullcontext():
+            answers.append(answer_or_none(program, q.input, f"{who}query {q.id}"))
     failures = sum(a is None for a in answers)
     parsed = sum(task.normalize(a) is not None for a in answers)
-    return Scored(task.score([q.gold for q in queries], answers), answers, failures, parsed)
+    known = [(q.gold, a) for q, a in zip(queries, answers) if q.gold is not None]  # a test set may hold no golds
+    metrics = task.score([g for g, _ in known], [a for _, a in known]) if known else {}
+    return Scored(metrics, answers, failures, parsed)

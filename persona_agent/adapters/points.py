@@ -14,10 +14,8 @@ import contextlib
 import errno
 import logging
 import os
-import pickle
 import re
 import shutil
-import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -300,51 +298,6 @@ class ClientPoints:
     def close(self) -> None:
         if self.owns_client:
             self.client.close()
-
-
-def import_legacy(old: Path, new: Path) -> int:
-    """Copy a store written by earlier versions (qdrant-client's embedded files at `old`: one
-    collection per user, or one shared) into an Edge shard at `new`. Written beside it and
-    renamed into place, so a crash leaves either no shard or a whole one; `old` is kept."""
-    partial = new.with_name(new.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        client = QdrantClient(path=str(old))  # qdrant-client's embedded mode reads the old files
-    except RuntimeError as err:
-        if "already accessed" in str(err):
-            raise StoreLocked(f"{old} is open in another process") from None
-        raise StoreDamaged(old, str(err)) from None
-    except (ValueError, OSError, sqlite3.Error) as err:  # a garbled meta.json or collection file
-        raise StoreDamaged(old, f"{type(err).__name__}: {err}") from None
-    copied, target = 0, None
-    try:
-        for collection in (c.name for c in client.get_collections().collections):
-            batch = []
-            for record in ClientPoints(client, collection)._scroll(None, with_vectors=True):
-                vector, lexical = record.vector, record.vector["lexical"]
-                batch.append(Point(str(record.id), (lexical.indices, lexical.values), vector.get("dense"), record.payload))
-                if target is None:
-                    target = EdgePoints(partial, dense_size=len(vector["dense"]) if "dense" in vector else None)
-                if len(batch) == 256:
-                    target.upsert(batch)
-                    copied, batch = copied + len(batch), []
-            if batch:
-                target.upsert(batch)
-                copied += len(batch)
-    except (ValueError, sqlite3.Error, pickle.UnpicklingError, EOFError) as err:
-        if target is not None:
-            target.close()
-        shutil.rmtree(partial, ignore_errors=True)
-        raise StoreDamaged(old, f"{type(err).__name__}: {err}") from None
-    finally:
-        client.close()
-    target = target or EdgePoints(partial)
-    target.shard.flush()
-    target.close()
-    os.replace(partial, new)
-    log.warning("copied %d memories from %s (written by an earlier version) into %s; %s can be removed",
-                copied, old, new, old)
-    return copied
 
 
 def open_memory(path: str | None = None, url: str | None = None, embedder: Embedder | None = None,

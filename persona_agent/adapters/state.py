@@ -12,9 +12,8 @@ So a night plans exactly the users whose mark is newer than what their state saw
 interactions, and users whose last run failed, was deferred or was interrupted (never committed,
 so their mark is still unseen). Planning reads two indexed tables, not every user's memory.
 
-A store written by an earlier version (one JSON file per user under `nightly/<task>/`, no marks)
-is migrated once, in one transaction: its states are read in, and every user in memory is marked,
-so the first night after it re-checks everyone by fingerprint, as before. Read by `nightly` to
+The first night of a task marks every user in memory (`ready`), so it checks everyone by
+fingerprint once. Read by `nightly` to
 plan, by the commit process to record, by `answer` and `doctor` to notice a history that shrank,
 and cleared by `forget`.
 """
@@ -25,6 +24,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -40,18 +40,46 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+@dataclass(frozen=True)
+class UserState:
+    """A row of `state`: what the last completed nightly aligned one user on, and what it left."""
+
+    fingerprint: str  # of the history aligned on (`jobs.fingerprint`): a change makes the user due
+    version: int | None = None  # the production version the night left
+    status: str = ""  # how the night ended for them (`jobs.Status`'s word)
+    item_ids: tuple[str, ...] | None = None  # the history aligned on; None: a row older than this field
+    semantic_profile: str = ""
+    scores: tuple[dict, ...] = ()  # every night's prequential score of production: {night, version, score, n}
+    at: float = 0.0  # when it was written (epoch seconds)
+    seen: int | None = None  # the change mark it consumed (`StateStore.pending`)
+
+    @classmethod
+    def from_json(cls, body: str) -> "UserState":
+        """A stored row; keys no field has (the user id, a retired field) are ignored."""
+        raw = json.loads(body)
+        known = {f.name for f in fields(cls)}
+        row = {k: v for k, v in raw.items() if k in known}
+        for key in ("item_ids", "scores"):
+            if row.get(key) is not None:
+                row[key] = tuple(row[key])
+        return cls(**{"fingerprint": "", **row})
+
+    def to_json(self, user_id: str, seen: int | None) -> str:
+        body = {"user_id": user_id, **asdict(self), "seen": seen if seen is not None else self.seen}
+        return json.dumps({k: v for k, v in body.items() if v is not None})  # None reads back as the default
+
+
 class StateStore:
     """The state of one task's users, and the store's change marks, in `<store>/state.db`."""
 
-    def __init__(self, path: Path, task: str, legacy: Path | None = None):
-        """`legacy`: where an earlier version kept this task's state files (`ready` reads them in)."""
-        self.path, self.task, self.legacy = Path(path), task, legacy
+    def __init__(self, path: Path, task: str):
+        self.path, self.task = Path(path), task
         self._ready = False  # the schema is made once per instance, on its first transaction
 
     @classmethod
     def of(cls, settings: Settings, task_key: str) -> "StateStore":
         """The nightly state of one task's users in the store `settings` names."""
-        return cls(settings.state_db, task_key, legacy=settings.nightly_state(task_key))
+        return cls(settings.state_db, task_key)
 
     @contextlib.contextmanager
     def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
@@ -80,15 +108,15 @@ class StateStore:
 
     # -- per-user state ---------------------------------------------------------------------------
 
-    def get(self, user_id: str) -> dict | None:
+    def get(self, user_id: str) -> UserState | None:
         with self._db(write=False) as db:
             row = db.execute("SELECT body FROM state WHERE task = ? AND user_id = ?", (self.task, user_id)).fetchone()
-        return json.loads(row[0]) if row else None
+        return UserState.from_json(row[0]) if row else None
 
-    def put(self, user_id: str, state: dict, seen: int | None = None) -> None:
+    def put(self, user_id: str, state: UserState, seen: int | None = None) -> None:
         """Record the user's state; `seen`: the change mark the night planned them at (a change
         marked while they were being aligned stays unseen, for the next night)."""
-        body = json.dumps({"user_id": user_id, **state, **({"seen": seen} if seen is not None else {})})
+        body = state.to_json(user_id, seen)
         with self._db() as db:
             db.execute("INSERT INTO state (task, user_id, body) VALUES (?, ?, ?) ON CONFLICT (task, user_id) "
                        "DO UPDATE SET body = excluded.body", (self.task, user_id, body))
@@ -102,11 +130,11 @@ class StateStore:
         with self._db(write=False) as db:
             return {r[0] for r in db.execute("SELECT user_id FROM state WHERE task = ?", (self.task,))}
 
-    def items(self) -> Iterator[tuple[str, dict]]:
+    def items(self) -> Iterator[tuple[str, UserState]]:
         """Every user's state in this task (doctor)."""
         with self._db(write=False) as db:
             rows = db.execute("SELECT user_id, body FROM state WHERE task = ?", (self.task,)).fetchall()
-        return ((user, json.loads(body)) for user, body in rows)
+        return ((user, UserState.from_json(body)) for user, body in rows)
 
     def tasks(self) -> list[str]:
         with self._db(write=False) as db:
@@ -153,27 +181,13 @@ class StateStore:
             return db.execute("SELECT coalesce(max(mark), 0) FROM changed").fetchone()[0]
 
     def ready(self, memory_users: Callable[[], Iterable[str]]) -> None:
-        """Once per store and task: read an earlier version's state files (`legacy`) and mark
-        every user in memory, in one transaction (a crash leaves the store as it was)."""
-        key, legacy = f"initialized:{self.task}", self.legacy
+        """Once per store and task: mark every user in memory, in one transaction (memory written
+        before the marks existed, or by something other than `ingest`, is checked once)."""
+        key = f"initialized:{self.task}"
         with self._db() as db:
             if db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone():
                 return
-            migrated = 0
-            for path in sorted(legacy.glob("*.json")) if legacy is not None and legacy.is_dir() else ():
-                try:
-                    body = json.loads(path.read_text(encoding="utf-8"))
-                    user_id = body["user_id"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    log.warning("state file %s is unreadable; that user is re-aligned", path)
-                    continue
-                db.execute("INSERT OR IGNORE INTO state (task, user_id, body) VALUES (?, ?, ?)",
-                           (self.task, user_id, json.dumps({**body, "seen": 0})))
-                migrated += 1
             users = list(memory_users())
             mark = 1 + db.execute("SELECT coalesce(max(mark), 0) FROM changed").fetchone()[0]
             db.executemany("INSERT OR IGNORE INTO changed (user_id, mark) VALUES (?, ?)", ((u, mark) for u in users))
             db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, str(mark)))
-        if migrated:
-            log.warning("moved %d users' nightly state from %s into %s (once); the old files can be removed",
-                        migrated, legacy, self.path)

@@ -11,18 +11,31 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
 import mlflow
 
 from persona_agent.adapters.registry import PersonaRegistry
 from persona_agent.adapters.state import StateStore
-from persona_agent.nightly.jobs import commit
+from persona_agent.nightly.jobs import UserOutcome, commit
 from persona_agent.runtime.store import require_free_space
 from persona_agent.settings import sqlite_file
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One user's commit, sent to a commit process (`Committer.submit`)."""
+
+    outcome: UserOutcome
+    future: Future
+    pool: ProcessPoolExecutor  # the process pool it went to (a commit process that died is replaced)
+
+    def done(self) -> bool:
+        return self.future.done()
 
 
 class Committer:
@@ -57,25 +70,24 @@ class Committer:
             broken.shutdown(wait=False)
             self.pool = self._start()
 
-    def submit(self, outcome):
+    def submit(self, outcome: UserOutcome) -> Commit:
         pool = self.pool
         try:
-            return pool, pool.submit(_commit_in_child, outcome, *self.args)
+            return Commit(outcome, pool.submit(_commit_in_child, outcome, *self.args), pool)
         except BrokenProcessPool:
             self._replace(pool)
             return self.submit(outcome)
 
-    def result(self, outcome, submitted):
+    def result(self, sent: Commit) -> int | None | BaseException:
         """The production version, or the exception the commit ended with."""
-        pool, future = submitted
         try:
-            return future.result()
+            return sent.future.result()
         except BrokenProcessPool as err:
             try:
-                self._replace(pool)
+                self._replace(sent.pool)
             except BrokenProcessPool:
                 return err
-            return self.result(outcome, self.submit(outcome))
+            return self.result(self.submit(sent.outcome))
         except Exception as err:
             return err
 
@@ -109,4 +121,5 @@ def _commit_in_child(outcome, task_key: str, state_db: str, run_id: str, night: 
 
     require_free_space(Path(state_db), min_free_mb)  # the user fails, named, and keeps their persona
     task = get_task(task_key)
-    return commit(outcome, task, PersonaRegistry(task), StateStore(Path(state_db), task_key), run_id, night)
+    return commit(outcome, task, PersonaRegistry(task), states=StateStore(Path(state_db), task_key), run_id=run_id,
+                  night=night)

@@ -31,7 +31,7 @@ from persona_agent.data.tasks import Task
 from persona_agent.nightly.committer import Committer
 from persona_agent.nightly.control import Deferred, Gate, Stopped, first_callback_of, stop_on_signals, user_calls
 from persona_agent.nightly.executors import ray_outcomes, thread_outcomes
-from persona_agent.nightly.jobs import NightlySummary, Status, UserOutcome, align_job, plan
+from persona_agent.nightly.jobs import NightlySummary, Status, UserJob, UserOutcome, plan, work
 from persona_agent.runtime.erasures import unfinished
 from persona_agent.runtime.progress import output, progress_bar, wall_seconds
 from persona_agent.runtime.store import Store
@@ -48,7 +48,7 @@ class PublishFailed(RuntimeError):
     """A worker's registry writes failed (its message names the error it met there)."""
 
 
-def run_nightly(settings: Settings, task: Task, lm: dspy.LM | None = None, console: Console | None = None,
+def run_nightly(settings: Settings, task: Task, lm: dspy.LM | None = None, *, console: Console | None = None,
                 executor: str = "thread") -> NightlySummary:
     """executor: "thread" (this process) or "ray" (a Ray cluster: RAY_ADDRESS, or a local one).
     Either way at most `settings.workers` users are in flight. This process writes the state rows;
@@ -68,12 +68,13 @@ def run_nightly(settings: Settings, task: Task, lm: dspy.LM | None = None, conso
         raise NightlyLocked(f"another nightly run holds {lock.lock_file}; refusing to start a second one "
                             "on the same store") from None
     try:
-        return _run(settings, task, settings.workers, lm, console, executor)
+        return _run(settings, task, workers=settings.workers, lm=lm, console=console, executor=executor)
     finally:
         lock.release()
 
 
-def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
+def _run(settings: Settings, task: Task, *, workers: int, lm: dspy.LM | None, console: Console,
+         executor: str) -> NightlySummary:
     started = time.perf_counter()
     lm = lm or build_lm(settings.lm)
     adapter = dspy.settings.adapter or adapter_for(lm)
@@ -94,7 +95,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
             summary.driver_cpu_seconds += time.thread_time() - planning_cpu
         # workers get each user's items in the job; the memory is free again for other processes
 
-        def work(job):
+        def in_budget(job):  # a thread's user: the night's stop and LM-call budgets apply
             if stop.is_set():
                 raise Stopped
             if gate.spent.is_set():
@@ -102,12 +103,7 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
                                    error=f"the night's budget of {gate.per_night} LM calls was spent")
             token = user_calls.set([0])
             try:
-                with dspy.context(lm=lm, adapter=adapter), \
-                        tracking.trace(f"nightly {job.user_id}", user=job.user_id, task=task.key, method="persona-agent",
-                                       persona_version=job.version) as traced:
-                    outcome = align_job(job, task, settings)
-                outcome.trace_id = next(iter(traced), None)
-                return outcome
+                return work(job, task, settings, lm=lm, adapter=adapter)  # the commit process publishes
             except Deferred as why:  # cut off mid-way: nothing of it is committed, its calls are counted
                 return UserOutcome(job.user_id, job.fingerprint, Status.DEFERRED, error=str(why),
                                    lm_calls=user_calls.get()[0])
@@ -117,10 +113,11 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
         # The users (threads) or the actors (Ray: each builds its LM) start now; the MLflow run and
         # the commit process (seconds: a spawned Python importing MLflow) are set up meanwhile.
         outcomes, shutdown = (ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
-                              else thread_outcomes(jobs, work, workers))
+                              else thread_outcomes(jobs, in_budget, workers))
         aborted = False
         try:
-            _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console, lm)
+            _record(settings, task, outcomes, executor=executor, workers=workers, jobs=jobs, states=states,
+                    summary=summary, started=started, console=console, lm=lm)
         except KeyboardInterrupt:  # a second Ctrl-C: no waiting for the users in flight
             aborted = True
             raise
@@ -129,7 +126,8 @@ def _run(settings, task, workers, lm, console, executor) -> NightlySummary:
     return summary
 
 
-def _record(settings, task, executor, workers, jobs, outcomes, states, summary, started, console, lm) -> None:
+def _record(settings: Settings, task: Task, outcomes, *, executor: str, workers: int, jobs: list[UserJob],
+            states: StateStore, summary: NightlySummary, started: float, console: Console, lm: dspy.LM) -> None:
     """Commit each outcome as it arrives, and log the night to MLflow."""
     # a night is a run that finished and aligned someone: a killed run, or one with nothing new,
     # is logged (as the next night's number) but does not move the count
@@ -168,13 +166,15 @@ def _record(settings, task, executor, workers, jobs, outcomes, states, summary, 
                     summary.driver_seconds += time.perf_counter() - tallying
                     summary.driver_cpu_seconds += time.thread_time() - tallying_cpu
                     continue
-                pending.append((outcome, committer.submit(outcome)))
-                while pending and pending[0][1][1].done():
-                    committed.append(_tally(summary, *_committed(committer, pending.popleft())))
+                pending.append(committer.submit(outcome))
+                while pending and pending[0].done():
+                    sent = pending.popleft()
+                    committed.append(_tally(summary, sent.outcome, committer.result(sent)))
                 summary.driver_seconds += time.perf_counter() - tallying
                 summary.driver_cpu_seconds += time.thread_time() - tallying_cpu
             while pending:
-                committed.append(_tally(summary, *_committed(committer, pending.popleft())))
+                sent = pending.popleft()
+                committed.append(_tally(summary, sent.outcome, committer.result(sent)))
             rows = [{"user_id": user, "status": Status.FAILED, "error": error} for user, error in summary.failed.items()]
             rows += [{"user_id": user, "status": Status.DEFERRED, "lm_calls": deferred_calls.get(user, 0), "error": why}
                      for user, why in summary.deferred.items()]
@@ -231,11 +231,6 @@ def _record_state(states, outcome):
     except Exception as err:  # e.g. a full disk: the user is redone next night, deduplicated
         return err
     return published.version
-
-
-def _committed(committer: Committer, entry) -> tuple:
-    outcome, submitted = entry
-    return outcome, committer.result(outcome, submitted)
 
 
 def _tally(summary: NightlySummary, outcome, version) -> dict:

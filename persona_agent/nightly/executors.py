@@ -7,12 +7,10 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-import dspy
-
 from persona_agent.adapters.llm import adapter_for, build_lm
 from persona_agent.data.tasks import Task
 from persona_agent.nightly.control import Stopped
-from persona_agent.nightly.jobs import Published, Status, UserJob, UserOutcome, align_job, publish
+from persona_agent.nightly.jobs import Published, Status, UserJob, UserOutcome, work
 from persona_agent.settings import Settings, sqlite_file
 
 
@@ -60,14 +58,9 @@ class _RayAligner:
         self.where = f"{ray.get_runtime_context().get_node_id()[:12]}/{os.getpid()}"
 
     def align(self, job: UserJob, run_id: str, night: int) -> UserOutcome:
-        with dspy.context(lm=self.lm, adapter=adapter_for(self.lm)):
-            outcome = align_job(job, self.task, self.settings)
+        outcome = work(job, self.task, self.settings, lm=self.lm, adapter=adapter_for(self.lm),
+                       registry=self.registry, run_id=run_id, night=night)
         outcome.worker = self.where
-        if self.registry is not None:
-            try:
-                outcome.published = Published(*publish(outcome, self.task, self.registry, run_id, night, job.scores))
-            except Exception as err:  # the user keeps production and is redone next night
-                outcome.published = Published(None, error=f"{type(err).__name__}: {str(err)[:300]}")
         return outcome
 
 

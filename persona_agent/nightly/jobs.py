@@ -23,10 +23,13 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+import dspy
+
+from persona_agent.adapters import tracking
 from persona_agent.adapters.lm_cache import owned_by
 from persona_agent.adapters.points import open_memory
 from persona_agent.adapters.registry import PersonaNotFound
-from persona_agent.adapters.state import StateStore
+from persona_agent.adapters.state import StateStore, UserState
 from persona_agent.data.loaders import Query
 from persona_agent.data.tasks import Task
 from persona_agent.optimizers import AlignmentStep
@@ -118,11 +121,11 @@ class Status(str, Enum):
 
 @dataclass(frozen=True)
 class Published:
-    """What a worker that publishes (Ray) did for one user: the production version it left, the
-    state row to record (None: nothing to record), or the error that kept it from publishing."""
+    """What publishing one user did (`publish`): the production version it left, the state row
+    that marks the user done (None: nothing to record), or the error that kept it from publishing."""
 
     version: int | None
-    state: dict | None = None
+    state: UserState | None = None
     error: str = ""
 
 
@@ -229,21 +232,21 @@ def plan(memory: EpisodicMemory, states: StateStore, registry,
             state = states.get(user_id)
             known += state is not None
             if not items:  # marked, but no memory: aligned before means the store lost it
-                if state and state.get("item_ids"):
-                    failed[user_id] = DAMAGED.format(missing="all", had=len(state["item_ids"]), user=user_id)
+                if state and state.item_ids:
+                    failed[user_id] = DAMAGED.format(missing="all", had=len(state.item_ids), user=user_id)
                 elif state:
                     seen[user_id] = mark
                 continue
             fp = fingerprint(items)
-            if state and state.get("fingerprint") == fp:
+            if state and state.fingerprint == fp:
                 unchanged.append(user_id)
                 seen[user_id] = mark
                 continue
             # Nothing deletes a memory (ingest adds or replaces by id): an item aligned on that is
             # gone means a damaged store, and aligning on what is left would write a wrong persona.
-            missing = set((state or {}).get("item_ids", ())) - {it.item_id for it in items}
+            missing = set(state.item_ids or () if state else ()) - {it.item_id for it in items}
             if missing:
-                failed[user_id] = DAMAGED.format(missing=len(missing), had=len(state["item_ids"]), user=user_id)
+                failed[user_id] = DAMAGED.format(missing=len(missing), had=len(state.item_ids), user=user_id)
                 log.warning("user %s: %s", user_id, failed[user_id])
                 continue
             try:  # one read of the registry: the production version with its persona
@@ -251,8 +254,8 @@ def plan(memory: EpisodicMemory, states: StateStore, registry,
             except PersonaNotFound:
                 production = None
             current, profile = (production.version, production.persona.profile) if production else (None, None)
-            seen_ids = frozenset(state["item_ids"]) if state and "item_ids" in state and current is not None else None
-            jobs.append(UserJob(user_id, items, fp, profile, seen_ids, current, (state or {}).get("scores", []), mark))
+            seen_ids = frozenset(state.item_ids) if state and state.item_ids is not None and current is not None else None
+            jobs.append(UserJob(user_id, items, fp, profile, seen_ids, current, list(state.scores) if state else [], mark))
         except StoreDamaged:  # the shard, not this user: nobody aligns on a store known to be damaged
             raise
         except Exception as err:  # e.g. a production persona that no longer parses: skip this user only
@@ -262,26 +265,45 @@ def plan(memory: EpisodicMemory, states: StateStore, registry,
     return jobs, unchanged, failed, states.count() - known
 
 
-def commit(outcome: UserOutcome, task: Task, registry, states: StateStore, run_id: str | None = None,
+def work(job: UserJob, task: Task, settings: Settings, *, lm: dspy.LM, adapter: dspy.Adapter,
+         registry=None, run_id: str | None = None, night: int = 0) -> UserOutcome:
+    """Align one user with `lm` (in a trace, when the command traces) and, given a `registry`
+    (a worker that publishes: a Ray actor beside a tracking server), publish them there: the one
+    function the driver's threads and the Ray actors run. A user's own failure is an outcome."""
+    with dspy.context(lm=lm, adapter=adapter), \
+            tracking.trace(f"nightly {job.user_id}", user=job.user_id, task=task.key, method="persona-agent",
+                           persona_version=job.version) as traced:
+        outcome = align_job(job, task, settings)
+    outcome.trace_id = next(iter(traced), None)
+    if registry is not None:
+        try:
+            outcome.published = publish(outcome, task, registry, run_id=run_id, night=night, scores=job.scores)
+        except Exception as err:  # the user keeps production and is redone next night
+            outcome.published = Published(None, error=f"{type(err).__name__}: {str(err)[:300]}")
+    return outcome
+
+
+def commit(outcome: UserOutcome, task: Task, registry, *, states: StateStore, run_id: str | None = None,
            night: int = 0) -> int | None:
     """Publish the outcome (`publish`), then mark the user done: their state row, written last.
     Returns the production version."""
-    production, state = publish(outcome, task, registry, run_id, night,
-                                (states.get(outcome.user_id) or {}).get("scores", []))
-    if state is not None:
-        states.put(outcome.user_id, state, seen=outcome.mark)
-    return production
+    before = states.get(outcome.user_id)
+    published = publish(outcome, task, registry, run_id=run_id, night=night,
+                        scores=list(before.scores) if before else [])
+    if published.state is not None:
+        states.put(outcome.user_id, published.state, seen=outcome.mark)
+    return published.version
 
 
-def publish(outcome: UserOutcome, task: Task, registry, run_id: str | None, night: int,
-            scores: list[dict]) -> tuple[int | None, dict | None]:
+def publish(outcome: UserOutcome, task: Task, registry, *, run_id: str | None, night: int,
+            scores: list[dict]) -> Published:
     """Register the outcome's revisions (skipping any a crashed run already registered), move
     `production` (back to `rollback_to` when production regressed: tonight's candidates stay
-    registered, unpromoted). Returns (the production version, the state row that marks the
-    user done, or None for a failed outcome). Registry writes only: it runs wherever the
-    tracking store is reachable (a Ray worker), and whoever holds the state writes the row."""
+    registered, unpromoted). Returns the production version and the state row that marks the
+    user done (none for a failed outcome). Registry writes only: it runs wherever the tracking
+    store is reachable (a Ray worker), and whoever holds the state writes the row."""
     if outcome.status is Status.FAILED:
-        return registry.production_version(outcome.user_id), None  # kept; retried next run
+        return Published(registry.production_version(outcome.user_id))  # kept; retried next run
     versions = registry.versions(outcome.user_id)
     existing = {(v.tags.get("fingerprint"), v.tags.get("iteration")): int(v.version) for v in versions}
     base = {"fingerprint": outcome.fingerprint, "run_id": run_id or "", "stage": "nightly"}
@@ -313,9 +335,9 @@ def publish(outcome: UserOutcome, task: Task, registry, run_id: str | None, nigh
         production = outcome.rollback_to
     if production != serving:
         registry.promote(outcome.user_id, production)
-    return production, {"fingerprint": outcome.fingerprint, "version": production, "status": outcome.status,
-                        "semantic_profile": outcome.semantic_profile, "item_ids": outcome.item_ids,
-                        "scores": scores, "at": time.time()}
+    return Published(production, UserState(outcome.fingerprint, production, outcome.status.value,
+                                           tuple(outcome.item_ids), outcome.semantic_profile, tuple(scores),
+                                           time.time()))
 
 
 @dataclass

@@ -30,7 +30,7 @@ from persona_agent.data.loaders import shown
 from persona_agent.pipelines.memory import payload_problem
 from persona_agent.pipelines.points import StoreDamaged, StoreLocked
 from persona_agent.runtime.erasures import unfinished, unfinished_erases
-from persona_agent.runtime.store import StoreBusy, StoreFull, exclusive
+from persona_agent.runtime.store import StoreBusy, StoreFull, exclusive, refuse_pre_release
 from persona_agent.settings import Settings, sqlite_file
 
 
@@ -48,7 +48,7 @@ class Finding:
 
 # What an interrupted writer leaves: an import or backup cut short, a half-built database, an
 # atomic write's temporary file (`.<name>.<random>`, never renamed into place).
-LEFTOVERS = ("*.partial", ".mlflow.db.*.tmp", "nightly/*/.*.json.*", "eval/*/.*", "reports/.*")
+LEFTOVERS = ("*.partial", ".mlflow.db.*.tmp", "eval/*/.*", "reports/.*")
 
 
 def doctor(settings: Settings, tracking_uri: str | None = None) -> list[Finding]:
@@ -56,6 +56,7 @@ def doctor(settings: Settings, tracking_uri: str | None = None) -> list[Finding]
     store's); none changes it."""
     if not settings.store.is_dir():
         raise FileNotFoundError(2, "no store here", str(settings.store))
+    refuse_pre_release(settings)
     with exclusive(settings):
         found, memory_ids = _memory(settings)
         found += _history(settings, memory_ids) + _erases(settings.store)
@@ -77,9 +78,7 @@ def _memory(settings: Settings) -> tuple[list[Finding], dict[str, set[str]] | No
     if settings.qdrant_url:
         return [Finding("memory", "skipped", f"a Qdrant server ({settings.qdrant_url}): check it with its own tools")], None
     if not path.exists():
-        legacy = settings.legacy_qdrant_path.exists()
-        return [Finding("memory", "ok", "none yet" + (f" (an earlier version's at {settings.legacy_qdrant_path}, "
-                                                       "copied in by the next command that reads memory)" if legacy else ""))], None
+        return [Finding("memory", "ok", "none yet")], None
     if path.is_dir() and not (path / "edge_config.json").exists() and not any(path.iterdir()):
         return [Finding("memory", "ok", "an empty folder: none yet")], None
     try:
@@ -121,7 +120,7 @@ def _history(settings: Settings, memory_ids: dict[str, set[str]] | None) -> list
             shrank, users = [], 0
             for user, state in StateStore(settings.state_db, task).items():
                 users += 1
-                aligned_on = set(state.get("item_ids", ()))
+                aligned_on = set(state.item_ids or ())
                 if memory_ids is not None and (missing := aligned_on - memory_ids.get(user, set())):
                     if journal and journal.get(user):  # an erase stopped between memory and state
                         continue

@@ -55,7 +55,7 @@ from persona_agent.data.loaders import shown
 from persona_agent.data.tasks import TASKS
 from persona_agent.overrides import purge_run
 from persona_agent.runtime.erasures import Journal
-from persona_agent.runtime.store import disk_full, exclusive
+from persona_agent.runtime.store import disk_full, exclusive, refuse_pre_release
 from persona_agent.settings import Settings, sqlite_file
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def forget(settings: Settings, user_id: str) -> Counter:
     user and `doctor` names the unfinished erase (`being_forgotten`)."""
     if not isinstance(user_id, str) or not user_id.strip():
         raise ValueError(f"forget needs a user id; {user_id!r} names no user")
+    refuse_pre_release(settings)  # its files hold the user too: an erase here would leave them
     with exclusive(settings):  # no nightly commits them again meanwhile, no ingest adds to them
         journal = Journal(settings.store)
         entry = journal.begin(user_id)
@@ -121,19 +122,10 @@ class EraseUnfinished(RuntimeError):
 
 def _forget_states(settings: Settings, user_id: str) -> int:
     states = StateStore(settings.state_db, "")
-    n = states.delete(user_id) + _forget_state_files(settings, user_id)
+    n = states.delete(user_id)
     if n:
         states.compact()
     return n
-
-
-def _forget_state_files(settings: Settings, user_id: str) -> int:
-    """An earlier version's state file of the user (a store not yet migrated into `state.db`)."""
-    name = hashlib.sha256(user_id.encode()).hexdigest()[:32] + ".json"
-    files = list((settings.store / "nightly").glob(f"*/{name}"))
-    for path in files:
-        path.unlink()
-    return len(files)
 
 
 def _forget_memory(settings: Settings, user_id: str) -> int:

@@ -3,8 +3,7 @@ episodic memory.
 
 Where memory lives is the command's one decision (`memory=`):
 - "persistent": the store's own Qdrant Edge shard (`<store>/qdrant-edge`), or `--qdrant-url`,
-  which `ingest` fills and `nightly`, `demo` and `answer` read (a store written by an earlier
-  version, `<store>/qdrant`, is copied into Edge once, on first open);
+  which `ingest` fills and `nightly`, `demo` and `answer` read;
 - "run": throwaway in-process Edge shards that live as long as the command (`eval`, `sweep`),
   so a measurement never reads what any other command stored; `scoped(name)` gives each part
   of a run (a sweep point, a dataset) memory of its own;
@@ -34,9 +33,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal
 from filelock import FileLock, Timeout
 from qdrant_client import QdrantClient
 
-from persona_agent.adapters.points import ClientPoints, EdgePoints, import_legacy, scratch_dir
+from persona_agent.adapters.points import ClientPoints, EdgePoints, scratch_dir
 from persona_agent.pipelines.memory import EpisodicMemory
-from persona_agent.pipelines.points import PointStore, StoreDamaged, StoreLocked
+from persona_agent.pipelines.points import PointStore, StoreLocked
 from persona_agent.settings import Settings
 
 if TYPE_CHECKING:
@@ -48,6 +47,10 @@ log = logging.getLogger(__name__)
 
 class StoreBusy(RuntimeError):
     """Another process held the store's embedded memory for longer than we could wait."""
+
+
+class PreReleaseStore(ValueError):
+    """A store laid out by a pre-release version, which this one does not read."""
 
 
 class StoreFull(OSError):
@@ -87,7 +90,6 @@ def _embedded_memory(settings: Settings) -> Iterator[EpisodicMemory]:
             raise StoreBusy(f"another process kept the memory of {settings.store} for over {settings.store_wait:g} s; "
                             "try again later or raise --wait") from None
     try:
-        _import_legacy(settings)
         memory = _open_when_free(settings, deadline)
         try:
             yield memory
@@ -97,23 +99,16 @@ def _embedded_memory(settings: Settings) -> Iterator[EpisodicMemory]:
         lock.release()
 
 
-def _import_legacy(settings: Settings) -> None:
-    """A store written by an earlier version (`<store>/qdrant`) is copied into Edge once: when
-    there is no Edge shard yet, or only an empty folder for one (a shard that holds no config
-    was never written; read as is, it would hide every legacy memory behind an empty store)."""
-    old, new = settings.legacy_qdrant_path, settings.qdrant_path
-    if not old.exists() or (new / "edge_config.json").exists():
-        return
-    if new.is_dir() and not any(new.iterdir()):
-        new.rmdir()
-    elif new.exists():
-        raise StoreDamaged(new, f"it has no edge_config.json, and an earlier version's store is beside it at {old}; "
-                                f"move {new} aside to copy {old} in again")
-    try:
-        import_legacy(old, new)
-    except StoreLocked:
-        raise StoreBusy(f"the memory of {settings.store} (an earlier version's, at {old}) is open in another "
-                        "process; close it there first") from None
+def refuse_pre_release(settings: Settings) -> None:
+    """Before 0.1.0 memory lived in qdrant-client's files (`<store>/qdrant`) and the nightly state
+    in one JSON file per user (`<store>/nightly/<task>/`). Copying them in cost more code than any
+    store outside development needs: such a store is refused whole, before anything is read or
+    written, rather than read as an empty one."""
+    found = [p for p in (settings.store / "qdrant", *(settings.store / "nightly").glob("*/*.json")) if p.exists()]
+    if found:
+        raise PreReleaseStore(f"{settings.store} was written by a pre-release version of persona-agent ({found[0]}); "
+                              "this version does not read it: ingest the data into a new --store, then delete this "
+                              "one (it holds users' data)")
 
 
 @contextlib.contextmanager
@@ -160,6 +155,7 @@ class Store:
     def open(cls, settings: Settings, *, memory: MemoryScope, tracking: bool = True,
              writes: bool = False) -> Iterator["Store"]:
         """writes: the command writes the store (ingest, nightly, demo): checked for free space first."""
+        refuse_pre_release(settings)
         if writes:
             require_free_space(settings.store, settings.min_free_mb)
         if tracking:

@@ -44,7 +44,8 @@ def _aligned_on(store: Store, task: Task, user_id: str) -> int:
     if not store.settings.state_db.exists():
         return 0
     try:
-        return len((StateStore.of(store.settings, task.key).get(user_id) or {}).get("item_ids", ()))
+        state = StateStore.of(store.settings, task.key).get(user_id)
+        return len(state.item_ids or ()) if state else 0
     except sqlite3.Error as err:
         logging.getLogger(__name__).warning("cannot read %s (%s): the history check is skipped",
                                             store.settings.state_db, err)

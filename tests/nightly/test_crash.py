@@ -65,8 +65,8 @@ def _check_store(settings: Settings) -> dict:
         assert not tags or max(tags.values()) == 1, f"duplicate versions for {user}: {tags}"
         production = registry.production_version(user)  # parses the template: a complete persona
         state = states.get(user)
-        if state is not None and state["fingerprint"] == fingerprints[user]:  # done: state is the truth
-            assert production == state["version"], f"{user}: state and production disagree"
+        if state is not None and state.fingerprint == fingerprints[user]:  # done: state is the truth
+            assert production == state.version, f"{user}: state and production disagree"
         # (a user whose commit was interrupted may already serve their new version: still complete)
         if versions and production is None:  # killed between registering and promoting a new
             assert state is None, f"{user} was committed without a production persona"  # user's first one
@@ -114,4 +114,4 @@ def kill_again_and_again(tmp_path, *nightly_args: str, min_killed: int = KILLS /
     states = StateStore.of(settings, LAMP_2M.key)
     with _memory(settings) as memory:
         for user in sizes:  # every user aligned on their whole, final history
-            assert states.get(user)["fingerprint"] == fingerprint(memory.items(user))
+            assert states.get(user).fingerprint == fingerprint(memory.items(user))

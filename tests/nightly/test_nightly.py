@@ -91,32 +91,6 @@ def test_memory_written_outside_ingest_is_planned_with_all_users(store, tmp_path
     assert sorted(summary.unchanged) == ["u0000", "u0001", "u0002"]
 
 
-def test_a_store_of_the_earlier_version_is_migrated_once(store, tmp_path):
-    """State files of the earlier version (one per user) move into state.db on the first night;
-    the users whose history did not change since are not aligned again."""
-    import hashlib
-
-    settings, data = store
-    ingest_into(settings, data)
-    run_nightly(settings, LAMP_2M)
-    states = StateStore.of(settings, LAMP_2M.key)
-    legacy = settings.nightly_state(LAMP_2M.key)
-    legacy.mkdir(parents=True)
-    for user, body in states.items():  # what the earlier version left: a file per user, no marks
-        body.pop("seen", None)
-        (legacy / (hashlib.sha256(user.encode()).hexdigest()[:32] + ".json")).write_text(json.dumps(body))
-    settings.state_db.unlink()
-    ingest_into(settings, _event(tmp_path, "u0002", 1))  # marks u0002 only: the others come from the migration
-    summary = run_nightly(settings, LAMP_2M)
-    assert summary.aligned + summary.rejected == ["u0002"]
-    assert sorted(summary.unchanged) == ["u0000", "u0001", "u0003"]
-    assert StateStore.of(settings, LAMP_2M.key).count() == 4
-    again = run_nightly(settings, LAMP_2M)  # once: the next night reads nobody
-    assert again.lm_calls == 0
-    assert again.unchanged == []
-    assert again.counts()["users_unchanged"] == 4
-
-
 def test_a_second_concurrent_run_refuses_to_start(store, capsys):
     settings, data = store
     settings.store.mkdir(parents=True)
@@ -169,10 +143,10 @@ def test_a_killed_run_then_a_rerun_aligns_every_user_exactly_once(store, tmp_pat
     try:
         for user in memory.user_ids():
             state = states.get(user)
-            assert state["fingerprint"] == fingerprint(memory.items(user))
+            assert state.fingerprint == fingerprint(memory.items(user))
             tags = Counter((v.tags["fingerprint"], v.tags["iteration"]) for v in registry.versions(user))
             assert tags and max(tags.values()) == 1, f"duplicate versions for {user}: {tags}"
-            assert registry.get(user).version == state["version"]  # production is complete and parses
+            assert registry.get(user).version == state.version  # production is complete and parses
     finally:
         memory.close()
 

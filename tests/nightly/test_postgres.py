@@ -94,5 +94,5 @@ def test_postgres_restarted_mid_night_fails_the_users_it_hit_named_and_the_next_
         keys = collections.Counter((v.tags.get("fingerprint"), v.tags.get("iteration"))
                                    for v in registry.versions(user))
         assert keys and max(keys.values()) == 1, (user, keys)  # no version registered twice
-        assert registry.get(user).version == states.get(user)["version"]
+        assert registry.get(user).version == states.get(user).version
     assert states.pending() == {}

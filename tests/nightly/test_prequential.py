@@ -53,7 +53,7 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     assert first.night == 1
     assert not first.scored  # new users: no production persona to score yet
     states = StateStore.of(settings, LAMP_2M.key)
-    assert len(states.get("u0001")["item_ids"]) == 6
+    assert len(states.get("u0001").item_ids) == 6
     rows = [{"user_id": f"u{u:04d}", "id": f"new-{u}-{d}", "response": "comedy", "timestamp": f"2027-01-0{d + 1}",
              "input": LAMP_2M.make_input(f"A night-two film {u}-{d}.", LAMP_2M.labels)}
             for u in range(3) for d in range(2)]
@@ -80,7 +80,7 @@ def test_two_nights_log_the_prequential_scores(tmp_path, monkeypatch, capsys):
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.run_id}/prequential.json"))
     scored = {(r[table["columns"].index("user_id")], r[table["columns"].index("item_id")]) for r in table["data"]}
     assert scored == {(r["user_id"], r["id"]) for r in rows}  # exactly the unseen items, each once
-    assert set(states.get("u0001")["item_ids"]) >= {"new-1-0", "new-1-1"}  # seen by tomorrow's production
+    assert set(states.get("u0001").item_ids) >= {"new-1-0", "new-1-1"}  # seen by tomorrow's production
     # and `report` turns the nights into the trend
     capsys.readouterr()
     assert main(["report", "--store", str(settings.store)]) == 0

@@ -115,4 +115,4 @@ def test_a_night_on_two_ray_nodes_with_a_worker_killed(ray_cluster, server, tmp_
     each_version_once()
     assert states.pending() == {}
     for user in USERS:
-        assert registry.get(user).version == states.get(user)["version"]  # production parses, state agrees
+        assert registry.get(user).version == states.get(user).version  # production parses, state agrees

@@ -1,14 +1,13 @@
 """`nightly --rollback-on-regression K`: a production persona that scores below its recent nights
 on the new interactions is replaced by the last version that scored better; nothing is deleted."""
 
-import json
 
 import dspy
 import mlflow
 
 from persona_agent.adapters.fakes import FakeEngine, default_policy
 from persona_agent.adapters.registry import PersonaRegistry
-from persona_agent.adapters.state import StateStore
+from persona_agent.adapters.state import StateStore, UserState
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.nightly.driver import run_nightly
 from persona_agent.nightly.jobs import last_better
@@ -66,8 +65,8 @@ def test_a_regressed_production_persona_is_rolled_back(tmp_path, monkeypatch):
     assert registry.get("u1", 2).tags["rolled_back_at_night"] == "3"
     assert len(registry.versions("u1")) >= 3  # nothing deleted
     state = StateStore.of(settings, LAMP_2M.key).get("u1")
-    assert [(s["night"], s["version"], s["score"]) for s in state["scores"]] == [(2, 2, 1.0), (3, 3, 0.0)]
+    assert [(s["night"], s["version"], s["score"]) for s in state.scores] == [(2, 2, 1.0), (3, 3, 0.0)]
     run = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).iloc[0]
     assert run["metrics.users_rolled_back"] == 1
     assert "u1,rolled back" in mlflow.artifacts.load_text(f"runs:/{run.run_id}/users.csv")
-    json.dumps(state)  # the state file stays plain JSON
+    assert UserState.from_json(state.to_json("u1", None)) == state  # the row reads back as it was written

@@ -1,11 +1,8 @@
 import pytest
-from qdrant_client import QdrantClient
 
-from persona_agent.adapters.points import ClientPoints, EdgePoints, open_memory
-from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem, UserMemory, sparse_vector
+from persona_agent.adapters.points import EdgePoints, open_memory
+from persona_agent.pipelines.memory import MemoryItem, UserMemory, sparse_vector
 from persona_agent.pipelines.points import StoreLocked
-from persona_agent.runtime.store import Store
-from persona_agent.settings import Settings
 
 from ..helpers import throwaway_memory
 
@@ -95,27 +92,3 @@ def test_the_embedded_store_keeps_its_memories_when_reopened_and_serves_one_proc
     assert m.search("alice", "the wedding", k=1)[0].item.item_id == "2"
     m.close()
 
-
-def _legacy(path, users):
-    """A store as versions before Qdrant Edge wrote it: qdrant-client's embedded files, one
-    collection per user."""
-    client = QdrantClient(path=str(path))
-    for i, (user, items) in enumerate(users.items()):
-        EpisodicMemory(ClientPoints(client, f"episodic-{i:024d}")).add(user, items)
-    client.close()
-
-
-def test_a_store_from_an_earlier_version_is_copied_into_edge_once_and_kept(tmp_path):
-    settings = Settings(store=tmp_path / "store")
-    alice = [MemoryItem("1", "a starship crew and a love story", "sci-fi"), MemoryItem("2", "a wedding", "comedy")]
-    _legacy(settings.legacy_qdrant_path, {"alice": alice, "bob": [MemoryItem("1", "a heist", "action")]})
-    (settings.qdrant_path.parent / "qdrant-edge.partial").mkdir()  # a copy an earlier crash left half done
-    with Store.open(settings, memory="persistent", tracking=False) as store:
-        assert store.memory.items("alice") == alice
-        assert store.memory.user_ids() == ["alice", "bob"]
-        assert store.memory.search("alice", "wedding", k=1)[0].item.item_id == "2"
-        store.memory.add("alice", [MemoryItem("3", "a new one", "drama")])
-    assert settings.legacy_qdrant_path.exists()
-    assert not (settings.qdrant_path.parent / "qdrant-edge.partial").exists()
-    with Store.open(settings, memory="persistent", tracking=False) as store:  # not copied again over the new item
-        assert [it.item_id for it in store.memory.items("alice")] == ["1", "2", "3"]

@@ -14,7 +14,6 @@ from persona_agent.cli import main
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.runtime.store import StoreFull
-from persona_agent.settings import Settings
 
 QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
 
@@ -121,53 +120,25 @@ def test_doctor_finds_a_damaged_tracking_database_and_leftovers(store, capsys):
     assert "damaged   tracking" in capsys.readouterr().out
 
 
-def test_an_earlier_versions_store_beside_an_empty_edge_folder_is_copied_in(tmp_path, monkeypatch, capsys):
-    from qdrant_client import QdrantClient
-
-    from persona_agent.adapters.points import ClientPoints
-    from persona_agent.pipelines.points import Point
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    settings = Settings(store=tmp_path / "store")
-    client = QdrantClient(path=str(settings.legacy_qdrant_path))
-    ClientPoints(client).upsert([Point(f"00000000-0000-0000-0000-{i:012d}", ([1], [1.0]), None,
-                                       {"user_id": "u0", "item_id": str(i), "text": "x"}) for i in range(5)])
-    client.close()
-    settings.qdrant_path.mkdir()  # an empty folder: read as is, it would hide the 5 memories
-    assert main(["answer", "u0", QUERY, "--lm", "scripted", "--store", str(settings.store)]) == 2  # no persona yet
-    capsys.readouterr()
-    points = EdgePoints(settings.qdrant_path)
-    assert points.count() == 5
-    points.close()
-
-
-def test_a_corrupt_or_held_earlier_store_is_one_line(tmp_path, monkeypatch, capsys):
-    from qdrant_client import QdrantClient
-
-    from persona_agent.adapters.points import ClientPoints
-    from persona_agent.pipelines.points import Point
-
+@pytest.mark.parametrize("layout", ["qdrant/collection/storage.sqlite", "nightly/lamp2m/0123abcd.json"])
+def test_a_store_of_a_pre_release_layout_is_refused_before_anything_is_read_or_written(tmp_path, monkeypatch,
+                                                                                       capsys, layout):
+    """Memory in qdrant-client's files, or nightly state as a file per user: not read as an empty
+    store (which would hide the memories), and not half erased by `forget` (which would leave them)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = tmp_path / "store"
-    client = QdrantClient(path=str(store / "qdrant"))
-    ClientPoints(client).upsert([Point("00000000-0000-0000-0000-000000000001", ([1], [1.0]), None, {"user_id": "u0"})])
-    client.close()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qdrant_client import QdrantClient\n"
-                               f"c = QdrantClient(path={str(store / 'qdrant')!r}); print('held', flush=True); "
-                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        assert main(["answer", "u0", QUERY, "--lm", "scripted", "--store", str(store), "--wait", "0.5"]) == 5
-        assert "an earlier version's" in _one_line(capsys)
-    finally:
-        holder.kill()
-        holder.wait()
-    collection = next((store / "qdrant").rglob("storage.sqlite"))
-    collection.write_bytes(collection.read_bytes()[:300])
-    assert main(["answer", "u0", QUERY, "--lm", "scripted", "--store", str(store)]) == 6
-    assert f"{store / 'qdrant'} is damaged" in _one_line(capsys)
-    assert not (store / "qdrant-edge").exists()
-    assert not (store / "qdrant-edge.partial").exists()
+    old = store / layout
+    old.parent.mkdir(parents=True)
+    old.write_text('{"user_id": "u0"}')
+    for command in (["answer", "u0", QUERY, "--lm", "scripted"], ["nightly", "--lm", "scripted"], ["forget", "u0"],
+                    ["doctor"]):
+        assert main([*command, "--store", str(store)]) == 2, command
+        line = _one_line(capsys)
+        assert "was written by a pre-release version" in line, line
+        assert "ingest the data into a new --store" in line, line
+    assert not (store / "qdrant-edge").exists()  # no memory opened
+    assert not (store / "mlflow.db").exists()  # no tracking store made
+    assert old.read_text() == '{"user_id": "u0"}'
 
 
 def test_a_read_only_tracking_database_is_one_line(store, monkeypatch, capsys):

@@ -44,8 +44,8 @@ def test_the_prompt_list_shows_production_and_each_run_lists_the_versions_it_reg
     (listed,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{name}'")
     assert listed.tags["production_version"] == str(v1)  # the list shows the latest version; this says which serves
     linked = mlflow.MlflowClient().get_run(run.info.run_id).data.tags["mlflow.linkedPrompts"]
-    assert f'"version": "1"' in linked
-    assert f'"version": "2"' in linked
+    assert '"version": "1"' in linked
+    assert '"version": "2"' in linked
     assert name in linked
     registry.rollback("u1", 2)
     (listed,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{name}'")
@@ -101,7 +101,8 @@ def test_a_failed_read_of_a_users_versions_fails_the_commit_and_never_makes_them
     with monkeypatch.context() as patch:
         patch.setattr(registry.client, "search_prompt_versions", unavailable)
         with pytest.raises(MlflowException, match="restarting"):
-            publish(UserOutcome("u1", "f1", "rejected", start_profile="Prefers drama."), LAMP_2M, registry, None, 1, [])
+            publish(UserOutcome("u1", "f1", "rejected", start_profile="Prefers drama."), LAMP_2M, registry,
+                    run_id=None, night=1, scores=[])
     assert len(registry.versions("u1")) == 1
     assert registry.get("u1").persona.profile == "Prefers comedy."
     assert registry.versions("nobody") == []

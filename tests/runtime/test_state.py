@@ -1,9 +1,7 @@
 """The nightly state table and the change marks planning reads."""
 
-import json
-import sqlite3
 
-from persona_agent.adapters.state import StateStore
+from persona_agent.adapters.state import StateStore, UserState
 
 
 def test_a_change_marked_while_a_user_is_aligned_stays_pending(tmp_path):
@@ -11,8 +9,8 @@ def test_a_change_marked_while_a_user_is_aligned_stays_pending(tmp_path):
     first = states.mark_changed(["a", "b"])
     assert states.pending() == {"a": first, "b": first}
     later = states.mark_changed(["a"])  # ingest again while the night aligns `a` from the first change
-    states.put("a", {"fingerprint": "f1"}, seen=first)  # the night commits what it planned
-    states.put("b", {"fingerprint": "f2"}, seen=first)
+    states.put("a", UserState("f1"), seen=first)  # the night commits what it planned
+    states.put("b", UserState("f2"), seen=first)
     assert states.pending() == {"a": later}  # the newer change is not lost
     states.saw({"a": later})
     assert states.pending() == {}
@@ -21,22 +19,18 @@ def test_a_change_marked_while_a_user_is_aligned_stays_pending(tmp_path):
 def test_state_is_per_task_and_marks_are_per_store(tmp_path):
     movies, news = StateStore(tmp_path / "state.db", "lamp2m"), StateStore(tmp_path / "state.db", "lamp2n")
     mark = movies.mark_changed(["a"])
-    movies.put("a", {"fingerprint": "f"}, seen=mark)
+    movies.put("a", UserState("f"), seen=mark)
     assert movies.pending() == {}
     assert news.pending() == {"a": mark}  # the other task still has to see it
-    assert movies.get("a")["fingerprint"] == "f"
+    assert movies.get("a").fingerprint == "f"
     assert news.get("a") is None
     assert movies.delete("a") == 2
     assert movies.pending() == {}
     assert news.pending() == {}  # forget: state and mark
 
 
-def test_the_migration_is_one_transaction(tmp_path, monkeypatch):
-    legacy = tmp_path / "nightly" / "lamp2m"
-    legacy.mkdir(parents=True)
-    (legacy / "x.json").write_text(json.dumps({"user_id": "a", "fingerprint": "f", "item_ids": ["1"]}))
-    (legacy / "y.json").write_text("{not json")  # unreadable: that user is re-aligned
-    states = StateStore(tmp_path / "state.db", "lamp2m", legacy=legacy)
+def test_the_first_night_marks_every_user_in_memory_once_and_in_one_transaction(tmp_path):
+    states = StateStore(tmp_path / "state.db", "lamp2m")
 
     def dies():
         raise KeyboardInterrupt  # killed half-way through reading memory's users
@@ -45,10 +39,8 @@ def test_the_migration_is_one_transaction(tmp_path, monkeypatch):
         states.ready(dies)
     except KeyboardInterrupt:
         pass
-    with sqlite3.connect(tmp_path / "state.db") as db:
-        assert db.execute("SELECT count(*) FROM state").fetchone()[0] == 0  # nothing half done
+    assert states.pending() == {}  # nothing half done
     states.ready(lambda: ["a", "b"])
-    assert states.get("a")["fingerprint"] == "f"
     assert set(states.pending()) == {"a", "b"}
     states.ready(lambda: ["c"])  # once
     assert set(states.pending()) == {"a", "b"}
