@@ -69,7 +69,7 @@ def main():
             dspy.context(lm=lm, adapter=adapter_for(lm)), progress_bar(console) as progress:
         bar = progress.add_task("users", total=len(users))
         for user in users:
-            flow = user_flow(settings, task, user.unit, history_items(task, user.profile), store.memory)
+            flow = user_flow(settings, task, user.unit, history=history_items(task, user.history), memory=store.memory)
             flow.remember()
             profiles = {"empty": "", "production": flow.profile(), "oracle": rule_profile(task, user.rule)}
             queries = user.queries[:a.queries]

@@ -79,7 +79,7 @@ def main():
     engine.on_timings = record
     started = time.perf_counter()
     with dspy.context(callbacks=[kinds]), Store.open(settings, memory="persistent") as store:
-        run_demo(settings, store, args.task, args.users, args.queries, lm=lm)
+        run_demo(settings, store, args.task, users=args.users, queries=args.queries, lm=lm)
     wall = time.perf_counter() - started
 
     table = pd.DataFrame(rows).T.rename(columns={

@@ -84,7 +84,8 @@ def main():
         memory = open_memory(":memory:")
         agents, queries = [], []
         for i, user in enumerate(users):
-            flow = user_flow(settings, LAMP_2M, user.user_id, history_items(LAMP_2M, user.profile), memory)
+            flow = user_flow(settings, LAMP_2M, user.user_id, history=history_items(LAMP_2M, user.history),
+                             memory=memory)
             flow.remember()
             labels = [it.response for it in flow.history]
             top = max(set(labels), key=labels.count)

@@ -99,7 +99,8 @@ def _parallel_commit_rates(root: Path, counts=(1, 2, 4), n: int = 48) -> tuple[d
                 experiment = tracking.setup(settings)
                 run = mlflow.MlflowClient().create_run(experiment).info.run_id
                 users = [_outcome(f"k{k}-{i:04d}") for i in range(k + n)]
-                with Committer(url, LAMP_2M.key, settings.state_db, run, 1, 0, processes=k) as committer:
+                with Committer(url, LAMP_2M.key, settings.state_db, run_id=run, night=1, min_free_mb=0,
+                               processes=k) as committer:
                     warm = [committer.submit(o) for o in users[:k]]  # the processes start, import MLflow
                     assert not any(isinstance(committer.result(sent), BaseException) for sent in warm)
                     started = time.perf_counter()

@@ -70,9 +70,9 @@ def main():
         for task in tasks:
             rules = json.loads((shipped_data_dir(task) / "rules.json").read_text())
             for user in people[task.key]:
-                items = history_items(task, user.profile)
+                items = history_items(task, user.history)
                 with metered() as cost:
-                    profile = summarize(task, items, settings.profile_items, user.user_id)
+                    profile = summarize(task, items, settings.profile_items, who=user.user_id)
                 facts = task.facts([(it.text, it.response) for it in items])
                 # what copying the facts alone would say: the first three labels, or the suggested lean
                 top_fact = ", ".join(re.findall(r"([^:,(]+) \(\d+ times\)", facts)[:3]) or facts.rsplit("score ", 1)[-1]

@@ -50,7 +50,7 @@ def main():
             for q in user.queries[:a.queries]:
                 cued = set(_labels_cued(cues, task.query_content(q.input), a.set.startswith("readable")))
                 text, prefix = task.reading(q.input)
-                read = evidence.label_logprobs(lm, [{"role": "user", "content": text}], prefix, task.labels,
+                read = evidence.label_logprobs(lm, [{"role": "user", "content": text}], prefix, labels=task.labels,
                                                expand="all", missing=-math.inf, lead=" ")
                 row = {"user": user.user_id, "non-personalized in cued": task.normalize(plain(query=q.input).answer) in cued,
                        "reading's best in cued": max(read, key=read.get) in cued}

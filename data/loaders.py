@@ -46,7 +46,7 @@ class UserData:
 
     user_id: str
     task: Task
-    profile: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # LaMP calls these the "profile"; the loader renames it
     queries: list[Query] = field(default_factory=list)
     unit: str = ""
     rule: dict | None = None  # a synthetic user's planted preference rule (rules.json), if known
@@ -110,7 +110,8 @@ MAX_FIELD_CHARS = 100_000  # a longer text field is corrupt or not what the task
 OnBad = Callable[[TaskDataError], None]
 
 
-def load_users(path: str | Path, task: Task, split: str | None = None, on_bad: OnBad | None = None) -> list[UserData]:
+def load_users(path: str | Path, task: Task, split: str | None = None, *,
+               on_bad: OnBad | None = None) -> list[UserData]:
     """Read a directory (LaMP `{split}_questions.json` + `{split}_outputs.json`), one file (LaMP
     questions or OPPU users), or a Hugging Face dataset saved with `save_to_disk` (LaMP columns:
     `id`, `input`, `profile`, and `output` when labelled) into `UserData`, validating every record.
@@ -120,7 +121,7 @@ def load_users(path: str | Path, task: Task, split: str | None = None, on_bad: O
     Errors of the whole file (unreadable, not JSON, not a list) always raise."""
     path = Path(path)
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        return _from_saved_dataset(path, task, split, on_bad)
+        return _from_saved_dataset(path, task, split, on_bad=on_bad)
     if path.is_dir():
         questions = _find(path, split, "questions")
         outputs = questions.with_name(questions.name.replace("questions", "outputs"))
@@ -132,8 +133,8 @@ def load_users(path: str | Path, task: Task, split: str | None = None, on_bad: O
         return users
     records = _read_records(path)
     if records and isinstance(records[0], dict) and "query" in records[0]:
-        return _from_oppu(path, records, task, on_bad)
-    return _from_lamp(path, None, task, records, on_bad)
+        return _from_oppu(path, records, task, on_bad=on_bad)
+    return _from_lamp(path, None, task, records=records, on_bad=on_bad)
 
 
 def _find(directory: Path, split: str | None, kind: str) -> Path:
@@ -189,7 +190,7 @@ def per_record(records, load_one: Callable[[int, object], None], on_bad: OnBad |
             on_bad(err)
 
 
-def _from_saved_dataset(path: Path, task: Task, split: str | None, on_bad: OnBad | None) -> list[UserData]:
+def _from_saved_dataset(path: Path, task: Task, split: str | None, *, on_bad: OnBad | None) -> list[UserData]:
     import datasets
 
     data = datasets.load_from_disk(str(path))
@@ -201,10 +202,10 @@ def _from_saved_dataset(path: Path, task: Task, split: str | None, on_bad: OnBad
         data = data[split or next(iter(data))]
     rows = [_drop_none(row) for row in data.to_list()]  # Arrow fills absent fields with None
     golds = [{"id": row["id"], "output": row.pop("output")} for row in rows if "id" in row and "output" in row]
-    return _from_lamp(path, path if golds else None, task, rows, on_bad, {"golds": golds})
+    return _from_lamp(path, path if golds else None, task, records=rows, on_bad=on_bad, outputs_data={"golds": golds})
 
 
-def _golds(outputs: Path | None, task: Task, on_bad: OnBad | None, data: dict | None = None) -> dict[str, str]:
+def _golds(outputs: Path | None, task: Task, on_bad: OnBad | None, *, data: dict | None = None) -> dict[str, str]:
     if outputs is None:
         return {}
     data = _read_json(outputs) if data is None else data
@@ -273,7 +274,7 @@ def check_labels(where: str, task: Task, query: str) -> None:
         raise TaskDataError(f"{where}: {err}") from None
 
 
-def _profile(where: str, items, task: Task, dates: Dates, before: datetime | None = None,
+def _history(where: str, items, task: Task, *, dates: Dates, before: datetime | None = None,
              known: dict[str, dict] | None = None) -> list[dict]:
     """Validated profile items in time order, those dated at or after `before` left out (a
     question sees only its past). `known`: the user's items seen in other questions, by id (read,
@@ -314,10 +315,10 @@ def _profile(where: str, items, task: Task, dates: Dates, before: datetime | Non
     return items
 
 
-def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list | None = None,
+def _from_lamp(questions: Path, outputs: Path | None, task: Task, *, records: list | None = None,
                on_bad: OnBad | None = None, outputs_data: dict | None = None) -> list[UserData]:
     records = _read_records(questions) if records is None else records
-    golds = _golds(outputs, task, on_bad, outputs_data)
+    golds = _golds(outputs, task, on_bad, data=outputs_data)
     units: dict[tuple[str, tuple[str, ...]], UserData] = {}  # (user, history ids) -> its unit
     known: dict[str, dict[str, dict]] = {}  # user -> every item of theirs seen, by id
     seen: set[str] = set()
@@ -335,7 +336,7 @@ def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list 
         if golds and qid not in golds:
             raise TaskDataError(f"{where}: {outputs} has no gold for it")
         asked = None if r.get("date") is None else dates.read(r["date"], where)[1]
-        profile = _profile(where, r["profile"], task, dates, asked, known.get(uid))
+        profile = _history(where, r["profile"], task, dates=dates, before=asked, known=known.get(uid))
         if not profile:
             raise TaskDataError(f"{where}: empty history (no profile items before the question): "
                                 "nothing to personalize from")
@@ -356,7 +357,7 @@ def _from_lamp(questions: Path, outputs: Path | None, task: Task, records: list 
     return list(units.values())
 
 
-def _from_oppu(path: Path, records: list, task: Task, on_bad: OnBad | None = None) -> list[UserData]:
+def _from_oppu(path: Path, records: list, task: Task, *, on_bad: OnBad | None = None) -> list[UserData]:
     users: dict[str, UserData] = {}
     query_ids: set[str] = set()
     dates = Dates()
@@ -368,8 +369,8 @@ def _from_oppu(path: Path, records: list, task: Task, on_bad: OnBad | None = Non
         uid = check_user_id(where, r["user_id"])
         if uid in users:
             raise TaskDataError(f"{where}: duplicate user id")
-        user = UserData(uid, task, _profile(where, r["profile"], task, dates))
-        if not user.profile:
+        user = UserData(uid, task, _history(where, r["profile"], task, dates=dates))
+        if not user.history:
             raise TaskDataError(f"{where}: empty history (no profile items): nothing to personalize from")
         if not isinstance(r["query"], list):
             raise TaskDataError(f"{where}: 'query' must be a list")

@@ -206,7 +206,7 @@ class _Ranked:
         """A history item with the user's label in its field; a query as (text, gold)."""
         return {**item, self.field: gold} if isinstance(item, dict) else (item, gold)
 
-    def __call__(self, rng, n_hist, n_query, level="paraphrased", drift=False):
+    def __call__(self, rng, n_hist, n_query, *, level="paraphrased", drift=False):
         ranking = rng.sample(self.labels, len(self.labels))
         if level == "paraphrased" and not drift:  # today's sets, draw for draw
             def item(side):
@@ -275,7 +275,7 @@ def rate(tone: int, bias: int) -> int:
     return min(5, max(1, tone + bias))
 
 
-def _lamp3(rng, n_hist, n_query, level="paraphrased", drift=False):
+def _lamp3(rng, n_hist, n_query, *, level="paraphrased", drift=False):
     bias = rng.choice((-2, -1, 1, 2))
 
     def item(side, biases):
@@ -299,7 +299,7 @@ def _lamp3(rng, n_hist, n_query, level="paraphrased", drift=False):
         [item("query", (new, bias)) for _ in range(n_query)]
 
 
-def _lamp1(rng, n_hist, n_query, level="paraphrased", drift=False):
+def _lamp1(rng, n_hist, n_query, *, level="paraphrased", drift=False):
     own = rng.choice(list(FIELDS))
     new = rng.choice([f for f in FIELDS if f != own]) if drift else own
     named = (lambda field: f" ({field})") if level == "readable" else (lambda field: "")
@@ -334,7 +334,7 @@ def _lamp1(rng, n_hist, n_query, level="paraphrased", drift=False):
 GENERATORS = {"lamp1": _lamp1, "lamp2m": _lamp2m, "lamp2n": _lamp2n, "lamp3": _lamp3}
 
 
-def generate(task: Task, n_users: int = 8, n_history: int = 40, n_queries: int = 6, seed: int = 0,
+def generate(task: Task, n_users: int = 8, n_history: int = 40, *, n_queries: int = 6, seed: int = 0,
              level: str = "paraphrased", drift: bool = False):
     """Return (questions, outputs, rules): LaMP records plus each user's latent rule (a drifting
     user's: the current one, with the old one and the date it changed under `drift`). Every
@@ -347,7 +347,7 @@ def generate(task: Task, n_users: int = 8, n_history: int = 40, n_queries: int =
     start = date(2024, 1, 1)
     for u in range(n_users):
         uid = f"u{u:04d}"
-        rule, hist, queries = GENERATORS[task.key](rng, n_history, n_queries, level, drift) if variant else \
+        rule, hist, queries = GENERATORS[task.key](rng, n_history, n_queries, level=level, drift=drift) if variant else \
             GENERATORS[task.key](rng, n_history, n_queries)
         if level == "readable":
             rule["level"] = level
@@ -440,7 +440,7 @@ class Calibration:
     stale: float | None = None  # drifting users: their old rule (what a profile of the old history says)
 
 
-def calibrate(task: Task, questions: list[dict], golds: dict[str, str], rules: dict[str, dict]) -> Calibration:
+def calibrate(task: Task, questions: list[dict], golds: dict[str, str], *, rules: dict[str, dict]) -> Calibration:
     wanted = [golds[q["id"]] for q in questions]
     copied = [lookup(task, q["input"], [(task.item_text(it), task.item_response(it)) for it in q["profile"]])
               for q in questions]
@@ -464,7 +464,7 @@ def make_dataset(out_dir: str | Path, task: Task, split: str = "dev", **kwargs) 
     checking that copying does not answer the set (`calibrate`; a ValueError otherwise)."""
     out = Path(out_dir)
     questions, outputs, rules = generate(task, **kwargs)
-    check = calibrate(task, questions, {g["id"]: g["output"] for g in outputs["golds"]}, rules)
+    check = calibrate(task, questions, {g["id"]: g["output"] for g in outputs["golds"]}, rules=rules)
     if check.lookup > MAX_LOOKUP:
         raise ValueError(f"{task.name}: copying the most similar history item's label answers {check.lookup:.2f} of "
                          f"the queries (at most {MAX_LOOKUP} allowed): the set would measure copying")

@@ -120,7 +120,7 @@ class _UserRun:
     steps: list[dict] = field(default_factory=list)  # alignment iterations (`step_row`)
 
 
-def run_eval(settings: Settings, task: Task, users: list[UserData], methods: list[str], lm: dspy.LM,
+def run_eval(settings: Settings, task: Task, users: list[UserData], *, methods: list[str], lm: dspy.LM,
              adapter: dspy.Adapter, memory: EpisodicMemory, on_progress: Callable[[str], None] | None = None,
              keep_going: bool = False, method_runs: dict[str, str] | None = None) -> EvalRun:
     """Every method on every user (`method_runs`: method -> the MLflow run its traces, with
@@ -130,14 +130,15 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
     method."""
     # One flow (memory, profile, alignment) per history: two histories of one user (questions of
     # different dates) never share memory, so neither sees the other's items.
-    flows = {u.unit: user_flow(settings, task, u.unit, history_items(task, u.profile), memory) for u in users}
+    flows = {u.unit: user_flow(settings, task, u.unit, history=history_items(task, u.history),
+                               memory=memory) for u in users}
     for flow in flows.values():  # writes stay on this thread; workers only read
         flow.remember()
 
     def one_user(user: UserData) -> _UserRun:
         with dspy.context(lm=lm, adapter=adapter), owned_by(user.user_id):  # its cached answers are the user's
-            return _run_user(user, UserContext(flows[user.unit], settings, user.rule), methods, on_progress,
-                             method_runs or {})
+            return _run_user(user, UserContext(flows[user.unit], settings, user.rule), methods, on_progress=on_progress,
+                             method_runs=method_runs or {})
 
     runs: dict[str, _UserRun] = {}
     dropped, stopped, stopped_by = {}, None, None
@@ -162,7 +163,7 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
                         f.cancel()
     finished = [u for u in users if u.unit in runs]
     golds = {q.id: q.gold for u in finished for q in u.queries}
-    results = [_pool(task, m, [runs[u.unit] for u in finished], golds) for m in methods]
+    results = [_pool(task, m, [runs[u.unit] for u in finished], golds=golds) for m in methods]
     clusters = {q.id: u.user_id for u in finished for q in u.queries}
     compare_to_baselines(results, clusters)
     outcomes = sum((runs[u.unit].outcomes for u in finished), Counter())
@@ -171,7 +172,8 @@ def run_eval(settings: Settings, task: Task, users: list[UserData], methods: lis
                    stopped_by, steps)
 
 
-def _run_user(user: UserData, ctx: UserContext, methods: list[str], on_progress, method_runs: dict[str, str]) -> _UserRun:
+def _run_user(user: UserData, ctx: UserContext, methods: list[str], *, on_progress, method_runs: dict[str,
+                                                                                                      str]) -> _UserRun:
     """`user`'s answers, costs and personas for every method, in order."""
     out = _UserRun(unit=user.unit)
     for method in methods:
@@ -214,7 +216,7 @@ def step_row(step) -> dict:
             "profile_before": step.profile_before, "profile_after": step.profile_after}
 
 
-def _pool(task: Task, method: str, runs: list[_UserRun], golds: dict[str, str | None]) -> MethodResult:
+def _pool(task: Task, method: str, runs: list[_UserRun], *, golds: dict[str, str | None]) -> MethodResult:
     runs = [r for r in runs if method in r.answers]  # users the method applied to
     answers = {qid: a for r in runs for qid, a in r.answers[method].items()}
     scored = [qid for qid in answers if golds.get(qid) is not None]
@@ -245,7 +247,7 @@ def resampling_units(queries: list[str], clusters: dict[str, str]) -> list[list[
 
 
 def cluster_bootstrap(diff: dict[str, float], clusters: dict[str, str], rng: np.random.Generator,
-                      resamples: int = 2000) -> tuple[float, float, float, int]:
+                      *, resamples: int = 2000) -> tuple[float, float, float, int]:
     """(mean, 2.5th and 97.5th percentile of the resampled means, independent units) of per-query
     differences. The units resampled are the users (each with all their queries, the mean taken
     over the queries drawn) whenever any user has more than one query; queries otherwise."""
@@ -266,7 +268,7 @@ def _pair_rng(seed: int, method: str, baseline: str) -> np.random.Generator:
 
 
 def compare_to_baselines(results: list[MethodResult], clusters: dict[str, str] | None = None,
-                         resamples: int = 2000, seed: int = 0) -> None:
+                         resamples: int = 2000, *, seed: int = 0) -> None:
     """Fill each result's `deltas`: its mean per-query loss subtracted from each baseline's
     (so positive is better: accuracy gained, or MAE saved), over the queries both scored, with a
     paired cluster bootstrap interval (`clusters`: query id -> user id; none: every query its own)."""
@@ -278,7 +280,8 @@ def compare_to_baselines(results: list[MethodResult], clusters: dict[str, str] |
             if r is base or not common:
                 continue
             diff = {q: base.errors[q] - r.errors[q] for q in common}
-            value, low, high, _ = cluster_bootstrap(diff, clusters, _pair_rng(seed, r.method, base.method), resamples)
+            value, low, high, _ = cluster_bootstrap(diff, clusters, _pair_rng(seed, r.method, base.method),
+                                                    resamples=resamples)
             users = len({clusters.get(q, q) for q in common})
             r.deltas[base.method] = Delta(len(common), value, low, high, users)
 
@@ -309,7 +312,7 @@ class Headroom:
 
 
 def headroom(results: list[MethodResult], clusters: dict[str, str], resamples: int = 2000,
-             seed: int = 0) -> Headroom | None:
+             *, seed: int = 0) -> Headroom | None:
     by = {r.method: r for r in results}
     if not {"persona-agent", "w/o alignment", "oracle"} <= by.keys():
         return None
@@ -338,7 +341,7 @@ def headroom(results: list[MethodResult], clusters: dict[str, str], resamples: i
                     len({clusters.get(q, q) for q in common}))
 
 
-def evaluate(settings: Settings, task: Task, users: list[UserData], methods: list[str], out: Path,
+def evaluate(settings: Settings, task: Task, users: list[UserData], *, methods: list[str], out: Path,
              memory: EpisodicMemory, console: Console | None = None, keep_going: bool = False,
              source: str = "shipped", wide: bool = False) -> pd.DataFrame:
     """Run, write the outputs, log the MLflow runs, print the table (`wide`: every column). Raises `EvalStopped` (after
@@ -346,7 +349,8 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
     console = console or output()
     lm = build_lm(settings.lm)
     started = time.perf_counter()
-    with mlflow.start_run(run_name=tracking.run_name("eval", task.key, settings, len(users), lm), tags=tracking.owner_tags("eval")) as parent, \
+    with mlflow.start_run(run_name=tracking.run_name("eval", task.key, settings, users=len(users), lm=lm),
+                          tags=tracking.owner_tags("eval")) as parent, \
             progress_bar() as progress:
         params = tracking.run_params(settings, task.key, lm=lm, data=source, data_fingerprint=tracking.data_fingerprint(users))
         mlflow.log_params({**params, "users": len(users), "queries": max((len(u.queries) for u in users), default=0),
@@ -358,11 +362,13 @@ def evaluate(settings: Settings, task: Task, users: list[UserData], methods: lis
         method_runs = {m: client.create_run(parent.info.experiment_id, run_name=m, tags={  # owned like the parent:
             "mlflow.parentRunId": parent.info.run_id, **tracking.owner_tags()}).info.run_id  # closed if we die
                        for m in methods}
-        run = run_eval(settings, task, users, methods, lm, adapter_for(lm), memory, keep_going=keep_going,
+        run = run_eval(settings, task, users, methods=methods, lm=lm, adapter=adapter_for(lm), memory=memory,
+                       keep_going=keep_going,
                        on_progress=lambda what: progress.update(bar, advance=1, description=what),
                        method_runs=method_runs)
         table = results_table(task, run.results)
-        write_outputs(out, task, table, run.results, run.headroom, {q.id: u.user_id for u in users for q in u.queries})
+        write_outputs(out, task, table, results=run.results, room=run.headroom,
+                      owners={q.id: u.user_id for u in users for q in u.queries})
         owner = {u.unit: u.user_id for u in users}
         for r in run.results:
             with mlflow.start_run(run_id=method_runs[r.method], nested=True):
@@ -487,7 +493,7 @@ def compact(task: Task, table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_outputs(out: Path, task: Task, table: pd.DataFrame, results: list[MethodResult],
+def write_outputs(out: Path, task: Task, table: pd.DataFrame, *, results: list[MethodResult],
                   room: Headroom | None = None, owners: dict[str, str] | None = None) -> None:
     """results.csv, results.md and predictions/<method>.json (LaMP `golds` format, the answers as
     LaMP's scorer will read them; each row also names its user, from `owners`, which LaMP's

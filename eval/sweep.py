@@ -30,7 +30,7 @@ from persona_agent.settings import Settings  # noqa: E402
 PARAMS = {"batch": "batch_size", "iterations": "iterations", "top_k": "top_k", "history": None}
 
 
-def sweep(settings: Settings, store: Store, task: Task, users: list[UserData], methods: list[str], param: str,
+def sweep(settings: Settings, store: Store, task: Task, *, users: list[UserData], methods: list[str], param: str,
           values: list[int], out: Path) -> pd.DataFrame:
     """`store`: opened with run-scoped memory; each point remembers only what it may see."""
     if param not in PARAMS:
@@ -45,7 +45,8 @@ def sweep(settings: Settings, store: Store, task: Task, users: list[UserData], m
             point = replace(settings, **{PARAMS[param]: value}) if PARAMS[param] else settings
             people = [cold_start(u, value) for u in users] if param == "history" else users
             started = time.perf_counter()
-            run = run_eval(point, task, people, methods, lm, adapter_for(lm), store.scoped(f"{param}={value}"))
+            run = run_eval(point, task, people, methods=methods, lm=lm, adapter=adapter_for(lm),
+                           memory=store.scoped(f"{param}={value}"))
             if run.stopped:
                 raise EvalStopped(f"stopped at {param}={value}: the LLM failed after its retries ({run.stopped})")
             results = run.results
@@ -58,7 +59,7 @@ def sweep(settings: Settings, store: Store, task: Task, users: list[UserData], m
         table = pd.DataFrame(rows)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / f"sweep_{param}.csv", index=False)
-        png = plot(table, task, param, out / f"sweep_{param}.png")
+        png = plot(table, task, param, path=out / f"sweep_{param}.png")
         mlflow.log_artifact(str(out / f"sweep_{param}.csv"))
         mlflow.log_artifact(str(png))
     return table
@@ -66,10 +67,10 @@ def sweep(settings: Settings, store: Store, task: Task, users: list[UserData], m
 
 def cold_start(user: UserData, n: int) -> UserData:
     """The user with only their latest `n` history items (the paper's cold start uses 10)."""
-    return replace(user, profile=user.profile[-n:] if n > 0 else [])
+    return replace(user, history=user.history[-n:] if n > 0 else [])
 
 
-def plot(table: pd.DataFrame, task: Task, param: str, path: Path) -> Path:
+def plot(table: pd.DataFrame, task: Task, param: str, *, path: Path) -> Path:
     metric = task.metric_names[0]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method, rows in table.groupby("method", sort=False):

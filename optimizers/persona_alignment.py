@@ -197,8 +197,9 @@ class PersonaAlignment(Teleprompter):
                         current = replay(program, batch, metric)
                         current_holdout = replay(program, heldout, metric) if heldout else None
                 redraw = bool(steps) and not steps[-1].accepted and self.redraw_temperature > 0
-                step, program, current, current_holdout = self._step(program, batch, heldout, metric, current,
-                                                                     current_holdout, t, redraw, history=history)
+                step, program, current, current_holdout = self._step(
+                    program, batch, heldout, metric=metric, current=current, current_holdout=current_holdout, t=t,
+                    redraw=redraw, history=history)
             step.lm_calls, step.tokens, step.fallbacks = cost.lm_calls, cost.tokens, cost.fallbacks
             steps.append(step)
             if self.on_step:
@@ -208,8 +209,8 @@ class PersonaAlignment(Teleprompter):
         self.steps = program.alignment_steps = steps
         return program
 
-    def _step(self, program, batch, heldout, metric, current: Replay, current_holdout: Replay | None, t: int,
-              redraw: bool = False, *, history: Sequence = ()):
+    def _step(self, program, batch, heldout, *, metric, current: Replay, current_holdout: Replay | None, t: int,
+              redraw: bool = False, history: Sequence = ()):
         """One iteration from `program`; returns the step and the program, replay and held-out
         replay the next iteration starts from."""
         profile = program.persona.profile
@@ -233,12 +234,12 @@ class PersonaAlignment(Teleprompter):
                                      f"iteration {t}: profile update")
         sources = [ex.query for ex in batch]
         if update is not None:
-            step.profile_after, dropped = compose_profile(task, update.preferences, update.new_profile, sources)
+            step.profile_after, dropped = compose_profile(task, update.preferences, update.new_profile, sources=sources)
             if dropped:
                 log.info("iteration %d: notes of the rewrite left out (%s)", t, dropped)
         if step.profile_after.strip() in ("", profile.strip()):
             step.profile_after, step.outcome = profile, Outcome.NOTHING_WRITTEN
-        elif problem := profile_problem(step.profile_after, self.budget, task, sources):
+        elif problem := profile_problem(step.profile_after, self.budget, task, sources=sources):
             step.outcome, step.problem = Outcome.REFUSED, problem
         if step.outcome:
             log.info("iteration %d: %s", t, step.reason)

@@ -37,20 +37,21 @@ from persona_agent.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users: int = 3, queries: int = 3,
+def run_demo(settings: Settings, store: Store, task_key: str = "lamp2m", *, users: int = 3, queries: int = 3,
              data: Path | None = None, console: Console | None = None, lm: dspy.LM | None = None,
              which: str = "readable-drift") -> pd.DataFrame:
     """`store`: opened with persistent memory, which keeps the users' histories afterwards.
     `lm`: an LM object to use instead of building one from `settings.lm`. `which`: the shipped
     set, without `data` (`data.synthetic.SETS`)."""
     console = console or output()
-    task = get_task(task_name)
+    task = get_task(task_key)
     people = load_users(data or shipped_data_dir(task, which), task)[:users]
     lm = lm or build_lm(settings.lm)
     rows, started = [], time.perf_counter()
     steps_per_user = 4 + settings.iterations
     with dspy.context(lm=lm, adapter=adapter_for(lm)), \
-            mlflow.start_run(run_name=tracking.run_name("demo", task.key, settings, len(people), lm), tags=tracking.owner_tags("demo")) as parent, \
+            mlflow.start_run(run_name=tracking.run_name("demo", task.key, settings, users=len(people), lm=lm),
+                             tags=tracking.owner_tags("demo")) as parent, \
             progress_bar() as progress:
         params = tracking.run_params(settings, task.key, lm=lm, data=str(data or f"shipped:{which}"),
                                      data_fingerprint=tracking.data_fingerprint(people))
@@ -58,7 +59,8 @@ def run_demo(settings: Settings, store: Store, task_name: str = "lamp2m", users:
         bar = progress.add_task("demo", total=len(people) * steps_per_user)
         profiles, steps = {}, []
         for user in people:
-            row, aligned = _demo_user(settings, store, user, queries, progress, bar, params)
+            row, aligned = _demo_user(settings, store, user, n_queries=queries, progress=progress, bar=bar,
+                                      params=params)
             rows.append(row)
             profiles[user.user_id], steps = aligned.persona.profile, steps + aligned.alignment_steps
         table = _table(rows, task)
@@ -87,7 +89,8 @@ def candidate_counts(steps: list[AlignmentStep]) -> dict:
             "why": ", ".join(f"{n} {outcome}" for outcome, n in outcomes.most_common()) or "no iterations"}
 
 
-def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int, progress, bar, params: dict) -> dict:
+def _demo_user(settings: Settings, store: Store, user: UserData, *, n_queries: int, progress, bar,
+               params: dict) -> dict:
     held_out = user.queries[:n_queries]
     def advance(what: str, steps: int = 1) -> None:
         progress.update(bar, advance=steps, description=f"{user.user_id}: {what}")
@@ -96,7 +99,8 @@ def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int,
     with mlflow.start_run(run_name=user.user_id, nested=True, tags={"user_id": user.user_id}) as run:
         mlflow.log_params({**params, "user_id": user.user_id})
         with metered() as cost, owned_by(user.user_id):  # its cached answers are the user's
-            aligned, version, scores = _personalize(settings, store, user, held_out, run.info.run_id, advance)
+            aligned, version, scores = _personalize(settings, store, user, held_out=held_out, run_id=run.info.run_id,
+                                                    advance=advance)
         row = {"user": user.user_id}
         for name, scored in zip(COLUMNS, scores):
             row.update({f"{name} {metric}": value for metric, value in scored.metrics.items()})
@@ -113,14 +117,14 @@ def _demo_user(settings: Settings, store: Store, user: UserData, n_queries: int,
     return row, aligned
 
 
-def _personalize(settings, store, user, held_out, run_id, advance):
+def _personalize(settings, store, user, *, held_out, run_id, advance):
     """Profile, persona v1, baseline and before-scores, alignment, after-score."""
     task, registry = user.task, store.registry(user.task)
-    flow = user_flow(settings, task, user.user_id, history_items(task, user.profile), store.memory)
+    flow = user_flow(settings, task, user.user_id, history=history_items(task, user.history), memory=store.memory)
     flow.remember()
     student = flow.agent()
     registry.register(user.user_id, student.persona, "initial persona from the profile",
-                      {"stage": "initial", "accepted": True, "run_id": run_id}, production=True)
+                      tags={"stage": "initial", "accepted": True, "run_id": run_id}, production=True)
     advance("profile")
     baseline = score(non_personalized(task), task, held_out)
     advance("baseline")
@@ -133,7 +137,7 @@ def _personalize(settings, store, user, held_out, run_id, advance):
         if step.wrote_candidate:  # rejected candidates are registered too, but never promoted
             registry.register(user.user_id, student.persona.with_profile(step.profile_after),
                               f"alignment iteration {step.iteration + 1}: {step.reason}",
-                              {"stage": "aligned", "iteration": step.iteration + 1, "accepted": step.accepted,
+                              tags={"stage": "aligned", "iteration": step.iteration + 1, "accepted": step.accepted,
                                "reason": step.reason, "batch_score": f"{step.batch_score:.3f}",
                                "candidate_score": "" if step.candidate_score is None else f"{step.candidate_score:.3f}",
                                "lm_calls": step.lm_calls, "tokens": step.tokens, "run_id": run_id},

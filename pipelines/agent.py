@@ -67,17 +67,18 @@ class PersonaAgent(dspy.Module):
         # held outside the module tree, so an optimizer sees the predictors of one agent only.
         self._prompting = _Holder()
         if self.answer_step == "prompt":
-            self.act = _react(task, persona.render(), self.max_iters, self.tools(persona))
+            self.act = _react(task, persona.render(), self.max_iters, tools=self.tools(persona))
             return
         # The steps read the shared task instruction, the answer step weighs the persona: every
         # persona of this user runs the same LM calls, and only the prior differs.
-        self.act = _react(task, instruction(task), self.max_iters, self.tools(persona))
+        self.act = _react(task, instruction(task), self.max_iters, tools=self.tools(persona))
         profile = persona.known  # the placeholder's words ("nothing known") are no topics to weigh
         # a list of labels is an order of choice (the first the item supports, or fits); a
         # tendency or topics are degrees, added to the item's evidence
         labels = task.preference_kind == "labels"
         self.act.extract = EvidenceAnswer(self.act.extract.signature, task.labels,
-                                          lambda inputs: task.prior(profile, inputs["query"]), self.prior_strength,
+                                          lambda inputs: task.prior(profile,
+                                                                    inputs["query"]), strength=self.prior_strength,
                                           content_free=task.content_free, combine=first_fit if labels else add_prior,
                                           reading=task.reading if labels and task.reading_form else None,
                                           margin=self.support_margin)
@@ -104,7 +105,8 @@ class PersonaAgent(dspy.Module):
             return self.act
         note_prompting(why)
         if self._prompting.act is None:
-            self._prompting.act = _react(self.task, self._persona.render(), self.max_iters, self.tools(self._persona))
+            self._prompting.act = _react(self.task, self._persona.render(), self.max_iters,
+                                         tools=self.tools(self._persona))
         return self._prompting.act
 
     def with_persona(self, persona: Persona) -> "PersonaAgent":
@@ -162,7 +164,7 @@ class _ReAct(ReAct):
 _prototypes: dict[tuple, _ReAct] = {}
 
 
-def _react(task: Task, instructions: str, max_iters: int, tools: list[dspy.Tool]) -> _ReAct:
+def _react(task: Task, instructions: str, max_iters: int, *, tools: list[dspy.Tool]) -> _ReAct:
     """A ReAct answering under `instructions` with `tools`. Building one builds five pydantic
     models (~10 ms of CPU, per candidate persona and per user); so an unbound prototype is kept
     per prompt shape (instructions, tool descriptions), and each agent gets a copy with fresh

@@ -66,7 +66,7 @@ class EvidenceAnswer(dspy.Module):
     where the LM cannot score (logged once per reason)."""
 
     def __init__(self, signature: type[dspy.Signature], labels: tuple[str, ...],
-                 prior: Callable[[dict], dict[str, float]], strength: float,
+                 prior: Callable[[dict], dict[str, float]], *, strength: float,
                  content_free: Callable[[str], str] | None = None,
                  combine: Callable[[dict, dict, float], dict[str, float]] | None = None,
                  reading: Callable[[str], tuple[str, str]] | None = None, margin: float = 3.5):
@@ -100,7 +100,7 @@ class EvidenceAnswer(dspy.Module):
         try:
             if self.reading is not None:
                 text, reading_prefix = self.reading(inputs["query"])
-                support = label_logprobs(lm, [{"role": "user", "content": text}], reading_prefix, self.labels,
+                support = label_logprobs(lm, [{"role": "user", "content": text}], reading_prefix, labels=self.labels,
                                          expand="all", missing=-math.inf, lead=" ", within=self.margin)
                 if all(v == -math.inf for v in support.values()):
                     raise NoScores("no label is among the LM's alternatives when it reads the item")
@@ -109,7 +109,8 @@ class EvidenceAnswer(dspy.Module):
                 blank = {**inputs, "query": self.content_free(inputs["query"])}
                 # (a label no alternative starts counts at the last alternative's log-probability: an
                 # upper bound, so its bias is never overstated)
-                bias = label_logprobs(lm, adapter.format(signature, demos, blank), prefix, self.labels, expand="none")
+                bias = label_logprobs(lm, adapter.format(signature, demos, blank), prefix, labels=self.labels,
+                                      expand="none")
 
             def scores(logp: dict[str, float]) -> dict[str, float]:
                 if support is not None:
@@ -118,9 +119,9 @@ class EvidenceAnswer(dspy.Module):
                 return self.combine(item, prior, self.strength)
 
             # for the item itself a label no alternative starts is implausible: no prior may make it the answer
-            logp = label_logprobs(lm, adapter.format(signature, demos, inputs), prefix, self.labels,
-                                  lambda logp: _best(self.labels, scores(logp), logp),
-                                  "all" if self.exact else "winner", missing=-math.inf)
+            logp = label_logprobs(lm, adapter.format(signature, demos, inputs), prefix, labels=self.labels,
+                                  winner=lambda logp: _best(self.labels, scores(logp), logp),
+                                  expand="all" if self.exact else "winner", missing=-math.inf)
             if all(v == -math.inf for v in logp.values()):
                 raise NoScores("no label is among the LM's alternatives")
         except NoScores as err:  # an answer that arrived and cannot be read: a parse failure, never an LM error
@@ -206,7 +207,7 @@ def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
 
-def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple[str, ...],
+def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, *, labels: tuple[str, ...],
                    winner: Callable[[dict[str, float]], str] | None = None, expand: str = "winner",
                    missing: float | None = None, lead: str = "", within: float = math.inf) -> dict[str, float]:
     """log p(label | messages, prefix) for each label, to the token that tells it from the others.
@@ -232,8 +233,9 @@ def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple
     if any(len(label) == len(common) for label in labels):
         common = ""
     floors: dict[str, float] = {}  # label -> a path already scored, that an expansion can only better
-    _expand(lm, messages, prefix + common, {label: lead + label[len(common):] for label in labels}, 0.0, out, shared,
-            missing, floors)
+    _expand(lm, messages, prefix + common, rest={label: lead + label[len(common):] for label in labels}, base=0.0,
+            out=out, shared=shared,
+            missing=missing, floors=floors)
     while shared:
         if expand == "none":
             return {label: out[label] - (math.log(len(shared[label][1])) if label in shared else 0.0)
@@ -250,11 +252,11 @@ def label_logprobs(lm: dspy.LM, messages: list[dict], prefix: str, labels: tuple
         group_prefix, rests, lp = shared[best]
         for label in rests:
             del shared[label]
-        _expand(lm, messages, group_prefix, rests, lp, out, shared, missing, floors)
+        _expand(lm, messages, group_prefix, rest=rests, base=lp, out=out, shared=shared, missing=missing, floors=floors)
     return out
 
 
-def _expand(lm, messages, prefix, rest: dict[str, str], base: float, out: dict, shared: dict,
+def _expand(lm, messages, prefix, *, rest: dict[str, str], base: float, out: dict, shared: dict,
             missing: float | None, floors: dict) -> None:
     """One call: score the labels in `rest` (label -> its text still to come after `prefix`) by
     the next token's alternatives; labels left sharing one go to `shared`, at that token's score.

@@ -26,7 +26,7 @@ from persona_agent.signatures import SummarizeProfile, typed_profile
 log = logging.getLogger(__name__)
 
 
-def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?") -> str:
+def summarize(task: Task, items: list[MemoryItem], n_items: int, *, who: str = "?") -> str:
     """The profile from the latest `n_items` memories: the typed preferences and free notes the
     LM writes from them and from counts computed over the whole history (`Task.facts`); where the
     items name their labels, the typed part is the order of the user's choices between them
@@ -56,7 +56,7 @@ def summarize(task: Task, items: list[MemoryItem], n_items: int, who: str = "?")
     if order:
         notes = " ".join(s for s in re.split(r"(?<=[.!?])\s+", notes or "")
                          if set(named_labels(task.labels, s.lower())) <= set(order))
-    profile, dropped = compose_profile(task, order or out.preferences, notes, sources)
+    profile, dropped = compose_profile(task, order or out.preferences, notes, sources=sources)
     if dropped:
         log.info("user %s: profile notes left out (%s)", who, dropped)
     if problem := profile_problem(profile, task=task, sources=sources):
@@ -109,7 +109,7 @@ class UserFlow:
         """Semantic memory: the LM's profile of the user's latest history, written once."""
         if self._profile is None:
             with metered() as cost:
-                self._profile = summarize(self.task, self.history, self.profile_items, self.user_id)
+                self._profile = summarize(self.task, self.history, self.profile_items, who=self.user_id)
             self.setup_cost["profile"] = cost
         return self._profile
 

@@ -84,20 +84,21 @@ def read_events(path: Path, task: Task, on_bad: OnBad | None = None) -> dict[str
     return {user_id: list(items.values()) for user_id, items in by_user.items()}
 
 
-def read_source(path: Path, task: Task, split: str | None = None, on_bad: OnBad | None = None) -> dict[str, list[MemoryItem]]:
+def read_source(path: Path, task: Task, split: str | None = None, *,
+                on_bad: OnBad | None = None) -> dict[str, list[MemoryItem]]:
     if path.suffix == ".jsonl":
         return read_events(path, task, on_bad)
     by_user: dict[str, dict[str, MemoryItem]] = defaultdict(dict)
-    for unit in load_users(path, task, split, on_bad):  # a user's histories, one per question date: all of them
-        by_user[unit.user_id].update((it.item_id, it) for it in history_items(task, unit.profile))
+    for unit in load_users(path, task, split, on_bad=on_bad):  # a user's histories, one per question date: all of them
+        by_user[unit.user_id].update((it.item_id, it) for it in history_items(task, unit.history))
     return {user_id: list(items.values()) for user_id, items in by_user.items()}
 
 
-def ingest(memory: EpisodicMemory, path: Path, task: Task, split: str | None = None,
+def ingest(memory: EpisodicMemory, path: Path, task: Task, *, split: str | None = None,
            on_bad: OnBad | None = None, mark_changed: Callable[[list[str]], object] | None = None) -> IngestReport:
     """Validate the whole source first (a bad record writes nothing, or is skipped with
     `on_bad`), then add what is new."""
-    return remember_new(memory, read_source(path, task, split, on_bad), mark_changed)
+    return remember_new(memory, read_source(path, task, split, on_bad=on_bad), mark_changed)
 
 
 def remember_new(memory: EpisodicMemory, source: dict[str, list[MemoryItem]],

@@ -102,7 +102,7 @@ _FIXED_MARKERS = ("Rules:", "User profile:", "Answer the request as this user wo
 
 
 def profile_problem(text: str, budget: int = PROFILE_BUDGET, task: Task | None = None,
-                    sources: Sequence[str] = ()) -> str | None:
+                    *, sources: Sequence[str] = ()) -> str | None:
     """Why a profile cannot be used, or None when it can. With `task`, it must also read as a
     description of the user's preferences in the task's terms (`junk_problem`); `sources` are
     the texts it was written from, which it must not merely copy."""
@@ -147,7 +147,7 @@ def junk_problem(text: str, sources: Sequence[str] = (), task: Task | None = Non
     return None
 
 
-def compose_profile(task: Task, preferences, notes: str, sources: Sequence[str] = ()) -> tuple[str, str | None]:
+def compose_profile(task: Task, preferences, notes: str, *, sources: Sequence[str] = ()) -> tuple[str, str | None]:
     """The profile text from its typed part and free notes: "<lead>: a, b. <notes>", or for a
     single value (a rating tendency) "<lead> <value>. <notes>". Notes that are junk on their own
     (a URL, an id, a copy of an input, a loop) are left out; returns the text and why notes were

@@ -56,12 +56,7 @@ def mlflow_store(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def fake_llm_server():
-    """`bench/fake_llm_server.py` as a module (bench/ is scripts, not a package)."""
-    import importlib.util
-    from pathlib import Path
+    """`bench/fake_llm_server.py`: the endpoint the tests and the benches fail on purpose."""
+    from bench import fake_llm_server
 
-    path = Path(__file__).parents[1] / "bench" / "fake_llm_server.py"
-    spec = importlib.util.spec_from_file_location("fake_llm_server", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fake_llm_server

@@ -56,20 +56,22 @@ def test_an_unreachable_llm_is_a_clear_error(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("argv", [["eval"], ["sweep", "batch", "1"], ["nightly"], ["ingest", "x.jsonl"], ["answer", "u", "q"],
                                   ["personas", "list"], ["compare", "a", "b"], ["demo"]])
 def test_every_default_comes_from_settings(argv):
-    from persona_agent.cli import COMMANDS, _settings
+    from persona_agent.cli import COMMANDS
+    from persona_agent.commands.options import settings_from
 
     command = COMMANDS[argv[0]]
-    assert _settings(build_parser().parse_args(argv), command.defaults()) == command.defaults()
+    assert settings_from(build_parser().parse_args(argv), command.defaults()) == command.defaults()
     assert command.defaults() == (Settings.for_demo() if argv == ["demo"] else Settings())
 
 
 def test_the_answer_step_reaches_every_agent_command():
-    from persona_agent.cli import COMMANDS, _settings
+    from persona_agent.cli import COMMANDS
+    from persona_agent.commands.options import settings_from
     from persona_agent.pipelines.evidence import ANSWER_STEPS
 
     for argv in (["demo"], ["eval"], ["nightly"], ["answer", "u", "q"]):
         args = build_parser().parse_args([*argv, "--answer-step", "prompt", "--prior-strength", "3.5"])
-        settings = _settings(args, COMMANDS[argv[0]].defaults())
+        settings = settings_from(args, COMMANDS[argv[0]].defaults())
         assert (settings.answer_step, settings.prior_strength) == ("prompt", 3.5)
     choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
                    if a.dest == "answer_step")
@@ -77,11 +79,12 @@ def test_the_answer_step_reaches_every_agent_command():
 
 
 def test_max_tokens_reaches_the_lm_config_of_every_command():
-    from persona_agent.cli import COMMANDS, _settings
+    from persona_agent.cli import COMMANDS
+    from persona_agent.commands.options import settings_from
 
     for argv in (["demo"], ["eval"], ["nightly"], ["answer", "u", "q"]):
         args = build_parser().parse_args([*argv, "--max-tokens", "64"])
-        assert _settings(args, COMMANDS[argv[0]].defaults()).lm.max_tokens == 64
+        assert settings_from(args, COMMANDS[argv[0]].defaults()).lm.max_tokens == 64
 
 
 @pytest.mark.parametrize("option", [["--batch", "0"], ["--iterations", "-1"], ["--top-k", "-5"], ["--workers", "0"],

@@ -118,7 +118,7 @@ class FaultyEngine(_Engine):
 
     Transient faults carry `retry_after=0`, so DSPy's retries happen at once in tests."""
 
-    def __init__(self, inner=None, rate: float = 0.2, kinds=FAULTS, seed: int = 0, poison: str | None = None):
+    def __init__(self, inner=None, rate: float = 0.2, kinds=FAULTS, *, seed: int = 0, poison: str | None = None):
         unknown = set(kinds) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULTS}")

@@ -55,7 +55,7 @@ class LlamaCppEngine:
     # Small models fall into loops ("_1_1_1_..."); the DRY sampler penalises repeated sequences.
     sampling = {"dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "repeat_penalty": 1.1}
 
-    def __init__(self, model_path: str | None = None, chat: bool = True, n_ctx: int = 16384, n_parallel: int = 4,
+    def __init__(self, model_path: str | None = None, chat: bool = True, n_ctx: int = 16384, *, n_parallel: int = 4,
                  threads: int = 2):
         self.model_path, self.chat, self.n_ctx, self.n_parallel, self.threads = model_path, chat, n_ctx, n_parallel, threads
         self._server, self._socket_dir = None, None
@@ -178,7 +178,7 @@ class OpenAICompatibleEngine:
     PROBE = ({"role": "user", "content": "Count from 1 to 12, separated by commas, no spaces."},
              {"role": "assistant", "content": "1,2,3,4,5,6,7,"})
 
-    def __init__(self, api_base: str, model: str, api_key: str | None = None, timeout: float = 120.0,
+    def __init__(self, api_base: str, model: str, api_key: str | None = None, *, timeout: float = 120.0,
                  probe: bool = True):
         """probe: on first need, ask the server once whether it can score labels (top log-
         probabilities, and continuing a trailing assistant message, as llama.cpp's server and
@@ -402,7 +402,7 @@ def build_lm(cfg: LMConfig) -> dspy.LM:
         return dspy.LM(name, engine=LlamaCppEngine(path, chat=path is not None), max_tokens=cfg.max_tokens,
                        temperature=cfg.temperature, cache=cfg.cache, num_retries=0)
     if cfg.api_base:  # an OpenAI-compatible server: the key, if any, from the usual variable
-        engine = OpenAICompatibleEngine(cfg.api_base, cfg.model, os.environ.get("OPENAI_API_KEY"), cfg.timeout)
+        engine = OpenAICompatibleEngine(cfg.api_base, cfg.model, os.environ.get("OPENAI_API_KEY"), timeout=cfg.timeout)
         # The LM's name carries the endpoint (the engine sends the model's own name): DSPy keys its
         # cache by it, so two servers behind one model name never share answers.
         return dspy.LM(f"{cfg.model}@{cfg.api_base}", engine=engine, max_tokens=cfg.max_tokens,

@@ -301,7 +301,7 @@ class ClientPoints:
 
 
 def open_memory(path: str | None = None, url: str | None = None, embedder: Embedder | None = None,
-                collection: str = "episodic") -> EpisodicMemory:
+                *, collection: str = "episodic") -> EpisodicMemory:
     """Episodic memory on Qdrant Edge at `path` (":memory:" or None: a throwaway shard), or on a
     server at `url`."""
     size = len(embedder(["probe"])[0]) if embedder is not None else None

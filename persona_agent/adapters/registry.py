@@ -63,7 +63,7 @@ class PersonaRegistry:
     def name(self, user_id: str) -> str:
         return prompt_name(self.task.key, user_id)
 
-    def register(self, user_id: str, persona: Persona, message: str, tags: dict | None = None,
+    def register(self, user_id: str, persona: Persona, message: str, *, tags: dict | None = None,
                  production: bool = False, new: bool = False) -> int:
         """Add a revision; with `production`, also make it the one that serves. `new`: the caller
         found the user has no versions, so the prompt is created first, not looked for."""
@@ -122,7 +122,7 @@ class PersonaRegistry:
         # the prompt list shows a prompt's tags, not its aliases: there, production is this tag
         self._registry.set_prompt_tag(self.name(user_id), PRODUCTION_TAG, str(version))
 
-    def tag(self, user_id: str, version: int, key: str, value) -> None:
+    def tag(self, user_id: str, version: int, key: str, *, value) -> None:
         self.client.set_prompt_version_tag(self.name(user_id), str(version), key, str(value))
 
     def rollback(self, user_id: str, version: int, force: bool = False) -> None:
@@ -139,7 +139,7 @@ class PersonaRegistry:
         if problem:
             log.warning("%s: version %d serves although its profile fails the check (%s): forced", user_id, version,
                         problem)
-            self.tag(user_id, version, "forced", problem)
+            self.tag(user_id, version, "forced", value=problem)
         self.promote(user_id, version)
 
     def get(self, user_id: str, version: int | None = None) -> Revision:

@@ -72,8 +72,8 @@ class UserState:
 class StateStore:
     """The state of one task's users, and the store's change marks, in `<store>/state.db`."""
 
-    def __init__(self, path: Path, task: str):
-        self.path, self.task = Path(path), task
+    def __init__(self, path: Path, task_key: str):
+        self.path, self.task_key = Path(path), task_key
         self._ready = False  # the schema is made once per instance, on its first transaction
 
     @classmethod
@@ -110,7 +110,7 @@ class StateStore:
 
     def get(self, user_id: str) -> UserState | None:
         with self._db(write=False) as db:
-            row = db.execute("SELECT body FROM state WHERE task = ? AND user_id = ?", (self.task, user_id)).fetchone()
+            row = db.execute("SELECT body FROM state WHERE task = ? AND user_id = ?", (self.task_key, user_id)).fetchone()
         return UserState.from_json(row[0]) if row else None
 
     def put(self, user_id: str, state: UserState, seen: int | None = None) -> None:
@@ -119,21 +119,21 @@ class StateStore:
         body = state.to_json(user_id, seen)
         with self._db() as db:
             db.execute("INSERT INTO state (task, user_id, body) VALUES (?, ?, ?) ON CONFLICT (task, user_id) "
-                       "DO UPDATE SET body = excluded.body", (self.task, user_id, body))
+                       "DO UPDATE SET body = excluded.body", (self.task_key, user_id, body))
 
     def count(self) -> int:
         """Users with a state in this task."""
         with self._db(write=False) as db:
-            return db.execute("SELECT count(*) FROM state WHERE task = ?", (self.task,)).fetchone()[0]
+            return db.execute("SELECT count(*) FROM state WHERE task = ?", (self.task_key,)).fetchone()[0]
 
     def user_ids(self) -> set[str]:
         with self._db(write=False) as db:
-            return {r[0] for r in db.execute("SELECT user_id FROM state WHERE task = ?", (self.task,))}
+            return {r[0] for r in db.execute("SELECT user_id FROM state WHERE task = ?", (self.task_key,))}
 
     def items(self) -> Iterator[tuple[str, UserState]]:
         """Every user's state in this task (doctor)."""
         with self._db(write=False) as db:
-            rows = db.execute("SELECT user_id, body FROM state WHERE task = ?", (self.task,)).fetchall()
+            rows = db.execute("SELECT user_id, body FROM state WHERE task = ?", (self.task_key,)).fetchall()
         return ((user, UserState.from_json(body)) for user, body in rows)
 
     def tasks(self) -> list[str]:
@@ -167,14 +167,14 @@ class StateStore:
             rows = db.execute(
                 "SELECT c.user_id, c.mark FROM changed c LEFT JOIN state s ON s.task = ? AND s.user_id = c.user_id "
                 "WHERE s.user_id IS NULL OR c.mark > coalesce(json_extract(s.body, '$.seen'), -1)",
-                (self.task,)).fetchall()
+                (self.task_key,)).fetchall()
         return dict(rows)
 
     def saw(self, marks: dict[str, int]) -> None:
         """The users' changes are consumed without a commit (their history was unchanged)."""
         with self._db() as db:
             db.executemany("UPDATE state SET body = json_set(body, '$.seen', ?) WHERE task = ? AND user_id = ?",
-                           ((mark, self.task, user) for user, mark in marks.items()))
+                           ((mark, self.task_key, user) for user, mark in marks.items()))
 
     def latest(self) -> int:
         with self._db(write=False) as db:
@@ -183,7 +183,7 @@ class StateStore:
     def ready(self, memory_users: Callable[[], Iterable[str]]) -> None:
         """Once per store and task: mark every user in memory, in one transaction (memory written
         before the marks existed, or by something other than `ingest`, is checked once)."""
-        key = f"initialized:{self.task}"
+        key = f"initialized:{self.task_key}"
         with self._db() as db:
             if db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone():
                 return

@@ -70,7 +70,7 @@ def data_fingerprint(users) -> str:
     import json
 
     rows = sorted(json.dumps({"task": u.task.key, "labels": list(u.task.labels), "user": u.user_id, "unit": u.unit,
-                              "profile": u.profile, "queries": [[q.id, q.input, q.gold] for q in u.queries],
+                              "profile": u.history, "queries": [[q.id, q.input, q.gold] for q in u.queries],
                               "rule": u.rule}, sort_keys=True, default=str) for u in users)  # str: a value
     # a loader kept in a non-JSON type (a numpy number from a saved dataset) is its content
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
@@ -84,7 +84,7 @@ def ui_hint() -> str:
     return f"see it: mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000"
 
 
-def run_name(command: str, task_key: str, settings: Settings | None = None, users: int | None = None,
+def run_name(command: str, task_key: str, settings: Settings | None = None, *, users: int | None = None,
              lm=None) -> str:
     """A top-level run's name, distinct in the runs list: the command, the task, the settings an
     engineer varies between two runs (the answer step in effect with `lm`, T, n, K, users), and

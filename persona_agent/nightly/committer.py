@@ -48,7 +48,7 @@ class Committer:
 
     RESTARTS = 3
 
-    def __init__(self, tracking_uri: str, task_key: str, state_db, run_id: str, night: int, min_free_mb: int = 0,
+    def __init__(self, tracking_uri: str, task_key: str, state_db, *, run_id: str, night: int, min_free_mb: int = 0,
                  processes: int = 1):
         self.args = (task_key, str(state_db), run_id, night, min_free_mb)
         self.restarts, self.tracking_uri = self.RESTARTS, tracking_uri

@@ -112,7 +112,7 @@ def _run(settings: Settings, task: Task, *, workers: int, lm: dspy.LM | None, co
 
         # The users (threads) or the actors (Ray: each builds its LM) start now; the MLflow run and
         # the commit process (seconds: a spawned Python importing MLflow) are set up meanwhile.
-        outcomes, shutdown = (ray_outcomes(jobs, task, settings, workers, stop) if executor == "ray"
+        outcomes, shutdown = (ray_outcomes(jobs, task, settings, workers=workers, stop=stop) if executor == "ray"
                               else thread_outcomes(jobs, in_budget, workers))
         aborted = False
         try:
@@ -145,8 +145,8 @@ def _record(settings: Settings, task: Task, outcomes, *, executor: str, workers:
             score_max=settings.score_max, rollback_on_regression=settings.rollback_after,
             max_calls=settings.max_calls, max_calls_per_user=settings.max_calls_per_user))
         bar = progress.add_task("nightly", total=len(jobs))
-        with Committer(settings.tracking_uri, task.key, states.path, run.info.run_id, summary.night,
-                       settings.min_free_mb, settings.committers) as committer:
+        with Committer(settings.tracking_uri, task.key, states.path, run_id=run.info.run_id, night=summary.night,
+                       min_free_mb=settings.min_free_mb, processes=settings.committers) as committer:
             # Tallied as commits finish (they finish in order), so a run holds the outcomes in
             # flight, not every user's: memory grows with workers, not users (bench/nightly_memory.py).
             pending, committed, deferred_calls = collections.deque(), [], {}

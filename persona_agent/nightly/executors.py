@@ -64,7 +64,7 @@ class _RayAligner:
         return outcome
 
 
-def ray_outcomes(jobs, task: Task, settings: Settings, workers: int, stop: threading.Event):
+def ray_outcomes(jobs, task: Task, settings: Settings, *, workers: int, stop: threading.Event):
     """Starts the actors now (each builds its LM while the driver opens the night's run); returns
     (outcomes(run_id, night): as they finish, shutdown). Shutdown kills the actors: on a stop, the
     users in flight go with them. A killed actor is restarted once; the users it held fail, named,

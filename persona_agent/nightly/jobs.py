@@ -161,7 +161,7 @@ def prequential(job: UserJob, task: Task, settings: Settings) -> Prequential | N
     try:
         with metered() as cost:
             seen = [it for it in job.items if it.item_id in job.seen_ids]
-            flow = user_flow(settings, task, job.user_id, seen, memory)
+            flow = user_flow(settings, task, job.user_id, history=seen, memory=memory)
             flow.remember()
             production = flow.agent(Persona(task, job.persona_profile), semantic=job.persona_profile)
             ours = score(production, task, queries).answers
@@ -179,7 +179,7 @@ def align_job(job: UserJob, task: Task, settings: Settings) -> UserOutcome:
     try:
         with metered() as cost, owned_by(job.user_id):  # its cached answers are the user's
             scored = prequential(job, task, settings)
-            flow = user_flow(settings, task, job.user_id, job.items, memory)
+            flow = user_flow(settings, task, job.user_id, history=job.items, memory=memory)
             flow.remember()
             semantic = flow.profile()
             start = job.persona_profile if job.persona_profile is not None else semantic
@@ -207,7 +207,7 @@ DAMAGED = ("history shrank: {missing} of {had} items aligned on are missing from
 
 
 def plan(memory: EpisodicMemory, states: StateStore, registry,
-         full: bool = False) -> tuple[list[UserJob], list[str], dict[str, str], int]:
+         *, full: bool = False) -> tuple[list[UserJob], list[str], dict[str, str], int]:
     """Jobs for users whose history changed since their last completed alignment; the users
     read and found unchanged; those that could not be planned (user id -> error), who are left
     as they are; and how many users aligned before were not read at all (nothing changed).
@@ -313,7 +313,7 @@ def publish(outcome: UserOutcome, task: Task, registry, *, run_id: str | None, n
         # served at once: if the rest of this commit is interrupted, the user has this one
         production = existing.get(key) or registry.register(
             outcome.user_id, Persona(task, outcome.start_profile), "initial persona from the profile",
-            {**base, "iteration": 0, "accepted": True}, production=True, new=not versions)
+            tags={**base, "iteration": 0, "accepted": True}, production=True, new=not versions)
         serving = production if key not in existing else None
     for step in outcome.steps:
         if not step.wrote_candidate:
@@ -321,7 +321,7 @@ def publish(outcome: UserOutcome, task: Task, registry, *, run_id: str | None, n
         key = (outcome.fingerprint, str(step.iteration + 1))
         version = existing.get(key) or registry.register(
             outcome.user_id, Persona(task, step.profile_after), f"nightly iteration {step.iteration + 1}: {step.reason}",
-            {**base, "iteration": step.iteration + 1, "accepted": step.accepted, "reason": step.reason,
+            tags={**base, "iteration": step.iteration + 1, "accepted": step.accepted, "reason": step.reason,
              "batch_score": f"{step.batch_score:.3f}", "lm_calls": step.lm_calls, "tokens": step.tokens})
         if step.accepted:
             production = version
@@ -331,7 +331,7 @@ def publish(outcome: UserOutcome, task: Task, registry, *, run_id: str | None, n
              "n": len(outcome.prequential.golds)}]
     if outcome.rollback_to is not None:
         for key, value in {"rolled_back_at_night": night, "rolled_back_from": outcome.prequential.version}.items():
-            registry.tag(outcome.user_id, outcome.rollback_to, key, value)
+            registry.tag(outcome.user_id, outcome.rollback_to, key, value=value)
         production = outcome.rollback_to
     if production != serving:
         registry.promote(outcome.user_id, production)

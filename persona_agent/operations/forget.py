@@ -156,7 +156,8 @@ def _forget_runs(settings: Settings, user_id: str) -> Counter:
             removed["runs"] += 1
             continue
         for path in _artifact_files(client, run.info.run_id):
-            removed["artifact rows"] += _drop_artifact_rows(settings.tracking_uri, run.info.run_id, path, user_id)
+            removed["artifact rows"] += _drop_artifact_rows(settings.tracking_uri, run.info.run_id, path,
+                                                            user_id=user_id)
         removed["run tags"] += _redact_tags(client, run, user_id)
     for experiment in experiments:
         traces = _traces(experiment, user_id)
@@ -198,7 +199,7 @@ def _artifact_files(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
-def _drop_artifact_rows(tracking_uri: str, run_id: str, path: str, user_id: str) -> int:
+def _drop_artifact_rows(tracking_uri: str, run_id: str, path: str, *, user_id: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
                                                          tracking_uri=tracking_uri))

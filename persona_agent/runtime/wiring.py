@@ -13,7 +13,7 @@ from persona_agent.pipelines.memory import EpisodicMemory, MemoryItem
 from persona_agent.settings import Settings
 
 
-def user_flow(settings: Settings, task: Task, user_id: str, history: list[MemoryItem],
+def user_flow(settings: Settings, task: Task, user_id: str, *, history: list[MemoryItem],
               memory: EpisodicMemory) -> UserFlow:
     return UserFlow(task, user_id, history, memory, top_k=settings.top_k, max_iters=settings.max_iters,
                     answer_step=settings.answer_step, prior_strength=settings.prior_strength,

@@ -20,7 +20,7 @@ from persona_agent.runtime.store import Store
 from persona_agent.runtime.wiring import user_flow
 
 
-def answer(store: Store, task: Task, user_id: str, query: str, lm: dspy.LM | None = None) -> str:
+def answer(store: Store, task: Task, user_id: str, *, query: str, lm: dspy.LM | None = None) -> str:
     """`store`: opened with persistent memory (the user's history, as `ingest` wrote it)."""
     if erase := being_forgotten(store.settings.store, user_id):  # whatever of theirs is left is not served
         raise LookupError(f"{shown(user_id)} is being forgotten (an erase begun {erase['at']} did not finish): "
@@ -31,7 +31,8 @@ def answer(store: Store, task: Task, user_id: str, query: str, lm: dspy.LM | Non
         raise StoreDamaged(store.settings.qdrant_path, f"{user_id}'s history shrank below the {aligned_on} items "
                                                         "their persona was aligned on")
     persona = version.persona
-    agent = user_flow(store.settings, task, user_id, [], store.memory).agent(persona, semantic=persona.profile)
+    agent = user_flow(store.settings, task, user_id, history=[], memory=store.memory).agent(persona,
+                                                                                            semantic=persona.profile)
     lm = lm or build_lm(store.settings.lm)
     with dspy.context(lm=lm, adapter=dspy.settings.adapter or adapter_for(lm)), owned_by(user_id), \
             tracking.trace("answer", user=user_id, task=task.key, method="persona-agent", persona_version=version.version):

@@ -68,7 +68,7 @@ class PersonaModel(mlflow.pyfunc.PythonModel):
                 if registry.production_version(user_id) is None:
                     _log.warning("%s user %r has no production persona: answered null", self.task.key, user_id)
                     return None
-                return or_fallback(lambda: answer(store, self.task, user_id, str(query), lm=self.lm), None,
+                return or_fallback(lambda: answer(store, self.task, user_id, query=str(query), lm=self.lm), None,
                                    f"user {user_id}: served answer")
             return [one(str(u), q) for u, q in zip(frame["user_id"], frame["query"])]
 
@@ -117,7 +117,7 @@ def _quiet_logging():
         pyfunc_log.setLevel(level)
 
 
-def serve_instructions(settings: Settings, model_uri: str, task, user_id: str | None, port: int = 5001) -> str:
+def serve_instructions(settings: Settings, model_uri: str, task, *, user_id: str | None, port: int = 5001) -> str:
     """The commands that serve the logged model and ask it one question, to paste as printed from
     any directory: `models:/<id>` is resolved through the tracking store, so the command names it
     (without it, MLflow would look in a new `mlflow.db` in the current directory)."""

@@ -21,7 +21,7 @@ def test_shipped_data_loads_for_every_task(key):
         assert all(q.gold in task.labels for q in u.queries)
         assert u.rule is not None  # the planted rule, for the oracle row
         # LaMP-1 papers carry no decision: its interactions are built from the 39 papers after the first
-        assert len(examples(task, history_items(task, u.profile))) == (39 if key == "lamp1" else 40)
+        assert len(examples(task, history_items(task, u.history))) == (39 if key == "lamp1" else 40)
 
 
 def test_generated_users_really_differ():
@@ -43,7 +43,7 @@ def test_gold_is_one_of_several_cued_labels_so_a_generic_answer_is_near_chance(k
     users = load_users(write_dataset_tmp(task), task)
     hits = total = 0
     for u in users:
-        for it in u.profile:
+        for it in u.history:
             text = task.item_text(it).lower()
             cued = [lab for lab in task.labels if _cues(key, lab, text)]
             assert task.item_response(it) in cued
@@ -81,7 +81,7 @@ def test_oppu_format(tmp_path):
     (user,) = load_users(path, LAMP_2M)
     assert user.user_id == "a"
     assert user.queries[0].gold == "action"
-    assert history_items(LAMP_2M, user.profile)[0].response == "comedy"
+    assert history_items(LAMP_2M, user.history)[0].response == "comedy"
 
 
 def _lamp(tmp_path, questions, golds=None):
@@ -159,7 +159,7 @@ def _reuse(task, questions) -> tuple[int, float]:
         shared += bool(_sentences(_shown(task, q["input"])) & seen)
     golds = {q["id"]: q["gold"] for q in questions}
     rules = {q["user_id"]: q["rule"] for q in questions}
-    return shared, calibrate(task, questions, golds, rules).lookup
+    return shared, calibrate(task, questions, golds, rules=rules).lookup
 
 
 def _questions(task, seed=0, **kwargs):
@@ -232,8 +232,8 @@ def _dated(tmp_path, profile_dates, questions):
 ])
 def test_history_is_in_time_order_whatever_the_date_format(tmp_path, dates, order):
     (user,) = load_users(_dated(tmp_path, dates, [("q", "u", None, [0, 1, 2])]), LAMP_2M)
-    assert [it["id"] for it in user.profile] == order  # as text, each of these sorts the other way
-    assert [it["date"] for it in user.profile] == sorted(it["date"] for it in user.profile)  # stored text sorts too
+    assert [it["id"] for it in user.history] == order  # as text, each of these sorts the other way
+    assert [it["date"] for it in user.history] == sorted(it["date"] for it in user.history)  # stored text sorts too
 
 
 def test_questions_of_one_user_keep_their_own_histories_and_see_only_their_past(tmp_path):
@@ -242,8 +242,8 @@ def test_questions_of_one_user_keep_their_own_histories_and_see_only_their_past(
     users = load_users(_dated(tmp_path, dates, [("q1", "u", "2012-01-06", [0, 1, 2]), ("q2", "u", "2012-01-10", [0, 1, 2]),
                                                 ("q3", "u", "2012-01-12", [0, 1, 2])]), LAMP_2M)
     by_query = {q.id: u for u in users for q in u.queries}
-    assert [it["id"] for it in by_query["q1"].profile] == ["h0", "h1"]  # nothing on or after its date
-    assert [it["id"] for it in by_query["q2"].profile] == ["h0", "h1", "h2"]
+    assert [it["id"] for it in by_query["q1"].history] == ["h0", "h1"]  # nothing on or after its date
+    assert [it["id"] for it in by_query["q2"].history] == ["h0", "h1", "h2"]
     assert by_query["q2"] is by_query["q3"]  # the same history: one unit, asked twice
     assert by_query["q1"].unit != by_query["q2"].unit
     assert {u.user_id for u in users} == {"u"}
@@ -251,7 +251,7 @@ def test_questions_of_one_user_keep_their_own_histories_and_see_only_their_past(
 
 def test_a_question_never_sees_an_item_dated_on_its_own_date(tmp_path):
     users = load_users(_dated(tmp_path, ["2012-01-01", "2012-01-06"], [("q", "u", "2012-01-06", [0, 1])]), LAMP_2M)
-    assert [it["id"] for it in users[0].profile] == ["h0"]
+    assert [it["id"] for it in users[0].history] == ["h0"]
 
 
 @pytest.mark.parametrize("dates, message", [

@@ -40,7 +40,8 @@ def _policy(prompts):
 
 
 def _context(user, memory, settings=Settings(max_iters=1, batch_size=2, iterations=1)):
-    return UserContext(user_flow(settings, LAMP_2M, user.user_id, history_items(LAMP_2M, user.profile), memory), settings)
+    return UserContext(user_flow(settings, LAMP_2M, user.user_id, history=history_items(LAMP_2M, user.history),
+                                 memory=memory), settings)
 
 
 def _prompts_of(method, memory, fake_lm, user=0):
@@ -142,7 +143,8 @@ def test_resolve_methods():
 def test_harness_scores_pooled_answers_and_counts_cost(memory, fake_lm, tmp_path):
     engine_of(fake_lm).policy = _policy([])
     results = run_eval(Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1, workers=2), LAMP_2M, _users(),
-                       ["non-personalized", "rag", "persona-agent"], fake_lm, dspy.JSONAdapter(), memory).results
+                       methods=["non-personalized", "rag",
+                                "persona-agent"], lm=fake_lm, adapter=dspy.JSONAdapter(), memory=memory).results
     by = {r.method: r for r in results}
     assert by["rag"].metrics["accuracy"] == 1.0
     assert by["rag"].lm_calls == 2
@@ -171,13 +173,14 @@ def test_a_test_split_without_outputs_yields_a_valid_predictions_file(memory, fa
     data.mkdir()
     users = _users(gold=False)
     (data / "test_questions.json").write_text(json.dumps(
-        [{"id": u.queries[0].id, "user_id": u.user_id, "input": u.queries[0].input, "profile": u.profile} for u in users]))
+        [{"id": u.queries[0].id, "user_id": u.user_id, "input": u.queries[0].input, "profile": u.history} for u in users]))
     loaded = load_users(data, LAMP_2M, "test")
     assert all(q.gold is None for u in loaded for q in u.queries)
     engine_of(fake_lm).policy = _policy([])
-    results = run_eval(Settings(store=tmp_path), LAMP_2M, loaded, ["rag"], fake_lm, dspy.JSONAdapter(), memory).results
+    results = run_eval(Settings(store=tmp_path), LAMP_2M, loaded, methods=["rag"], lm=fake_lm,
+                       adapter=dspy.JSONAdapter(), memory=memory).results
     assert results[0].metrics == {}
-    write_outputs(tmp_path / "out", LAMP_2M, results_table(LAMP_2M, results), results)
+    write_outputs(tmp_path / "out", LAMP_2M, results_table(LAMP_2M, results), results=results)
     preds = json.loads((tmp_path / "out" / "predictions" / "rag.json").read_text())
     assert preds["task"] == "LaMP_2M"
     assert sorted(g["id"] for g in preds["golds"]) == ["qa", "qb"]
@@ -216,7 +219,7 @@ def _lamp_dir(tmp_path):
     data.mkdir()
     users = _users()
     (data / "dev_questions.json").write_text(json.dumps(
-        [{"id": u.queries[0].id, "user_id": u.user_id, "input": u.queries[0].input, "profile": u.profile} for u in users]))
+        [{"id": u.queries[0].id, "user_id": u.user_id, "input": u.queries[0].input, "profile": u.history} for u in users]))
     (data / "dev_outputs.json").write_text(json.dumps(
         {"task": "LaMP_2M", "golds": [{"id": u.queries[0].id, "output": u.queries[0].gold} for u in users]}))
     return data
@@ -284,7 +287,8 @@ def test_a_rerun_reports_its_cache_hits_instead_of_zero_calls(memory, tmp_path):
     lm_cache.install()  # as build_lm does: the cache counts its own hits
     lm = dspy.LM(f"fake/cache-hits-{memory.kind}", engine=FakeEngine(_policy([])), cache=True, num_retries=0)
     settings = Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1)
-    first, second = (run_eval(settings, LAMP_2M, _users(), ["rag", "pag"], lm, dspy.JSONAdapter(), memory).results
+    first, second = (run_eval(settings, LAMP_2M, _users(), methods=["rag", "pag"], lm=lm, adapter=dspy.JSONAdapter(),
+                              memory=memory).results
                      for _ in range(2))
     for a, b in zip(first, second):
         assert a.lm_calls == b.lm_calls > 0
@@ -419,8 +423,8 @@ def test_a_method_with_nothing_to_learn_from_answers_unaligned_so_every_row_has_
     users = [UserData(f"u{i}", LAMP_1, [{"id": f"p{i}", "title": "The only paper", "abstract": "x"}], [Query(f"q{i}", q, "[1]")])
              for i in range(2)]  # one paper each: no interaction can be built from it
     methods = ["non-personalized", "w/o alignment", "persona-agent", "icl", "gepa", "oracle"]
-    run = run_eval(Settings(store=tmp_path, batch_size=2, iterations=1), LAMP_1, users, methods, fake_lm,
-                   dspy.JSONAdapter(), memory)
+    run = run_eval(Settings(store=tmp_path, batch_size=2, iterations=1), LAMP_1, users, methods=methods, lm=fake_lm,
+                   adapter=dspy.JSONAdapter(), memory=memory)
     table = results_table(LAMP_1, run.results)
     by = {r.method: r for r in run.results}
     for method, form in (("persona-agent", "w/o alignment"), ("icl", "non-personalized"), ("gepa", "w/o alignment")):
@@ -555,7 +559,7 @@ def test_a_provider_that_reports_no_usage_is_not_counted_as_cached(memory, tmp_p
 
     lm = dspy.LM(f"fake/no-usage-{memory.kind}", engine=Unmetered(_policy([])), cache=False, num_retries=0)
     settings = Settings(store=tmp_path, max_iters=1, batch_size=2, iterations=1)
-    run = run_eval(settings, LAMP_2M, _users(), ["rag"], lm, dspy.JSONAdapter(), memory)
+    run = run_eval(settings, LAMP_2M, _users(), methods=["rag"], lm=lm, adapter=dspy.JSONAdapter(), memory=memory)
     (rag,) = run.results
     assert not run.stopped
     assert rag.lm_calls > 0

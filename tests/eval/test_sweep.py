@@ -10,8 +10,8 @@ from tests.eval.test_eval import _policy, _users
 
 def test_cold_start_keeps_the_latest_items():
     (alice, _) = _users()
-    assert [it["id"] for it in cold_start(alice, 2).profile] == ["a2", "a3"]
-    assert cold_start(alice, 0).profile == []
+    assert [it["id"] for it in cold_start(alice, 2).history] == ["a2", "a3"]
+    assert cold_start(alice, 0).history == []
 
 
 @pytest.mark.parametrize("param,values", [("top_k", [0, 2]), ("history", [0, 4])])
@@ -22,7 +22,8 @@ def test_sweep_writes_table_plot_and_mlflow_run(mlflow_store, fake_lm, tmp_path,
     monkeypatch.setattr(sw, "build_lm", lambda cfg: fake_lm)
     monkeypatch.setattr(sw, "adapter_for", lambda lm: __import__("dspy").JSONAdapter())
     with Store.open(mlflow_store, memory="run") as store:
-        table = sweep(mlflow_store, store, LAMP_2M, _users(), ["rag"], param, values, tmp_path / "out")
+        table = sweep(mlflow_store, store, LAMP_2M, users=_users(), methods=["rag"], param=param, values=values,
+                      out=tmp_path / "out")
     assert list(table[param]) == values
     # with nothing to recall, the scripted agent cannot tell the users apart; with memory it can
     assert table.accuracy.iloc[0] == 0.5

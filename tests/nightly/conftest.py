@@ -1,14 +1,9 @@
 """The tracking server the slow nightly tests commit to: `mlflow server` on a PostgreSQL cluster,
 as a team deploys MLflow (bench/pg_server.py starts both, as a user would)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_spec = importlib.util.spec_from_file_location("pg_server", Path(__file__).parents[2] / "bench" / "pg_server.py")
-pg = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pg)
+from bench import pg_server as pg
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ def test_labels_sharing_a_token_are_told_apart_by_the_next_one():
 
     engine = ScoringFakeEngine(scores)
     lm = dspy.LM("fake/tokens", engine=engine, cache=False, num_retries=0)
-    logp = label_logprobs(lm, [{"role": "user", "content": "which?"}], '{"answer": "', ("[1]", "[2]", "x"))
+    logp = label_logprobs(lm, [{"role": "user", "content": "which?"}], '{"answer": "', labels=("[1]", "[2]", "x"))
     assert logp == pytest.approx({"[1]": -2.1, "[2]": -0.3, "x": -3.0})
     assert [prefix for _, prefix in engine.scored] == ['{"answer": "', '{"answer": "[']
     assert max(logp, key=logp.get) == "[2]"
@@ -130,7 +130,7 @@ def test_what_every_label_starts_with_is_part_of_the_prefix():
     """LaMP-1's "[1]" and "[2]": one call, after the "[" every answer starts with."""
     engine = ScoringFakeEngine(lambda prompt, prefix: {"[": -0.1} if prefix.endswith('"') else {"1]": -2.0, "2]": -0.2})
     lm = dspy.LM("fake/tokens", engine=engine, cache=False, num_retries=0)
-    logp = label_logprobs(lm, [{"role": "user", "content": "which?"}], '{"answer": "', ("[1]", "[2]"))
+    logp = label_logprobs(lm, [{"role": "user", "content": "which?"}], '{"answer": "', labels=("[1]", "[2]"))
     assert logp == pytest.approx({"[1]": -2.0, "[2]": -0.2})
     assert [prefix for _, prefix in engine.scored] == ['{"answer": "[']
 
@@ -151,13 +151,13 @@ def test_a_label_is_scored_by_the_way_the_lm_spells_it():
     engine = ScoringFakeEngine(scores)
     lm = dspy.LM("fake/tokens", engine=engine, cache=False, num_retries=0)
     messages = [{"role": "user", "content": "which?"}]
-    logp = label_logprobs(lm, messages, '{"answer": "', ("dystopia", "dark comedy", "x"), expand="all")
+    logp = label_logprobs(lm, messages, '{"answer": "', labels=("dystopia", "dark comedy", "x"), expand="all")
     assert logp == pytest.approx({"dystopia": -0.08, "dark comedy": -3.07, "x": -9.0})
-    logp = label_logprobs(lm, messages, '{"answer": "', ("comedy", "classic", "x"), expand="all")
+    logp = label_logprobs(lm, messages, '{"answer": "', labels=("comedy", "classic", "x"), expand="all")
     assert logp == pytest.approx({"comedy": -0.6, "classic": -2.0, "x": -9.0})  # classic: its own word, the floor
     engine.scored.clear()
-    assert label_logprobs(lm, messages, '{"answer": "', ("romance", "x")) == {"romance": -1.0, "x": -9.0}
-    assert label_logprobs(lm, messages, '{"answer": "', ("1", "2")) == {"1": -3.0, "2": -10.7}  # "2": no alternative, the last one
+    assert label_logprobs(lm, messages, '{"answer": "', labels=("romance", "x")) == {"romance": -1.0, "x": -9.0}
+    assert label_logprobs(lm, messages, '{"answer": "', labels=("1", "2")) == {"1": -3.0, "2": -10.7}  # "2": no alternative, the last one
     assert len(engine.scored) == 2  # one call each: the longest token is also the likeliest
 
 
@@ -178,9 +178,10 @@ def test_the_support_needs_no_call_for_labels_already_out_of_reach():
     for low, calls in ((-5.6, 1), (-2.0, 2)):
         engine = ScoringFakeEngine(reading(low))
         lm = dspy.LM("fake/reading", engine=engine, cache=False, num_retries=0)
-        pruned = label_logprobs(lm, messages, "tag:", labels, expand="all", missing=float("-inf"), lead=" ", within=3.5)
+        pruned = label_logprobs(lm, messages, "tag:", labels=labels, expand="all", missing=float("-inf"), lead=" ",
+                                within=3.5)
         assert len(engine.scored) == calls
-        every = label_logprobs(lm, messages, "tag:", labels, expand="all", missing=float("-inf"), lead=" ")
+        every = label_logprobs(lm, messages, "tag:", labels=labels, expand="all", missing=float("-inf"), lead=" ")
         assert evidence.supported(pruned, 3.5) == evidence.supported(every, 3.5)
         assert set(evidence.supported(every, 3.5)) == ({"fantasy", "romance"} if low < -5 else
                                                        {"fantasy", "romance", "violence"})

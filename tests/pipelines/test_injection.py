@@ -141,7 +141,8 @@ def test_an_adversarial_user_next_to_normal_ones_in_the_nightly_job(tmp_path, mo
             registry.rollback("mallory", bad[0])
         try:
             with Store.open(settings, memory="persistent") as store:
-                reply = answer(store, LAMP_2M, "mallory", LAMP_2M.make_input("A heist film.", LAMP_2M.labels), lm=lm)
+                reply = answer(store, LAMP_2M, "mallory", query=LAMP_2M.make_input("A heist film.", LAMP_2M.labels),
+                               lm=lm)
         except AdapterParseError as err:  # the LM said HACKED (its memories told it to): refused
             reply = None
             assert "HACKED" in str(err)

@@ -13,7 +13,7 @@ from persona_agent.pipelines.persona import TEMPLATE, Persona, profile_problem
 def _store(registry, user="u1", n=3):
     for i in range(1, n + 1):
         registry.register(user, Persona(LAMP_2M, f"Prefers comedy, take {i}."), f"rev {i}",
-                          {"iteration": i, "accepted": i != 2, "batch_score": f"0.{i}"}, production=i != 2)
+                          tags={"iteration": i, "accepted": i != 2, "batch_score": f"0.{i}"}, production=i != 2)
 
 
 def test_every_revision_is_a_version_and_production_follows_accepted_ones(mlflow_store):
@@ -38,8 +38,9 @@ def test_the_prompt_list_shows_production_and_each_run_lists_the_versions_it_reg
     registry = PersonaRegistry(LAMP_2M)
     with mlflow.start_run() as run:
         pass
-    v1 = registry.register("u1", Persona(LAMP_2M, "Prefers comedy, take 1."), "first", {"run_id": run.info.run_id}, production=True)
-    registry.register("u1", Persona(LAMP_2M, "Prefers comedy, take 2."), "second", {"run_id": run.info.run_id})
+    v1 = registry.register("u1", Persona(LAMP_2M, "Prefers comedy, take 1."), "first",
+                           tags={"run_id": run.info.run_id}, production=True)
+    registry.register("u1", Persona(LAMP_2M, "Prefers comedy, take 2."), "second", tags={"run_id": run.info.run_id})
     name = prompt_name("lamp2m", "u1")
     (listed,) = mlflow.MlflowClient().search_prompts(filter_string=f"name = '{name}'")
     assert listed.tags["production_version"] == str(v1)  # the list shows the latest version; this says which serves
@@ -77,7 +78,7 @@ def test_a_night_of_many_users_keeps_committing_past_the_runs_prompt_link_limit(
     run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(mlflow_store.experiment).experiment_id)
     registry = PersonaRegistry(LAMP_2M)
     for i in range(130):
-        registry.register(f"user-{i:04d}", Persona(LAMP_2M, "Likes comedy."), "v1", {"run_id": run.info.run_id},
+        registry.register(f"user-{i:04d}", Persona(LAMP_2M, "Likes comedy."), "v1", tags={"run_id": run.info.run_id},
                           production=True)
     links = json.loads(mlflow.MlflowClient().get_run(run.info.run_id).data.tags["mlflow.linkedPrompts"])
     assert 60 <= len(links) < 130
@@ -121,7 +122,7 @@ def test_a_link_that_collides_does_not_fail_the_commit(mlflow_store, monkeypatch
         raise RestException({"error_code": "BAD_REQUEST", "message": "(psycopg2.errors.UniqueViolation) tag_pk"})
 
     monkeypatch.setattr(registry._registry, "link_prompt_version_to_run", collide)
-    version = registry.register("u1", Persona(LAMP_2M, "Likes comedy."), "v1", {"run_id": run.info.run_id},
+    version = registry.register("u1", Persona(LAMP_2M, "Likes comedy."), "v1", tags={"run_id": run.info.run_id},
                                 production=True)
     assert registry.production_version("u1") == version == 1
     assert "registered but not linked" in caplog.text
@@ -176,7 +177,7 @@ def test_cli_history_diff_rollback_show_match_the_registry(mlflow_store, capsys)
     assert out[0].split()[:3] == ["version", "production", "stage"]
     assert len(out) == 4
     assert max(len(line) for line in out) <= 80  # not a terminal: 80 columns, the reason cut to fit
-    registry.tag("u1", 1, "reason", "rejected: " + "a long reason " * 20)
+    registry.tag("u1", 1, "reason", value="rejected: " + "a long reason " * 20)
     assert main(["personas", "history", "u1", *store]) == 0
     out = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in out) <= 80
@@ -249,10 +250,10 @@ def test_answer_serves_the_production_persona_and_follows_a_rollback(mlflow_stor
         return systems[-1].split("<profile>\n")[1].split("\n")[0].strip()
 
     with Store.open(mlflow_store, memory="persistent") as store:
-        assert answer(store, LAMP_2M, "u1", query, lm=fake_lm) == "comedy"
+        assert answer(store, LAMP_2M, "u1", query=query, lm=fake_lm) == "comedy"
         assert served_profile() == "Prefers comedy, take 3."
         registry.rollback("u1", 1)
-        answer(store, LAMP_2M, "u1", query, lm=fake_lm)
+        answer(store, LAMP_2M, "u1", query=query, lm=fake_lm)
     assert served_profile() == "Prefers comedy, take 1."
 
 

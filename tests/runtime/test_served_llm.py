@@ -88,6 +88,6 @@ def test_the_server_passes_the_scoring_probe_and_scores_labels(llama_server):
     lm = build_lm(LMConfig(model="openai/gemma3-270m", api_base=llama_server, cache=False))
     assert evidence.scoring_unsupported(lm, adapter_for(lm)) is None, overrides.engine_of(lm).probe_result
     text, prefix = LAMP_2M.reading(LAMP_2M.make_input("A movie that is fantasy, romance, violence.", LAMP_2M.labels))
-    support = evidence.label_logprobs(lm, [{"role": "user", "content": text}], prefix, LAMP_2M.labels,
+    support = evidence.label_logprobs(lm, [{"role": "user", "content": text}], prefix, labels=LAMP_2M.labels,
                                       expand="all", missing=-math.inf, lead=" ")
     assert max(support, key=support.get) in {"fantasy", "romance", "violence"}

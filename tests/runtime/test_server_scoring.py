@@ -81,7 +81,7 @@ def test_a_server_that_continues_the_prefix_scores_labels(server):
     assert len(seen) == 1  # probed once
     query = LAMP_2M.make_input("A movie that is fantasy, romance, violence.", LAMP_2M.labels)
     text, prefix = LAMP_2M.reading(query)
-    support = evidence.label_logprobs(lm, [{"role": "user", "content": text}], prefix, LAMP_2M.labels,
+    support = evidence.label_logprobs(lm, [{"role": "user", "content": text}], prefix, labels=LAMP_2M.labels,
                                       expand="all", missing=-math.inf, lead=" ")
     assert set(evidence.supported(support, 3.0)) == {"fantasy", "romance", "violence"}
     scoring = seen[-1]

@@ -39,7 +39,7 @@ def test_the_data_fingerprint_changes_with_any_gold_query_or_history_item():
         [users[0], replace(users[1], queries=[Query(q.id, q.input, "comedy" if q.gold != "comedy" else "action"),
                                               *users[1].queries[1:]]), users[2]],
         [users[0], replace(users[1], queries=users[1].queries[1:]), users[2]],
-        [users[0], replace(users[1], profile=users[1].profile[1:]), users[2]],
+        [users[0], replace(users[1], history=users[1].history[1:]), users[2]],
         users[:2],
     ]
     assert len({base, *(data_fingerprint(c) for c in changed)}) == 1 + len(changed)
