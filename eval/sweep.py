@@ -24,6 +24,7 @@ from persona_agent.adapters.llm import adapter_for, build_lm  # noqa: E402
 from persona_agent.data.loaders import UserData  # noqa: E402
 from persona_agent.data.tasks import Task  # noqa: E402
 from persona_agent.eval.harness import EvalStopped, run_eval  # noqa: E402
+from persona_agent.runtime.progress import progress_bar  # noqa: E402
 from persona_agent.runtime.store import Store  # noqa: E402
 from persona_agent.settings import Settings  # noqa: E402
 
@@ -37,7 +38,9 @@ def sweep(settings: Settings, store: Store, task: Task, *, users: list[UserData]
         raise ValueError(f"unknown sweep parameter {param!r}; choose from {list(PARAMS)}")
     lm = build_lm(settings.lm)
     rows = []
-    with mlflow.start_run(run_name=f"sweep-{task.key}-{param}-{time.strftime('%m%d-%H%M')}", tags=tracking.owner_tags("sweep")):
+    with mlflow.start_run(run_name=f"sweep-{task.key}-{param}-{time.strftime('%m%d-%H%M')}", tags=tracking.owner_tags("sweep")), \
+            progress_bar(every=settings.progress_every) as progress:
+        bar = progress.add_task("sweep", total=len(values) * len(users) * len(methods))
         mlflow.log_params(tracking.run_params(settings, task.key, lm=lm, param=param, values=",".join(map(str, values)),
                                               methods=",".join(methods), users=len(users),
                                               data_fingerprint=tracking.data_fingerprint(users)))
@@ -46,7 +49,8 @@ def sweep(settings: Settings, store: Store, task: Task, *, users: list[UserData]
             people = [cold_start(u, value) for u in users] if param == "history" else users
             started = time.perf_counter()
             run = run_eval(point, task, people, methods=methods, lm=lm, adapter=adapter_for(lm),
-                           memory=store.scoped(f"{param}={value}"))
+                           memory=store.scoped(f"{param}={value}"),
+                           on_progress=lambda what: progress.update(bar, advance=1, description=f"{param}={value}: {what}"))
             if run.stopped:
                 raise EvalStopped(f"stopped at {param}={value}: the LLM failed after its retries ({run.stopped})")
             results = run.results

@@ -52,7 +52,7 @@ def run_demo(settings: Settings, store: Store, task_key: str = "lamp2m", *, user
     with dspy.context(lm=lm, adapter=adapter_for(lm)), \
             mlflow.start_run(run_name=tracking.run_name("demo", task.key, settings, users=len(people), lm=lm),
                              tags=tracking.owner_tags("demo")) as parent, \
-            progress_bar() as progress:
+            progress_bar(every=settings.progress_every) as progress:
         params = tracking.run_params(settings, task.key, lm=lm, data=str(data or f"shipped:{which}"),
                                      data_fingerprint=tracking.data_fingerprint(people))
         mlflow.log_params({**params, "users": len(people), "queries": queries})

@@ -44,6 +44,7 @@ class Settings:
     max_calls: int = 0  # nightly: LM calls per night in all (0: no limit)
     rollback_after: int = 0  # nightly: K > 0 rolls production back when it scores below its last K nights
     score_max: int = 5  # nightly: newest unseen interactions per user the production persona is scored on
+    progress_every: float = 30.0  # seconds between progress lines when stderr is a log, not a terminal
     store_wait: float = 60.0  # seconds a command waits for another process to release the embedded memory
     committers: int = 4  # nightly: commit processes against a tracking server (a local SQLite store: 1)
     plan_all: bool = False  # nightly: read every user's memory to plan, not only the users `ingest` marked changed

@@ -22,7 +22,6 @@ import dspy
 import mlflow
 from mlflow.genai.optimize.optimizers import BasePromptOptimizer
 from mlflow.genai.optimize.types import EvaluationResultRecord, PromptOptimizerOutput
-from mlflow.genai.scorers import Scorer, scorer
 
 from persona_agent.data.tasks import Task
 from persona_agent.optimizers.persona_alignment import PersonaAlignment, PersonaProgram, replay
@@ -39,18 +38,6 @@ FAILED = "Failed to invoke the predict_fn"
 class PredictFailed(RuntimeError):
     """predict_fn raised (an LM error, a bug): MLflow returns that as an output string, and an LM
     error is never an answer, so the optimization stops and registers nothing."""
-
-
-def task_scorer(task: Task) -> Scorer:
-    """The task's per-answer score as an MLflow scorer (`<task>_score`: 1 for the user's label, or
-    1 - |rating error| / 4), reading the gold where `optimize_prompts` and `evaluate` put it."""
-
-    @scorer(name=f"{task.key}_score")
-    def score(outputs, expectations) -> float:
-        gold = expectations.get("expected_response") if isinstance(expectations, dict) else expectations
-        return float(task.example_score(str(gold), None if outputs is None else str(outputs)))
-
-    return score
 
 
 def train_data(examples) -> list[dict]:

@@ -258,3 +258,26 @@ def tag_trace(trace_id: str, **tags) -> None:
     for key, value in tags.items():
         if value is not None:
             client.set_trace_tag(trace_id, key, str(value))
+
+
+def log_evaluation(rows: list[dict], scorers: list, run_id: str) -> None:
+    """Scored rows where MLflow's Evaluations view shows them: `mlflow.genai.evaluate` on the
+    answers already given (no predict_fn, so nothing is asked again and no number changes), on the
+    run `run_id`. Each row: `inputs`, `outputs`, `expectations`, `tags` and a `query` id; a row
+    whose query was traced (`--trace`) is scored on that trace, so the view opens the real spans.
+    One worker: MLflow's default ten overrun a SQLite store's connection pool (traces are lost)."""
+    if not rows:
+        return
+    traced = {}
+    if _tracing:
+        mlflow.flush_trace_async_logging()
+        where = [mlflow.get_run(run_id).info.experiment_id]
+        for t in mlflow.search_traces(run_id=run_id, locations=where, return_type="list"):
+            if (query := t.info.tags.get("query")) and "setup" not in t.info.tags.get("mlflow.traceName", ""):
+                traced[query] = t
+    on_traces = all(r["query"] in traced for r in rows)  # one shape for the whole set: MLflow reads its columns
+    data = [{"trace": traced[r["query"]], "expectations": r["expectations"]} if on_traces else
+            {k: r[k] for k in ("inputs", "outputs", "expectations", "tags")} for r in rows]
+    os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
+    with mlflow.start_run(run_id=run_id, nested=True):
+        mlflow.genai.evaluate(data=data, scorers=scorers)

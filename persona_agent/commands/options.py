@@ -53,6 +53,9 @@ def store_options(p: argparse.ArgumentParser, s: Settings) -> None:
                    help="commands that write the store (ingest, nightly, demo, forget) refuse to start, and a nightly "
                         f"commit to go on, with less free disk space than this (default {s.min_free_mb})")
     g.add_argument("--experiment", default=s.experiment, help=f"MLflow experiment name (default {s.experiment})")
+    g.add_argument("--progress-every", type=seconds, default=s.progress_every,
+                   help="when stderr is not a terminal (cron, nohup, a pipe), a progress line at least this often: "
+                        f"done / total, elapsed, time left (default {s.progress_every:g} s; on a terminal, a bar)")
     g.add_argument("-v", "--verbose", action="store_true",
                    help="log at INFO level, and show DSPy's, GEPA's and MLflow's own progress and messages")
 

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import shlex
+import sys
 import threading
 import time
 
@@ -59,7 +60,7 @@ def run_nightly(settings: Settings, task: Task, lm: dspy.LM | None = None, *, co
         raise ValueError(f"executor must be 'thread' or 'ray', not {executor!r}")
     if executor == "ray" and (settings.max_calls or settings.max_calls_per_user):
         raise ValueError("LM-call budgets are enforced with --executor thread only")
-    console = console or Console(stderr=True)
+    console = console or Console(file=sys.stderr)
     settings.store.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(settings.nightly_lock))
     try:
@@ -138,7 +139,7 @@ def _record(settings: Settings, task: Task, outcomes, *, executor: str, workers:
     name = f"nightly-{task.key}-night{summary.night}-{time.strftime('%Y-%m-%d')}"
     with mlflow.start_run(run_name=name, tags={**tracking.owner_tags("nightly"), "nightly_task": task.key,
                                                "night": str(summary.night)}) as run, \
-            _killed_if_aborted(), progress_bar(console) as progress:
+            _killed_if_aborted(), progress_bar(console, every=settings.progress_every) as progress:
         summary.run_id = run.info.run_id
         mlflow.log_params(tracking.run_params(
             settings, task.key, lm=lm, workers=workers, executor=executor, users_planned=len(jobs),

@@ -30,6 +30,7 @@ from persona_agent.data.loaders import shown
 from persona_agent.pipelines.memory import payload_problem
 from persona_agent.pipelines.points import StoreDamaged, StoreLocked
 from persona_agent.runtime.erasures import unfinished, unfinished_erases
+from persona_agent.runtime.progress import progress_bar
 from persona_agent.runtime.store import StoreBusy, StoreFull, exclusive, refuse_pre_release
 from persona_agent.settings import Settings, sqlite_file
 
@@ -175,13 +176,15 @@ def backup(settings: Settings, dest: Path) -> list[Finding]:
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        with exclusive(settings):
+        with exclusive(settings), progress_bar(every=settings.progress_every) as progress:
+            bar = progress.add_task("backup: files", total=5)  # files, memory, state, tracking, the copy's check
             _room_for(settings.store, dest)
             skip = {settings.qdrant_path.name, "mlflow.db", "memory.lock", "nightly.lock", "mlflow.db.lock",
                     "state.db", "state.db-wal", "state.db-shm"}
             shutil.copytree(settings.store, partial, symlinks=True, copy_function=_sparse_copy,
                             ignore=lambda d, names: [n for n in names if Path(d) == settings.store and n in skip
                                                      or n.endswith((".partial", ".tmp"))])
+            progress.update(bar, advance=1, description="backup: memory")
             if settings.qdrant_path.exists():  # opened (so no process outside persona-agent writes it) and flushed
                 points = EdgePoints(settings.qdrant_path)
                 try:
@@ -189,11 +192,14 @@ def backup(settings: Settings, dest: Path) -> list[Finding]:
                     shutil.copytree(settings.qdrant_path, partial / settings.qdrant_path.name, copy_function=_sparse_copy)
                 finally:
                     points.close()
+            progress.update(bar, advance=1, description="backup: state")
             if settings.state_db.exists():  # SQLite's online backup: the write-ahead log's rows included
                 _sqlite_copy(settings.state_db, partial / settings.state_db.name)
+            progress.update(bar, advance=1, description="backup: tracking")
             database = sqlite_file(settings.tracking_uri)
             if local := database is not None and database.exists():
                 _sqlite_copy(database, partial / "mlflow.db")
+            progress.update(bar, advance=1, description="backup: checking the copy")
         copy = replace(settings, store=partial, store_wait=0.0)
         findings = doctor(copy, f"sqlite:///{partial.resolve() / 'mlflow.db'}" if local else settings.tracking_uri)
         if damaged := [f for f in findings if f.status == "damaged"]:

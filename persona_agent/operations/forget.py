@@ -55,6 +55,7 @@ from persona_agent.data.loaders import shown
 from persona_agent.data.tasks import TASKS
 from persona_agent.overrides import purge_run
 from persona_agent.runtime.erasures import Journal
+from persona_agent.runtime.progress import progress_bar
 from persona_agent.runtime.store import disk_full, exclusive, refuse_pre_release
 from persona_agent.settings import Settings, sqlite_file
 
@@ -89,14 +90,18 @@ def forget(settings: Settings, user_id: str) -> Counter:
                  ("output rows", lambda: sum(_drop_rows(p, user_id) for d in OUTPUTS
                                              for p in _tables(settings.store / d))),
                  ("cached LM answers", lambda: lm_cache.evict(user_id))]
-        for i, (step, run) in enumerate(steps):
-            try:
-                got = run()
-            except BaseException as err:
-                journal.stopped(entry, removed, err)
-                raise EraseUnfinished(user_id, +removed, [name for name, _ in steps[i:]], err) from err
-            removed += got if isinstance(got, Counter) else Counter({step: got})
-            journal.mark(entry, step, removed)
+        with progress_bar(every=settings.progress_every) as progress:  # a store of many runs takes minutes
+            bar = progress.add_task("forget", total=len(steps))
+            for i, (step, run) in enumerate(steps):
+                progress.update(bar, description=f"forget: {step}")
+                try:
+                    got = run()
+                except BaseException as err:
+                    journal.stopped(entry, removed, err)
+                    raise EraseUnfinished(user_id, +removed, [name for name, _ in steps[i:]], err) from err
+                removed += got if isinstance(got, Counter) else Counter({step: got})
+                journal.mark(entry, step, removed)
+                progress.update(bar, advance=1)
         removed = +removed
         if removed:
             if (database := sqlite_file(settings.tracking_uri)) is not None and database.exists():

@@ -24,13 +24,13 @@ def output() -> Console:
     return Console(soft_wrap=True)
 
 
-def progress_bar(console: Console | None = None) -> "Progress | PlainProgress":
-    """A bar on a terminal; in a log (stderr redirected), plain lines at a steady pace instead:
-    rich draws a bar that is not on a terminal only when it stops, so a slow LM's hour of work
-    would leave the log empty until the end."""
-    console = console or Console(stderr=True)
+def progress_bar(console: Console | None = None, *, every: float = 30.0) -> "Progress | PlainProgress":
+    """A bar on a terminal; in a log (stderr redirected), plain lines at a steady pace instead
+    (at least one per `every` seconds): rich draws a bar that is not on a terminal only when it
+    stops, so a slow LM's hour of work would leave the log empty until the end."""
+    console = console or Console(file=sys.stderr)  # this stderr, kept while library code is quieted
     if not console.is_terminal:
-        return PlainProgress(console)
+        return PlainProgress(console, every=every)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console)
 
@@ -38,13 +38,14 @@ def progress_bar(console: Console | None = None) -> "Progress | PlainProgress":
 class PlainProgress:
     """The part of `rich.progress.Progress` the commands use, as log lines: one when a step is
     done (at most one per `min_gap` seconds) and, while nothing finishes, one every `every`
-    seconds saying what is in hand and for how long."""
+    seconds saying what is in hand and for how long; each says done / total, the time elapsed
+    and, once a step is done, an estimate of the time left (at the pace so far)."""
 
-    every = 30.0
     min_gap = 5.0
 
-    def __init__(self, console: Console):
-        self.console, self.tasks, self.started = console, {}, time.monotonic()
+    def __init__(self, console: Console, every: float = 30.0):
+        self.min_gap = min(self.min_gap, every)
+        self.console, self.tasks, self.started, self.every = console, {}, time.monotonic(), every
         self._lock, self._stop, self._last = threading.Lock(), threading.Event(), 0.0
         self._beat = threading.Thread(target=self._heartbeat, daemon=True)
 
@@ -85,25 +86,35 @@ class PlainProgress:
             return
         with self._lock:
             self._last = time.monotonic()
-            elapsed = time.strftime("%H:%M:%S", time.gmtime(self._last - self.started))
+            spent = self._last - self.started
             for task in self.tasks.values():
-                done = f"{task['completed']:g}/{task['total']:g}" if task["total"] else f"{task['completed']:g}"
-                self.console.print(f"{task['description']}: {done} done, {elapsed} elapsed", soft_wrap=True,
-                                   highlight=False)
+                done, total = task["completed"], task["total"]
+                left = f", about {_clock(spent / done * (total - done))} left" if total and 0 < done < total else ""
+                counted = f"{done:g}/{total:g}" if total else f"{done:g}"
+                self.console.print(f"{task['description']}: {counted} done, {_clock(spent)} elapsed{left}",
+                                   soft_wrap=True, highlight=False, markup=False)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:{secs:02d}"
 
 
 @contextlib.contextmanager
 def library_prints() -> Iterator[None]:
-    """Around library code that prints its own progress to stdout whatever it is told (DSPy's
-    evaluator inside GEPA): off stdout, which holds results; shown on stderr when DSPy logs at
-    INFO (`--verbose`), dropped otherwise. Nothing of ours prints to stdout while work runs (the
-    bar is on stderr; results come after). `sys.stdout` is the process's, and users run in
-    threads: the first to enter swaps it, the last to leave puts it back."""
+    """Around library code that prints its own progress whatever it is told (DSPy's evaluator and
+    GEPA's bar inside GEPA, `mlflow.genai.evaluate`'s bar and summary): off stdout, which holds
+    results, and off stderr, where in a log they would be bar fragments; both shown on stderr
+    when DSPy logs at INFO (`--verbose`). Our own progress keeps the stderr it was made with
+    (`progress_bar`), and log handlers hold theirs, so neither goes quiet. `sys.stdout` and
+    `sys.stderr` are the process's, and users run in threads: the first to enter swaps them,
+    the last to leave puts them back."""
     global _inside, _saved
     with _swap:
         if _inside == 0:
-            _saved = sys.stdout
-            sys.stdout = sys.stderr if logging.getLogger("dspy").isEnabledFor(logging.INFO) else _sink()
+            _saved = sys.stdout, sys.stderr
+            shown = logging.getLogger("dspy").isEnabledFor(logging.INFO)
+            sys.stdout, sys.stderr = (sys.stderr, sys.stderr) if shown else (_sink(), _sink())
         _inside += 1
     try:
         yield
@@ -111,10 +122,11 @@ def library_prints() -> Iterator[None]:
         with _swap:
             _inside -= 1
             if _inside == 0:
-                sys.stdout = _saved
+                sys.stdout, sys.stderr = _saved
 
 
 _swap, _inside, _saved = threading.Lock(), 0, None
+
 
 
 @functools.cache

@@ -9,7 +9,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from persona_agent.adapters.prompt_optimizer import PersonaPromptOptimizer, PredictFailed, task_scorer, train_data
+from persona_agent.adapters.prompt_optimizer import PersonaPromptOptimizer, PredictFailed, train_data
+from persona_agent.adapters.scorers import task_scorer
 from persona_agent.data.tasks import LAMP_2M
 from persona_agent.optimizers import PersonaAlignment
 from persona_agent.optimizers.acceptance import AcceptValid, Outcome

@@ -106,6 +106,11 @@ def test_traces_hang_on_their_runs_with_user_method_task_and_persona_version(tmp
         assert {t.info.tags["method"] for t in traces} == {method}
         answers = [t for t in traces if "query" in t.info.tags]
         assert sorted(t.info.tags["user"] for t in answers) == ["u0000", "u0001"]  # one per method and query
+        # Each answer's own trace is its row in the Evaluations view: the score eval counted, on it.
+        table = mlflow.load_table("predictions.json", run_ids=[child.run_id]).set_index("query_id")
+        for t in answers:
+            [score] = [a.value for a in t.info.assessments if a.name == "lamp2m_score"]
+            assert score == table.loc[t.info.tags["query"], "score"], (method, t.info.tags["query"])
     assert _traces(parent.run_id) == []  # none hang on the parent: each is its method's
 
     capsys.readouterr()
@@ -133,3 +138,34 @@ def test_no_trace_is_recorded_unless_asked(tmp_path):
                        capture_output=True)
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
     assert _all_traces() == []
+
+
+def test_every_scored_answer_is_a_row_of_mlflow_s_evaluations_view(tmp_path, monkeypatch):
+    """Without --trace too: MLflow makes the row's trace, holding the query, answer, gold and score."""
+    import mlflow
+
+    from persona_agent.cli import main
+    from persona_agent.data.synthetic import write_dataset
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "store"
+    data = write_dataset(tmp_path / "data", LAMP_2M, n_users=2, n_history=6, n_queries=2, seed=4)
+    golds = {q.id: (q.input, q.gold) for u in load_users(data, LAMP_2M) for q in u.queries}
+    assert main(["eval", "--data", str(data), "--methods", "non-personalized,lookup", "--store", str(store),
+                 "--lm", "scripted", "--no-cache"]) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    parent = mlflow.search_runs(search_all_experiments=True, filter_string="tags.command = 'eval'").iloc[0]
+    children = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    assert len(children) == 2
+    for _, child in children.iterrows():
+        table = mlflow.load_table("predictions.json", run_ids=[child.run_id]).set_index("query_id")
+        rows = _traces(child.run_id)
+        assert sorted(t.info.tags["query"] for t in rows) == sorted(golds), child["params.method"]
+        for t in rows:
+            query = t.info.tags["query"]
+            assessed = {a.name: a.value for a in t.info.assessments}
+            assert assessed["expected_response"] == golds[query][1]
+            assert assessed["lamp2m_score"] == table.loc[query, "score"], query
+            assert t.data.request and golds[query][0] in t.data.request  # the query the row was asked
+            assert t.info.tags["method"] == child["params.method"]
+        assert child["metrics.lamp2m_score/mean"] == pytest.approx(table.score.mean())
