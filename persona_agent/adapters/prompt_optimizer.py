@@ -76,8 +76,9 @@ class _Seen:
             if isinstance(result.outputs, str) and result.outputs.startswith(FAILED):
                 raise PredictFailed(result.outputs)
             if result.score is not None and not 0.0 <= result.score <= 1.0:
-                raise ValueError(f"the scorers' aggregate is {result.score}, outside [0, 1]: pass one scorer, or an "
-                                 "`aggregation` that averages them")
+                raise ValueError(f"the scorers' aggregate is {result.score}, outside [0, 1], where the alignment "
+                                 "reads 1 as a perfect batch: pass an `aggregation` that stays in it (MLflow's "
+                                 "default averages the scorers)")
             self.results[(text, query)] = result
         return self.results[(text, query)]
 

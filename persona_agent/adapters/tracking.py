@@ -276,8 +276,10 @@ def log_evaluation(rows: list[dict], scorers: list, run_id: str) -> None:
             if (query := t.info.tags.get("query")) and "setup" not in t.info.tags.get("mlflow.traceName", ""):
                 traced[query] = t
     on_traces = all(r["query"] in traced for r in rows)  # one shape for the whole set: MLflow reads its columns
-    data = [{"trace": traced[r["query"]], "expectations": r["expectations"]} if on_traces else
-            {k: r[k] for k in ("inputs", "outputs", "expectations", "tags")} for r in rows]
+    # The answer is given beside its trace: the trace's root span holds no output (it wraps the
+    # whole query), and MLflow would read a missing one as the answer None.
+    data = [{"trace": traced[r["query"]], **{k: r[k] for k in ("inputs", "outputs", "expectations")}} if on_traces
+            else {k: r[k] for k in ("inputs", "outputs", "expectations", "tags")} for r in rows]
     os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
     with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.genai.evaluate(data=data, scorers=scorers)

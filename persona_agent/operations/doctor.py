@@ -177,7 +177,7 @@ def backup(settings: Settings, dest: Path) -> list[Finding]:
     shutil.rmtree(partial, ignore_errors=True)
     try:
         with exclusive(settings), progress_bar(every=settings.progress_every) as progress:
-            bar = progress.add_task("backup: files", total=5)  # files, memory, state, tracking, the copy's check
+            bar = progress.add_task("backup: files", total=4)  # files, memory, state, tracking; then the copy's check
             _room_for(settings.store, dest)
             skip = {settings.qdrant_path.name, "mlflow.db", "memory.lock", "nightly.lock", "mlflow.db.lock",
                     "state.db", "state.db-wal", "state.db-shm"}
@@ -199,7 +199,7 @@ def backup(settings: Settings, dest: Path) -> list[Finding]:
             database = sqlite_file(settings.tracking_uri)
             if local := database is not None and database.exists():
                 _sqlite_copy(database, partial / "mlflow.db")
-            progress.update(bar, advance=1, description="backup: checking the copy")
+            progress.update(bar, advance=1, description="backup: copied")
         copy = replace(settings, store=partial, store_wait=0.0)
         findings = doctor(copy, f"sqlite:///{partial.resolve() / 'mlflow.db'}" if local else settings.tracking_uri)
         if damaged := [f for f in findings if f.status == "damaged"]:

@@ -564,3 +564,19 @@ def test_a_provider_that_reports_no_usage_is_not_counted_as_cached(memory, tmp_p
     assert not run.stopped
     assert rag.lm_calls > 0
     assert rag.cache_hits == 0  # inferred from the missing usage, all would read as cached
+
+
+def test_seconds_per_answer_are_shown_only_when_no_answer_came_from_the_cache():
+    from persona_agent.eval.harness import compact, cost_note
+
+    def results(cached: int):
+        first = MethodResult("persona-agent", {"accuracy": 0.5, "f1": 0.5}, 4, lm_calls=8, seconds=40.0)
+        second = MethodResult("oracle", {"accuracy": 0.5, "f1": 0.5}, 4, lm_calls=8, seconds=0.1, cache_hits=cached)
+        return results_table(LAMP_2M, [first, second])
+
+    shared = compact(LAMP_2M, results(cached=8))  # the oracle's calls were the persona agent's: it paid for both
+    assert "s" not in shared and list(shared["calls"]) == [2.0, 2.0]
+    assert "--no-cache" in cost_note(shared)
+    fresh = compact(LAMP_2M, results(cached=0))
+    assert list(fresh["s"]) == [10.0, 0.025]
+    assert cost_note(fresh) == "LM calls and seconds per answer"

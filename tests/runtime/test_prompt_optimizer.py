@@ -130,3 +130,21 @@ def test_train_data_keeps_what_replay_must_hide():
 
     [record] = train_data([dspy.Example(query="q", answer="comedy", item_id="h1", hidden=("h0",))])
     assert record == {"inputs": {"query": "q", "item_id": "h1", "hidden": ["h0"]}, "outputs": "comedy"}
+
+
+def test_an_aggregate_past_one_is_refused_rather_than_read_as_a_perfect_batch(mlflow_store, fake_lm):
+    from mlflow.genai.scorers import scorer
+
+    @scorer(name="always")
+    def always(outputs) -> float:
+        return 1.0
+
+    prompt = mlflow.genai.register_prompt(name="persona.lamp2m.u2", template=Persona(LAMP_2M, "").render())
+    records = [{"inputs": {"query": f"Which tag fits film {i}? tags: [action, comedy]"}, "outputs": "comedy"}
+               for i in range(2)]
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        mlflow.genai.optimize_prompts(predict_fn=_predict_fn(prompt, []), train_data=records, prompt_uris=[prompt.uri],
+                                      optimizer=PersonaPromptOptimizer(LAMP_2M, PersonaAlignment(batch_size=2, iterations=1)),
+                                      scorers=[task_scorer(LAMP_2M), always],
+                                      aggregation=lambda scores: sum(scores.values()))
+    assert _versions(prompt.name) == [1]

@@ -96,7 +96,7 @@ def test_traces_hang_on_their_runs_with_user_method_task_and_persona_version(tmp
         assert {"replay", "critique", "update"} <= names, names  # the alignment's phases, as spans
         assert len(t.data.spans) > 10  # and DSPy's modules and LM calls inside them
 
-    assert main(["eval", "--data", str(data), "--methods", "non-personalized,persona-agent", *common, "--trace"]) == 0
+    assert main(["eval", "--data", str(data), "--methods", "non-personalized,persona-agent,lookup", *common, "--trace"]) == 0
     parent = mlflow.search_runs(search_all_experiments=True, filter_string="tags.command = 'eval'").iloc[0]
     children = mlflow.search_runs(search_all_experiments=True,
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
@@ -169,3 +169,30 @@ def test_every_scored_answer_is_a_row_of_mlflow_s_evaluations_view(tmp_path, mon
             assert t.data.request and golds[query][0] in t.data.request  # the query the row was asked
             assert t.info.tags["method"] == child["params.method"]
         assert child["metrics.lamp2m_score/mean"] == pytest.approx(table.score.mean())
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_each_row_is_scored_on_the_answer_given(mlflow_store, traced_commands, traced):
+    """Traced, on the query's own trace (whose root span records no output: the answer is given
+    beside it); untraced, on the trace MLflow makes for the row."""
+    import mlflow
+
+    from persona_agent.adapters import tracking
+    from persona_agent.adapters.scorers import task_scorer
+
+    if traced:
+        tracking.enable_traces()
+    with mlflow.start_run() as run:
+        for query in ("q1", "q2"):
+            with tracking.trace(f"persona-agent {query}", run_id=run.info.run_id, query=query):
+                pass
+    if traced:
+        tracking.link_traces([t.info.trace_id for t in _traces(run.info.run_id)], run.info.run_id)
+    rows = [{"query": q, "inputs": {"query": f"text of {q}"}, "outputs": answer,
+             "expectations": {"expected_response": "comedy"}, "tags": {"query": q}}
+            for q, answer in (("q1", "comedy"), ("q2", "action"))]
+    tracking.log_evaluation(rows, [task_scorer(LAMP_2M)], run.info.run_id)
+    scored = {t.info.tags["query"]: {a.name: a.value for a in t.info.assessments} for t in _traces(run.info.run_id)}
+    assert len(scored) == 2  # traced: on the two traces, not on new ones beside them
+    assert scored["q1"]["lamp2m_score"] == 1.0, scored
+    assert scored["q2"]["lamp2m_score"] == 0.0, scored
