@@ -1,6 +1,8 @@
 """Small helpers several test modules share."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from qdrant_client import QdrantClient
@@ -71,3 +73,22 @@ def named_labels(text: str, task: Task = LAMP_2M) -> list[str]:
 def notes_of(profile: str, task: Task = LAMP_2M) -> str:
     """The free notes of a typed profile (all of an untyped one)."""
     return profile.split(". ", 1)[1] if profile.startswith(task.preference_lead) and ". " in profile else profile
+
+
+_SCAN = """
+import sys
+from pathlib import Path
+root, needle = Path(sys.argv[1]), bytes.fromhex(sys.argv[2])
+for p in sorted(root.rglob("*")):
+    if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
+        print(p)
+"""
+
+
+def files_holding(root: Path, needle: bytes) -> list[Path]:
+    """The files under `root` whose bytes hold `needle`, read in a process of their own: a process
+    that opens and closes a SQLite file it also holds connections to (MLflow's pool, DSPy's cache)
+    drops that database's POSIX locks, and the next process to write it corrupts it."""
+    out = subprocess.run([sys.executable, "-c", _SCAN, str(root), needle.hex()], capture_output=True, text=True,
+                         check=True).stdout
+    return [Path(line) for line in out.splitlines()]

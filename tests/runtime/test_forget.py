@@ -18,6 +18,8 @@ from persona_agent.data.tasks import LAMP_2M
 from persona_agent.pipelines.memory import EpisodicMemory
 from persona_agent.settings import Settings
 
+from ..helpers import files_holding
+
 MARKER = "Zqxmarker"  # a word, so that the scripted LM copies it into profiles and critiques as well
 QUERY = LAMP_2M.make_input("A film about a heist.", LAMP_2M.labels)
 
@@ -37,7 +39,7 @@ def _plant(data: Path, user: str) -> None:
 
 
 def _holding(root: Path, needle: bytes) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
+    return files_holding(root, needle)
 
 
 def _echoing(fields, system, user):

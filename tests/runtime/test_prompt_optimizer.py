@@ -1,6 +1,7 @@
 """PersonaAlignment through `mlflow.genai.optimize_prompts`: the docs' example as printed, and the
 guard: a rejected rewrite registers nothing; an LM error stops it instead of being scored."""
 
+import os
 import re
 import subprocess
 import sys
@@ -26,7 +27,8 @@ def example() -> str:
 
 
 def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
+    """In a fresh folder, as a user pastes it: no MLflow settings, and a DSPy cache of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"DSPY_CACHEDIR": str(cwd / "dspy-cache")}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env, timeout=1800)
 
 
