@@ -280,6 +280,11 @@ def log_evaluation(rows: list[dict], scorers: list, run_id: str) -> None:
     # whole query), and MLflow would read a missing one as the answer None.
     data = [{"trace": traced[r["query"]], **{k: r[k] for k in ("inputs", "outputs", "expectations")}} if on_traces
             else {k: r[k] for k in ("inputs", "outputs", "expectations", "tags")} for r in rows]
-    os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
-    with mlflow.start_run(run_id=run_id, nested=True):
-        mlflow.genai.evaluate(data=data, scorers=scorers)
+    workers = os.environ.get("MLFLOW_GENAI_EVAL_MAX_WORKERS")
+    os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"] = workers or "1"  # for this call only: a caller's own evaluate keeps its
+    try:
+        with mlflow.start_run(run_id=run_id, nested=True):
+            mlflow.genai.evaluate(data=data, scorers=scorers)
+    finally:
+        if workers is None:
+            del os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"]
